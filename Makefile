@@ -1,0 +1,29 @@
+# Two commands that work on a fresh machine: `make test` and `make demo`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXT_SOURCES := $(wildcard cuda_ext/*)
+
+.PHONY: test demo install ext clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+# Builds autofpn._C in place (CPU kernel always, CUDA when nvcc and CUDA_HOME are found);
+# AUTOFPN_NO_EXT=1 skips it and the pure PyTorch reference is used.
+ext: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+install: ext
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m autofpn.demo --out out/demo
+
+clean:
+	rm -rf build autofpn/_C*.so *.egg-info

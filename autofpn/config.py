@@ -1,0 +1,238 @@
+"""Configuration: YAML files with base-file inheritance, validated against DEFAULTS.
+
+A config file is a nested mapping whose keys must all exist in ``DEFAULTS`` (a misspelt key is
+an error naming the valid keys at that level). ``_base_: other.yaml`` (path relative to the
+file) is loaded first and the file's values are merged over it. Command-line overrides are
+``dotted.key=value`` strings whose value is parsed as YAML (``solver.lr=0.01``,
+``data.min_size=[480,512]``).
+
+The resolved config is a plain nested ``dict``; ``save_config`` writes it next to a run's
+outputs so the run can be reproduced from that file alone.
+"""
+import copy
+import os
+from typing import Any, Dict, Iterable, Optional
+
+import yaml
+
+# Every key a config may set. Values here are the defaults; ``None`` means "no default, the
+# component decides" and accepts any type.
+DEFAULTS: Dict[str, Any] = {
+    "model": {
+        "num_classes": 81,  # including background (label 0), as torchvision counts
+        "backbone": {
+            "name": "resnet50",  # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2
+            "weights": "imagenet",  # none | imagenet | path to a state dict
+            "frozen_stages": 1,  # stem + this many stages are frozen (0..4); -1 = nothing frozen
+            "norm": "frozen_bn",  # frozen_bn | bn
+        },
+        "neck": {
+            "type": "fpn",  # fpn | panet | auto (from a genotype) ; search builds the supernet
+            "channels": 256,
+            "levels": [2, 3, 4, 5],  # backbone levels fused by the neck (C2..C5 -> P2..P5)
+            "extra_pool_level": True,  # P6 = max pool of the top level, for the RPN
+            "layers": 2,  # auto-fusion layers
+            "norm": "none",  # none | gn | bn (for a derived Auto-fusion neck when retraining)
+        },
+        "head": {
+            "type": "mlp",  # mlp | auto (from a genotype)
+            "mlp_dim": 1024,
+            "channels": 512,  # auto-head width
+            "cells": 2,
+            "norm": "none",  # none | gn | bn (derived Auto-head when retraining)
+        },
+        "transform": {
+            "min_size": [800],  # one is chosen at random per batch in training
+            "max_size": 1333,
+            "test_min_size": 800,
+            "size_divisible": 32,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        },
+        "rpn": {
+            "anchor_sizes": [32, 64, 128, 256, 512],  # one per feature level P2..P6
+            "aspect_ratios": [0.5, 1.0, 2.0],
+            "pre_nms_top_n_train": 2000,  # per level
+            "pre_nms_top_n_test": 1000,
+            "post_nms_top_n_train": 2000,  # per image
+            "post_nms_top_n_test": 1000,
+            "nms_thresh": 0.7,
+            "fg_iou_thresh": 0.7,
+            "bg_iou_thresh": 0.3,
+            "batch_size_per_image": 256,
+            "positive_fraction": 0.5,
+            "score_thresh": 0.0,
+        },
+        "roi": {
+            "fg_iou_thresh": 0.5,
+            "bg_iou_thresh": 0.5,
+            "batch_size_per_image": 512,
+            "positive_fraction": 0.25,
+            "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
+            "score_thresh": 0.05,
+            "nms_thresh": 0.5,
+            "detections_per_img": 100,
+            "pooler_size": 7,
+            "sampling_ratio": 2,
+            "canonical_size": 224,
+            "canonical_level": 4,
+            "adaptive_pooling": False,  # PANet adaptive feature pooling: RoIs pooled from every level
+        },
+    },
+    "data": {
+        "train": {"type": "synthetic", "root": None, "ann_file": None, "splits": None},
+        "val": {"type": "synthetic", "root": None, "ann_file": None, "splits": None},
+        "synthetic": {"root": "data_cache/synthetic", "num_train": 300, "num_val": 100,
+                      "image_size": 256, "seed": 0},
+        "class_names": None,  # VOC / BDD: the class list (defaults to the dataset's standard one)
+        "keep_empty_images": False,  # images without annotations used as negatives in training
+        "hflip_prob": 0.5,
+        "aspect_ratio_grouping": True,
+        "num_workers": 2,
+        "images_per_batch": 2,  # per process
+    },
+    "solver": {
+        "epochs": 24,
+        "lr": 0.02,  # for the total batch; not rescaled automatically
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "weight_decay_norm_bias": 0.0,  # decay of norm weights and biases
+        "schedule": "step",  # step | cosine
+        "steps": [16, 22],  # epochs at which the lr is multiplied by gamma
+        "gamma": 0.1,
+        "min_lr": 0.0,  # cosine floor
+        "warmup_iters": 500,
+        "warmup_factor": 0.001,
+        "clip_grad_norm": 0.0,  # 0 = off
+        "amp": True,  # mixed precision on CUDA only
+        "max_iters": 0,  # > 0 stops early (tests, smoke runs)
+    },
+    "search": {
+        "epochs": 24,
+        "stage": "both",  # neck | head | both (neck first, then head with the searched neck)
+        "w_lr": 0.02,
+        "w_lr_min": 0.001,
+        "w_momentum": 0.9,
+        "w_weight_decay": 1e-4,
+        "arch_lr": 3e-3,
+        "arch_weight_decay": 1e-3,
+        "arch_start_epoch_fraction": 1 / 3,  # 0 = architecture updates from the start
+        "freeze_backbone": True,
+        "searched_norm": "none",  # none | bn : norm inside the searched modules
+        "head_with_searched_neck": True,
+        "resource_lambda": "middle",  # small | middle | large | a number | 0 (off)
+        "resource_lambda_scale": 1.0,  # VOC: 0.5 (the paper halves the presets)
+        "split_seed": 0,
+        "decode_rule": "argmax_nonnone",
+        "max_iters": 0,
+    },
+    "train": {
+        "output_dir": "out/run",
+        "seed": 0,
+        "device": "auto",  # auto | cpu | cuda
+        "checkpoint_period": 0,  # iterations between checkpoints; 0 = epoch ends only
+        "keep_checkpoints": 3,
+        "eval_period": 0,  # epochs between evaluations; 0 = final evaluation only
+        "log_period": 20,
+    },
+    "eval": {
+        "metric": "coco",  # coco | voc | both
+        "max_images": 0,  # 0 = all
+    },
+}
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and key."""
+
+
+def _check_and_merge(base: Dict[str, Any], update: Dict[str, Any], schema: Dict[str, Any],
+                     where: str, path: str) -> None:
+    """Merge ``update`` into ``base`` in place, checking every key against ``schema``."""
+    for key, value in update.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in schema:
+            valid = ", ".join(sorted(schema))
+            raise ConfigError(f"{where}: unknown key '{dotted}'; valid keys at this level: {valid}")
+        if isinstance(schema[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{dotted}' must be a mapping, got {value!r}")
+            _check_and_merge(base[key], value, schema[key], where, dotted)
+        else:
+            base[key] = value
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _load_file(path: str, seen: tuple) -> Dict[str, Any]:
+    """The file's own keys merged over its ``_base_`` chain (not yet over DEFAULTS)."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ inheritance cycle: {' -> '.join(seen + (path,))}")
+    data = _read_yaml(path)
+    base_name = data.pop("_base_", None)
+    cfg = copy.deepcopy(DEFAULTS)
+    if base_name is not None:
+        base_path = os.path.join(os.path.dirname(path), base_name)
+        cfg = _load_file(base_path, seen + (path,))
+    _check_and_merge(cfg, data, DEFAULTS, path, "")
+    return cfg
+
+
+def parse_override(item: str) -> Dict[str, Any]:
+    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": parsed value}}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from e
+    out: Dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Resolve a config: DEFAULTS <- base chain of ``path`` <- ``overrides``.
+
+    Args:
+        path: a YAML file, or None for the defaults alone.
+        overrides: ``dotted.key=value`` strings, applied in order.
+    Returns:
+        the resolved config as a nested dict (a fresh copy).
+    """
+    cfg = _load_file(path, ()) if path else copy.deepcopy(DEFAULTS)
+    for item in overrides:
+        _check_and_merge(cfg, parse_override(item), DEFAULTS, f"override '{item}'", "")
+    return cfg
+
+
+def save_config(cfg: Dict[str, Any], path: str) -> None:
+    """Write the resolved config as YAML (atomically: temp file then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -90,6 +90,7 @@ DEFAULTS: Dict[str, Any] = {
         "aspect_ratio_grouping": True,
         "num_workers": 2,
         "images_per_batch": 2,  # per process
+        "use_difficult": False,  # VOC: train on boxes flagged difficult too (always kept for eval)
     },
     "solver": {
         "epochs": 24,
@@ -138,6 +139,8 @@ DEFAULTS: Dict[str, Any] = {
     "eval": {
         "metric": "coco",  # coco | voc | both
         "max_images": 0,  # 0 = all
+        "images_per_batch": 1,  # per process, at inference
+        "output_dir": None,  # where detections.json / metrics.json go (None: train.output_dir/eval)
     },
 }
 

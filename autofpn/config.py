@@ -135,6 +135,10 @@ DEFAULTS: Dict[str, Any] = {
         "keep_checkpoints": 3,
         "eval_period": 0,  # epochs between evaluations; 0 = final evaluation only
         "log_period": 20,
+        "auto_resume": True,  # continue from output_dir/checkpoints when a checkpoint is there
+        "deterministic": False,  # torch.use_deterministic_algorithms (exact resume on GPU)
+        "find_unused_parameters": False,  # DDP
+        "debug_nan_at": None,  # test hook "ITER:TERM": that loss term becomes NaN at ITER
     },
     "eval": {
         "metric": "coco",  # coco | voc | both

@@ -1,0 +1,124 @@
+"""Auto-head: the searchable RCNN box head of Auto-FPN (supernet) and the head decoded from a
+genotype.
+
+Structure (paper Sec. 3.2, Fig. 3 right; DARTS cells)::
+
+    RoI features x: Tensor[R, in_channels, 7, 7]
+    cell m has 7 nodes: node 0 = output of cell m-2, node 1 = output of cell m-1 (both are the
+    RoI features for cell 0, node 0 is for cell 1), each projected to `channels` by
+    ReLU -> 1x1 conv -> norm ("pre0", "pre1");
+    node n = sum_{k<n} op_{m,k,n}(node k)   for the 4 intermediate nodes n = 2..5;
+    cell output = concat(node 2..5)   -> 4 * channels channels.
+    head output = global average pool of the last cell -> Tensor[R, 4 * channels].
+
+Each cell has its own architecture. Architecture weights for the supernet:
+``Tensor[cells, 14, len(HEAD_OPS)]`` (softmax over the last dim), edge index in the order of
+``edge_pairs`` = [(input, node) for node in 2..5 for input in 0..node-1].
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
+from .space import HEAD_OPS, MixedOp, ReLUConvNorm
+
+EDGE_PAIRS: List[Tuple[int, int]] = [
+    (k, n) for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)
+    for k in range(n)]
+
+
+def edge_name(inp: int, node: int) -> str:
+    return f"n{inp}_to_n{node}"
+
+
+class HeadCell(nn.Module):
+    """One Auto-head cell. ``chosen`` maps (input, node) -> [op] for a fixed cell, None for the
+    supernet (every edge, every op)."""
+
+    def __init__(self, in_prev_prev: int, in_prev: int, channels: int, norm: str,
+                 chosen: Optional[dict] = None):
+        super().__init__()
+        pairs = EDGE_PAIRS if chosen is None else [p for p in EDGE_PAIRS if p in chosen]
+        used_inputs = {k for k, _ in pairs}
+        # an input node no edge reads gets no projection (no unused parameters in DDP)
+        self.pre0 = ReLUConvNorm(in_prev_prev, channels, 1, norm) if 0 in used_inputs else None
+        self.pre1 = ReLUConvNorm(in_prev, channels, 1, norm) if 1 in used_inputs else None
+        self.edges = nn.ModuleDict({
+            edge_name(k, n): MixedOp(channels, HEAD_OPS, norm, None if chosen is None else chosen[(k, n)])
+            for (k, n) in pairs})
+
+    def forward(self, s0: Tensor, s1: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        """s0, s1: outputs of cells m-2 and m-1; weights: Tensor[14, len(HEAD_OPS)] or None.
+        Returns Tensor[R, 4 * channels, h, w]."""
+        nodes: List[Optional[Tensor]] = [
+            self.pre0(s0) if self.pre0 is not None else None,
+            self.pre1(s1) if self.pre1 is not None else None]
+        for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES):
+            total = None
+            for k in range(n):
+                name = edge_name(k, n)
+                if name not in self.edges:  # "none": nothing computed
+                    continue
+                w = weights[EDGE_PAIRS.index((k, n))] if weights is not None else None
+                y = self.edges[name](nodes[k], w)
+                total = y if total is None else total + y
+            nodes.append(total)
+        return torch.cat(nodes[HEAD_INPUT_NODES:], dim=1)
+
+
+class AutoHead(nn.Module):
+    """Auto-head box head; ``genotype=None`` builds the supernet, else the decoded fixed head.
+
+    Args:
+        in_channels: channels of the pooled RoI features (the neck width).
+        pooler_size: RoI feature size (7).
+        channels: cell width C (512 in the paper); the output has 4 * C features.
+        cells: number of cells M (must match the genotype's when one is given).
+        genotype: a genotype dict (its "head" part is used) or None for the supernet.
+        norm: none | gn | bn (search: none).
+    Attributes: out_channels = 4 * channels; arch_shape (supernet only) = (cells, 14, 8).
+    """
+
+    def __init__(self, in_channels: int, pooler_size: int = 7, channels: int = 512,
+                 cells: int = 2, genotype: Optional[dict] = None, norm: str = "none"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.pooler_size = pooler_size
+        self.channels = channels
+        self.is_supernet = genotype is None
+        if genotype is None:
+            chosen_per_cell: Sequence[Optional[dict]] = [None] * cells
+            self.arch_shape = (cells, len(EDGE_PAIRS), len(HEAD_OPS))
+        else:
+            validate_genotype(genotype)
+            head_g = genotype["head"]
+            if head_g is None:
+                raise ValueError("AutoHead: the genotype has no head part (\"head\": null)")
+            if len(head_g["cells"]) != cells:
+                raise ValueError(f"AutoHead: genotype has {len(head_g['cells'])} cells, "
+                                 f"configured cells = {cells}")
+            chosen_per_cell = [{(e["input"], e["node"]): [e["op"]] for e in edges}
+                               for edges in head_g["cells"]]
+        self.num_cells = cells
+        cell_out = HEAD_INTERMEDIATE_NODES * channels
+        self.cells = nn.ModuleList()
+        for m, chosen in enumerate(chosen_per_cell):
+            in_prev_prev = in_channels if m < 2 else cell_out
+            in_prev = in_channels if m < 1 else cell_out
+            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen))
+        self.out_channels = cell_out
+
+    def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        """x: Tensor[R, in_channels, P, P]; weights: Tensor[arch_shape] (softmaxed) for the
+        supernet, None for a fixed head. Returns Tensor[R, out_channels]."""
+        if self.is_supernet:
+            if weights is None or tuple(weights.shape) != self.arch_shape:
+                got = None if weights is None else tuple(weights.shape)
+                raise ValueError(f"AutoHead supernet needs weights of shape {self.arch_shape}, got {got}")
+        elif weights is not None:
+            raise ValueError("a fixed AutoHead takes no architecture weights")
+        s0 = s1 = x
+        for m, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, weights[m] if weights is not None else None)
+        return s1.mean(dim=(2, 3))  # global average pooling: [R, 4C, P, P] -> [R, 4C]

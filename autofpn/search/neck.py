@@ -1,0 +1,154 @@
+"""Auto-fusion: the searchable neck of Auto-FPN (supernet) and the neck decoded from a genotype.
+
+Structure (paper Sec. 3.1, Fig. 3 left)::
+
+    C_l --1x1 conv--> X^0_l                                  (input projection to `channels`)
+    X^{k+1}_i = sum_j  resample_{j->i}( op_{k,j,i}( conv1x1_{k,j,i}( X^k_j ) ) )   k = 0..L-1
+    P_l = X^L_l ;  P_{top+1} = max_pool2d(P_top, kernel 1, stride 2)   (for the RPN)
+
+Every (source j, target i) pair of a layer is a *link*. Its op runs at the source resolution;
+``resample`` is max pooling (kernel = stride = 2^(i-j)) when going to a coarser level and
+bilinear upsampling when going to a finer one. In the supernet every link is a mixed op over
+O_N (``NECK_OPS``); a decoded neck keeps only the links of its genotype, each with one op.
+
+Architecture weights for the supernet: ``Tensor[layers, len(levels)**2, len(NECK_OPS)]``
+(softmax over the last dim), link index ``t * len(levels) + s`` for target level
+``levels[t]`` and source level ``levels[s]`` (see ``link_pairs``).
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .genotype import validate_genotype
+from .space import NECK_OPS, MixedOp, make_norm
+
+
+def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -> Tensor:
+    """Move ``x`` (at level ``src_level``) to level ``dst_level`` of spatial ``size``.
+
+    Coarser target: max pool, kernel = stride = 2^(dst-src), ceil mode (the backbone's strided
+    convs round up too); finer target: bilinear upsampling to ``size``."""
+    if dst_level == src_level:
+        return x
+    if dst_level > src_level:
+        factor = 2 ** (dst_level - src_level)
+        out = F.max_pool2d(x, kernel_size=factor, stride=factor, ceil_mode=True)
+        if tuple(out.shape[-2:]) != tuple(size):  # odd input sizes not produced by a backbone
+            out = F.adaptive_max_pool2d(x, size)
+        return out
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class FusionLink(nn.Module):
+    """One link of a layer: 1x1 conv -> (mixed) op at the source resolution.
+
+    The resampling to the target level is done by the layer (it needs the target size)."""
+
+    def __init__(self, channels: int, norm: str, chosen: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=norm == "none")
+        self.norm = make_norm(norm, channels)
+        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen)
+
+    def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return self.mixed(self.norm(self.conv(x)), weights)
+
+
+def link_name(src: int, dst: int) -> str:
+    return f"p{src}_to_p{dst}"
+
+
+class AutoFusionNeck(nn.Module):
+    """Auto-fusion neck; ``genotype=None`` builds the supernet, else the decoded fixed neck.
+
+    Args:
+        in_channels: backbone channels per level, ``{"c2": 256, ..., "c5": 2048}``.
+        in_strides: backbone strides per level, ``{"c2": 4, ..., "c5": 32}``.
+        channels: neck width (256 in the paper).
+        levels: fused levels (P2..P5 by default; P3..P7 for a one-stage detector).
+        layers: number of Auto-fusion layers L (must match the genotype's when one is given).
+        genotype: a genotype dict (its "neck" part is used) or None for the supernet.
+        norm: none | gn | bn after every conv (search: none, as in the paper).
+        extra_pool_level: add P_{top+1} = max_pool2d(P_top, 1, stride 2) for the RPN.
+    Attributes:
+        out_channels: int; strides: {"p2": 4, ..., "p6": 64}; arch_shape (supernet only):
+        (layers, len(levels)**2, len(NECK_OPS)); link_pairs: [(src, dst), ...] in weight order.
+    """
+
+    def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], channels: int,
+                 levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
+                 genotype: Optional[dict] = None, norm: str = "none",
+                 extra_pool_level: bool = True):
+        super().__init__()
+        self.levels = [int(lv) for lv in levels]
+        self.out_channels = channels
+        self.extra_pool_level = extra_pool_level
+        self.is_supernet = genotype is None
+        for lv in self.levels:
+            if f"c{lv}" not in in_channels or f"c{lv}" not in in_strides:
+                raise ValueError(f"AutoFusionNeck: backbone gives no level 'c{lv}' "
+                                 f"(has {sorted(in_channels)})")
+        self.strides = {f"p{lv}": int(in_strides[f"c{lv}"]) for lv in self.levels}
+        top = self.levels[-1]
+        if extra_pool_level:
+            self.strides[f"p{top + 1}"] = 2 * self.strides[f"p{top}"]
+        self.link_pairs: List[Tuple[int, int]] = [(s, t) for t in self.levels for s in self.levels]
+
+        # which links (and ops) exist in each layer
+        if genotype is None:
+            chosen_per_layer = [{pair: None for pair in self.link_pairs} for _ in range(layers)]
+            self.arch_shape = (layers, len(self.link_pairs), len(NECK_OPS))
+        else:
+            validate_genotype(genotype)
+            neck_g = genotype["neck"]
+            if neck_g is None:
+                raise ValueError("AutoFusionNeck: the genotype has no neck part (\"neck\": null)")
+            if neck_g["levels"] != self.levels:
+                raise ValueError(f"AutoFusionNeck: genotype levels {neck_g['levels']} != "
+                                 f"configured levels {self.levels}")
+            if len(neck_g["layers"]) != layers:
+                raise ValueError(f"AutoFusionNeck: genotype has {len(neck_g['layers'])} layers, "
+                                 f"configured layers = {layers}")
+            chosen_per_layer = [{(l["from"], l["to"]): [l["op"]] for l in links}
+                                for links in neck_g["layers"]]
+        self.num_layers = layers
+
+        self.input_proj = nn.ModuleDict({
+            f"c{lv}": nn.Sequential(nn.Conv2d(in_channels[f"c{lv}"], channels, 1, bias=norm == "none"),
+                                    make_norm(norm, channels))
+            for lv in self.levels})
+        self.layers = nn.ModuleList()
+        for chosen in chosen_per_layer:
+            # keep link_pairs order so the module order is the same in supernet and fixed neck
+            self.layers.append(nn.ModuleDict({
+                link_name(s, t): FusionLink(channels, norm, chosen[(s, t)])
+                for (s, t) in self.link_pairs if (s, t) in chosen}))
+
+    def forward(self, feats: Dict[str, Tensor], weights: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """feats: {"c2": Tensor[N, C2, H/4, W/4], ...}; weights: Tensor[arch_shape] (softmaxed)
+        for the supernet, None for a fixed neck. Returns {"p2": Tensor[N, channels, H/4, W/4],
+        ..., "p6"}."""
+        if self.is_supernet:
+            if weights is None or tuple(weights.shape) != self.arch_shape:
+                got = None if weights is None else tuple(weights.shape)
+                raise ValueError(f"AutoFusionNeck supernet needs weights of shape {self.arch_shape}, got {got}")
+        elif weights is not None:
+            raise ValueError("a fixed AutoFusionNeck takes no architecture weights")
+        x = {lv: self.input_proj[f"c{lv}"](feats[f"c{lv}"]) for lv in self.levels}
+        sizes = {lv: tuple(x[lv].shape[-2:]) for lv in self.levels}
+        for k, layer in enumerate(self.layers):
+            out: Dict[int, Tensor] = {}
+            for idx, (s, t) in enumerate(self.link_pairs):
+                name = link_name(s, t)
+                if name not in layer:  # "none" in a decoded neck: nothing computed
+                    continue
+                w = weights[k, idx] if weights is not None else None
+                y = resample(layer[name](x[s], w), s, t, sizes[t])
+                out[t] = y if t not in out else out[t] + y
+            x = out
+        result = {f"p{lv}": x[lv] for lv in self.levels}
+        if self.extra_pool_level:
+            top = self.levels[-1]
+            result[f"p{top + 1}"] = F.max_pool2d(result[f"p{top}"], kernel_size=1, stride=2)
+        return result

@@ -1,0 +1,148 @@
+"""The op tables of Auto-FPN and the mixed op built from them.
+
+One table builds both the supernet (a ``MixedOp`` holding every non-"none" op of a link/edge)
+and the fixed modules decoded from a genotype (a ``MixedOp`` holding exactly the chosen op), so
+a fixed module's parameters are a subset of the supernet's under the same state_dict keys.
+
+Op definitions (DARTS style, every op keeps the channel count and the spatial size):
+
+- ``identity``: x.
+- ``dil_conv_KxK_rD``: ReLU -> depthwise KxK conv, dilation D -> pointwise 1x1 conv -> norm.
+- ``sep_conv_KxK``: two dilation-1 blocks of the above (ReLU, depthwise, pointwise, norm).
+- ``conv_KxK``: ReLU -> KxK conv -> norm.
+- ``none``: the link/edge is absent. It is never instantiated and never computed: a mixed sum
+  runs over the non-none ops only, with their softmax weights (the weight on "none" multiplies
+  a zero tensor in DARTS, so dropping it changes nothing but the cost).
+
+Normalization is a switch (``norm``): ``"none"`` during search (the paper searches without
+BatchNorm); ``"gn"`` or ``"bn"`` when retraining a derived module. Without a norm layer the last
+conv of a block carries a bias; with one it does not (the norm's affine shift replaces it).
+"""
+from math import gcd
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+try:  # the fused extension / reference written in autofpn.ops (see mixed_sum.py)
+    from autofpn.ops.mixed_sum import mixed_sum
+except ImportError:  # pragma: no cover - only while that module does not exist yet
+    def mixed_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
+        """sum_k w[k] * xs[k]; xs: K tensors of one shape, w: Tensor[K]."""
+        out = xs[0] * w[0]
+        for k in range(1, len(xs)):
+            out = out + xs[k] * w[k]
+        return out
+
+# O_N, the neck (Auto-fusion) ops, in the paper's order. Index = position in alpha's last dim.
+NECK_OPS = (
+    "none",
+    "identity",
+    "dil_conv_3x3_r2",
+    "dil_conv_3x3_r3",
+    "dil_conv_5x5_r2",
+    "dil_conv_5x5_r3",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+)
+
+# O_H, the head (Auto-head) ops, in the paper's order. Index = position in beta's last dim.
+HEAD_OPS = (
+    "none",
+    "identity",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3_r2",
+    "dil_conv_5x5_r2",
+    "conv_3x3",
+    "conv_5x5",
+)
+
+NORMS = ("none", "gn", "bn")
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """``none`` -> Identity, ``gn`` -> GroupNorm (32 groups, fewer if channels are not a
+    multiple of 32), ``bn`` -> BatchNorm2d."""
+    if norm == "none":
+        return nn.Identity()
+    if norm == "gn":
+        return nn.GroupNorm(gcd(32, channels), channels)
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"unknown norm '{norm}'; valid: {', '.join(NORMS)}")
+
+
+class DepthwiseSeparableBlock(nn.Sequential):
+    """ReLU -> depthwise KxK conv (dilation d, 'same' padding) -> pointwise 1x1 -> norm."""
+
+    def __init__(self, channels: int, kernel: int, dilation: int, norm: str):
+        padding = dilation * (kernel - 1) // 2
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(channels, channels, kernel, padding=padding, dilation=dilation,
+                      groups=channels, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=norm == "none"),
+            make_norm(norm, channels),
+        )
+
+
+class ReLUConvNorm(nn.Sequential):
+    """ReLU -> KxK conv ('same' padding) -> norm."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, norm: str):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=norm == "none"),
+            make_norm(norm, out_channels),
+        )
+
+
+def build_op(name: str, channels: int, norm: str) -> nn.Module:
+    """The module of op ``name`` (any name of NECK_OPS or HEAD_OPS except "none")."""
+    if name == "identity":
+        return nn.Identity()
+    if name.startswith("dil_conv_"):  # dil_conv_3x3_r2
+        size, rate = name[len("dil_conv_"):].split("_r")
+        return DepthwiseSeparableBlock(channels, int(size.split("x")[0]), int(rate), norm)
+    if name.startswith("sep_conv_"):  # sep_conv_5x5
+        kernel = int(name[len("sep_conv_"):].split("x")[0])
+        return nn.Sequential(DepthwiseSeparableBlock(channels, kernel, 1, norm),
+                             DepthwiseSeparableBlock(channels, kernel, 1, norm))
+    if name.startswith("conv_"):  # conv_3x3
+        return ReLUConvNorm(channels, channels, int(name[len("conv_"):].split("x")[0]), norm)
+    raise ValueError(f"op '{name}' cannot be built (valid: {', '.join(sorted(set(NECK_OPS + HEAD_OPS) - {'none'}))})")
+
+
+class MixedOp(nn.Module):
+    """The ops of one link/edge.
+
+    Supernet: built with every op of ``op_table``; ``forward(x, w)`` with ``w: Tensor[len(op_table)]``
+    (softmax over the whole table, "none" included) returns ``sum_k w[k] * op_k(x)`` over the
+    non-none ops. Fixed module: built with ``chosen=[name]``; ``forward(x)`` applies that op.
+    Ops live in ``self.ops[name]`` so the fixed module's keys are a subset of the supernet's.
+    """
+
+    def __init__(self, channels: int, op_table: Sequence[str], norm: str = "none",
+                 chosen: Sequence[str] = None):
+        super().__init__()
+        names = [n for n in (op_table if chosen is None else chosen) if n != "none"]
+        for n in names:
+            if n not in op_table:
+                raise ValueError(f"op '{n}' is not in this op table ({', '.join(op_table)})")
+        self.op_table = tuple(op_table)
+        self.ops = nn.ModuleDict({n: build_op(n, channels, norm) for n in names})
+        # positions in the weight vector of the ops held here ("none" is skipped)
+        self.register_buffer("op_index", torch.tensor([self.op_table.index(n) for n in names]),
+                             persistent=False)
+
+    def forward(self, x: Tensor, weights: Tensor = None) -> Tensor:
+        """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op)."""
+        if weights is None:
+            if len(self.ops) != 1:
+                raise ValueError(f"a MixedOp with {len(self.ops)} ops needs architecture weights")
+            return next(iter(self.ops.values()))(x)
+        if weights.shape != (len(self.op_table),):
+            raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
+        outs = [op(x) for op in self.ops.values()]
+        return mixed_sum(outs, weights.index_select(0, self.op_index.to(weights.device)))

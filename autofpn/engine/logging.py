@@ -1,0 +1,102 @@
+"""What a person sees: a JSON-lines metrics log and a tqdm progress bar, both on rank 0 only.
+
+``MetricsLog`` appends one JSON object per line (``{"type": "train", "iter": 20, "loss": ...}``)
+to ``metrics.jsonl``; when a run is resumed, the records past the resume point (written by the
+killed run after its last checkpoint) are dropped so the log has each iteration once.
+``read_metrics`` reads it back (the plots use it).
+
+``Progress`` wraps tqdm: iteration / total, ETA, the loss terms, lr and images/s.
+"""
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from tqdm import tqdm
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / Inf
+    return value
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; a no-op when ``enabled`` is False (ranks > 0)."""
+
+    def __init__(self, path: str, enabled: bool = True, resume_iter: Optional[int] = None):
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_iter is None:
+            if os.path.exists(path):
+                os.remove(path)
+        else:
+            self._truncate_after(resume_iter)
+
+    def _truncate_after(self, resume_iter: int) -> None:
+        """Keep the records of iterations < ``resume_iter`` (the checkpoint's next iteration)."""
+        kept = [r for r in read_metrics(self.path) if r.get("iter", 0) < resume_iter]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            for record in kept:
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: _jsonable(v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """All records of a metrics log (a torn last line from a kill is skipped)."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class Progress:
+    """tqdm bar over iterations with loss terms, lr and images/s; silent when disabled."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, desc: str = "train"):
+        self.enabled = enabled
+        self._last_time = time.perf_counter()
+        self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                         disable=not enabled, smoothing=0.1)
+
+    def update(self, losses: Dict[str, float], lr: float, images: int) -> float:
+        """Advance one iteration; returns images/s of that iteration."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last_time = now
+        images_per_s = images / elapsed
+        if self.enabled:
+            short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}
+            short.update(lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+            self._bar.set_postfix(short, refresh=False)
+            self._bar.update(1)
+        return images_per_s
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if self.enabled:
+            self._bar.write(message)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -1,0 +1,114 @@
+"""Train a detector: a searched one from a genotype, or a handcrafted baseline.
+
+    torchrun --nproc_per_node N train.py --genotype out/geno.json [--cfg configs/coco.yaml] \
+        [--opts solver.lr=0.01 model.transform.min_size=[480,512]] [--resume [CKPT]]
+    python train.py --cfg configs/demo.yaml --neck fpn --head mlp       # baseline, one process
+
+``--opts`` takes ``dotted.key=value`` overrides, the value parsed as YAML. The resolved config is
+written to ``<train.output_dir>/config.yaml``. A run restarts from the newest checkpoint of its
+output folder automatically (``train.auto_resume``); ``--resume`` insists on one (or names it).
+Outputs: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``model_final.pth``,
+``loss_curve.png``, ``map_curve.png``, ``eval/``.
+"""
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default=None, help="YAML config (default: the built-in defaults)")
+    p.add_argument("--genotype", default=None, help="genotype JSON of a searched neck/head")
+    p.add_argument("--neck", choices=["fpn", "panet", "auto"], default=None,
+                   help="neck type (overrides model.neck.type)")
+    p.add_argument("--head", choices=["mlp", "auto"], default=None,
+                   help="head type (overrides model.head.type)")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. solver.lr=0.01 data.images_per_batch=4")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="resume from CKPT, or (no value) from the output folder's newest one")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    from autofpn.config import load_config
+    overrides = list(args.opts)
+    if args.neck:
+        overrides.append(f"model.neck.type={args.neck}")
+    if args.head:
+        overrides.append(f"model.head.type={args.head}")
+    cfg = load_config(args.cfg, overrides)
+    genotype = None
+    if args.genotype:
+        from autofpn.search.genotype import load_genotype
+        genotype = load_genotype(args.genotype)
+        # a genotype means a derived (searched) neck/head unless a baseline was asked for
+        if not args.neck and cfg["model"]["neck"]["type"] not in ("fpn", "panet"):
+            cfg["model"]["neck"]["type"] = "auto"
+    needs_geno = "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"])
+    if needs_geno and genotype is None:
+        raise SystemExit("model.neck.type / model.head.type is 'auto': pass --genotype FILE")
+    return cfg, genotype
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, genotype = resolve_config(args)
+
+    import torch
+    from autofpn.config import save_config
+    from autofpn.data import build_dataset, build_loader
+    from autofpn.engine import distributed as du
+    from autofpn.engine.trainer import NonFiniteLossError, Trainer, seed_everything
+    from autofpn.eval import evaluate_model
+    from autofpn.models.detector import build_detector
+
+    ctx = du.init_distributed(cfg["train"]["device"])
+    out_dir = cfg["train"]["output_dir"]
+    try:
+        if cfg["train"]["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed = int(cfg["train"]["seed"])
+        seed_everything(seed)  # same initial weights on every rank
+        model = build_detector(cfg, genotype)
+        seed_everything(seed + ctx.rank)  # different augmentation streams per rank
+        train_set = build_dataset(cfg, "train")
+        train_loader = build_loader(cfg, train_set, train=True, rank=ctx.rank,
+                                    world_size=ctx.world_size)
+        val_set = build_dataset(cfg, "val")
+        val_loader = build_loader(cfg, val_set, train=False, rank=ctx.rank,
+                                  world_size=ctx.world_size)
+
+        def evaluate(net, eval_dir):
+            return evaluate_model(net, val_loader, val_set, eval_dir, cfg["eval"]["metric"],
+                                  ctx.device)
+
+        if ctx.is_main:
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
+            if genotype is not None:
+                import json
+                with open(os.path.join(out_dir, "genotype.json"), "w") as f:
+                    json.dump(genotype, f, indent=2)
+        trainer = Trainer(cfg, model, train_loader, ctx, evaluate=evaluate, genotype=genotype)
+        if args.resume is not None:
+            trainer.resume(args.resume or None, required=True)
+        elif cfg["train"]["auto_resume"]:
+            trainer.resume()
+        try:
+            summary = trainer.train()
+        except NonFiniteLossError as e:
+            if ctx.is_main:
+                print(f"ERROR: {e}", file=sys.stderr, flush=True)
+            return 2
+        if ctx.is_main and summary:
+            keys = [k for k in ("AP", "AP50", "AP75") if k in summary]
+            print("final evaluation: " + ", ".join(f"{k}={summary[k]:.4f}" for k in keys),
+                  flush=True)
+        return 0
+    finally:
+        du.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

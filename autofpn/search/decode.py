@@ -1,0 +1,122 @@
+"""Decode architecture weights into a genotype, and a command line to do it from a checkpoint.
+
+Rules (the op of a link/edge is always chosen by argmax of its softmax weights):
+
+- ``"argmax"`` (the paper: "argmax per link/edge"): argmax over all ops, "none" included. A
+  link/edge whose argmax is "none" is dropped, so the decoded neck keeps only the links the
+  search kept (the paper's Fig. 4 shows a sparse Auto-fusion). If that would leave a target level
+  (neck) or an intermediate node (head) without any input, the one input whose strongest
+  non-none op has the largest weight is kept, so the module stays well formed.
+- ``"argmax_nonnone"`` (DARTS' op choice): "none" is excluded from the argmax; every link/edge
+  is kept with its strongest non-none op (a dense neck/head).
+- ``"top2"`` (DARTS' full rule): op = argmax over non-none ops; each target level / node keeps the
+  2 inputs whose chosen op has the largest weight.
+
+    python -m autofpn.search.decode --checkpoint out/search/last.pth --out genotype.json \
+        [--rule argmax] [--diagram genotype.png]
+"""
+import argparse
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .genotype import GENOTYPE_VERSION, save_genotype, validate_genotype
+from .head import EDGE_PAIRS
+from .space import HEAD_OPS, NECK_OPS
+
+DECODE_RULES = ("argmax", "argmax_nonnone", "top2")
+
+
+def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str],
+            rule: str) -> List[Tuple[Tuple[int, int], str]]:
+    """weights: Tensor[len(pairs), len(ops)] (softmaxed) of one layer / cell; pairs (src, dst).
+    Returns the kept [((src, dst), op), ...] in ``pairs`` order."""
+    assert ops[0] == "none"
+    best_w, best_k = weights[:, 1:].max(dim=1)  # strongest non-none op per link
+    best_k = best_k + 1
+    if rule == "argmax_nonnone":
+        keep = set(range(len(pairs)))
+    elif rule == "argmax":
+        keep = {i for i in range(len(pairs)) if weights[i].argmax().item() != 0}
+    elif rule == "top2":
+        keep = set()
+    else:
+        raise ValueError(f"unknown decode rule '{rule}'; valid: {', '.join(DECODE_RULES)}")
+    for dst in sorted({d for _, d in pairs}):
+        incoming = [i for i, (_, d) in enumerate(pairs) if d == dst]
+        ranked = sorted(incoming, key=lambda i: -best_w[i].item())
+        if rule == "top2":
+            keep.update(ranked[:2])
+        elif not keep.intersection(incoming):  # "argmax" left this target without input
+            keep.add(ranked[0])
+    return [(pairs[i], ops[best_k[i].item()]) for i in range(len(pairs)) if i in keep]
+
+
+def decode_weights(neck_weights: Optional[Tensor], head_weights: Optional[Tensor],
+                   levels: Sequence[int] = (2, 3, 4, 5), rule: str = "argmax") -> Dict[str, Any]:
+    """neck_weights: Tensor[layers, len(levels)**2, len(NECK_OPS)] or None; head_weights:
+    Tensor[cells, 14, len(HEAD_OPS)] or None (both softmaxed). Returns a validated genotype."""
+    genotype: Dict[str, Any] = {"version": GENOTYPE_VERSION, "decode_rule": rule,
+                                "neck": None, "head": None}
+    if neck_weights is not None:
+        levels = [int(lv) for lv in levels]
+        pairs = [(s, t) for t in levels for s in levels]  # same order as AutoFusionNeck.link_pairs
+        if tuple(neck_weights.shape[1:]) != (len(pairs), len(NECK_OPS)):
+            raise ValueError(f"neck weights of shape {tuple(neck_weights.shape)} do not fit levels "
+                             f"{levels} (expected [layers, {len(pairs)}, {len(NECK_OPS)}])")
+        genotype["neck"] = {"levels": levels, "layers": [
+            [{"from": s, "to": t, "op": op} for (s, t), op in _choose(w, pairs, NECK_OPS, rule)]
+            for w in neck_weights.detach().float().cpu()]}
+    if head_weights is not None:
+        if tuple(head_weights.shape[1:]) != (len(EDGE_PAIRS), len(HEAD_OPS)):
+            raise ValueError(f"head weights of shape {tuple(head_weights.shape)}, expected "
+                             f"[cells, {len(EDGE_PAIRS)}, {len(HEAD_OPS)}]")
+        genotype["head"] = {"cells": [
+            [{"node": n, "input": k, "op": op} for (k, n), op in _choose(w, EDGE_PAIRS, HEAD_OPS, rule)]
+            for w in head_weights.detach().float().cpu()]}
+    return validate_genotype(genotype)
+
+
+def decode(architecture, neck=None, head=None, rule: str = "argmax") -> Dict[str, Any]:
+    """Genotype of ``architecture`` (an ``Architecture``) for the supernet ``neck`` / ``head``
+    (used for the levels and to check the shapes; None when that part was not searched)."""
+    neck_w, head_w = architecture.neck_weights(), architecture.head_weights()
+    if neck is not None and (neck_w is None or tuple(neck_w.shape) != neck.arch_shape):
+        raise ValueError(f"alpha does not match the neck supernet {neck.arch_shape}")
+    if head is not None and (head_w is None or tuple(head_w.shape) != head.arch_shape):
+        raise ValueError(f"beta does not match the head supernet {head.arch_shape}")
+    return decode_weights(neck_w if neck is not None else None, head_w if head is not None else None,
+                          neck.levels if neck is not None else (2, 3, 4, 5), rule)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Decode a search checkpoint into a genotype JSON.")
+    parser.add_argument("--checkpoint", required=True, help="search checkpoint (.pth) with model.arch")
+    parser.add_argument("--out", required=True, help="genotype JSON to write")
+    parser.add_argument("--rule", default=None, choices=DECODE_RULES,
+                        help="decode rule (default: the checkpoint config's search.decode_rule)")
+    parser.add_argument("--diagram", default=None, help="also render the genotype to this .png/.svg")
+    args = parser.parse_args(argv)
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if "model" not in ckpt:
+        raise SystemExit(f"{args.checkpoint}: no 'model' entry (keys: {sorted(ckpt)})")
+    state, cfg = ckpt["model"], ckpt.get("cfg") or {}
+    alpha, beta = state.get("arch.alpha"), state.get("arch.beta")
+    if alpha is None and beta is None:
+        raise SystemExit(f"{args.checkpoint}: no architecture parameters 'arch.alpha' / 'arch.beta'")
+    rule = args.rule or cfg.get("search", {}).get("decode_rule", "argmax")
+    levels = cfg.get("model", {}).get("neck", {}).get("levels", [2, 3, 4, 5])
+    genotype = decode_weights(None if alpha is None else torch.softmax(alpha, -1),
+                              None if beta is None else torch.softmax(beta, -1), levels, rule)
+    save_genotype(genotype, args.out)
+    print(f"wrote {args.out} (rule {rule})")
+    if args.diagram:
+        from autofpn.viz.genotype_diagram import draw_genotype
+        draw_genotype(genotype, args.diagram)
+        print(f"wrote {args.diagram}")
+
+
+if __name__ == "__main__":
+    main()

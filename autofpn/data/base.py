@@ -1,0 +1,196 @@
+"""The dataset class every reader (COCO, VOC, BDD, synthetic) fills with image records.
+
+A reader parses its annotation format into a list of records, one per image::
+
+    {"image_id": int, "path": str, "height": int, "width": int,
+     "boxes": float32[N, 4] xyxy (pixels, continuous coordinates),
+     "labels": int64[N] in 1..K, "iscrowd": bool[N], "difficult": bool[N]}
+
+and ``DetectionDataset`` does the rest the same way for all formats: box cleaning (clip to
+the image, drop zero-area boxes, one log line with the counts), the training filter (no crowd
+boxes, no difficult boxes unless asked, images without boxes dropped unless asked), decoding,
+the horizontal flip, and a COCO-format ground truth for the evaluators.
+
+``dataset[key]`` returns ``(image: Tensor[3, H, W] float in [0, 1] at the original size,
+target)`` with ``target = {"boxes": float32[N, 4] xyxy, "labels": int64[N], "image_id": int,
+"orig_size": int64[2] (h, w), "iscrowd": bool[N], "difficult": bool[N]}``. ``key`` is an index,
+or ``(index, aug_seed)`` as produced by the training batch sampler: the flip is then drawn
+from ``aug_seed`` so augmentation depends only on (seed, epoch, index), not on worker
+processes or on where a resumed run started.
+"""
+import logging
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import clip_boxes_to_image, hflip, load_image, nondegenerate_mask, pil_to_tensor
+
+logger = logging.getLogger(__name__)
+
+Record = Dict[str, Any]
+
+
+class DetectionDataset(Dataset):
+    """Image records + the shared loading logic (see the module docstring).
+
+    Args:
+        records: one dict per image (format in the module docstring).
+        class_names: names of labels 1..K (index 0 of ``self.class_names`` is "__background__").
+        category_ids: the dataset's own category id of each label 1..K (COCO ids are not
+            contiguous: 1..90 for 80 classes); results files use these ids.
+        name: shown in log lines and errors (e.g. the annotation file).
+        train: training targets (no crowd / difficult boxes, random flip, images without boxes
+            dropped unless ``keep_empty_images``); otherwise every image and every box with its
+            flags, no augmentation.
+    """
+
+    def __init__(self, records: List[Record], class_names: Sequence[str],
+                 category_ids: Sequence[int], name: str, train: bool, hflip_prob: float = 0.5,
+                 use_difficult: bool = False, keep_empty_images: bool = False):
+        if len(category_ids) != len(class_names):
+            raise ValueError(f"{name}: {len(class_names)} class names but "
+                             f"{len(category_ids)} category ids")
+        self.name = name
+        self.train = train
+        self.hflip_prob = hflip_prob if train else 0.0
+        self.use_difficult = use_difficult
+        self.class_names: List[str] = ["__background__"] + list(class_names)
+        self.label_to_category_id: List[int] = [0] + [int(c) for c in category_ids]
+        self.category_id_to_label: Dict[int, int] = {
+            c: i for i, c in enumerate(self.label_to_category_id) if i > 0}
+        self.all_records = [self._clean(r) for r in records]
+        self._log_cleaning()
+        if train and not keep_empty_images:
+            self.records = [r for r in self.all_records if self._train_mask(r).any()]
+        else:
+            self.records = list(self.all_records)
+        if train:
+            logger.info("%s: %d training images (%d without usable boxes dropped)", name,
+                        len(self.records), len(self.all_records) - len(self.records))
+        self._coco_gt = None
+
+    # ---- annotation cleaning -----------------------------------------------------------------
+    _num_clipped = 0
+    _num_dropped = 0
+
+    def _clean(self, record: Record) -> Record:
+        """Clip boxes to the image and drop zero-area ones (counted for the log line)."""
+        boxes = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
+        boxes, num_clipped = clip_boxes_to_image(boxes, record["height"], record["width"])
+        keep = nondegenerate_mask(boxes)
+        self._num_clipped += num_clipped
+        self._num_dropped += int((~keep).sum())
+        n = len(keep)
+        out = dict(record)
+        out["boxes"] = boxes[keep]
+        out["labels"] = np.asarray(record["labels"], dtype=np.int64).reshape(n)[keep]
+        for flag in ("iscrowd", "difficult"):
+            values = record.get(flag)
+            values = np.zeros(n, dtype=bool) if values is None else np.asarray(values, bool)
+            out[flag] = values.reshape(n)[keep]
+        return out
+
+    def _log_cleaning(self) -> None:
+        if self._num_clipped or self._num_dropped:
+            logger.warning("%s: %d boxes clipped to the image, %d zero-area boxes dropped",
+                           self.name, self._num_clipped, self._num_dropped)
+
+    @property
+    def num_clipped_boxes(self) -> int:
+        return self._num_clipped
+
+    @property
+    def num_dropped_boxes(self) -> int:
+        return self._num_dropped
+
+    def _train_mask(self, record: Record) -> np.ndarray:
+        """bool[N]: boxes used as training targets."""
+        mask = ~record["iscrowd"]
+        if not self.use_difficult:
+            mask &= ~record["difficult"]
+        return mask
+
+    # ---- Dataset protocol -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        index, aug_seed = (key if isinstance(key, tuple) else (key, None))
+        record = self.records[index]
+        image = pil_to_tensor(load_image(record["path"]))
+        height, width = image.shape[-2:]
+        mask = self._train_mask(record) if self.train else np.ones(len(record["boxes"]), bool)
+        boxes = record["boxes"][mask]
+        if (height, width) != (record["height"], record["width"]):
+            # the annotation's size disagrees with the file (e.g. an EXIF rotation the
+            # annotation tool ignored): keep boxes inside the decoded image
+            boxes, _ = clip_boxes_to_image(boxes, height, width)
+        target = {
+            "boxes": torch.from_numpy(boxes.copy()).float(),
+            "labels": torch.from_numpy(record["labels"][mask].copy()),
+            "image_id": int(record["image_id"]),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+            "iscrowd": torch.from_numpy(record["iscrowd"][mask].copy()),
+            "difficult": torch.from_numpy(record["difficult"][mask].copy()),
+        }
+        if self.hflip_prob > 0:
+            rng = random.Random(aug_seed) if aug_seed is not None else random
+            if rng.random() < self.hflip_prob:
+                image, target = hflip(image, target)
+        return image, target
+
+    # ---- helpers for samplers and evaluators ----------------------------------------------------
+    def aspect_ratios(self) -> List[float]:
+        """width / height of every image, from the annotations (no decoding)."""
+        return [r["width"] / r["height"] for r in self.records]
+
+    @property
+    def image_ids(self) -> List[int]:
+        return [int(r["image_id"]) for r in self.records]
+
+    @property
+    def num_classes(self) -> int:
+        """K + 1 (background included), as ``model.num_classes`` counts."""
+        return len(self.class_names)
+
+    def coco_gt_dict(self) -> Dict[str, Any]:
+        """All images and boxes as a COCO instances dict (bbox = [x, y, w, h]).
+
+        Crowd and difficult boxes become ``iscrowd=1`` (COCOeval ignores them); the VOC
+        evaluator reads the extra ``difficult`` key.
+        """
+        images, annotations = [], []
+        for r in self.all_records:
+            images.append({"id": int(r["image_id"]), "file_name": r["path"],
+                           "height": int(r["height"]), "width": int(r["width"])})
+            for box, label, crowd, difficult in zip(r["boxes"], r["labels"], r["iscrowd"],
+                                                    r["difficult"]):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": int(r["image_id"]),
+                    "category_id": self.label_to_category_id[int(label)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(bool(crowd) or bool(difficult)),
+                    "difficult": int(bool(difficult))})
+        categories = [{"id": c, "name": n} for c, n in
+                      zip(self.label_to_category_id[1:], self.class_names[1:])]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+    def coco_gt(self):
+        """A pycocotools ``COCO`` ground truth for this dataset (built once)."""
+        if self._coco_gt is None:
+            from ..eval.coco import coco_from_dict
+            self._coco_gt = coco_from_dict(self.coco_gt_dict())
+        return self._coco_gt
+
+
+def parse_names(value: Optional[Union[str, Sequence[str]]], default: Sequence[str]) -> List[str]:
+    """A class list from the config: None -> ``default``; a list as is."""
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]

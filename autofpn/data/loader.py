@@ -1,0 +1,144 @@
+"""``build_dataset(cfg, split)`` and ``build_loader(cfg, dataset, train)``."""
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from .base import DetectionDataset
+from .bdd import BddDataset
+from .coco import CocoDataset
+from .samplers import (GroupedBatchSampler, InferenceSampler, aspect_ratio_group_ids,
+                       distributed_rank_and_size)
+from .synthetic import ensure_synthetic
+from .voc import VocDataset
+
+DATASET_TYPES = ("coco", "voc", "bdd", "synthetic")
+
+
+def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
+    """The dataset described by ``cfg["data"][split]`` (split: "train" or "val").
+
+    ``cfg["data"][split]`` = ``{"type": coco | voc | bdd | synthetic, "root", "ann_file",
+    "splits"}``:
+
+    - coco: ``root`` = image folder, ``ann_file`` = instances JSON (also any custom dataset
+      converted to COCO JSON, see docs/DATA.md);
+    - voc: ``root`` = one VOC root or a list, ``splits`` = split name(s) (``trainval``);
+    - bdd: ``root`` = image folder, ``ann_file`` = BDD labels JSON;
+    - synthetic: generated from ``cfg["data"]["synthetic"]`` if needed, then read as COCO.
+
+    Training sets get the training filter and flips; "val" keeps every image and box.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_cfg = cfg["data"]
+    spec = data_cfg[split]
+    kind = spec.get("type")
+    train = split == "train"
+    common = {"train": train, "hflip_prob": float(data_cfg.get("hflip_prob", 0.5)),
+              "keep_empty_images": bool(data_cfg.get("keep_empty_images", False))}
+
+    def need(key: str):
+        if spec.get(key) in (None, "", []):
+            raise ValueError(f"data.{split}.{key} must be set for a '{kind}' dataset")
+        return spec[key]
+
+    if kind == "synthetic":
+        paths = ensure_synthetic(data_cfg["synthetic"])
+        return CocoDataset(paths["root"], paths[f"{split}_ann"], **common)
+    if kind == "coco":
+        return CocoDataset(need("root"), need("ann_file"), **common)
+    if kind == "voc":
+        return VocDataset(need("root"), need("splits"), class_names=data_cfg.get("class_names"),
+                          use_difficult=bool(data_cfg.get("use_difficult", False)), **common)
+    if kind == "bdd":
+        return BddDataset(need("root"), need("ann_file"), class_names=data_cfg.get("class_names"),
+                          **common)
+    raise ValueError(f"data.{split}.type must be one of {', '.join(DATASET_TYPES)}, "
+                     f"got {kind!r}")
+
+
+def collate_detection(batch: List[Tuple[torch.Tensor, Dict]]) -> Tuple[List, List]:
+    """[(image, target), ...] -> (images list, targets list); padding is the detector's job."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _base_dataset(dataset) -> DetectionDataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def build_loader(cfg: Dict[str, Any], dataset, train: bool, distributed: Optional[bool] = None,
+                 seed: int = 0) -> DataLoader:
+    """A DataLoader yielding ``(images: List[Tensor[3, H, W]], targets: List[dict])``.
+
+    Training (``train=True``): shuffled by a ``DistributedSampler`` (one replica when not
+    distributed) seeded with ``seed``, aspect-ratio grouped (``data.aspect_ratio_grouping``),
+    ``data.images_per_batch`` images per process. The batch sampler is a
+    ``GroupedBatchSampler``: call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch
+    (order and flips are a function of (seed, epoch) only) and, when resuming in the middle
+    of an epoch, ``loader.batch_sampler.set_start_iter(n)`` to skip its first ``n`` batches.
+
+    Inference (``train=False``): each rank takes a contiguous shard (no padding, no
+    duplicates), in order, ``eval.images_per_batch`` images per batch.
+
+    ``distributed=None`` means "when torch.distributed is initialized with world size > 1".
+    ``dataset`` may be a ``Subset`` (e.g. the search's split halves).
+    """
+    rank, world_size = distributed_rank_and_size()
+    if distributed is None:
+        distributed = world_size > 1
+    if not distributed:
+        rank, world_size = 0, 1
+    data_cfg = cfg["data"]
+    num_workers = int(data_cfg.get("num_workers", 0))
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=False)
+        if isinstance(dataset, Subset):
+            base = _base_dataset(dataset)
+            ratios = base.aspect_ratios()
+            subset_ratios = [ratios[i] for i in _subset_indices(dataset)]
+        else:
+            subset_ratios = dataset.aspect_ratios()
+        group_ids = aspect_ratio_group_ids(subset_ratios,
+                                           bool(data_cfg.get("aspect_ratio_grouping", True)))
+        batch_sampler = GroupedBatchSampler(sampler, group_ids,
+                                            int(data_cfg.get("images_per_batch", 2)), seed=seed)
+    else:
+        sampler = InferenceSampler(len(dataset), rank, world_size)
+        batch_size = int(cfg.get("eval", {}).get("images_per_batch", 1))
+        batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+    if isinstance(dataset, Subset):
+        dataset = _KeyedSubset(dataset)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=collate_detection, persistent_workers=False,
+                      pin_memory=False)
+
+
+def _subset_indices(subset: Subset) -> List[int]:
+    """Indices of ``subset`` in its innermost dataset (Subsets may be nested)."""
+    indices = list(range(len(subset)))
+    while isinstance(subset, Subset):
+        indices = [subset.indices[i] for i in indices]
+        subset = subset.dataset
+    return indices
+
+
+class _KeyedSubset(torch.utils.data.Dataset):
+    """A ``Subset`` that also accepts the ``(index, aug_seed)`` keys of the batch sampler."""
+
+    def __init__(self, subset: Subset):
+        self.base = _base_dataset(subset)
+        self.indices = _subset_indices(subset)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self.base[(self.indices[key[0]], key[1])]
+        return self.base[self.indices[key]]

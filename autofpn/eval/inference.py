@@ -1,0 +1,213 @@
+"""Inference over a loader, result gathering across ranks, metrics, tables and JSON files.
+
+Entry points:
+
+- ``evaluate_model(model, loader, dataset, out_dir, metric, device)``: the training engine's
+  and ``evaluate.py``'s path;
+- ``evaluate_results_file(results_json, ann_json, metric)``: a saved detections file, no model.
+
+Both return a summary dict with values in PERCENT: "AP", "AP50", "AP75", "APs", "APm", "APl",
+"AR1", "AR10", "AR100", "ARs", "ARm", "ARl" (COCO), "voc_AP50" (area under the interpolated
+curve, VOC2010+) and "voc_AP50_07" (11-point, VOC2007), plus "per_class" tables,
+"num_images" and "num_detections".
+"""
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Subset
+
+from ..data.coco import load_coco_gt, load_json
+from .coco import COCO_METRIC_NAMES, check_results, evaluate_coco
+from .voc import evaluate_voc
+
+METRICS = ("coco", "voc", "both")
+
+
+def _base_dataset(dataset):
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _write_json(obj: Any, path: str) -> None:
+    """Write atomically (temp file, then rename) so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def run_inference(model: torch.nn.Module, loader, label_to_category_id: Sequence[int],
+                  device: torch.device, max_images: int = 0) -> Tuple[List[Dict], List[int]]:
+    """Detections of ``model`` on every batch of ``loader`` in COCO results format.
+
+    Args:
+        model: in eval mode returns ``List[{"boxes": [N, 4] xyxy, "labels": [N], "scores":
+            [N]}]`` in original image coordinates.
+        label_to_category_id: contiguous label -> the dataset's category id.
+        max_images: stop after this many images (0 = all).
+    Returns:
+        (results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``,
+        ids of the images that were run).
+    """
+    results: List[Dict[str, Any]] = []
+    image_ids: List[int] = []
+    for images, targets in loader:
+        if max_images and len(image_ids) >= max_images:
+            break
+        outputs = model([image.to(device) for image in images])
+        for output, target in zip(outputs, targets):
+            image_id = int(target["image_id"])
+            image_ids.append(image_id)
+            boxes = output["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+            for box, label, score in zip(boxes.tolist(), output["labels"].tolist(),
+                                         output["scores"].float().cpu().tolist()):
+                results.append({"image_id": image_id,
+                                "category_id": int(label_to_category_id[int(label)]),
+                                "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+    return results, image_ids
+
+
+def _gather(results: List[Dict], image_ids: List[int]) -> Tuple[List[Dict], List[int]]:
+    """Concatenate the lists of every rank (identity when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return results, image_ids
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return results, image_ids
+    gathered: List[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, (results, image_ids))
+    all_results = [r for part, _ in gathered for r in part]
+    all_ids = [i for _, part in gathered for i in part]
+    return all_results, all_ids
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def compute_metrics(coco_gt, results: List[Dict], image_ids: Optional[Sequence[int]] = None,
+                    metric: str = "coco") -> Dict[str, Any]:
+    """The summary dict (percent) for ``results`` against ``coco_gt`` on ``image_ids``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    check_results(results, coco_gt)
+    ids = sorted(set(image_ids)) if image_ids is not None else sorted(coco_gt.getImgIds())
+    summary: Dict[str, Any] = {"num_images": len(ids), "num_detections": len(results),
+                               "per_class": {}}
+    if metric in ("coco", "both"):
+        coco = evaluate_coco(coco_gt, results, ids)
+        summary.update({k: 100.0 * v if v >= 0 else v for k, v in coco["stats"].items()})
+        summary["per_class"]["coco_AP"] = {k: 100.0 * v for k, v in coco["per_class"].items()}
+        summary["coco_summary_text"] = coco["summary_text"]
+    if metric in ("voc", "both"):
+        voc = evaluate_voc(coco_gt, results, ids)
+        summary["voc_AP50"] = 100.0 * voc["AP50_area"]
+        summary["voc_AP50_07"] = 100.0 * voc["AP50_11pt"]
+        summary["per_class"]["voc_AP50"] = {k: 100.0 * v["AP50_area"]
+                                            for k, v in voc["per_class"].items()}
+        summary["per_class"]["voc_AP50_07"] = {k: 100.0 * v["AP50_11pt"]
+                                               for k, v in voc["per_class"].items()}
+        summary["per_class"]["num_positives"] = {k: v["num_positives"]
+                                                 for k, v in voc["per_class"].items()}
+    return summary
+
+
+def _fmt(value: float) -> str:
+    return "   nan" if value is None or math.isnan(value) else f"{value:6.2f}"
+
+
+def format_tables(summary: Dict[str, Any]) -> str:
+    """The COCO block (12 numbers), the VOC AP50 line and the per-class table, as text."""
+    lines = [f"images: {summary['num_images']}   detections: {summary['num_detections']}"]
+    if "AP" in summary:
+        lines.append("COCO bbox (pycocotools, percent):")
+        lines.append("  " + " ".join(f"{name:>6}" for name in COCO_METRIC_NAMES))
+        lines.append("  " + " ".join(_fmt(summary[name]) for name in COCO_METRIC_NAMES))
+    if "voc_AP50" in summary:
+        lines.append(f"VOC AP50 (difficult ignored): area {_fmt(summary['voc_AP50'])}   "
+                     f"11-point (VOC2007) {_fmt(summary['voc_AP50_07'])}")
+    columns = [c for c in ("coco_AP", "voc_AP50", "voc_AP50_07", "num_positives")
+               if c in summary["per_class"]]
+    if columns:
+        names = list(summary["per_class"][columns[0]])
+        width = max([len(n) for n in names] + [5])
+        lines.append("per-class AP (percent):")
+        lines.append(f"  {'class':<{width}} " + " ".join(f"{c:>13}" for c in columns))
+        for name in names:
+            cells = []
+            for c in columns:
+                v = summary["per_class"][c][name]
+                cells.append(f"{v:>13d}" if c == "num_positives" else f"{_fmt(v):>13}")
+            lines.append(f"  {name:<{width}} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _write_outputs(summary: Dict[str, Any], results: List[Dict], out_dir: Optional[str]) -> None:
+    if not out_dir:
+        return
+    _write_json(results, os.path.join(out_dir, "detections.json"))
+    _write_json({k: v for k, v in summary.items() if k != "coco_summary_text"},
+                os.path.join(out_dir, "metrics.json"))
+
+
+def evaluate_model(model: torch.nn.Module, loader, dataset, out_dir: Optional[str],
+                   metric: str = "coco", device="cpu", max_images: int = 0,
+                   verbose: bool = True) -> Dict[str, Any]:
+    """Run ``model`` over ``loader`` and evaluate against ``dataset``'s ground truth.
+
+    Under torch.distributed every rank runs its shard (``build_loader(..., train=False)``),
+    results are all-gathered, rank 0 computes the metrics, writes ``out_dir/detections.json``
+    (COCO results) and ``out_dir/metrics.json`` and prints the tables; every rank returns the
+    same summary (see the module docstring). The model's train/eval mode is restored.
+    """
+    base = _base_dataset(dataset)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        results, image_ids = run_inference(model, loader, base.label_to_category_id,
+                                           torch.device(device), max_images)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    results, image_ids = _gather(results, image_ids)
+    summary: Optional[Dict[str, Any]] = None
+    if _is_main_process():
+        summary = compute_metrics(base.coco_gt(), results, image_ids, metric)
+        summary["inference_seconds"] = elapsed
+        _write_outputs(summary, results, out_dir)
+        if verbose:
+            print(format_tables(summary), flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        holder = [summary]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        summary = holder[0]
+    return summary
+
+
+def evaluate_results_file(results_json: str, ann_json: str, metric: str = "both",
+                          out_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, Any]:
+    """Evaluate a saved COCO results file against a COCO instances file (no model).
+
+    Unknown image or category ids in the results are an error (``ResultsError``).
+    """
+    coco_gt = load_coco_gt(ann_json)
+    results = load_json(results_json)
+    check_results(results, coco_gt, source=results_json)
+    summary = compute_metrics(coco_gt, results, None, metric)
+    if out_dir:
+        _write_json({k: v for k, v in summary.items() if k != "coco_summary_text"},
+                    os.path.join(out_dir, "metrics.json"))
+    if verbose:
+        print(format_tables(summary), flush=True)
+    return summary

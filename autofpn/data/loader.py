@@ -72,7 +72,8 @@ def _base_dataset(dataset) -> DetectionDataset:
 
 
 def build_loader(cfg: Dict[str, Any], dataset, train: bool, distributed: Optional[bool] = None,
-                 seed: int = 0) -> DataLoader:
+                 seed: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> DataLoader:
     """A DataLoader yielding ``(images: List[Tensor[3, H, W]], targets: List[dict])``.
 
     Training (``train=True``): shuffled by a ``DistributedSampler`` (one replica when not
@@ -86,9 +87,13 @@ def build_loader(cfg: Dict[str, Any], dataset, train: bool, distributed: Optiona
     duplicates), in order, ``eval.images_per_batch`` images per batch.
 
     ``distributed=None`` means "when torch.distributed is initialized with world size > 1".
+    ``rank`` / ``world_size`` override what torch.distributed reports (both or neither).
     ``dataset`` may be a ``Subset`` (e.g. the search's split halves).
     """
-    rank, world_size = distributed_rank_and_size()
+    if (rank is None) != (world_size is None):
+        raise ValueError("build_loader: give both rank and world_size, or neither")
+    if rank is None:
+        rank, world_size = distributed_rank_and_size()
     if distributed is None:
         distributed = world_size > 1
     if not distributed:

@@ -155,6 +155,28 @@ def validate_genotype(g: Any) -> Dict[str, Any]:
     return g
 
 
+def neck_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
+    """The validated neck part of a full genotype or of a bare ``{"levels", "layers"}`` part."""
+    if isinstance(genotype, dict) and "version" in genotype:
+        validate_genotype(genotype)
+        if genotype["neck"] is None:
+            raise GenotypeError('the genotype has no neck part ("neck": null)')
+        return genotype["neck"]
+    _validate_neck(genotype)
+    return genotype
+
+
+def head_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
+    """The validated head part of a full genotype or of a bare ``{"cells"}`` part."""
+    if isinstance(genotype, dict) and "version" in genotype:
+        validate_genotype(genotype)
+        if genotype["head"] is None:
+            raise GenotypeError('the genotype has no head part ("head": null)')
+        return genotype["head"]
+    _validate_head(genotype)
+    return genotype
+
+
 def load_genotype(path: str) -> Dict[str, Any]:
     """Read and validate a genotype JSON file; errors name the file and the entry."""
     if not os.path.isfile(path):

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
+from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, head_part
 from .space import HEAD_OPS, MixedOp, ReLUConvNorm
 
 EDGE_PAIRS: List[Tuple[int, int]] = [
@@ -75,7 +75,8 @@ class AutoHead(nn.Module):
         pooler_size: RoI feature size (7).
         channels: cell width C (512 in the paper); the output has 4 * C features.
         cells: number of cells M (must match the genotype's when one is given).
-        genotype: a genotype dict (its "head" part is used) or None for the supernet.
+        genotype: a genotype dict (its "head" part is used), or that head part alone
+            ({"cells"}), or None for the supernet.
         norm: none | gn | bn (search: none).
     Attributes: out_channels = 4 * channels; arch_shape (supernet only) = (cells, 14, 8).
     """
@@ -91,10 +92,7 @@ class AutoHead(nn.Module):
             chosen_per_cell: Sequence[Optional[dict]] = [None] * cells
             self.arch_shape = (cells, len(EDGE_PAIRS), len(HEAD_OPS))
         else:
-            validate_genotype(genotype)
-            head_g = genotype["head"]
-            if head_g is None:
-                raise ValueError("AutoHead: the genotype has no head part (\"head\": null)")
+            head_g = head_part(genotype)
             if len(head_g["cells"]) != cells:
                 raise ValueError(f"AutoHead: genotype has {len(head_g['cells'])} cells, "
                                  f"configured cells = {cells}")

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .genotype import validate_genotype
+from .genotype import neck_part
 from .space import NECK_OPS, MixedOp, make_norm
 
 
@@ -68,7 +68,8 @@ class AutoFusionNeck(nn.Module):
         channels: neck width (256 in the paper).
         levels: fused levels (P2..P5 by default; P3..P7 for a one-stage detector).
         layers: number of Auto-fusion layers L (must match the genotype's when one is given).
-        genotype: a genotype dict (its "neck" part is used) or None for the supernet.
+        genotype: a genotype dict (its "neck" part is used), or that neck part alone
+            ({"levels", "layers"}), or None for the supernet.
         norm: none | gn | bn after every conv (search: none, as in the paper).
         extra_pool_level: add P_{top+1} = max_pool2d(P_top, 1, stride 2) for the RPN.
     Attributes:
@@ -100,10 +101,7 @@ class AutoFusionNeck(nn.Module):
             chosen_per_layer = [{pair: None for pair in self.link_pairs} for _ in range(layers)]
             self.arch_shape = (layers, len(self.link_pairs), len(NECK_OPS))
         else:
-            validate_genotype(genotype)
-            neck_g = genotype["neck"]
-            if neck_g is None:
-                raise ValueError("AutoFusionNeck: the genotype has no neck part (\"neck\": null)")
+            neck_g = neck_part(genotype)
             if neck_g["levels"] != self.levels:
                 raise ValueError(f"AutoFusionNeck: genotype levels {neck_g['levels']} != "
                                  f"configured levels {self.levels}")

@@ -1,0 +1,288 @@
+"""Auto-FPN search space: supernet vs decoded modules, cost model, genotypes, decode rules."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from autofpn.search.cost import ResourceCost, level_sizes
+from autofpn.search.decode import decode, decode_weights
+from autofpn.search.genotype import GenotypeError, load_genotype, save_genotype, validate_genotype
+from autofpn.search.head import EDGE_PAIRS, AutoHead
+from autofpn.search.neck import AutoFusionNeck
+from autofpn.search.space import HEAD_OPS, NECK_OPS
+from autofpn.search.supernet import Architecture
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CH = {"c2": 8, "c3": 12, "c4": 16, "c5": 24}
+IN_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+NECK_CH, HEAD_CH = 8, 4
+
+
+def backbone_feats(h=64, w=96, batch=2):
+    return {k: torch.randn(batch, c, -(-h // IN_STRIDES[k]), -(-w // IN_STRIDES[k])) for k, c in IN_CH.items()}
+
+
+def random_genotype(seed, rule="argmax"):
+    """Decode strongly random architecture weights, so "none" wins on some links/edges."""
+    g = torch.Generator().manual_seed(seed)
+    neck_w = torch.softmax(2 * torch.randn(2, 16, len(NECK_OPS), generator=g), -1)
+    head_w = torch.softmax(2 * torch.randn(2, 14, len(HEAD_OPS), generator=g), -1)
+    return decode_weights(neck_w, head_w, (2, 3, 4, 5), rule)
+
+
+def one_hot_neck(genotype, neck):
+    """Weights that select the genotype's op on kept links and "none" elsewhere."""
+    w = torch.zeros(neck.arch_shape)
+    w[..., NECK_OPS.index("none")] = 1.0
+    for k, links in enumerate(genotype["neck"]["layers"]):
+        for l in links:
+            idx = neck.link_pairs.index((l["from"], l["to"]))
+            w[k, idx] = 0.0
+            w[k, idx, NECK_OPS.index(l["op"])] = 1.0
+    return w
+
+
+def one_hot_head(genotype, head):
+    w = torch.zeros(head.arch_shape)
+    w[..., HEAD_OPS.index("none")] = 1.0
+    for m, edges in enumerate(genotype["head"]["cells"]):
+        for e in edges:
+            idx = EDGE_PAIRS.index((e["input"], e["node"]))
+            w[m, idx] = 0.0
+            w[m, idx, HEAD_OPS.index(e["op"])] = 1.0
+    return w
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_hot_neck_supernet_computes_the_decoded_neck(seed):
+    torch.manual_seed(seed)
+    genotype = random_genotype(seed)
+    dropped = sum(16 - len(links) for links in genotype["neck"]["layers"])
+    assert dropped > 0, "the test should cover links decoded as 'none'"
+    supernet = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
+    fixed = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype)
+    # a decoded neck's parameters are a subset of the supernet's under the same keys
+    sup_state = supernet.state_dict()
+    fixed.load_state_dict({k: sup_state[k] for k in fixed.state_dict()}, strict=True)
+    assert n_params(fixed) < n_params(supernet)
+    feats = backbone_feats()
+    with torch.no_grad():
+        out_sup = supernet(feats, one_hot_neck(genotype, supernet))
+        out_fixed = fixed(feats)
+    assert sorted(out_fixed) == ["p2", "p3", "p4", "p5", "p6"]
+    assert fixed.strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+    for name in out_fixed:
+        assert out_fixed[name].shape[1] == NECK_CH
+        torch.testing.assert_close(out_sup[name], out_fixed[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_hot_head_supernet_computes_the_decoded_head(seed):
+    torch.manual_seed(seed)
+    genotype = random_genotype(seed)
+    supernet = AutoHead(NECK_CH, 7, HEAD_CH, cells=2)
+    fixed = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype)
+    sup_state = supernet.state_dict()
+    fixed.load_state_dict({k: sup_state[k] for k in fixed.state_dict()}, strict=True)
+    x = torch.randn(5, NECK_CH, 7, 7)
+    with torch.no_grad():
+        out_sup = supernet(x, one_hot_head(genotype, supernet))
+        out_fixed = fixed(x)
+    assert out_fixed.shape == (5, fixed.out_channels) == (5, 4 * HEAD_CH)
+    torch.testing.assert_close(out_sup, out_fixed, rtol=1e-5, atol=1e-6)
+
+
+def test_cost_of_decoded_genotype_matches_the_built_modules():
+    supernet_neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
+    supernet_head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2)
+    tables = ResourceCost(supernet_neck, supernet_head, image_size=(64, 96), num_rois=10)
+    for seed in range(3):
+        genotype = random_genotype(seed)
+        decoded = tables.decoded_cost(genotype)
+        neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype)
+        head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype)
+        assert decoded["neck"].params == n_params(neck)
+        assert decoded["head"].params == n_params(head)
+        # the tables of the built modules themselves give the same params / FLOPs / MAC
+        exact = ResourceCost(neck, head, image_size=(64, 96), num_rois=10).total()
+        assert exact == decoded
+
+
+def test_flops_by_hand_for_an_identity_neck():
+    """Identity links: FLOPs are the 1x1 input projections plus one 1x1 conv per link."""
+    links = [{"from": lv, "to": lv, "op": "identity"} for lv in (2, 3, 4, 5)]
+    genotype = {"version": 1, "neck": {"levels": [2, 3, 4, 5], "layers": [links, links]}, "head": None}
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype)
+    cost = ResourceCost(neck, image_size=(60, 90)).total()["neck"]
+    sizes = level_sizes((60, 90), (2, 3, 4, 5))  # padded to 64 x 96
+    assert sizes[2] == (16, 24) and sizes[5] == (2, 3)
+    hw = {lv: sizes[lv][0] * sizes[lv][1] for lv in sizes}
+    expected = sum(IN_CH[f"c{lv}"] * NECK_CH * hw[lv] + 2 * NECK_CH * NECK_CH * hw[lv] for lv in hw)
+    assert cost.flops == expected
+    assert cost.params == n_params(neck)
+
+
+def test_expected_cost_is_linear_and_reaches_the_architecture():
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
+    head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2)
+    arch = Architecture(neck.arch_shape, head.arch_shape)
+    assert arch.alpha.abs().max() < 0.01 and arch.beta.abs().max() < 0.01  # DARTS init
+    torch.testing.assert_close(arch.neck_weights().sum(-1), torch.ones(neck.arch_shape[:-1]))
+    cost = ResourceCost(neck, head, image_size=(64, 96), num_rois=10)
+    c = cost.expected_cost(arch.neck_weights(), arch.head_weights())
+    c.backward()
+    assert arch.alpha.grad.abs().sum() > 0 and arch.beta.grad.abs().sum() > 0
+    # linear in the weights
+    w1, w2 = torch.rand(neck.arch_shape), torch.rand(neck.arch_shape)
+    mix = cost.expected_cost(0.3 * w1 + 0.7 * w2)
+    torch.testing.assert_close(mix, 0.3 * cost.expected_cost(w1) + 0.7 * cost.expected_cost(w2))
+    # "none" is free, the most expensive decodable neck costs exactly 3 (params + FLOPs + MAC = 1 each)
+    none_only = torch.zeros(neck.arch_shape)
+    none_only[..., 0] = 1
+    assert cost.expected_cost(none_only).item() == 0.0
+    heaviest = torch.nn.functional.one_hot(cost.neck_table[..., 0].argmax(-1), len(NECK_OPS)).double()
+    assert cost.expected_cost(heaviest).item() <= 3.0 + 1e-9
+    # one-hot weights of a genotype give its decoded (un-normalized) neck cost
+    genotype = random_genotype(0)
+    assert cost.expected_raw(one_hot_neck(genotype, neck))["neck"] == pytest.approx(
+        cost.decoded_cost(genotype)["neck"])
+    with pytest.raises(ValueError, match="do not match"):
+        cost.expected_cost(torch.rand(1, 16, len(NECK_OPS)))
+
+
+def test_genotype_json_round_trip(tmp_path):
+    genotype = random_genotype(3)
+    genotype["name"] = "round-trip"
+    path = tmp_path / "sub" / "g.json"
+    save_genotype(genotype, str(path))
+    assert load_genotype(str(path)) == genotype
+    text = path.read_text()
+    assert '"from": ' in text and text.count("\n") > 20  # one link per line, readable
+
+
+@pytest.mark.parametrize("name", ["fpn", "panet", "ssd"])
+def test_shipped_genotypes_build_and_run(name):
+    genotype = load_genotype(str(REPO / "configs" / "genotypes" / f"{name}.json"))
+    assert genotype["name"] == name and genotype["head"] is None
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype, norm="gn")
+    out = neck(backbone_feats(h=96, w=64, batch=1))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        "p2": (24, 16), "p3": (12, 8), "p4": (6, 4), "p5": (3, 2), "p6": (2, 1)}
+    out["p2"].sum().backward()
+    pairs = {(l["from"], l["to"]) for links in genotype["neck"]["layers"] for l in links}
+    expected = {"ssd": {(i, i) for i in range(2, 6)},
+                "fpn": {(j, i) for i in range(2, 6) for j in range(i, 6)},
+                "panet": {(j, i) for i in range(2, 6) for j in range(2, 6)}}[name]
+    assert pairs == expected
+    # the neck part alone (as the detector passes it) builds the same module
+    neck2 = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype["neck"], norm="gn")
+    assert list(neck2.state_dict()) == list(neck.state_dict())
+
+
+def _write(tmp_path, g):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(g))
+    return str(path)
+
+
+def _valid():
+    return random_genotype(0)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: g["neck"]["layers"][1][0].update(op="conv_7x7"), r"neck\.layers\[1\]\[0\]\.op: unknown op 'conv_7x7'"),
+    (lambda g: g["neck"]["layers"][0][0].update(to=7), r"neck\.layers\[0\]\[0\]\.to: unknown level 7"),
+    (lambda g: g["neck"]["layers"][0][0].update(op="none"), r"neck\.layers\[0\]\[0\]\.op: op 'none'"),
+    (lambda g: g["neck"]["layers"][0].append(dict(g["neck"]["layers"][0][0])), r"neck\.layers\[0\]\[\d+\]: duplicate link"),
+    (lambda g: g["neck"]["layers"].__setitem__(0, []), r"neck\.layers\[0\]: levels \[2, 3, 4, 5\] have no incoming link"),
+    (lambda g: g["head"]["cells"][0][0].update(node=6), r"head\.cells\[0\]\[0\]\.node: node index 6 out of range 2\.\.5"),
+    (lambda g: g["head"]["cells"][1][0].update(input=g["head"]["cells"][1][0]["node"]), r"head\.cells\[1\]\[0\]\.input: input index"),
+    (lambda g: g["head"]["cells"][0][0].update(op="sep_conv_9x9"), r"head\.cells\[0\]\[0\]\.op: unknown op 'sep_conv_9x9'"),
+    (lambda g: g["head"]["cells"][0][0].pop("op"), r"head\.cells\[0\]\[0\]: keys"),
+    (lambda g: g.update(version=2), r"version: 2 is not supported"),
+    (lambda g: g.update(nek=None), r"unknown keys \['nek'\]"),
+])
+def test_malformed_genotypes_name_the_entry_and_file(tmp_path, mutate, message):
+    g = _valid()
+    mutate(g)
+    path = _write(tmp_path, g)
+    with pytest.raises(GenotypeError, match=message) as err:
+        load_genotype(path)
+    assert str(err.value).startswith(path)
+    with pytest.raises(GenotypeError, match=message):
+        validate_genotype(g)
+
+
+def test_invalid_json_and_missing_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{ not json")
+    with pytest.raises(GenotypeError, match="broken.json: invalid JSON"):
+        load_genotype(str(path))
+    with pytest.raises(GenotypeError, match="not found"):
+        load_genotype(str(tmp_path / "missing.json"))
+
+
+def test_decode_rules_treat_none_as_stated():
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
+    head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2)
+    arch = Architecture(neck.arch_shape, head.arch_shape)
+    with torch.no_grad():
+        arch.alpha.zero_()
+        arch.alpha[..., NECK_OPS.index("none")] = 5.0  # "none" wins everywhere ...
+        arch.alpha[..., NECK_OPS.index("sep_conv_3x3")] = 1.0
+        arch.alpha[0, neck.link_pairs.index((3, 2)), NECK_OPS.index("identity")] = 9.0  # ... but here
+        arch.alpha[0, neck.link_pairs.index((4, 2)), NECK_OPS.index("dil_conv_3x3_r2")] = 4.0
+        arch.beta.zero_()
+        arch.beta[..., HEAD_OPS.index("conv_3x3")] = 1.0
+    g = decode(arch, neck, head, rule="argmax")
+    layer0 = {(l["from"], l["to"]): l["op"] for l in g["neck"]["layers"][0]}
+    # P2 keeps its argmax link; P3..P5 lost all links to "none" and keep their strongest one
+    assert layer0[(3, 2)] == "identity" and (4, 2) not in layer0
+    assert sorted(t for _, t in layer0) == [2, 3, 4, 5]
+    assert all(op == "sep_conv_3x3" for (s, t), op in layer0.items() if t != 2)
+    assert len(g["head"]["cells"][0]) == 14  # beta: conv_3x3 beats "none" on every edge
+
+    dense = decode(arch, neck, head, rule="argmax_nonnone")
+    assert all(len(links) == 16 for links in dense["neck"]["layers"])
+    dense0 = {(l["from"], l["to"]): l["op"] for l in dense["neck"]["layers"][0]}
+    assert dense0[(4, 2)] == "dil_conv_3x3_r2" and dense0[(5, 5)] == "sep_conv_3x3"
+
+    top2 = decode(arch, neck, head, rule="top2")
+    top2_0 = {(l["from"], l["to"]) for l in top2["neck"]["layers"][0]}
+    assert {(3, 2), (4, 2)} <= top2_0 and len(top2_0) == 8
+    assert all(len(edges) == 8 for edges in top2["head"]["cells"])  # 2 inputs x 4 nodes
+    with pytest.raises(ValueError, match="unknown decode rule"):
+        decode(arch, neck, head, rule="best")
+
+
+def test_decode_cli_from_checkpoint(tmp_path):
+    from autofpn.search import decode as decode_module
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
+    arch = Architecture(neck.arch_shape, None)
+    ckpt = tmp_path / "search.pth"
+    torch.save({"model": {f"arch.{k}": v for k, v in arch.state_dict().items()},
+                "cfg": {"search": {"decode_rule": "argmax_nonnone"}, "model": {"neck": {"levels": [2, 3, 4, 5]}}}},
+               ckpt)
+    out = tmp_path / "g.json"
+    decode_module.main(["--checkpoint", str(ckpt), "--out", str(out)])
+    g = load_genotype(str(out))
+    assert g["decode_rule"] == "argmax_nonnone" and g["head"] is None
+    assert g == decode(arch, neck, None, rule="argmax_nonnone")
+
+
+def test_wrong_weights_and_mismatched_genotypes_are_rejected():
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
+    with pytest.raises(ValueError, match="needs weights of shape"):
+        neck(backbone_feats())
+    genotype = random_genotype(0)
+    with pytest.raises(ValueError, match="layers"):
+        AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, layers=3, genotype=genotype)
+    with pytest.raises(ValueError, match="cells"):
+        AutoHead(NECK_CH, 7, HEAD_CH, cells=1, genotype=genotype)
+    with pytest.raises(GenotypeError, match="no head part"):
+        AutoHead(NECK_CH, 7, HEAD_CH, genotype=load_genotype(str(REPO / "configs/genotypes/fpn.json")))

@@ -1,0 +1,192 @@
+"""Faster R-CNN with a pluggable neck and box head, and ``build_detector`` from a config."""
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from autofpn.models.backbone import build_backbone
+from autofpn.models.heads import BoxPredictor, TwoMLPHead
+from autofpn.models.necks import FPN, PANet
+from autofpn.models.roi_heads import RoIHeads
+from autofpn.models.rpn import RegionProposalNetwork
+from autofpn.models.transform import ImageTransform
+from autofpn.ops.roi_align import MultiLevelRoIAlign
+
+
+class FasterRCNN(nn.Module):
+    """transform -> backbone -> neck -> RPN -> RoI heads (torchvision's contract).
+
+    train: ``model(images, targets) -> {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}``
+    eval:  ``model(images) -> [{"boxes" [D, 4], "labels" int64[D], "scores" [D]}]`` in the
+    coordinates of the input images.
+
+    In search mode ``arch`` holds the architecture parameters; their softmaxed weights are
+    passed to the neck and/or head at every forward.
+    """
+
+    def __init__(self, transform: ImageTransform, backbone: nn.Module, neck: nn.Module,
+                 rpn: RegionProposalNetwork, roi_heads: RoIHeads, arch: Optional[nn.Module] = None):
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.neck = neck
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.arch = arch
+
+    def arch_parameters(self) -> List[nn.Parameter]:
+        return list(self.arch.parameters()) if self.arch is not None else []
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        arch_ids = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch_ids]
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, image_sizes, targets = self.transform(images, targets)
+        features = self.backbone(batch)
+        neck_weights = self.arch.neck_weights() if self.arch is not None else None
+        head_weights = self.arch.head_weights() if self.arch is not None else None
+        features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
+        rpn_features = [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
+        proposals, rpn_losses = self.rpn(tuple(batch.shape[-2:]), image_sizes, rpn_features, targets)
+        detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets, head_weights)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+
+def _build_neck(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], search_neck: bool) -> nn.Module:
+    cfg_neck = cfg["model"]["neck"]
+    args = dict(in_channels=backbone.out_channels, in_strides=backbone.strides,
+                channels=cfg_neck["channels"], levels=cfg_neck["levels"],
+                extra_pool_level=cfg_neck["extra_pool_level"])
+    if search_neck or cfg_neck["type"] == "auto":
+        from autofpn.search.neck import AutoFusionNeck
+        if search_neck:
+            neck_genotype, norm = None, cfg["search"]["searched_norm"]
+        else:
+            if not genotype or not genotype.get("neck"):
+                raise ValueError("model.neck.type is 'auto' but no genotype with a 'neck' part was given")
+            neck_genotype, norm = genotype["neck"], cfg_neck["norm"]
+        return AutoFusionNeck(layers=cfg_neck["layers"], genotype=neck_genotype, norm=norm, **args)
+    if cfg_neck["type"] == "fpn":
+        return FPN(**args)
+    if cfg_neck["type"] == "panet":
+        return PANet(**args)
+    raise ValueError(f"model.neck.type must be fpn | panet | auto, got '{cfg_neck['type']}'")
+
+
+def _build_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search_head: bool) -> nn.Module:
+    cfg_head = cfg["model"]["head"]
+    pooler_size = cfg["model"]["roi"]["pooler_size"]
+    if search_head or cfg_head["type"] == "auto":
+        from autofpn.search.head import AutoHead
+        if search_head:
+            head_genotype, norm = None, cfg["search"]["searched_norm"]
+        else:
+            if not genotype or not genotype.get("head"):
+                raise ValueError("model.head.type is 'auto' but no genotype with a 'head' part was given")
+            head_genotype, norm = genotype["head"], cfg_head["norm"]
+        return AutoHead(in_channels, pooler_size=pooler_size, channels=cfg_head["channels"],
+                        cells=cfg_head["cells"], genotype=head_genotype, norm=norm)
+    if cfg_head["type"] == "mlp":
+        return TwoMLPHead(in_channels, pooler_size, cfg_head["mlp_dim"])
+    raise ValueError(f"model.head.type must be mlp | auto, got '{cfg_head['type']}'")
+
+
+def _search_parts(search: Union[bool, str]) -> Tuple[bool, bool]:
+    """search=False: fixed model; True: neck and head supernets; "neck" / "head": one of them."""
+    if search in (False, None):
+        return False, False
+    if search is True:
+        return True, True
+    if search in ("neck", "head"):
+        return search == "neck", search == "head"
+    raise ValueError(f"search must be False, True, 'neck' or 'head', got {search!r}")
+
+
+def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[bool, str] = False) -> FasterRCNN:
+    """Build the detector a resolved config describes.
+
+    Args:
+        cfg: resolved config (``autofpn.config.load_config``).
+        genotype: a loaded genotype (``autofpn.search.genotype.load_genotype``) for
+            ``model.neck.type == "auto"`` / ``model.head.type == "auto"``.
+        search: False for a fixed model; "neck" / "head" / True (both) for supernets whose
+            architecture parameters live in ``model.arch``.
+    """
+    model_cfg = cfg["model"]
+    search_neck, search_head = _search_parts(search)
+    backbone = build_backbone(model_cfg["backbone"])
+    neck = _build_neck(cfg, backbone, genotype, search_neck)
+    t = model_cfg["transform"]
+    transform = ImageTransform(t["min_size"], t["max_size"], t["test_min_size"], t["image_mean"],
+                               t["image_std"], t["size_divisible"])
+    num_levels = len(neck.strides)
+    if len(model_cfg["rpn"]["anchor_sizes"]) != num_levels:
+        raise ValueError(f"model.rpn.anchor_sizes has {len(model_cfg['rpn']['anchor_sizes'])} sizes but the "
+                         f"neck outputs {num_levels} levels {sorted(neck.strides)}")
+    rpn = RegionProposalNetwork(neck.out_channels, model_cfg["rpn"])
+    roi = model_cfg["roi"]
+    pooled_levels = [f"p{l}" for l in model_cfg["neck"]["levels"]]
+    pooler = MultiLevelRoIAlign(pooled_levels, neck.strides, roi["pooler_size"], roi["sampling_ratio"],
+                                roi["canonical_size"], roi["canonical_level"], roi["adaptive_pooling"])
+    box_head = _build_head(cfg, neck.out_channels, genotype, search_head)
+    predictor = BoxPredictor(box_head.out_channels, model_cfg["num_classes"])
+    roi_heads = RoIHeads(pooler, box_head, predictor, roi)
+    arch = None
+    if search_neck or search_head:
+        from autofpn.search.supernet import Architecture
+        arch = Architecture(neck.arch_shape if search_neck else None,
+                            box_head.arch_shape if search_head else None)
+    return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch)
+
+
+def count_parameters(module: Optional[nn.Module]) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def parameter_breakdown(model: FasterRCNN) -> Dict[str, int]:
+    """Parameters of backbone / neck / RPN / head (box head + predictor) / total; the
+    architecture parameters of a supernet are not counted."""
+    parts = {
+        "backbone": count_parameters(model.backbone),
+        "neck": count_parameters(model.neck),
+        "rpn": count_parameters(model.rpn),
+        "head": count_parameters(model.roi_heads.box_head) + count_parameters(model.roi_heads.box_predictor),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def torchvision_state_dict_to_ours(state: Dict[str, Tensor], levels=(2, 3, 4, 5)) -> Dict[str, Tensor]:
+    """Key mapping from torchvision's ``fasterrcnn_resnet50_fpn`` (and other
+    ``resnet_fpn_backbone`` Faster R-CNNs) to our FPN detector:
+
+    ==========================================  ===============================
+    torchvision                                 autofpn
+    ==========================================  ===============================
+    backbone.body.<resnet key>                  backbone.body.<resnet key>
+    backbone.fpn.inner_blocks.{i}.0.<p>         neck.lateral.c{levels[i]}.<p>
+    backbone.fpn.layer_blocks.{i}.0.<p>         neck.output.p{levels[i]}.<p>
+    rpn.head.conv.0.0.<p>                       rpn.head.conv.<p>
+    rpn.head.{cls_logits,bbox_pred}.<p>         rpn.head.{cls_logits,bbox_pred}.<p>
+    roi_heads.box_head.{fc6,fc7}.<p>            roi_heads.box_head.{fc6,fc7}.<p>
+    roi_heads.box_predictor.<p>                 roi_heads.box_predictor.<p>
+    ==========================================  ===============================
+    """
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.startswith("backbone.fpn.inner_blocks."):
+            new = f"neck.lateral.c{levels[int(parts[3])]}.{parts[-1]}"
+        elif key.startswith("backbone.fpn.layer_blocks."):
+            new = f"neck.output.p{levels[int(parts[3])]}.{parts[-1]}"
+        elif key.startswith("rpn.head.conv."):
+            new = f"rpn.head.conv.{parts[-1]}"
+        else:
+            new = key
+        out[new] = value
+    return out

@@ -1,0 +1,72 @@
+"""RoIAlign over a feature pyramid (torchvision's ``roi_align`` per level)."""
+import math
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_area, roi_align
+
+
+def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
+    """Per-image boxes [R_i, 4] -> rois Tensor[sum R_i, 5] as (batch index, x1, y1, x2, y2)."""
+    batch_idx = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
+    return torch.cat([batch_idx, torch.cat(boxes, dim=0)], dim=1)
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """Pools a fixed-size feature for every box from a pyramid.
+
+    Level assignment follows the FPN paper, Eq. (1): a box of size sqrt(wh) goes to level
+    ``floor(canonical_level + log2(sqrt(wh) / canonical_size))``, clamped to the pooled levels.
+    Level scales come from the declared strides, never inferred from a batch.
+
+    With ``adaptive=True`` (PANet's adaptive feature pooling) every box is pooled from every
+    level and the results are fused by an element-wise max.
+    """
+
+    def __init__(self, level_names: Sequence[str], strides: Dict[str, int], output_size: int = 7,
+                 sampling_ratio: int = 2, canonical_size: int = 224, canonical_level: int = 4,
+                 adaptive: bool = False, aligned: bool = False):
+        super().__init__()
+        self.level_names = list(level_names)
+        self.scales = [1.0 / strides[name] for name in self.level_names]
+        levels = [int(round(math.log2(strides[name]))) for name in self.level_names]
+        if levels != list(range(levels[0], levels[0] + len(levels))):
+            raise ValueError(f"pooled levels must be consecutive, got strides "
+                             f"{[strides[n] for n in self.level_names]}")
+        self.k_min, self.k_max = levels[0], levels[-1]
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.canonical_size = canonical_size
+        self.canonical_level = canonical_level
+        self.adaptive = adaptive
+        self.aligned = aligned  # False matches torchvision's MultiScaleRoIAlign
+
+    def assign_levels(self, boxes: Tensor) -> Tensor:
+        """boxes: Tensor[R, 4] xyxy -> int64[R] index into ``level_names``."""
+        size = torch.sqrt(box_area(boxes))
+        eps = torch.tensor(1e-6, dtype=size.dtype)
+        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_size) + eps)
+        return level.clamp(self.k_min, self.k_max).to(torch.int64) - self.k_min
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_align(feature, rois, (self.output_size, self.output_size), spatial_scale=scale,
+                         sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+
+    def forward(self, features: Dict[str, Tensor], boxes: List[Tensor]) -> Tensor:
+        """features: name -> Tensor[N, C, H, W]; boxes: per image Tensor[R_i, 4] in padded-image
+        pixels. Returns Tensor[sum R_i, C, S, S] in the order of ``boxes``."""
+        rois = boxes_to_rois(boxes)
+        feats = [features[name] for name in self.level_names]
+        if self.adaptive:
+            pooled = [self._pool(f, rois, s) for f, s in zip(feats, self.scales)]
+            return torch.stack(pooled, dim=0).amax(dim=0)
+        if len(feats) == 1:
+            return self._pool(feats[0], rois, self.scales[0])
+        levels = self.assign_levels(rois[:, 1:])
+        num_channels = feats[0].shape[1]
+        out = feats[0].new_zeros((rois.shape[0], num_channels, self.output_size, self.output_size))
+        for level, (feature, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            out[idx] = self._pool(feature, rois[idx], scale).to(out.dtype)
+        return out

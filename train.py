@@ -74,15 +74,14 @@ def main(argv=None) -> int:
         model = build_detector(cfg, genotype)
         seed_everything(seed + ctx.rank)  # different augmentation streams per rank
         train_set = build_dataset(cfg, "train")
-        train_loader = build_loader(cfg, train_set, train=True, rank=ctx.rank,
-                                    world_size=ctx.world_size)
+        # order and flips are a function of (seed, epoch) only: resumable mid-epoch
+        train_loader = build_loader(cfg, train_set, train=True, seed=seed)
         val_set = build_dataset(cfg, "val")
-        val_loader = build_loader(cfg, val_set, train=False, rank=ctx.rank,
-                                  world_size=ctx.world_size)
+        val_loader = build_loader(cfg, val_set, train=False)
 
         def evaluate(net, eval_dir):
             return evaluate_model(net, val_loader, val_set, eval_dir, cfg["eval"]["metric"],
-                                  ctx.device)
+                                  ctx.device, max_images=int(cfg["eval"]["max_images"]))
 
         if ctx.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))

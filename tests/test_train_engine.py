@@ -113,7 +113,7 @@ def test_metrics_log_truncates_records_after_resume_point(tmp_path):
         log.write({"type": "train", "iter": it, "loss": 1.0 / it})
     with open(path, "a") as f:
         f.write('{"type": "train", "it')  # torn line from a SIGKILL
-    MetricsLog(path, resume_iter=4)  # the checkpoint's next iteration is 4
+    MetricsLog(path, resume_iter=3)  # the checkpoint holds 3 completed iterations
     assert [r["iter"] for r in read_metrics(path)] == [1, 2, 3]
     MetricsLog(path).write({"type": "train", "iter": 1, "loss": float("nan")})  # fresh run
     records = read_metrics(path)

@@ -38,8 +38,10 @@ class MetricsLog:
             self._truncate_after(resume_iter)
 
     def _truncate_after(self, resume_iter: int) -> None:
-        """Keep the records of iterations < ``resume_iter`` (the checkpoint's next iteration)."""
-        kept = [r for r in read_metrics(self.path) if r.get("iter", 0) < resume_iter]
+        """Keep the records up to ``resume_iter`` (iterations completed by the checkpoint; a
+        record's "iter" counts completed iterations, and an evaluation logged at an epoch end
+        precedes that epoch's checkpoint)."""
+        kept = [r for r in read_metrics(self.path) if r.get("iter", 0) <= resume_iter]
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
             for record in kept:

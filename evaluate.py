@@ -1,0 +1,145 @@
+"""Evaluate a trained detector, or a saved detections file.
+
+    python evaluate.py --cfg cfg.yaml --ckpt model.pth [--genotype geno.json] [--opts k=v ...]
+    torchrun --nproc_per_node N evaluate.py --cfg cfg.yaml --ckpt model.pth
+    python evaluate.py --results dets.json --ann gt.json [--metric both]
+
+Model mode runs inference on ``data.val`` (the genotype is taken from ``--genotype``, else from
+the checkpoint), writes ``detections.json`` (COCO results) and ``metrics.json`` to ``--out``
+(default ``eval.output_dir``, else ``<train.output_dir>/eval``) and prints the 12 COCO
+numbers, VOC AP50 (11-point and area, difficult ignored) with ``--metric voc|both``, a
+per-class AP table, the parameters of backbone / neck / RPN / head / total and the FLOPs of one
+forward pass at the evaluation size. Results mode prints the same tables for a saved file.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default=None, help="YAML config (default: the checkpoint's config)")
+    p.add_argument("--ckpt", default=None, help="checkpoint with a 'model' state dict")
+    p.add_argument("--genotype", default=None, help="genotype JSON of a searched neck/head")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. eval.max_images=50")
+    p.add_argument("--results", default=None, help="COCO results JSON to evaluate (no model)")
+    p.add_argument("--ann", default=None, help="COCO instances JSON (with --results)")
+    p.add_argument("--metric", choices=["coco", "voc", "both"], default=None,
+                   help="default: eval.metric (model mode), both (results mode)")
+    p.add_argument("--out", default=None, help="folder for detections.json / metrics.json")
+    args = p.parse_args(argv)
+    if args.results or args.ann:
+        if not (args.results and args.ann):
+            p.error("--results and --ann go together")
+    elif not args.ckpt:
+        p.error("give --ckpt (model mode) or --results and --ann")
+    return args
+
+
+def count_flops(model, height: int, width: int):
+    """FLOPs of one eval forward on a ``[3, height, width]`` image, total and per part.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs;
+    convolutions, matmuls and RoIAlign-free ops it knows); parts are the model's children.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.rand(3, height, width)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model([image])
+    counts = counter.get_flop_counts()  # keys: "Global", "FasterRCNN", "FasterRCNN.backbone" ...
+    root = type(model).__name__
+
+    def part(child: str) -> int:
+        return int(sum(counts.get(f"{root}.{child}", {}).values()))
+
+    return {"total": int(counter.get_total_flops()), "backbone": part("backbone"),
+            "neck": part("neck"), "rpn": part("rpn"), "head": part("roi_heads")}
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def run_results_mode(args) -> int:
+    from autofpn.eval import evaluate_results_file
+    evaluate_results_file(args.results, args.ann, metric=args.metric or "both", out_dir=args.out)
+    return 0
+
+
+def run_model_mode(args) -> int:
+    import torch
+    from autofpn.config import load_config
+    from autofpn.data import build_dataset, build_loader
+    from autofpn.engine import distributed as du
+    from autofpn.eval import evaluate_model
+    from autofpn.models.detector import build_detector, parameter_breakdown
+
+    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    if "model" not in checkpoint:
+        raise SystemExit(f"{args.ckpt}: no 'model' entry (keys: {sorted(checkpoint)})")
+    if args.cfg:
+        cfg = load_config(args.cfg, args.opts)
+    elif isinstance(checkpoint.get("cfg"), dict):
+        from autofpn.config import DEFAULTS, _check_and_merge, parse_override
+        cfg = checkpoint["cfg"]
+        for item in args.opts:  # validated against DEFAULTS like load_config's overrides
+            _check_and_merge(cfg, parse_override(item), DEFAULTS, f"override '{item}'", "")
+    else:
+        raise SystemExit(f"{args.ckpt} has no config: pass --cfg")
+    genotype = checkpoint.get("genotype")
+    if args.genotype:
+        from autofpn.search.genotype import load_genotype
+        genotype = load_genotype(args.genotype)
+    metric = args.metric or cfg["eval"]["metric"]
+    out_dir = args.out or cfg["eval"].get("output_dir") or \
+        os.path.join(cfg["train"]["output_dir"], "eval")
+
+    ctx = du.init_distributed(cfg["train"]["device"])
+    try:
+        model = build_detector(cfg, genotype)
+        model.load_state_dict(checkpoint["model"])
+        model.to(ctx.device).eval()
+        dataset = build_dataset(cfg, "val")
+        loader = build_loader(cfg, dataset, train=False, rank=ctx.rank,
+                              world_size=ctx.world_size)
+        summary = evaluate_model(model, loader, dataset, out_dir, metric, ctx.device,
+                                 max_images=int(cfg["eval"].get("max_images", 0)))
+        if ctx.is_main:
+            params = parameter_breakdown(model)
+            size = int(cfg["model"]["transform"]["test_min_size"])
+            flops = count_flops(model.cpu(), size, size)
+            print("parameters: " + "  ".join(f"{k} {_fmt_count(v)}" for k, v in params.items()))
+            print(f"FLOPs at {size}x{size}: " +
+                  "  ".join(f"{k} {_fmt_count(v)}" for k, v in flops.items()))
+            summary.update(params={k: int(v) for k, v in params.items()},
+                           flops={k: int(v) for k, v in flops.items()}, flops_image_size=size)
+            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+                json.dump({k: v for k, v in summary.items() if k != "coco_summary_text"}, f,
+                          indent=1)
+        return 0
+    finally:
+        du.cleanup_distributed()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from autofpn.data import AnnotationError
+    from autofpn.eval import ResultsError
+    try:
+        return run_results_mode(args) if args.results else run_model_mode(args)
+    except (AnnotationError, ResultsError) as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

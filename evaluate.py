@@ -12,7 +12,6 @@ per-class AP table, the parameters of backbone / neck / RPN / head / total and t
 forward pass at the evaluation size. Results mode prints the same tables for a saved file.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -81,6 +80,7 @@ def run_model_mode(args) -> int:
     from autofpn.data import build_dataset, build_loader
     from autofpn.engine import distributed as du
     from autofpn.eval import evaluate_model
+    from autofpn.eval.inference import write_metrics
     from autofpn.models.detector import build_detector, parameter_breakdown
 
     checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
@@ -122,9 +122,7 @@ def run_model_mode(args) -> int:
                   "  ".join(f"{k} {_fmt_count(v)}" for k, v in flops.items()))
             summary.update(params={k: int(v) for k, v in params.items()},
                            flops={k: int(v) for k, v in flops.items()}, flops_image_size=size)
-            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-                json.dump({k: v for k, v in summary.items() if k != "coco_summary_text"}, f,
-                          indent=1)
+            write_metrics(summary, os.path.join(out_dir, "metrics.json"))
         return 0
     finally:
         du.cleanup_distributed()

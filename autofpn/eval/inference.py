@@ -33,13 +33,29 @@ def _base_dataset(dataset):
     return dataset
 
 
-def _write_json(obj: Any, path: str) -> None:
-    """Write atomically (temp file, then rename) so a reader never sees half a file."""
+def json_safe(obj: Any) -> Any:
+    """NaN / inf -> None, recursively (JSON has no NaN; a class without ground truth has AP nan)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj: Any, path: str) -> None:
+    """Write ``obj`` as strict JSON atomically (temp file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f)
+        json.dump(json_safe(obj), f, indent=None, allow_nan=False)
     os.replace(tmp, path)
+
+
+def write_metrics(summary: Dict[str, Any], path: str) -> None:
+    """``metrics.json``: the summary without the raw pycocotools printout."""
+    write_json({k: v for k, v in summary.items() if k != "coco_summary_text"}, path)
 
 
 @torch.no_grad()
@@ -154,9 +170,8 @@ def format_tables(summary: Dict[str, Any]) -> str:
 def _write_outputs(summary: Dict[str, Any], results: List[Dict], out_dir: Optional[str]) -> None:
     if not out_dir:
         return
-    _write_json(results, os.path.join(out_dir, "detections.json"))
-    _write_json({k: v for k, v in summary.items() if k != "coco_summary_text"},
-                os.path.join(out_dir, "metrics.json"))
+    write_json(results, os.path.join(out_dir, "detections.json"))
+    write_metrics(summary, os.path.join(out_dir, "metrics.json"))
 
 
 def evaluate_model(model: torch.nn.Module, loader, dataset, out_dir: Optional[str],
@@ -206,8 +221,7 @@ def evaluate_results_file(results_json: str, ann_json: str, metric: str = "both"
     check_results(results, coco_gt, source=results_json)
     summary = compute_metrics(coco_gt, results, None, metric)
     if out_dir:
-        _write_json({k: v for k, v in summary.items() if k != "coco_summary_text"},
-                    os.path.join(out_dir, "metrics.json"))
+        write_metrics(summary, os.path.join(out_dir, "metrics.json"))
     if verbose:
         print(format_tables(summary), flush=True)
     return summary

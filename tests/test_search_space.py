@@ -19,7 +19,7 @@ IN_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 NECK_CH, HEAD_CH = 8, 4
 
 
-def backbone_feats(h=64, w=96, batch=2):
+def backbone_feats(h=32, w=64, batch=1):
     return {k: torch.randn(batch, c, -(-h // IN_STRIDES[k]), -(-w // IN_STRIDES[k])) for k, c in IN_CH.items()}
 
 

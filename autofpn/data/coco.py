@@ -29,7 +29,9 @@ def load_json(path: str) -> Any:
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
-        truncated = " (file looks truncated)" if e.pos >= len(raw.rstrip()) else ""
+        # a string running to the end of the file, or an error at the very end = truncation
+        at_end = e.pos >= len(raw.rstrip()) or e.msg.startswith("Unterminated string")
+        truncated = " (file looks truncated)" if at_end else ""
         raise AnnotationError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} "
                               f"(char {e.pos}){truncated}: {e.msg}") from e
 

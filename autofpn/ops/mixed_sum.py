@@ -17,7 +17,6 @@ Which one is active is logged once on the ``"autofpn"`` logger.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import List, Optional, Sequence, Tuple
 
@@ -136,10 +135,9 @@ def _backward(ctx, grad_out: Tensor):
     return grad_xs_out, (grad_w if w_needs_grad else None)
 
 
-@functools.lru_cache(maxsize=None)
 def _load_backend() -> str:
     """Imports autofpn._C (registering torch.ops.autofpn.*) and its Python-side registrations;
-    returns the active backend name and logs it, once per process."""
+    returns the active backend name and logs it. Called once, when this module is imported."""
     try:
         import autofpn._C  # noqa: F401  (loading the library registers the operators)
     except (ImportError, OSError) as error:
@@ -152,9 +150,13 @@ def _load_backend() -> str:
     return "extension"
 
 
+# Decided once at import (a constant afterwards, so torch.compile sees a plain branch).
+_BACKEND = _load_backend()
+
+
 def backend_name() -> str:
     """``"extension"`` when the fused autofpn._C operator is in use, else ``"reference"``."""
-    return _load_backend()
+    return _BACKEND
 
 
 def mixed_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
@@ -170,6 +172,6 @@ def mixed_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
         Channels-last inputs give a channels-last output.
     """
     _check_inputs(xs, w)
-    if _load_backend() == "extension":
+    if _BACKEND == "extension":
         return torch.ops.autofpn.mixed_sum(list(xs), w)
     return _ReferenceMixedSum.apply(w, *xs)

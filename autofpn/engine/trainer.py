@@ -77,7 +77,7 @@ def inject_nan_for_test(losses: Dict[str, torch.Tensor], iteration: int,
 def check_finite_losses(losses: Dict[str, torch.Tensor], iteration: int,
                         device: torch.device) -> None:
     """Raise ``NonFiniteLossError`` on every rank if any rank has a NaN/Inf loss term."""
-    bad = [(name, float(v)) for name, v in sorted(losses.items())
+    bad = [(name, float(v.detach())) for name, v in sorted(losses.items())
            if not torch.isfinite(v.detach()).all()]
     if not du.any_true(bool(bad), device):
         return

@@ -1,0 +1,323 @@
+"""VOC AP against a devkit reimplementation, COCO numbers against pycocotools, results checks,
+evaluate_model on a tiny oracle model, and the evaluate.py --results command."""
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from autofpn.config import load_config
+from autofpn.data import CocoDataset, VocDataset, build_loader
+from autofpn.eval import (COCO_METRIC_NAMES, ResultsError, compute_metrics, evaluate_model,
+                          evaluate_results_file, evaluate_voc)
+
+from test_data import write_voc
+
+REPO = Path(__file__).resolve().parents[1]
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+
+
+# ---- the official devkit's voc_eval.py, transcribed (raw 1-based VOC coordinates, +1 areas) --
+def devkit_voc_ap(rec, prec, use_07_metric=False):
+    if use_07_metric:
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            if np.sum(rec >= t) == 0:
+                p = 0
+            else:
+                p = np.max(prec[rec >= t])
+            ap = ap + p / 11.0
+    else:
+        mrec = np.concatenate(([0.0], rec, [1.0]))
+        mpre = np.concatenate(([0.0], prec, [0.0]))
+        for i in range(mpre.size - 1, 0, -1):
+            mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+        i = np.where(mrec[1:] != mrec[:-1])[0]
+        ap = np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+    return ap
+
+
+def devkit_voc_eval(recs, detections, classname, ovthresh=0.5, use_07_metric=False):
+    """recs: {image: [{"name", "bbox", "difficult"}]}; detections: [(image, score, bbox)]."""
+    class_recs = {}
+    npos = 0
+    for imagename in recs:
+        R = [obj for obj in recs[imagename] if obj["name"] == classname]
+        bbox = np.array([x["bbox"] for x in R]).reshape(-1, 4)
+        difficult = np.array([x["difficult"] for x in R]).astype(bool)
+        det = [False] * len(R)
+        npos = npos + sum(~difficult)
+        class_recs[imagename] = {"bbox": bbox, "difficult": difficult, "det": det}
+    image_ids = [x[0] for x in detections]
+    confidence = np.array([x[1] for x in detections])
+    BB = np.array([x[2] for x in detections]).reshape(-1, 4)
+    sorted_ind = np.argsort(-confidence)
+    BB = BB[sorted_ind, :]
+    image_ids = [image_ids[x] for x in sorted_ind]
+    nd = len(image_ids)
+    tp = np.zeros(nd)
+    fp = np.zeros(nd)
+    for d in range(nd):
+        R = class_recs[image_ids[d]]
+        bb = BB[d, :].astype(float)
+        ovmax = -np.inf
+        BBGT = R["bbox"].astype(float)
+        if BBGT.size > 0:
+            ixmin = np.maximum(BBGT[:, 0], bb[0])
+            iymin = np.maximum(BBGT[:, 1], bb[1])
+            ixmax = np.minimum(BBGT[:, 2], bb[2])
+            iymax = np.minimum(BBGT[:, 3], bb[3])
+            iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
+            ih = np.maximum(iymax - iymin + 1.0, 0.0)
+            inters = iw * ih
+            uni = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                   + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0) - inters)
+            overlaps = inters / uni
+            ovmax = np.max(overlaps)
+            jmax = np.argmax(overlaps)
+        if ovmax > ovthresh:
+            if not R["difficult"][jmax]:
+                if not R["det"][jmax]:
+                    tp[d] = 1.0
+                    R["det"][jmax] = 1
+                else:
+                    fp[d] = 1.0
+        else:
+            fp[d] = 1.0
+    fp = np.cumsum(fp)
+    tp = np.cumsum(tp)
+    rec = tp / float(npos)
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return devkit_voc_ap(rec, prec, use_07_metric)
+
+
+def _voc_results(dataset, detections):
+    """Raw-VOC-coordinate detections -> COCO results in the reader's frame (x1-1, y1-1)."""
+    image_id = {r["voc_id"]: r["image_id"] for r in dataset.all_records}
+    label = {n: i for i, n in enumerate(dataset.class_names)}
+    return [{"image_id": image_id[img], "category_id": dataset.label_to_category_id[label[cls]],
+             "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], "score": score}
+            for img, cls, score, (x1, y1, x2, y2) in detections]
+
+
+HAND_IMAGES = {
+    "img1": (100, 100, [("dog", 10, 10, 50, 50, 0), ("cat", 60, 60, 90, 90, 0),
+                        ("dog", 5, 60, 30, 95, 1), ("person", 50, 5, 95, 45, 0)]),
+    "img2": (100, 100, [("dog", 20, 20, 70, 70, 0), ("person", 1, 1, 40, 40, 0)]),
+}
+HAND_DETECTIONS = [  # (image, class, score, raw VOC box) -- expected outcome
+    ("img1", "dog", 0.9, (10, 10, 50, 50)),  # TP
+    ("img2", "dog", 0.8, (22, 22, 70, 70)),  # TP
+    ("img1", "dog", 0.7, (5, 60, 30, 95)),  # hits the difficult dog: ignored
+    ("img2", "dog", 0.6, (60, 1, 99, 30)),  # FP (background)
+    ("img1", "dog", 0.5, (11, 11, 50, 50)),  # FP (duplicate)
+    ("img2", "cat", 0.95, (10, 10, 30, 30)),  # FP
+    ("img1", "cat", 0.3, (60, 60, 90, 90)),  # TP
+    ("img2", "person", 0.5, (1, 1, 40, 40)),  # TP; the img1 person is missed
+]
+
+
+def test_voc_ap_hand_fixture(tmp_path):
+    root = write_voc(tmp_path / "VOC", "test", HAND_IMAGES)
+    ds = VocDataset(str(root), "test", train=False, class_names=["bird", "cat", "dog", "person"])
+    out = evaluate_voc(ds.coco_gt(), _voc_results(ds, HAND_DETECTIONS))
+    per = out["per_class"]
+    # dog: precision 1 at recall 0.5 and 1 -> AP 1 both ways
+    assert per["dog"]["AP50_area"] == pytest.approx(1.0)
+    assert per["dog"]["AP50_11pt"] == pytest.approx(1.0)
+    assert per["dog"]["num_positives"] == 2  # the difficult dog does not count
+    # cat: FP then TP -> precision 0.5 at recall 1
+    assert per["cat"]["AP50_area"] == pytest.approx(0.5)
+    assert per["cat"]["AP50_11pt"] == pytest.approx(0.5)
+    # person: recall 0.5 at precision 1 -> area 0.5, 11-point 6/11 (t = 0, .1, ..., .5)
+    assert per["person"]["AP50_area"] == pytest.approx(0.5)
+    assert per["person"]["AP50_11pt"] == pytest.approx(6 / 11)
+    # bird has no ground truth: nan, left out of the mean
+    assert np.isnan(per["bird"]["AP50_area"]) and per["bird"]["num_positives"] == 0
+    assert out["AP50_area"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert out["AP50_11pt"] == pytest.approx((1 + 0.5 + 6 / 11) / 3)
+
+
+def test_voc_ap_equals_devkit_on_random_fixture(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = ["cat", "dog", "person"]
+    images, detections = {}, []
+    for k in range(12):
+        objects = []
+        for _ in range(int(rng.integers(0, 6))):
+            x1, y1 = rng.integers(1, 150, 2)
+            w, h = rng.integers(8, 80, 2)
+            objects.append((classes[rng.integers(3)], int(x1), int(y1), int(min(x1 + w, 200)),
+                            int(min(y1 + h, 200)), int(rng.random() < 0.2)))
+        images[f"im{k}"] = (200, 200, objects)
+        for cls, x1, y1, x2, y2, _ in objects:  # noisy copies, some with the wrong class
+            for _ in range(int(rng.integers(0, 3))):
+                jitter = rng.uniform(-8, 8, 4)
+                name = cls if rng.random() < 0.8 else classes[rng.integers(3)]
+                detections.append((f"im{k}", name, float(rng.random()),
+                                   tuple(float(v) for v in np.array([x1, y1, x2, y2]) + jitter)))
+        for _ in range(int(rng.integers(0, 3))):  # background false positives
+            x1, y1 = rng.uniform(1, 150, 2)
+            detections.append((f"im{k}", classes[rng.integers(3)], float(rng.random()),
+                               (x1, y1, x1 + rng.uniform(10, 50), y1 + rng.uniform(10, 50))))
+    root = write_voc(tmp_path / "VOC", "test", images)
+    ds = VocDataset(str(root), "test", train=False, class_names=classes)
+    ours = evaluate_voc(ds.coco_gt(), _voc_results(ds, detections))
+    recs = {img: [{"name": c, "bbox": [x1, y1, x2, y2], "difficult": d}
+                  for c, x1, y1, x2, y2, d in objs] for img, (_, _, objs) in images.items()}
+    for cls in classes:
+        dets = [(img, score, box) for img, c, score, box in detections if c == cls]
+        for use_07, key in ((True, "AP50_11pt"), (False, "AP50_area")):
+            expected = devkit_voc_eval(recs, dets, cls, use_07_metric=use_07)
+            assert ours["per_class"][cls][key] == pytest.approx(expected, abs=1e-12), (cls, key)
+    assert 0.2 < ours["AP50_area"] < 0.95  # a fixture that exercises TP, FP and misses
+
+
+# ---- COCO --------------------------------------------------------------------------------------
+def _fixed_detections(ann_path: Path, seed: int = 0):
+    """Deterministic detections: jittered ground truth (some dropped, some relabelled) + FPs."""
+    data = json.loads(ann_path.read_text())
+    rng = np.random.default_rng(seed)
+    cat_ids = [c["id"] for c in data["categories"]]
+    sizes = {i["id"]: (i["width"], i["height"]) for i in data["images"]}
+    dets = []
+    for ann in data["annotations"]:
+        if rng.random() < 0.2:
+            continue
+        x, y, w, h = ann["bbox"]
+        jitter = rng.normal(0, 0.08, 4) * [w, h, w, h]
+        cat = ann["category_id"] if rng.random() < 0.85 else int(rng.choice(cat_ids))
+        dets.append({"image_id": ann["image_id"], "category_id": cat,
+                     "bbox": [float(x + jitter[0]), float(y + jitter[1]),
+                              float(max(w + jitter[2], 1)), float(max(h + jitter[3], 1))],
+                     "score": round(float(rng.random()), 4)})
+    for image_id, (w, h) in sizes.items():
+        for _ in range(2):
+            x, y = rng.uniform(0, w * 0.7), rng.uniform(0, h * 0.7)
+            dets.append({"image_id": image_id, "category_id": int(rng.choice(cat_ids)),
+                         "bbox": [x, y, rng.uniform(10, w * 0.3), rng.uniform(10, h * 0.3)],
+                         "score": round(float(rng.random()) * 0.5, 4)})
+    return dets
+
+
+def _pycocotools_stats(ann_file, results_file):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        dt = gt.loadRes(str(results_file))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
+def test_coco_numbers_equal_pycocotools_on_coco128(tmp_path):
+    if not COCO128.is_dir():
+        pytest.skip("coco128 not available")
+    ann = COCO128 / "annotations" / "instances_val2017.json"
+    dets_file = tmp_path / "dets.json"
+    dets_file.write_text(json.dumps(_fixed_detections(ann)))
+    summary = evaluate_results_file(str(dets_file), str(ann), metric="both",
+                                    out_dir=str(tmp_path), verbose=False)
+    expected = _pycocotools_stats(ann, dets_file)
+    for name, value in zip(COCO_METRIC_NAMES, expected):
+        assert summary[name] == pytest.approx(100 * value, abs=1e-9), name
+    assert 20 < summary["AP"] < 90 and 0 < summary["voc_AP50"] <= 100
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["AP"] == pytest.approx(summary["AP"]) and "per_class" in saved
+    assert len(saved["per_class"]["coco_AP"]) == 80
+
+
+def test_evaluate_py_results_mode_prints_tables(tmp_path):
+    if not COCO128.is_dir():
+        pytest.skip("coco128 not available")
+    ann = COCO128 / "annotations" / "instances_val2017.json"
+    dets_file = tmp_path / "dets.json"
+    dets_file.write_text(json.dumps(_fixed_detections(ann)))
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--results", str(dets_file),
+                           "--ann", str(ann), "--out", str(tmp_path / "ev")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for token in ("AP50", "AR100", "ARl", "VOC AP50", "11-point", "per-class AP", "toothbrush"):
+        assert token in out, token
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 123456789, "category_id": 1, "bbox": [1, 1, 2, 2],
+                                "score": 0.5}]))
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--results", str(bad),
+                           "--ann", str(ann)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "123456789" in proc.stderr
+
+
+def _small_coco(tmp_path: Path):
+    from test_data import _coco_fixture
+    images = [{"id": 10, "file_name": "a.jpg", "height": 30, "width": 40},
+              {"id": 20, "file_name": "b.jpg", "height": 30, "width": 50}]
+    anns = [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 10], "iscrowd": 0,
+             "area": 100},
+            {"id": 2, "image_id": 20, "category_id": 3, "bbox": [5, 5, 20, 15], "iscrowd": 0,
+             "area": 300}]
+    return _coco_fixture(tmp_path, anns, images)
+
+
+def test_unknown_ids_in_results_are_errors(tmp_path):
+    ann = _small_coco(tmp_path)
+    gt = CocoDataset(str(tmp_path), str(ann), train=False).coco_gt()
+    good = {"image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 10], "score": 0.9}
+    assert compute_metrics(gt, [good])["AP"] > 0
+    with pytest.raises(ResultsError, match=r"image ids not in the ground truth \(e.g. \[99\]\)"):
+        compute_metrics(gt, [good, dict(good, image_id=99)])
+    with pytest.raises(ResultsError, match=r"category ids not in the ground truth: \[5\] "
+                                           r"\(known: \[3, 7\]\)"):
+        compute_metrics(gt, [dict(good, category_id=5)], metric="voc")
+    with pytest.raises(ResultsError, match="entry 0 has no 'score'"):
+        compute_metrics(gt, [{"image_id": 10, "category_id": 7, "bbox": [1, 1, 1, 1]}])
+    empty = compute_metrics(gt, [], metric="both")  # no detections: zeros, not a crash
+    assert empty["AP"] == 0.0 and empty["voc_AP50"] == 0.0
+
+
+class _OracleDetector(torch.nn.Module):
+    """Returns the ground truth of each image (recognised by its width) as label 1..K output."""
+
+    def __init__(self, by_width):
+        super().__init__()
+        self.by_width = by_width
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images, targets=None):
+        assert not self.training
+        outs = []
+        for image in images:
+            boxes, labels = self.by_width[image.shape[-1]]
+            outs.append({"boxes": boxes.clone(), "labels": labels.clone(),
+                         "scores": torch.full((len(labels),), 0.9)})
+        return outs
+
+
+def test_evaluate_model_maps_labels_and_writes_files(tmp_path):
+    ann = _small_coco(tmp_path)
+    ds = CocoDataset(str(tmp_path), str(ann), train=False)
+    by_width = {}
+    for i in range(len(ds)):
+        image, target = ds[i]
+        by_width[image.shape[-1]] = (target["boxes"], target["labels"])
+    model = _OracleDetector(by_width).train()
+    cfg = load_config(None, ["data.num_workers=0"])
+    loader = build_loader(cfg, ds, train=False)
+    summary = evaluate_model(model, loader, ds, str(tmp_path / "eval"), metric="both",
+                             device="cpu", verbose=False)
+    assert model.training  # mode restored
+    assert summary["AP"] == pytest.approx(100.0) and summary["voc_AP50"] == pytest.approx(100.0)
+    dets = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    assert sorted((d["image_id"], d["category_id"]) for d in dets) == [(10, 7), (20, 3)]
+    assert dets[0]["bbox"] == [2.0, 3.0, 10.0, 10.0]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 and metrics["AP50"] == pytest.approx(100.0)

@@ -230,3 +230,65 @@ class ResourceCost:
                     cost = cost + Cost(*self.head_table[m, idx, HEAD_OPS.index(e["op"])].tolist())
             out["head"] = cost
         return out
+
+
+# ----- the docs table: python -m autofpn.search.cost
+SETTINGS = {
+    # name: (backbone channels C2..C5, neck width, Auto-head width, 2-MLP width, image (H, W),
+    #        RoIs per image = roi.batch_size_per_image in training)
+    "paper (ResNet-50, 800x1333)": ((256, 512, 1024, 2048), 256, 512, 1024, (800, 1333), 512),
+    "demo (ResNet-18, 256x256, configs/demo.yaml)": ((64, 128, 256, 512), 32, 64, 128, (256, 256), 128),
+}
+
+
+def _fmt(c: Cost) -> str:
+    return f"{c.params / 1e6:.2f} | {c.flops / 1e9:.2f}"
+
+
+def cost_table(genotype_dir: str = "configs/genotypes") -> str:
+    """Markdown table of params / FLOPs of necks and heads at the SETTINGS sizes."""
+    import os
+
+    from autofpn.models.heads import TwoMLPHead
+    from autofpn.models.necks import FPN, PANet
+
+    from .genotype import load_genotype
+
+    strides = {f"c{lv}": 2 ** lv for lv in (2, 3, 4, 5)}
+    lines = []
+    for setting, (backbone_ch, neck_ch, head_ch, mlp_dim, image, rois) in SETTINGS.items():
+        in_ch = {f"c{lv}": c for lv, c in zip((2, 3, 4, 5), backbone_ch)}
+        sizes = level_sizes(image, (2, 3, 4, 5))
+        feats = {f"c{lv}": _meta((1, in_ch[f"c{lv}"]) + sizes[lv]) for lv in (2, 3, 4, 5)}
+        lines += [f"### {setting}", "",
+                  f"Neck: one image padded to {sizes[2][0] * 4}x{sizes[2][1] * 4}, {neck_ch} channels. "
+                  f"Head: {rois} RoIs of {neck_ch}x7x7 (head width {head_ch} for Auto-head).", "",
+                  "| module | params (M) | FLOPs (G, multiply-adds) |", "|---|---:|---:|"]
+        for name, cls in (("FPN (models/necks.py)", FPN), ("PANet (models/necks.py)", PANet)):
+            lines.append(f"| {name} | {_fmt(count_cost(cls(in_ch, strides, neck_ch).to('meta'), feats))} |")
+        for g in ("fpn", "panet", "ssd"):
+            genotype = load_genotype(os.path.join(genotype_dir, f"{g}.json"))
+            neck = AutoFusionNeck(in_ch, strides, neck_ch, genotype=genotype)
+            lines.append(f"| Auto-fusion genotype `{g}.json` | {_fmt(ResourceCost(neck, image_size=image).total()['neck'])} |")
+        supernet = AutoFusionNeck(in_ch, strides, neck_ch)
+        rc = ResourceCost(supernet, image_size=image)
+        uniform = torch.softmax(torch.zeros(supernet.arch_shape), -1)
+        lines.append(f"| Auto-fusion supernet, all ops | {_fmt(rc.total()['neck'])} |")
+        lines.append(f"| Auto-fusion supernet, expected at uniform alpha | {_fmt(rc.expected_raw(uniform)['neck'])} |")
+        mlp = TwoMLPHead(neck_ch, 7, mlp_dim).to("meta")
+        lines.append(f"| 2-MLP head (mlp_dim {mlp.out_channels}) | {_fmt(count_cost(mlp, _meta((rois, neck_ch, 7, 7))))} |")
+        head = AutoHead(neck_ch, 7, head_ch, cells=2)
+        rc = ResourceCost(head=head, num_rois=rois)
+        uniform = torch.softmax(torch.zeros(head.arch_shape), -1)
+        lines.append(f"| Auto-head supernet, all ops | {_fmt(rc.total()['head'])} |")
+        lines.append(f"| Auto-head supernet, expected at uniform beta | {_fmt(rc.expected_raw(head_weights=uniform)['head'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(cost_table())
+
+
+if __name__ == "__main__":
+    main()

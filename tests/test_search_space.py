@@ -286,3 +286,14 @@ def test_wrong_weights_and_mismatched_genotypes_are_rejected():
         AutoHead(NECK_CH, 7, HEAD_CH, cells=1, genotype=genotype)
     with pytest.raises(GenotypeError, match="no head part"):
         AutoHead(NECK_CH, 7, HEAD_CH, genotype=load_genotype(str(REPO / "configs/genotypes/fpn.json")))
+
+
+def test_diagram_renders_png_and_svg(tmp_path):
+    from autofpn.viz.genotype_diagram import main as draw_main
+    path = tmp_path / "g.json"
+    save_genotype(random_genotype(2), str(path))
+    draw_main([str(path), "--out", str(tmp_path / "g")])
+    png, svg = (tmp_path / "g.png").read_bytes(), (tmp_path / "g.svg").read_text()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
+    assert "<svg" in svg
+    assert any(label in svg for label in ("sep 3x3", "sep 5x5", "dil 3x3 r2", "conv 3x3"))  # op labels

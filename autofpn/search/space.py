@@ -24,15 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-try:  # the fused extension / reference written in autofpn.ops (see mixed_sum.py)
-    from autofpn.ops.mixed_sum import mixed_sum
-except ImportError:  # pragma: no cover - only while that module does not exist yet
-    def mixed_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
-        """sum_k w[k] * xs[k]; xs: K tensors of one shape, w: Tensor[K]."""
-        out = xs[0] * w[0]
-        for k in range(1, len(xs)):
-            out = out + xs[k] * w[k]
-        return out
+from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
 
 # O_N, the neck (Auto-fusion) ops, in the paper's order. Index = position in alpha's last dim.
 NECK_OPS = (

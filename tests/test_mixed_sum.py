@@ -149,6 +149,14 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda w, *xs: mixed_sum(list(xs), w), (w, *channels_last))
 
 
+@pytest.mark.parametrize("fn", [mixed_sum, reference_mixed_sum], ids=["active_backend", "reference"])
+def test_gradgradcheck_float64(fn):
+    xs, w, _ = make_inputs((2, 3, 4), 3, torch.float64, seed=16)
+    xs = [x.requires_grad_() for x in xs]
+    w.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda w, *xs: fn(list(xs), w), (w, *xs))
+
+
 @needs_extension
 def test_opcheck():
     for dtype, shape in [(torch.float64, (2, 3, 4, 5)), (torch.float32, (7, 9))]:

@@ -135,6 +135,36 @@ def _backward(ctx, grad_out: Tensor):
     return grad_xs_out, (grad_w if w_needs_grad else None)
 
 
+def _setup_backward_context(ctx, inputs, output) -> None:
+    grad_out, xs, w, input_grads, weight_grad = inputs
+    ctx.input_grads, ctx.weight_grad = input_grads, weight_grad
+    ctx.save_for_backward(grad_out, w, *xs)
+
+
+def _double_backward(ctx, grad_grad_xs, grad_grad_w):
+    """Backward of mixed_sum_backward (second order, e.g. gradient penalties / unrolled DARTS).
+
+    The first backward is grad_xs[k] = w[k] * g and grad_w[k] = sum(g * xs[k]); with incoming
+    gradients gg_xs[k] and gg_w[k] its derivatives are
+    d/dg = sum_k w[k] gg_xs[k] + sum_k gg_w[k] xs[k],  d/dxs[k] = gg_w[k] g,  d/dw[k] = sum(gg_xs[k] g),
+    all written with the fused op itself (so they are differentiable again).
+    """
+    grad_out, w, *xs = ctx.saved_tensors
+    has_gg_xs = ctx.input_grads and grad_grad_xs is not None and any(t is not None for t in grad_grad_xs)
+    has_gg_w = ctx.weight_grad and grad_grad_w is not None
+    gg_xs = ([t if t is not None else torch.zeros_like(grad_out) for t in grad_grad_xs] if has_gg_xs else None)
+
+    d_grad_out = None
+    if has_gg_xs:
+        d_grad_out = torch.ops.autofpn.mixed_sum(gg_xs, w)
+    if has_gg_w:
+        term = torch.ops.autofpn.mixed_sum(xs, grad_grad_w)
+        d_grad_out = term if d_grad_out is None else d_grad_out + term
+    d_xs = [grad_grad_w[k] * grad_out if has_gg_w else None for k in range(len(xs))]
+    d_w = torch.ops.autofpn.mixed_sum_backward(grad_out, gg_xs, w, False, True)[1] if has_gg_xs else None
+    return d_grad_out, d_xs, d_w, None, None
+
+
 def _load_backend() -> str:
     """Imports autofpn._C (registering torch.ops.autofpn.*) and its Python-side registrations;
     returns the active backend name and logs it. Called once, when this module is imported."""
@@ -146,6 +176,8 @@ def _load_backend() -> str:
     torch.library.register_fake("autofpn::mixed_sum")(_fake_mixed_sum)
     torch.library.register_fake("autofpn::mixed_sum_backward")(_fake_mixed_sum_backward)
     torch.library.register_autograd("autofpn::mixed_sum", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("autofpn::mixed_sum_backward", _double_backward,
+                                    setup_context=_setup_backward_context)
     logger.info("mixed_sum backend: extension (fused kernel torch.ops.autofpn.mixed_sum from autofpn._C)")
     return "extension"
 

@@ -24,9 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import clip_boxes_to_image, hflip, load_image, nondegenerate_mask, pil_to_tensor
+from .transforms import (clip_boxes_to_image, hflip_boxes, load_image, nondegenerate_mask,
+                         pil_to_tensor)
 
 logger = logging.getLogger(__name__)
 
@@ -120,27 +122,28 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         index, aug_seed = (key if isinstance(key, tuple) else (key, None))
         record = self.records[index]
-        image = pil_to_tensor(load_image(record["path"]))
-        height, width = image.shape[-2:]
+        image = load_image(record["path"])
+        width, height = image.size
         mask = self._train_mask(record) if self.train else np.ones(len(record["boxes"]), bool)
         boxes = record["boxes"][mask]
         if (height, width) != (record["height"], record["width"]):
             # the annotation's size disagrees with the file (e.g. an EXIF rotation the
             # annotation tool ignored): keep boxes inside the decoded image
             boxes, _ = clip_boxes_to_image(boxes, height, width)
+        if self.hflip_prob > 0:
+            rng = random.Random(aug_seed) if aug_seed is not None else random
+            if rng.random() < self.hflip_prob:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                boxes = hflip_boxes(boxes, width)
         target = {
-            "boxes": torch.from_numpy(boxes.copy()).float(),
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
             "labels": torch.from_numpy(record["labels"][mask].copy()),
             "image_id": int(record["image_id"]),
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
             "iscrowd": torch.from_numpy(record["iscrowd"][mask].copy()),
             "difficult": torch.from_numpy(record["difficult"][mask].copy()),
         }
-        if self.hflip_prob > 0:
-            rng = random.Random(aug_seed) if aug_seed is not None else random
-            if rng.random() < self.hflip_prob:
-                image, target = hflip(image, target)
-        return image, target
+        return pil_to_tensor(image), target
 
     # ---- helpers for samplers and evaluators ----------------------------------------------------
     def aspect_ratios(self) -> List[float]:

@@ -23,6 +23,7 @@ Layout under ``root``: ``manifest.json``, ``annotations/{train,val}.json``,
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -204,21 +205,45 @@ def draw_image(rng: np.random.Generator, image_size: int) -> Tuple[Image.Image, 
 
 
 # ---- a split on disk ---------------------------------------------------------------------------
-def generate_split(out_dir: str, split: str, num_images: int, image_size: int,
-                   seed: int) -> Dict[str, Any]:
-    """Draw ``num_images`` images into ``out_dir/split/`` and return the COCO dict."""
-    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    images, annotations = [], []
-    for i in range(num_images):
+def _draw_and_save(out_dir: str, split: str, indices: range, image_size: int,
+                   seed: int) -> List[Tuple[Dict, List[Dict]]]:
+    """Draw and write images ``indices`` of a split; returns (image entry, objects) each."""
+    out = []
+    for i in indices:
         rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
         canvas, objects = draw_image(rng, image_size)
         file_name = f"{split}/{i + 1:06d}.jpg"
         canvas.save(os.path.join(out_dir, file_name), quality=92)
-        images.append({"id": i + 1, "file_name": file_name, "height": canvas.height,
-                       "width": canvas.width})
+        out.append(({"id": i + 1, "file_name": file_name, "height": canvas.height,
+                     "width": canvas.width}, objects))
+    return out
+
+
+def generate_split(out_dir: str, split: str, num_images: int, image_size: int, seed: int,
+                   processes: int = 1) -> Dict[str, Any]:
+    """Draw ``num_images`` images into ``out_dir/split/`` and return the COCO dict.
+
+    ``processes`` > 1 draws contiguous chunks in parallel; the output is identical because
+    every image has its own random generator.
+    """
+    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+    processes = max(1, min(processes, num_images // 16))  # small splits: not worth a fork
+    chunk = -(-num_images // processes) if num_images else 0
+    chunks = [range(start, min(start + chunk, num_images))
+              for start in range(0, num_images, chunk or 1)]
+    if processes > 1:
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with context.Pool(processes) as pool:
+            parts = pool.starmap(_draw_and_save, [(out_dir, split, c, image_size, seed)
+                                                  for c in chunks])
+    else:
+        parts = [_draw_and_save(out_dir, split, c, image_size, seed) for c in chunks]
+    images, annotations = [], []
+    for image, objects in (item for part in parts for item in part):
+        images.append(image)
         for obj in objects:
             x1, y1, x2, y2 = obj["box"]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"],
                                 "category_id": obj["label"], "bbox": [x1, y1, x2 - x1, y2 - y1],
                                 "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"}
@@ -258,8 +283,8 @@ def ensure_synthetic(params: Dict[str, Any]) -> Dict[str, str]:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "annotations"))
     for split, count in (("train", wanted["num_train"]), ("val", wanted["num_val"])):
-        coco = generate_split(tmp, split, count, wanted["image_size"],
-                              wanted["seed"])
+        coco = generate_split(tmp, split, count, wanted["image_size"], wanted["seed"],
+                              processes=os.cpu_count() or 1)
         with open(os.path.join(tmp, "annotations", f"{split}.json"), "w") as f:
             json.dump(coco, f)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:

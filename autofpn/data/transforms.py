@@ -7,7 +7,9 @@ GeneralizedRCNNTransform contract). So the only transforms here are:
 - ``load_image``: decode with PIL, apply the EXIF orientation, convert grayscale / RGBA /
   palette / CMYK to RGB; a missing or corrupt file is an error naming the file.
 - ``clip_boxes_to_image`` / ``drop_degenerate_boxes``: clean annotations once, at load time.
-- ``hflip``: horizontal flip of an image tensor together with its boxes (training).
+- ``hflip`` / ``hflip_boxes``: horizontal flip of an image with its boxes (training). The
+  dataset flips the PIL image (``Image.transpose``) and the boxes in numpy: torch's element-wise
+  ops on one small image are slow when loader processes compete for the cores.
 """
 from typing import Dict, Tuple
 
@@ -47,8 +49,11 @@ def load_image(path: str) -> Image.Image:
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float Tensor[3, H, W] in [0, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    # in numpy: torch's intra-op threads make these tiny element-wise ops slow (and erratic)
+    # when several loader processes share the cores
+    arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")
+    arr /= np.float32(255.0)  # same IEEE division as torchvision's to_tensor
+    return torch.from_numpy(arr)
 
 
 def clip_boxes_to_image(boxes: np.ndarray, height: int, width: int) -> Tuple[np.ndarray, int]:
@@ -70,6 +75,15 @@ def nondegenerate_mask(boxes: np.ndarray) -> np.ndarray:
     if len(boxes) == 0:
         return np.zeros((0,), dtype=bool)
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Mirror ``boxes: float[N, 4] xyxy`` in an image ``width`` wide: x1' = W - x2, x2' = W - x1
+    (continuous pixel coordinates, so no -1)."""
+    flipped = boxes.copy()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return flipped
 
 
 def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict]:

@@ -24,6 +24,7 @@ def tiny_opts(synthetic_root: str, out_dir: str, **extra) -> list:
     """A CPU-fast config: 128 px synthetic images, 8 train / 4 val, 2 per batch (4 it/epoch)."""
     opts = {
         "train.output_dir": out_dir, "train.device": "cpu", "train.log_period": 1,
+        "train.eval_period": 0, "train.checkpoint_period": 0, "train.keep_checkpoints": 3,
         "data.synthetic.root": synthetic_root, "data.synthetic.num_train": 8,
         "data.synthetic.num_val": 4, "data.synthetic.image_size": 128,
         "data.images_per_batch": 2, "data.num_workers": 0,

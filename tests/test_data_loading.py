@@ -139,3 +139,13 @@ def test_grouped_batch_sampler_counts():
     assert all(len({groups[i] for i, _ in b}) == 1 for b in batches[:3])
     with pytest.raises(ValueError):
         GroupedBatchSampler(sampler, groups, 0)
+
+
+def test_parallel_generation_is_identical(tmp_path):
+    from autofpn.data.synthetic import generate_split
+    single = generate_split(str(tmp_path / "one"), "val", 32, 48, seed=7, processes=1)
+    parallel = generate_split(str(tmp_path / "two"), "val", 32, 48, seed=7, processes=2)
+    assert single == parallel
+    for i in (1, 17, 32):
+        name = f"val/{i:06d}.jpg"
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

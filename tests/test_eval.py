@@ -3,6 +3,7 @@ evaluate_model on a tiny oracle model, and the evaluate.py --results command."""
 import contextlib
 import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -321,3 +322,49 @@ def test_evaluate_model_maps_labels_and_writes_files(tmp_path):
     assert dets[0]["bbox"] == [2.0, 3.0, 10.0, 10.0]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 2 and metrics["AP50"] == pytest.approx(100.0)
+
+
+DIST_SCRIPT = r'''
+import json, sys, torch
+import torch.distributed as dist
+from autofpn.config import load_config
+from autofpn.data import CocoDataset, build_loader
+from autofpn.eval import evaluate_model
+
+root, ann, out = sys.argv[1:4]
+dist.init_process_group("gloo")
+ds = CocoDataset(root, ann, train=False)
+truth = {}
+for i in range(len(ds)):
+    image, target = ds[i]
+    truth[image.shape[-1]] = (target["boxes"], target["labels"])
+
+class Oracle(torch.nn.Module):
+    def forward(self, images):
+        return [{"boxes": truth[im.shape[-1]][0], "labels": truth[im.shape[-1]][1],
+                 "scores": torch.full((len(truth[im.shape[-1]][1]),), 0.9)} for im in images]
+
+loader = build_loader(load_config(None, ["data.num_workers=0"]), ds, train=False)
+summary = evaluate_model(Oracle(), loader, ds, out, metric="both", verbose=False)
+print("RANK", dist.get_rank(), len(loader), json.dumps({"AP": round(summary["AP"], 6),
+      "n": summary["num_images"]}), flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_evaluate_model_gathers_across_ranks(tmp_path):
+    ann = _small_coco(tmp_path)
+    script = tmp_path / "dist_eval.py"
+    script.write_text(DIST_SCRIPT)
+    with socket.socket() as s:  # a free port: other tests may run torchrun concurrently
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(script), str(tmp_path), str(ann),
+                           str(tmp_path / "ev")], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(l for l in proc.stdout.splitlines() if l.startswith("RANK"))
+    # each rank ran one of the two images; both return the summary of all images
+    assert lines == ['RANK 0 1 {"AP": 100.0, "n": 2}', 'RANK 1 1 {"AP": 100.0, "n": 2}']
+    dets = json.loads((tmp_path / "ev" / "detections.json").read_text())
+    assert sorted(d["image_id"] for d in dets) == [10, 20]

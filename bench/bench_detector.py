@@ -1,0 +1,166 @@
+"""Train step and inference: our Faster R-CNN vs torchvision's, side by side in one run.
+
+Both detectors get the same backbone (ResNet-18-FPN or MobileNetV2-FPN with frozen BN, the same
+trainable stages), the same weights (copied from torchvision's model into ours), the same
+image size, proposal and sampling numbers. Repetitions are interleaved (ours, theirs, ours,
+...) and the median is reported. Peak memory is the growth of the peak resident set size
+during the measured steps, in a fresh subprocess per detector.
+
+    python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320]
+"""
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torchvision
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from autofpn.config import load_config
+from autofpn.models.detector import build_detector, torchvision_state_dict_to_ours
+
+NUM_CLASSES = 21
+IMAGES_PER_BATCH = 2
+
+
+def torchvision_model(backbone: str, size: int) -> torch.nn.Module:
+    if backbone == "resnet18":
+        body = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    else:  # MobileNetV2 cut at the same four stages as ours, FPN over all four
+        features = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d).features
+        for idx in range(0, 4):  # stem + first stage frozen, as frozen_stages=1 in ours
+            features[idx].requires_grad_(False)
+        body = BackboneWithFPN(features, {"3": "0", "6": "1", "13": "2", "18": "3"}, [24, 32, 96, 1280],
+                               256, extra_blocks=LastLevelMaxPool())
+    return TVFasterRCNN(body, num_classes=NUM_CLASSES, min_size=size, max_size=int(size * 1333 / 800))
+
+
+def our_model(backbone: str, size: int, theirs: torch.nn.Module) -> torch.nn.Module:
+    cfg = load_config(None, [f"model.num_classes={NUM_CLASSES}", f"model.backbone.name={backbone}",
+                             "model.backbone.weights=none", f"model.transform.min_size=[{size}]",
+                             f"model.transform.test_min_size={size}",
+                             f"model.transform.max_size={int(size * 1333 / 800)}"])
+    ours = build_detector(cfg)
+    ours.load_state_dict(torchvision_state_dict_to_ours(theirs.state_dict()), strict=True)
+    mine = {n for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_trainable = {n for n, p in torchvision_state_dict_to_ours(
+        {n: p for n, p in theirs.named_parameters() if p.requires_grad}).items()}
+    assert mine == theirs_trainable, f"trainable sets differ: {sorted(mine ^ theirs_trainable)[:5]}"
+    return ours
+
+
+def make_batch(size: int, seed: int = 0) -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(IMAGES_PER_BATCH):
+        h, w = size, int(size * (1.25 if i % 2 == 0 else 1.5))
+        images.append(torch.rand(3, h, w, generator=g))
+        xy = torch.rand(6, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 16 + torch.rand(6, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
+                        "labels": torch.randint(1, NUM_CLASSES, (6,), generator=g)})
+    return images, targets
+
+
+def train_step_fn(model, optimizer, images, targets) -> Callable[[], None]:
+    def step():
+        losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+    return step
+
+
+def infer_fn(model, images) -> Callable[[], None]:
+    def infer():
+        with torch.no_grad():
+            model(images)
+    return infer
+
+
+def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> Dict[str, float]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _peak_memory_worker(which: str, backbone: str, size: int, queue) -> None:
+    torch.manual_seed(0)
+    theirs = torchvision_model(backbone, size)
+    model = theirs if which == "torchvision" else our_model(backbone, size, theirs)
+    del theirs
+    model.train()
+    images, targets = make_batch(size)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    step = train_step_fn(model, optimizer, images, targets)
+    step()  # optimizer state allocated
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((after - before) / 1024.0)  # MiB growth of the peak (ru_maxrss is in KiB)
+
+
+def peak_memory_mib(which: str, backbone: str, size: int) -> float:
+    """Peak RSS growth over two train steps, in a fresh process (after one warm-up step)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_worker, args=(which, backbone, size, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
+          f"{IMAGES_PER_BATCH} images/batch at min size {args.size}, median of {args.reps} interleaved reps")
+    header = f"{'backbone':<14}{'mode':<11}{'ours (s)':>10}{'torchvision (s)':>17}{'ratio':>8}"
+    rows = []
+    for backbone in args.backbones:
+        torch.manual_seed(0)
+        theirs = torchvision_model(backbone, args.size)
+        ours = our_model(backbone, args.size, theirs)
+        images, targets = make_batch(args.size)
+        for model in (ours, theirs):
+            model.train()
+        opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        train = interleaved_median({"ours": train_step_fn(ours, opt_ours, images, targets),
+                                    "torchvision": train_step_fn(theirs, opt_theirs, images, targets)}, args.reps)
+        for model in (ours, theirs):
+            model.eval()
+        infer = interleaved_median({"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images)},
+                                   args.reps)
+        rows.append((backbone, "train step", train["ours"], train["torchvision"]))
+        rows.append((backbone, "inference", infer["ours"], infer["torchvision"]))
+        if not args.no_memory:
+            mem = {w: peak_memory_mib(w, backbone, args.size) for w in ("ours", "torchvision")}
+            rows.append((backbone, "peak MiB", mem["ours"], mem["torchvision"]))
+    print(header)
+    for backbone, mode, a, b in rows:
+        print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -99,6 +99,9 @@ def run_model_mode(args) -> int:
     if args.genotype:
         from autofpn.search.genotype import load_genotype
         genotype = load_genotype(args.genotype)
+    if genotype is None and "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"]):
+        raise SystemExit("model.neck.type / model.head.type is 'auto' and the checkpoint has no "
+                         "genotype: pass --genotype FILE")
     metric = args.metric or cfg["eval"]["metric"]
     out_dir = args.out or cfg["eval"].get("output_dir") or \
         os.path.join(cfg["train"]["output_dir"], "eval")
@@ -106,7 +109,11 @@ def run_model_mode(args) -> int:
     ctx = du.init_distributed(cfg["train"]["device"])
     try:
         model = build_detector(cfg, genotype)
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:  # usually a config / genotype that is not the trained one
+            raise SystemExit(f"{args.ckpt} does not fit the model built from the config "
+                             f"(model.* keys or genotype differ from training?): {e}") from e
         model.to(ctx.device).eval()
         dataset = build_dataset(cfg, "val")
         loader = build_loader(cfg, dataset, train=False, rank=ctx.rank,

@@ -76,6 +76,8 @@ def run_results_mode(args) -> int:
 
 def run_model_mode(args) -> int:
     import torch
+    from torch.utils.data import Subset
+
     from autofpn.config import load_config
     from autofpn.data import build_dataset, build_loader
     from autofpn.engine import distributed as du
@@ -116,10 +118,12 @@ def run_model_mode(args) -> int:
                              f"(model.* keys or genotype differ from training?): {e}") from e
         model.to(ctx.device).eval()
         dataset = build_dataset(cfg, "val")
-        loader = build_loader(cfg, dataset, train=False, rank=ctx.rank,
+        max_images = int(cfg["eval"].get("max_images", 0))
+        # the first max_images images, sharded over the ranks (same images for any world size)
+        subset = Subset(dataset, range(min(max_images, len(dataset)))) if max_images else dataset
+        loader = build_loader(cfg, subset, train=False, rank=ctx.rank,
                               world_size=ctx.world_size)
-        summary = evaluate_model(model, loader, dataset, out_dir, metric, ctx.device,
-                                 max_images=int(cfg["eval"].get("max_images", 0)))
+        summary = evaluate_model(model, loader, dataset, out_dir, metric, ctx.device)
         if ctx.is_main:
             params = parameter_breakdown(model)
             size = int(cfg["model"]["transform"]["test_min_size"])

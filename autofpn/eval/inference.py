@@ -183,6 +183,9 @@ def evaluate_model(model: torch.nn.Module, loader, dataset, out_dir: Optional[st
     results are all-gathered, rank 0 computes the metrics, writes ``out_dir/detections.json``
     (COCO results) and ``out_dir/metrics.json`` and prints the tables; every rank returns the
     same summary (see the module docstring). The model's train/eval mode is restored.
+    ``max_images`` caps the images run PER RANK; to evaluate the first n images of the set
+    whatever the world size, build the loader over ``Subset(dataset, range(n))`` instead
+    (as evaluate.py does) and pass the full ``dataset`` here for the ground truth.
     """
     base = _base_dataset(dataset)
     was_training = model.training

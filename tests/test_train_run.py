@@ -69,7 +69,7 @@ def test_single_process_losses_finite_and_falling(tmp_path, synthetic_root):
     losses = [r["loss"] for r in train]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     evals = [r for r in records if r["type"] == "eval"]
-    assert len(evals) == 1 and evals[0]["iter"] == 12 and 0.0 <= evals[0]["AP"] <= 1.0
+    assert len(evals) == 1 and evals[0]["iter"] == 12 and 0.0 <= evals[0]["AP"] <= 100.0  # percent
     # outputs beside the run: resolved config, plots, final weights, checkpoints
     from autofpn.config import load_config
     saved = load_config(os.path.join(out, "config.yaml"))
@@ -154,7 +154,7 @@ def test_torchrun_two_processes_gloo(tmp_path, synthetic_root):
     assert [r["iter"] for r in train] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] for r in train)
     evals = [r for r in records if r["type"] == "eval"]
-    assert len(evals) == 1 and 0.0 <= evals[0]["AP"] <= 1.0
+    assert len(evals) == 1 and 0.0 <= evals[0]["AP"] <= 100.0  # percent
     state = load_checkpoint(os.path.join(out, "checkpoints", "ckpt_0000003.pth"))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     # the two ranks drew different augmentation streams but stayed in sync on weights:

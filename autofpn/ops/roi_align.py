@@ -1,10 +1,65 @@
-"""RoIAlign over a feature pyramid (torchvision's ``roi_align`` per level)."""
+"""RoIAlign over a feature pyramid.
+
+``roi_align`` is torchvision's operator, except on the CPU when the autofpn._C extension is
+built: then ``torch.ops.autofpn.roi_align`` runs, the same arithmetic multi-threaded, with a
+backward that computes each RoI's sampling weights once instead of per channel and bin
+(cuda_ext/roi_align_cpu.cpp).
+"""
+import logging
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torchvision
 from torch import Tensor, nn
-from torchvision.ops import box_area, roi_align
+from torchvision.ops import box_area
+
+logger = logging.getLogger("autofpn")
+
+
+def _load_cpu_kernel() -> bool:
+    try:
+        import autofpn._C  # noqa: F401  (registers torch.ops.autofpn.*)
+        torch.ops.autofpn.roi_align
+    except (ImportError, OSError, AttributeError, RuntimeError):
+        logger.info("roi_align: torchvision's kernel (autofpn._C not built)")
+        return False
+
+    @torch.library.register_fake("autofpn::roi_align")
+    def _fake(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
+        return input.new_empty((rois.shape[0], input.shape[1], pooled_h, pooled_w))
+
+    @torch.library.register_fake("autofpn::roi_align_backward")
+    def _fake_backward(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
+                       batch_size, channels, height, width):
+        return grad.new_empty((batch_size, channels, height, width))
+
+    def _setup_context(ctx, inputs, output):
+        input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = inputs
+        ctx.save_for_backward(rois)
+        ctx.args = (spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, *input.shape)
+
+    def _backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        grad_input = torch.ops.autofpn.roi_align_backward(grad, rois, *ctx.args)
+        return grad_input, None, None, None, None, None, None
+
+    torch.library.register_autograd("autofpn::roi_align", _backward, setup_context=_setup_context)
+    return True
+
+
+_CPU_KERNEL = _load_cpu_kernel()
+
+
+def roi_align(input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float,
+              sampling_ratio: int, aligned: bool) -> Tensor:
+    """torchvision.ops.roi_align's contract: input [N, C, H, W], rois [R, 5] (batch index, xyxy)
+    -> [R, C, output_size[0], output_size[1]]."""
+    if _CPU_KERNEL and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64):
+        return torch.ops.autofpn.roi_align(input, rois.to(input.dtype), spatial_scale, output_size[0],
+                                           output_size[1], sampling_ratio, aligned)
+    return torchvision.ops.roi_align(input, rois, output_size, spatial_scale=spatial_scale,
+                                     sampling_ratio=sampling_ratio, aligned=aligned)
 
 
 def boxes_to_rois(boxes: List[Tensor]) -> Tensor:

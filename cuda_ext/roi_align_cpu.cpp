@@ -1,0 +1,220 @@
+// RoIAlign on the CPU, multi-threaded, with the same arithmetic as torchvision's kernel.
+//
+// Why: torchvision's CPU roi_align runs on one thread, and its backward recomputes the bilinear
+// sampling weights for every (RoI, channel, bin) and scatters one element at a time. In a
+// Faster R-CNN train step at 320 px that backward alone is a large share of the step.
+//
+// Here the sampling points of a RoI (4 taps and 4 weights per sample) are computed once and
+// reused for every channel. The forward is parallel over RoIs (each writes its own output rows);
+// the backward is parallel over channels: a thread owns a channel range of grad_input for all
+// RoIs, so no two threads write the same element and no atomics are needed. Within a channel the
+// RoIs are visited in order, so the result does not depend on the number of threads.
+//
+// On CUDA the Python wrapper (autofpn/ops/roi_align.py) uses torchvision's kernel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace autofpn {
+namespace {
+
+template <typename T>
+struct SamplePoint {
+  int64_t pos[4];
+  T w[4];
+};
+
+struct RoIGeometry {
+  int64_t batch_index;
+  int64_t grid_h, grid_w;  // samples per bin in each direction
+  int64_t count;           // samples per bin (the average's divisor)
+};
+
+// Sampling points of one RoI, ordered (ph, pw, iy, ix); identical to torchvision's pre_calc.
+template <typename T>
+RoIGeometry roi_sample_points(const T* roi, double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                              int64_t sampling_ratio, bool aligned, int64_t height, int64_t width,
+                              std::vector<SamplePoint<T>>& points) {
+  RoIGeometry geo;
+  geo.batch_index = static_cast<int64_t>(roi[0]);
+  const T offset = aligned ? static_cast<T>(0.5) : static_cast<T>(0.0);
+  const T start_w = roi[1] * static_cast<T>(spatial_scale) - offset;
+  const T start_h = roi[2] * static_cast<T>(spatial_scale) - offset;
+  const T end_w = roi[3] * static_cast<T>(spatial_scale) - offset;
+  const T end_h = roi[4] * static_cast<T>(spatial_scale) - offset;
+  T roi_w = end_w - start_w;
+  T roi_h = end_h - start_h;
+  if (!aligned) {  // legacy behaviour: RoIs at least 1x1
+    roi_w = std::max(roi_w, static_cast<T>(1.));
+    roi_h = std::max(roi_h, static_cast<T>(1.));
+  }
+  const T bin_h = roi_h / static_cast<T>(pooled_h);
+  const T bin_w = roi_w / static_cast<T>(pooled_w);
+  geo.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(std::ceil(roi_h / pooled_h));
+  geo.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(std::ceil(roi_w / pooled_w));
+  geo.count = std::max<int64_t>(geo.grid_h * geo.grid_w, 1);
+
+  points.resize(pooled_h * pooled_w * geo.grid_h * geo.grid_w);
+  int64_t idx = 0;
+  for (int64_t ph = 0; ph < pooled_h; ++ph) {
+    for (int64_t pw = 0; pw < pooled_w; ++pw) {
+      for (int64_t iy = 0; iy < geo.grid_h; ++iy) {
+        const T yy = start_h + ph * bin_h + static_cast<T>(iy + .5f) * bin_h / static_cast<T>(geo.grid_h);
+        for (int64_t ix = 0; ix < geo.grid_w; ++ix) {
+          const T xx = start_w + pw * bin_w + static_cast<T>(ix + .5f) * bin_w / static_cast<T>(geo.grid_w);
+          SamplePoint<T>& p = points[idx++];
+          T x = xx, y = yy;
+          if (y < -1.0 || y > height || x < -1.0 || x > width) {  // outside: contributes nothing
+            for (int k = 0; k < 4; ++k) {
+              p.pos[k] = 0;
+              p.w[k] = 0;
+            }
+            continue;
+          }
+          if (y <= 0) y = 0;
+          if (x <= 0) x = 0;
+          int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x);
+          int64_t y_high, x_high;
+          if (y_low >= height - 1) {
+            y_high = y_low = height - 1;
+            y = static_cast<T>(y_low);
+          } else {
+            y_high = y_low + 1;
+          }
+          if (x_low >= width - 1) {
+            x_high = x_low = width - 1;
+            x = static_cast<T>(x_low);
+          } else {
+            x_high = x_low + 1;
+          }
+          const T ly = y - y_low, lx = x - x_low;
+          const T hy = 1. - ly, hx = 1. - lx;
+          p.pos[0] = y_low * width + x_low;
+          p.pos[1] = y_low * width + x_high;
+          p.pos[2] = y_high * width + x_low;
+          p.pos[3] = y_high * width + x_high;
+          p.w[0] = hy * hx;
+          p.w[1] = hy * lx;
+          p.w[2] = ly * hx;
+          p.w[3] = ly * lx;
+        }
+      }
+    }
+  }
+  return geo;
+}
+
+void check_inputs(const at::Tensor& input, const at::Tensor& rois, const char* name) {
+  TORCH_CHECK(input.device().is_cpu() && rois.device().is_cpu(), name, ": CPU tensors expected");
+  TORCH_CHECK(input.dim() == 4, name, ": input must be [N, C, H, W], got ", input.sizes());
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, name, ": rois must be [R, 5], got ", rois.sizes());
+  TORCH_CHECK(input.scalar_type() == rois.scalar_type(), name, ": input is ", input.scalar_type(),
+              " but rois are ", rois.scalar_type());
+}
+
+at::Tensor roi_align_forward_cpu(const at::Tensor& input_, const at::Tensor& rois_, double spatial_scale,
+                                 int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  check_inputs(input_, rois_, "roi_align");
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor rois = rois_.contiguous();
+  const int64_t num_rois = rois.size(0), channels = input.size(1);
+  const int64_t height = input.size(2), width = input.size(3);
+  at::Tensor output = at::zeros({num_rois, channels, pooled_h, pooled_w}, input.options());
+  if (num_rois == 0 || output.numel() == 0) return output;
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "autofpn_roi_align_forward", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    const int64_t bins = pooled_h * pooled_w;
+    at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
+      std::vector<SamplePoint<scalar_t>> points;
+      for (int64_t n = begin; n < end; ++n) {
+        const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, spatial_scale, pooled_h, pooled_w,
+                                                  sampling_ratio, aligned, height, width, points);
+        const int64_t per_bin = geo.grid_h * geo.grid_w;
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* plane = in + (geo.batch_index * channels + c) * height * width;
+          scalar_t* o = out + (n * channels + c) * bins;
+          const SamplePoint<scalar_t>* p = points.data();
+          for (int64_t b = 0; b < bins; ++b) {
+            scalar_t value = 0;
+            for (int64_t s = 0; s < per_bin; ++s, ++p) {
+              value += p->w[0] * plane[p->pos[0]] + p->w[1] * plane[p->pos[1]] +
+                       p->w[2] * plane[p->pos[2]] + p->w[3] * plane[p->pos[3]];
+            }
+            o[b] = value / static_cast<scalar_t>(geo.count);
+          }
+        }
+      }
+    });
+  });
+  return output;
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& rois_, double spatial_scale,
+                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  check_inputs(at::empty({batch_size, channels, height, width}, grad_.options()), rois_, "roi_align_backward");
+  TORCH_CHECK(grad_.dim() == 4 && grad_.size(0) == rois_.size(0) && grad_.size(1) == channels &&
+                  grad_.size(2) == pooled_h && grad_.size(3) == pooled_w,
+              "roi_align_backward: grad must be [R, C, pooled_h, pooled_w] = [", rois_.size(0), ", ", channels,
+              ", ", pooled_h, ", ", pooled_w, "], got ", grad_.sizes());
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor rois = rois_.contiguous();
+  at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options());
+  const int64_t num_rois = rois.size(0);
+  if (num_rois == 0 || grad_input.numel() == 0) return grad_input;
+
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "autofpn_roi_align_backward", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
+    scalar_t* gin = grad_input.data_ptr<scalar_t>();
+    const int64_t bins = pooled_h * pooled_w;
+    // Each task owns a channel range of grad_input: race-free scatter without atomics.
+    at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
+      std::vector<SamplePoint<scalar_t>> points;
+      for (int64_t n = 0; n < num_rois; ++n) {
+        const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, spatial_scale, pooled_h, pooled_w,
+                                                  sampling_ratio, aligned, height, width, points);
+        const int64_t per_bin = geo.grid_h * geo.grid_w;
+        const scalar_t count = static_cast<scalar_t>(geo.count);
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          scalar_t* plane = gin + (geo.batch_index * channels + c) * height * width;
+          const scalar_t* go = g + (n * channels + c) * bins;
+          const SamplePoint<scalar_t>* p = points.data();
+          for (int64_t b = 0; b < bins; ++b) {
+            const scalar_t gb = go[b];
+            for (int64_t s = 0; s < per_bin; ++s, ++p) {
+              for (int k = 0; k < 4; ++k) {
+                plane[p->pos[k]] += gb * p->w[k] / count;
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(autofpn, m) {
+  m.def("roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_h, int pooled_w, "
+        "int sampling_ratio, bool aligned) -> Tensor");
+  m.def("roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_h, int pooled_w, "
+        "int sampling_ratio, bool aligned, int batch_size, int channels, int height, int width) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(autofpn, CPU, m) {
+  m.impl("roi_align", &roi_align_forward_cpu);
+  m.impl("roi_align_backward", &roi_align_backward_cpu);
+}
+
+}  // namespace autofpn

@@ -1,0 +1,65 @@
+"""Our CPU RoIAlign kernel equals torchvision's, forward and backward."""
+import pytest
+import torch
+import torchvision
+
+from autofpn.ops import roi_align as ra
+
+pytestmark = pytest.mark.skipif(not ra._CPU_KERNEL, reason="autofpn._C not built")
+
+
+def _case(dtype, num_rois=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2, 5, 13, 17, generator=g, dtype=dtype)
+    xy = torch.rand(num_rois, 2, generator=g, dtype=dtype) * torch.tensor([80.0, 60.0], dtype=dtype) - 8
+    wh = torch.rand(num_rois, 2, generator=g, dtype=dtype) * 50
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[:3, 2:] = boxes[:3, :2] + 0.2  # tiny boxes (clamped to 1x1 when not aligned)
+    boxes[3] = torch.tensor([100.0, 100.0, 120.0, 130.0], dtype=dtype)  # outside the map
+    batch = torch.randint(0, 2, (num_rois, 1), generator=g).to(dtype)
+    return feats, torch.cat([batch, boxes], 1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_matches_torchvision(dtype, tol, sampling_ratio, aligned):
+    feats, rois = _case(dtype)
+    a = feats.clone().requires_grad_()
+    b = feats.clone().requires_grad_()
+    ours = ra.roi_align(a, rois, (7, 6), 0.25, sampling_ratio, aligned)
+    theirs = torchvision.ops.roi_align(b, rois, (7, 6), spatial_scale=0.25, sampling_ratio=sampling_ratio,
+                                       aligned=aligned)
+    torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    theirs.backward(grad)
+    torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=tol)
+
+
+def test_gradcheck():
+    feats, rois = _case(torch.float64, num_rois=6)
+    feats = feats[:, :2, :8, :9].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda f: ra.roi_align(f, rois, (3, 3), 0.5, 2, False), (feats,))
+
+
+def test_result_does_not_depend_on_thread_count():
+    feats, rois = _case(torch.float32, num_rois=64)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            f = feats.clone().requires_grad_()
+            ra.roi_align(f, rois, (7, 7), 0.25, 2, False).sum().backward()
+            results.append(f.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_opcheck_and_empty_rois():
+    feats, rois = _case(torch.float32, num_rois=5)
+    torch.library.opcheck(torch.ops.autofpn.roi_align.default, (feats.requires_grad_(), rois, 0.25, 7, 7, 2, False))
+    out = ra.roi_align(feats, rois[:0], (7, 7), 0.25, 2, False)
+    assert out.shape == (0, 5, 7, 7)

@@ -1,0 +1,154 @@
+"""autofpn.search.plan: the planner's numbers agree with the built models, and its activation
+memory estimate agrees with the peak memory measured on CPU (within 25%).
+
+How peak memory is measured (``measure()`` below, one fresh subprocess per stage):
+the stage's detector is built on the CPU, one warm-up training step (forward + backward) runs so
+that parameter gradients exist and lazy one-time allocations (oneDNN primitives, thread pools)
+are done; then the current RSS is read (``VmRSS`` in /proc/self/status), the kernel's peak-RSS
+mark is reset to it (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0), one more training step
+(same image, same seed) runs, and ``VmHWM`` (peak RSS) is read. Measured = VmHWM - VmRSS before
+the step: the memory the step itself needed on top of the model, its gradients and the data.
+glibc is told to serve every allocation >= 64 KiB by mmap (``MALLOC_MMAP_THRESHOLD_``) so freed
+tensors go back to the kernel and the RSS before the step holds no stale free heap; one thread
+(``torch.set_num_threads(1)``) so per-thread scratch does not depend on the machine.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autofpn.config import load_config
+from autofpn.models.detector import parameter_breakdown
+from autofpn.search.cost import ResourceCost
+from autofpn.search.plan import (STAGES, build_stage_model, format_plan, plan_search,
+                                 representative_genotype, training_image_size)
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = 256
+# a small CPU size: ResNet-18 from scratch, 32-channel neck, 64-channel Auto-head, 128 RoIs
+SMALL_OPTS = ["model.backbone.weights=none", f"model.transform.min_size=[{IMAGE}]",
+              f"model.transform.max_size={IMAGE}", "model.head.channels=32"]
+
+
+def small_cfg():
+    return load_config(str(REPO / "configs" / "demo.yaml"), SMALL_OPTS)
+
+
+def test_training_image_size_is_the_largest_training_scale():
+    cfg = load_config(None, ["model.transform.min_size=[400,800,600]", "model.transform.max_size=1333"])
+    assert training_image_size(cfg) == (800, 1333)
+    cfg = load_config(None, ["model.transform.min_size=[1400]", "model.transform.max_size=1333"])
+    assert training_image_size(cfg) == (1333, 1333)
+
+
+def test_plan_matches_built_models_and_cost_tables():
+    cfg = small_cfg()
+    genotype = representative_genotype(cfg)
+    plan = plan_search(cfg, genotype)
+    assert set(plan["stages"]) == set(STAGES)
+    assert plan["image_size"] == (IMAGE, IMAGE) and plan["num_rois"] == cfg["model"]["roi"]["batch_size_per_image"]
+    for stage, p in plan["stages"].items():
+        model = build_stage_model(cfg, stage, genotype, device="cpu")
+        real = parameter_breakdown(model)
+        for part in ("backbone", "neck", "rpn", "head"):
+            assert p["params"][part] == real[part], (stage, part)
+        assert p["params"]["arch"] == sum(q.numel() for q in model.arch_parameters())
+        # the frozen backbone of a search stage saves nothing; the decoded model trains it
+        if stage == "decoded":
+            assert p["activation_bytes"]["backbone"] > 0
+        else:
+            assert p["activation_bytes"]["backbone"] == 0
+        # FLOPs of the decoded neck / head agree with the search-space cost tables
+        if stage == "decoded":
+            rc = ResourceCost(model.neck, model.roi_heads.box_head, image_size=plan["image_size"],
+                              num_rois=plan["num_rois"]).total()
+            assert p["flops"]["neck"] == pytest.approx(rc["neck"].flops)
+            predictor = model.roi_heads.box_predictor
+            predictor_flops = plan["num_rois"] * sum(l.in_features * l.out_features
+                                                     for l in (predictor.cls_score, predictor.bbox_pred))
+            assert p["flops"]["head"] == pytest.approx(rc["head"].flops + predictor_flops)
+    neck, head, dec = (plan["stages"][s] for s in STAGES)
+    # the supernet is the expensive part of each search stage
+    assert neck["activation_bytes"]["neck"] > dec["activation_bytes"]["neck"]
+    assert head["activation_bytes"]["head"] > dec["activation_bytes"]["head"]
+    assert neck["flops"]["neck"] > dec["flops"]["neck"] and head["flops"]["head"] > dec["flops"]["head"]
+    text = format_plan(plan)
+    for stage in STAGES:
+        assert stage in text
+
+
+def measure(stage: str, genotype_path: str) -> dict:
+    """Run in a fresh process (see the module docstring): returns the measured peak growth of
+    one training step in bytes and the number of RoIs the box head saw."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, __file__, stage, genotype_path], env=env, cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_in_this_process(stage: str, genotype_path: str) -> dict:
+    import gc
+
+    from autofpn.search.genotype import load_genotype
+
+    torch.set_num_threads(1)
+    cfg = small_cfg()
+    model = build_stage_model(cfg, stage, load_genotype(genotype_path), device="cpu")
+    rois = []
+    model.roi_heads.box_head.register_forward_pre_hook(lambda mod, args: rois.append(args[0].shape[0]))
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, IMAGE, IMAGE, generator=g)]
+    targets = [{"boxes": torch.tensor([[20., 30., 120., 140.], [100., 90., 220., 230.], [10., 150., 60., 240.]]),
+                "labels": torch.tensor([1, 2, 3]), "image_id": 0}]
+
+    def step():
+        torch.manual_seed(0)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+
+    step()  # warm-up: gradients allocated, lazy initialisation done
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS mark := current RSS
+    step()
+    peak = _status_kib("VmHWM")
+    return {"measured_bytes": (peak - before) * 1024, "rois": rois[-1]}
+
+
+def test_activation_estimate_within_25_percent_of_measured_peak(tmp_path):
+    if not os.path.exists("/proc/self/clear_refs") or not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak-RSS mark")
+    cfg = small_cfg()
+    genotype = representative_genotype(cfg)
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps(genotype))
+    plan = plan_search(cfg, genotype)
+    rows = []
+    for stage in STAGES:
+        got = measure(stage, str(path))
+        assert got["rois"] == plan["num_rois"], f"{stage}: the box head saw {got['rois']} RoIs"
+        estimate = plan["stages"][stage]["activation_bytes"]["total"]
+        rows.append((stage, estimate, got["measured_bytes"]))
+    report = "\n".join(f"{s}: estimate {e / 2**20:.1f} MiB, measured {m / 2**20:.1f} MiB, "
+                       f"ratio {e / m:.3f}" for s, e, m in rows)
+    print(report)
+    for stage, estimate, measured in rows:
+        assert abs(estimate - measured) <= 0.25 * measured, report
+
+
+if __name__ == "__main__":  # the measuring subprocess: python tests/test_plan.py STAGE GENOTYPE
+    print(json.dumps(_measure_in_this_process(sys.argv[1], sys.argv[2])))

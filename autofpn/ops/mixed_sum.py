@@ -72,24 +72,31 @@ def _check_inputs(xs: Sequence[Tensor], w: Tensor, op_name: str = "mixed_sum") -
 # ---------------------------------------------------------------------------------------------
 # Pure PyTorch reference
 # ---------------------------------------------------------------------------------------------
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class _ReferenceMixedSum(torch.autograd.Function):
     """Same maths as the extension, in PyTorch ops. Accumulates in place (one output buffer)
     and keeps only the inputs for the backward, like the fused op."""
 
     @staticmethod
     def forward(ctx, w: Tensor, *xs: Tensor) -> Tensor:
-        out = xs[0] * w[0]
+        # float16 / bfloat16 accumulate in float32 like the kernels (no-op casts otherwise).
+        accumulate = _accumulation_dtype(w.dtype)
+        w_acc = w.to(accumulate)
+        out = xs[0].to(accumulate) * w_acc[0]
         for k in range(1, len(xs)):
-            out.addcmul_(xs[k], w[k])  # in place, no temporary per term
+            out.addcmul_(xs[k].to(accumulate), w_acc[k])  # in place, no temporary per term
         ctx.save_for_backward(w, *xs)
-        return out
+        return out.to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         w, *xs = ctx.saved_tensors
         grad_w = None
         if ctx.needs_input_grad[0]:
-            accumulate = torch.float64 if w.dtype == torch.float64 else torch.float32
+            accumulate = _accumulation_dtype(w.dtype)
             grad_w = torch.stack([torch.sum(grad_out.to(accumulate) * x.to(accumulate)) for x in xs]).to(w.dtype)
         grad_xs = [grad_out * w[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(xs))]
         return (grad_w, *grad_xs)

@@ -1,7 +1,9 @@
 """Fused mixed sum (autofpn._C, cuda_ext/) against a float64 ground truth, plus its autograd,
 fake (torch.compile) registration, input validation and the pure PyTorch fallback."""
+import glob
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +70,22 @@ def test_backend_is_the_extension_when_built():
     else:
         assert not EXTENSION_EXPECTED, "autofpn._C is not built; run `make ext` (or set AUTOFPN_NO_EXT=1)"
         assert backend_name() == "reference"
+
+
+def _cuda_toolkit_present():
+    """nvcc plus a toolkit root with libcudart: then setup.py must have compiled the CUDA kernel."""
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None and any(
+        root and glob.glob(os.path.join(root, lib, "libcudart.so*")) for root in roots for lib in ("lib64", "lib"))
+
+
+@needs_extension
+def test_cuda_kernel_is_compiled_in_when_nvcc_is_present():
+    if not _cuda_toolkit_present():
+        pytest.skip("no nvcc / CUDA toolkit: the extension is CPU-only")
+    for op in ("autofpn::mixed_sum", "autofpn::mixed_sum_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"
 
 
 SHAPES = [(5,), (3, 7), (2, 3, 5, 7), (3, 50, 701)]  # the last spans several CPU chunks + a tail

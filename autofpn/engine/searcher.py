@@ -1,0 +1,387 @@
+"""The Auto-FPN search: first-order alternating optimisation of weights and architecture.
+
+One search stage (neck or head) runs ``Searcher.search``:
+
+- the training set is split at random (``search.split_seed``) into two disjoint halves, A for
+  the network weights and B for the architecture parameters;
+- every iteration takes one batch of each: an architecture step on B (Adam, loss = detection
+  losses + lambda * C(alpha, beta)), once ``search.arch_start_epoch_fraction`` of the iterations
+  have passed, then a weight step on A (SGD, cosine lr ``w_lr -> w_lr_min``). Each optimizer
+  holds only its own parameters, and the other set does not require grad during a step, so a
+  weight step cannot move alpha and an architecture step cannot move a weight;
+- gradients are averaged across processes by hand (no DDP: two optimizers over disjoint sets
+  and ``autograd.grad`` for the architecture do not fit DDP's one-backward contract), so every
+  rank holds the same weights and the same alpha/beta after every step;
+- checkpoints hold both optimizers, the scheduler, the iteration and every rank's RNG states;
+  a resumed stage continues bit for bit on the CPU.
+
+``run_search`` chains the stages: the neck first with the standard head, then the head with the
+searched neck (``search.head_with_searched_neck``) or FPN, and writes ``geno.json``.
+"""
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from autofpn.engine import distributed as du
+from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from autofpn.engine.logging import MetricsLog, Progress
+from autofpn.engine.trainer import (NonFiniteLossError, check_finite_losses, inject_nan_for_test,
+                                    move_to_device, parse_nan_hook, seed_everything, set_loader_position)
+
+# lambda presets of the paper (sec. 3.3): the "small" model gets the strongest constraint
+LAMBDA_PRESETS = {"small": 0.2, "middle": 0.02, "large": 0.002}
+STAGES = ("neck", "head")
+
+
+def resource_lambda(search_cfg: Dict[str, Any]) -> float:
+    """``search.resource_lambda`` (a preset name or a number) x ``resource_lambda_scale``."""
+    value = search_cfg["resource_lambda"]
+    if isinstance(value, str):
+        if value not in LAMBDA_PRESETS:
+            raise ValueError(f"search.resource_lambda must be one of {sorted(LAMBDA_PRESETS)} or a "
+                             f"number, got {value!r}")
+        value = LAMBDA_PRESETS[value]
+    return float(value) * float(search_cfg["resource_lambda_scale"])
+
+
+def split_halves(num_images: int, seed: int) -> Tuple[List[int], List[int]]:
+    """A seeded random split of ``range(num_images)`` into two disjoint halves (A, B)."""
+    if num_images < 2:
+        raise ValueError(f"the search needs at least 2 training images to split, got {num_images}")
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
+    half = num_images // 2
+    return sorted(order[:half]), sorted(order[half:])
+
+
+def average_gradients(params: List[nn.Parameter], world_size: int) -> None:
+    """All-reduce (mean) the gradients of ``params`` in one flat buffer; a missing gradient
+    counts as zeros so every rank takes part with the same layout."""
+    if world_size <= 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+def search_image_size(cfg: Dict[str, Any]) -> Tuple[int, int]:
+    """The largest training input (H, W) the supernet sees: short side max(min_size), long side
+    capped by max_size (a square-ish image), used for the cost tables."""
+    t = cfg["model"]["transform"]
+    short = max(t["min_size"])
+    return short, min(t["max_size"], int(round(short * 4 / 3)))
+
+
+class Searcher:
+    """Searches one stage ("neck" or "head") of ``model`` (built with ``search=stage``)."""
+
+    def __init__(self, cfg: Dict[str, Any], stage: str, model: nn.Module, loader_a, loader_b,
+                 ctx: du.DistContext, out_dir: str):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.cfg, self.stage, self.ctx, self.out_dir = cfg, stage, ctx, out_dir
+        self.search_cfg = s = cfg["search"]
+        self.model = model.to(ctx.device)
+        self.loader_a, self.loader_b = loader_a, loader_b
+        self.iters_per_epoch = min(len(loader_a), len(loader_b))
+        if self.iters_per_epoch == 0:
+            raise ValueError("a search half has no batch on this rank (too few training images)")
+        self.max_iter = int(s["epochs"]) * self.iters_per_epoch
+        if int(s["max_iters"]) > 0:
+            self.max_iter = min(self.max_iter, int(s["max_iters"]))
+        self.arch_start_iter = int(math.floor(self.max_iter * float(s["arch_start_epoch_fraction"])))
+
+        if s["freeze_backbone"]:
+            model.backbone.requires_grad_(False)
+        self.arch_params = model.arch_parameters()
+        self.weight_params = [p for p in model.weight_parameters() if p.requires_grad]
+        self.w_optimizer = torch.optim.SGD(self.weight_params, lr=s["w_lr"], momentum=s["w_momentum"],
+                                           weight_decay=s["w_weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, T_max=self.max_iter,
+                                                                    eta_min=s["w_lr_min"])
+        # DARTS' architecture optimizer: Adam with beta1 = 0.5
+        self.a_optimizer = torch.optim.Adam(self.arch_params, lr=s["arch_lr"], betas=(0.5, 0.999),
+                                            weight_decay=s["arch_weight_decay"])
+        self.lam = resource_lambda(s)
+        self.cost = self._build_cost()
+        self.checkpoints = CheckpointManager(os.path.join(out_dir, "checkpoints"),
+                                             keep=cfg["train"]["keep_checkpoints"], enabled=ctx.is_main)
+        self.nan_hook = parse_nan_hook(cfg["train"]["debug_nan_at"])
+        self.iter = 0
+        self._pending_rng: Optional[Dict[str, Any]] = None
+
+    def _build_cost(self):
+        from autofpn.search.cost import ResourceCost
+        neck = self.model.neck if self.stage == "neck" else None
+        head = self.model.roi_heads.box_head if self.stage == "head" else None
+        return ResourceCost(neck, head, search_image_size(self.cfg),
+                            num_rois=self.cfg["model"]["roi"]["batch_size_per_image"],
+                            size_divisible=self.cfg["model"]["transform"]["size_divisible"])
+
+    def arch_weights(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        arch = self.model.arch
+        return (arch.neck_weights() if self.stage == "neck" else None,
+                arch.head_weights() if self.stage == "head" else None)
+
+    def expected_cost(self) -> Tensor:
+        return self.cost.expected_cost(*self.arch_weights())
+
+    # ------------------------------------------------------------------------------- steps
+
+    def _losses(self, images, targets) -> Dict[str, Tensor]:
+        images, targets = move_to_device(images, targets, self.ctx.device)
+        losses = self.model(images, targets)
+        losses = inject_nan_for_test(losses, self.iter, self.nan_hook)
+        check_finite_losses(losses, self.iter, self.ctx.device)
+        return losses
+
+    def arch_step(self, images, targets) -> Dict[str, float]:
+        """One Adam step of alpha/beta on a batch of half B; weights get no gradient."""
+        for p in self.weight_params:
+            p.requires_grad_(False)
+        try:
+            losses = self._losses(images, targets)
+            detection = sum(losses.values())
+            cost = self.expected_cost()
+            total = detection + self.lam * cost
+            grads = torch.autograd.grad(total, self.arch_params)
+        finally:
+            for p in self.weight_params:
+                p.requires_grad_(True)
+        for p, g in zip(self.arch_params, grads):
+            p.grad = g
+        average_gradients(self.arch_params, self.ctx.world_size)
+        self.a_optimizer.step()
+        self.a_optimizer.zero_grad(set_to_none=True)
+        return {"arch_loss": float(detection.detach()), "cost": float(cost.detach())}
+
+    def weight_step(self, images, targets) -> Dict[str, float]:
+        """One SGD step of the network weights on a batch of half A; alpha/beta stay fixed."""
+        for p in self.arch_params:
+            p.requires_grad_(False)
+        try:
+            losses = self._losses(images, targets)
+            total = sum(losses.values())
+            self.w_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        finally:
+            for p in self.arch_params:
+                p.requires_grad_(True)
+        average_gradients(self.weight_params, self.ctx.world_size)
+        clip = float(self.search_cfg["w_grad_clip"])
+        if clip > 0:
+            nn.utils.clip_grad_norm_(self.weight_params, clip)
+        self.w_optimizer.step()
+        self.scheduler.step()
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = float(total.detach())
+        return out
+
+    # ------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "w_optimizer": self.w_optimizer.state_dict(),
+                "a_optimizer": self.a_optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "iter": self.iter, "stage": self.stage, "rng": du.all_gather_object(capture_rng_state()),
+                "world_size": self.ctx.world_size, "cfg": self.cfg}
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part in the RNG gather
+        self.checkpoints.save(state, self.iter)
+        du.barrier()
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Continue from ``path`` or the newest checkpoint of this stage's folder."""
+        path = path or self.checkpoints.latest()
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        if state.get("stage") != self.stage:
+            raise ValueError(f"{path}: a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
+        self.model.load_state_dict(state["model"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.iter = int(state["iter"])
+        rng = state.get("rng") or []
+        if rng:
+            self._pending_rng = rng[self.ctx.rank] if len(rng) == self.ctx.world_size else rng[0]
+        if self.ctx.is_main:
+            print(f"search {self.stage}: resumed from {path} at iteration {self.iter}", flush=True)
+        return True
+
+    def _restore_pending_rng(self) -> None:
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    # ------------------------------------------------------------------------------- the loop
+
+    def _log_arch(self, log: MetricsLog, epoch: int) -> None:
+        neck_w, head_w = self.arch_weights()
+        record = {"type": "arch", "stage": self.stage, "iter": self.iter, "epoch": epoch,
+                  "expected_cost": float(self.expected_cost().detach())}
+        if neck_w is not None:
+            record["alpha"] = neck_w.detach().cpu().tolist()
+        if head_w is not None:
+            record["beta"] = head_w.detach().cpu().tolist()
+        log.write(record)
+
+    def search(self) -> Dict[str, Any]:
+        """Run the stage to ``max_iter``; returns the decoded genotype of this stage."""
+        self.model.train()
+        if self.search_cfg["freeze_backbone"]:
+            self.model.backbone.eval()  # frozen: BatchNorm statistics stay as loaded
+        resumed = self.iter > 0 or self._pending_rng is not None
+        log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.ctx.is_main,
+                         resume_iter=self.iter if resumed else None)
+        trajectory = MetricsLog(os.path.join(self.out_dir, "arch_trajectory.jsonl"), enabled=self.ctx.is_main,
+                                resume_iter=self.iter if resumed else None)
+        progress = Progress(self.max_iter, self.iter, enabled=self.ctx.is_main, desc=f"search {self.stage}")
+        ckpt_period = int(self.cfg["train"]["checkpoint_period"])
+        log_period = max(int(self.cfg["train"]["log_period"]), 1)
+        if not resumed:
+            self._log_arch(trajectory, 0)
+        start = time.perf_counter()
+        try:
+            while self.iter < self.max_iter:
+                epoch, start_batch = divmod(self.iter, self.iters_per_epoch)
+                for loader in (self.loader_a, self.loader_b):
+                    set_loader_position(loader, epoch, start_batch)
+                if start_batch == 0:
+                    self._restore_pending_rng()  # before the iterators draw their base seeds
+                batches = zip(iter(self.loader_a), iter(self.loader_b))
+                self._restore_pending_rng()  # mid-epoch: after those draws, as in the first run
+                for (images_a, targets_a), (images_b, targets_b) in batches:
+                    record = {}
+                    if self.iter >= self.arch_start_iter:
+                        record.update(self.arch_step(images_b, targets_b))
+                    record.update(self.weight_step(images_a, targets_a))
+                    lr = self.w_optimizer.param_groups[0]["lr"]
+                    progress.update({k: v for k, v in record.items() if k.startswith("loss") or k == "cost"},
+                                    lr, len(images_a) * self.ctx.world_size)
+                    self.iter += 1
+                    if self.iter % log_period == 0 or self.iter == self.max_iter:
+                        log.write({"type": "search", "stage": self.stage, "iter": self.iter, "epoch": epoch,
+                                   "lr": lr, **record})
+                        self._log_arch(trajectory, epoch)
+                    if self.iter >= self.max_iter:
+                        break
+                    at_epoch_end = self.iter % self.iters_per_epoch == 0
+                    if at_epoch_end or (ckpt_period > 0 and self.iter % ckpt_period == 0):
+                        self.save_checkpoint()
+            self.save_checkpoint()
+            if self.ctx.is_main:
+                log.write({"type": "time", "stage": self.stage, "iter": self.iter,
+                           "seconds": time.perf_counter() - start})
+        finally:
+            progress.close()
+        return self.decode()
+
+    def decode(self) -> Dict[str, Any]:
+        from autofpn.search.decode import decode
+        neck = self.model.neck if self.stage == "neck" else None
+        head = self.model.roi_heads.box_head if self.stage == "head" else None
+        return decode(self.model.arch, neck, head, rule=self.search_cfg["decode_rule"])
+
+
+# ----------------------------------------------------------------------------------- stages
+
+def stage_config(cfg: Dict[str, Any], stage: str, neck_genotype: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The config a stage builds its detector from: the neck stage keeps the standard 2-MLP head;
+    the head stage uses the searched neck (or FPN when ``head_with_searched_neck`` is off)."""
+    import copy
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["head"]["type"] = "mlp"
+    if stage == "head":
+        use_searched = cfg["search"]["head_with_searched_neck"] and neck_genotype is not None
+        cfg["model"]["neck"]["type"] = "auto" if use_searched else "fpn"
+        # the searched neck is trained inside the head search without norm, like the supernets
+        cfg["model"]["neck"]["norm"] = cfg["search"]["searched_norm"]
+    return cfg
+
+
+def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext):
+    """Loaders over the two disjoint halves (A: weights, B: architecture) of the training set."""
+    from torch.utils.data import Subset
+
+    from autofpn.data import build_dataset, build_loader
+    dataset = build_dataset(cfg, "train")
+    half_a, half_b = split_halves(len(dataset), int(cfg["search"]["split_seed"]))
+    seed = int(cfg["train"]["seed"])
+    loader_a = build_loader(cfg, Subset(dataset, half_a), train=True, seed=seed,
+                            rank=ctx.rank, world_size=ctx.world_size)
+    loader_b = build_loader(cfg, Subset(dataset, half_b), train=True, seed=seed + 1,
+                            rank=ctx.rank, world_size=ctx.world_size)
+    return loader_a, loader_b
+
+
+def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
+    stage = cfg["search"]["stage"]
+    if stage == "both":
+        return list(STAGES)
+    if stage not in STAGES:
+        raise ValueError(f"search.stage must be neck, head or both, got {stage!r}")
+    return [stage]
+
+
+def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
+               neck_genotype: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run the configured stages; a finished stage (its ``<stage>/genotype.json`` exists) is not
+    run again, an interrupted one resumes from its newest checkpoint. Writes ``geno.json``,
+    ``arch_heatmap_<stage>.png`` and ``geno.png`` / ``.svg``; returns the final genotype."""
+    from autofpn.models.detector import build_detector
+    from autofpn.search.genotype import GENOTYPE_VERSION, load_genotype, save_genotype, validate_genotype
+
+    loader_a, loader_b = build_search_loaders(cfg, ctx)
+    parts: Dict[str, Optional[Dict[str, Any]]] = {"neck": None, "head": None}
+    if neck_genotype is not None:
+        parts["neck"] = neck_genotype.get("neck")
+    times = {}
+    for stage in stages_to_run(cfg):
+        stage_dir = os.path.join(out_dir, stage)
+        geno_path = os.path.join(stage_dir, "genotype.json")
+        if os.path.isfile(geno_path):
+            parts[stage] = load_genotype(geno_path)[stage]
+            if ctx.is_main:
+                print(f"search {stage}: already done ({geno_path})", flush=True)
+            continue
+        start = time.perf_counter()
+        stage_cfg = stage_config(cfg, stage, {"neck": parts["neck"]} if parts["neck"] else None)
+        seed_everything(int(cfg["train"]["seed"]))  # same supernet and alpha on every rank
+        model = build_detector(stage_cfg, genotype={"neck": parts["neck"], "head": None}, search=stage)
+        searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, stage_dir)
+        searcher.resume()
+        stage_geno = searcher.search()
+        parts[stage] = stage_geno[stage]
+        if ctx.is_main:
+            save_genotype(stage_geno, geno_path)
+            from autofpn.viz.arch_heatmap import plot_arch_heatmap
+            neck_w, head_w = searcher.arch_weights()
+            plot_arch_heatmap(neck_w if stage == "neck" else head_w, stage,
+                              os.path.join(out_dir, f"arch_heatmap_{stage}.png"),
+                              link_names=(model.neck.link_pairs if stage == "neck" else None))
+        du.barrier()
+        times[stage] = time.perf_counter() - start
+    genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
+                                  "decode_rule": cfg["search"]["decode_rule"],
+                                  "description": f"searched by search.py ({', '.join(stages_to_run(cfg))})",
+                                  "neck": parts["neck"], "head": parts["head"]})
+    if ctx.is_main:
+        save_genotype(genotype, os.path.join(out_dir, "geno.json"))
+        from autofpn.viz.genotype_diagram import draw_genotype
+        draw_genotype(genotype, os.path.join(out_dir, "geno.png"), title="Auto-FPN (searched)")
+        draw_genotype(genotype, os.path.join(out_dir, "geno.svg"), title="Auto-FPN (searched)")
+        with open(os.path.join(out_dir, "search_times.json"), "w") as f:
+            json.dump(times, f, indent=2)
+    return genotype

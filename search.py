@@ -1,0 +1,75 @@
+"""Search the neck (Auto-fusion) and the RCNN head (Auto-head) of a detector on your data.
+
+    torchrun --nproc_per_node N search.py --cfg configs/voc.yaml [--opts search.epochs=12 ...]
+    python search.py --cfg configs/demo.yaml                 # one process
+    python search.py --cfg configs/coco.yaml --dry-run      # params / FLOPs / memory plan only
+
+Stages (``search.stage``: neck | head | both): the neck first with the standard 2-MLP head, then
+the head with the searched neck. A run restarts where it stopped: finished stages are kept,
+an interrupted stage resumes from its newest checkpoint. Outputs in ``search.output_dir``:
+``geno.json`` (neck + head), ``neck/`` and ``head/`` (stage genotype, checkpoints,
+``metrics.jsonl``, ``arch_trajectory.jsonl``), ``arch_heatmap_<stage>.png``, ``geno.png/.svg``,
+``config.yaml``. Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
+"""
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default=None, help="YAML config (default: the built-in defaults)")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. search.resource_lambda=small search.stage=neck")
+    p.add_argument("--neck-genotype", default=None,
+                   help="genotype JSON whose neck the head stage uses (when search.stage=head)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print params, FLOPs and activation memory per stage and for the decoded model")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from autofpn.config import load_config, save_config
+    cfg = load_config(args.cfg, args.opts)
+    neck_genotype = None
+    if args.neck_genotype:
+        from autofpn.search.genotype import load_genotype
+        neck_genotype = load_genotype(args.neck_genotype)
+
+    if args.dry_run:
+        from autofpn.search.plan import format_plan, plan_search
+        print(format_plan(plan_search(cfg, neck_genotype)))
+        return 0
+
+    import torch
+    from autofpn.engine import distributed as du
+    from autofpn.engine.searcher import run_search
+    from autofpn.engine.trainer import NonFiniteLossError
+
+    ctx = du.init_distributed(cfg["train"]["device"])
+    out_dir = cfg["search"]["output_dir"]
+    try:
+        if cfg["train"]["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if ctx.is_main:
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
+        try:
+            genotype = run_search(cfg, ctx, out_dir, neck_genotype)
+        except NonFiniteLossError as e:
+            if ctx.is_main:
+                print(f"ERROR: {e}", file=sys.stderr, flush=True)
+            return 2
+        if ctx.is_main:
+            path = os.path.join(out_dir, "geno.json")
+            print(f"genotype written to {path}; diagram {os.path.join(out_dir, 'geno.png')}")
+            print(f"retrain: torchrun train.py --cfg {args.cfg or '<cfg>'} --genotype {path}", flush=True)
+            del genotype
+        return 0
+    finally:
+        du.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,9 +43,12 @@ def resolve_config(args):
     if args.genotype:
         from autofpn.search.genotype import load_genotype
         genotype = load_genotype(args.genotype)
-        # a genotype means a derived (searched) neck/head unless a baseline was asked for
-        if not args.neck and cfg["model"]["neck"]["type"] not in ("fpn", "panet"):
+        # a genotype means a derived (searched) neck/head for each part it holds, unless a
+        # baseline was asked for on the command line
+        if genotype.get("neck") and not args.neck:
             cfg["model"]["neck"]["type"] = "auto"
+        if genotype.get("head") and not args.head:
+            cfg["model"]["head"]["type"] = "auto"
     needs_geno = "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"])
     if needs_geno and genotype is None:
         raise SystemExit("model.neck.type / model.head.type is 'auto': pass --genotype FILE")

@@ -119,6 +119,13 @@ class Searcher:
         self.nan_hook = parse_nan_hook(cfg["train"]["debug_nan_at"])
         self.iter = 0
         self._pending_rng: Optional[Dict[str, Any]] = None
+        self.set_train_mode()
+
+    def set_train_mode(self) -> None:
+        """Train mode, except a frozen backbone, whose BatchNorm statistics stay as loaded."""
+        self.model.train()
+        if self.search_cfg["freeze_backbone"]:
+            self.model.backbone.eval()
 
     def _build_cost(self):
         from autofpn.search.cost import ResourceCost
@@ -239,9 +246,7 @@ class Searcher:
 
     def search(self) -> Dict[str, Any]:
         """Run the stage to ``max_iter``; returns the decoded genotype of this stage."""
-        self.model.train()
-        if self.search_cfg["freeze_backbone"]:
-            self.model.backbone.eval()  # frozen: BatchNorm statistics stay as loaded
+        self.set_train_mode()
         resumed = self.iter > 0 or self._pending_rng is not None
         log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.ctx.is_main,
                          resume_iter=self.iter if resumed else None)

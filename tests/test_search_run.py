@@ -1,0 +1,184 @@
+"""search.py end to end on the embedded data at tiny sizes (CPU): which step moves what, the
+resource constraint, search -> train.py, two processes keep alpha identical, kill -9 + resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import search as search_script  # noqa: E402
+
+from autofpn.config import load_config  # noqa: E402
+from autofpn.engine import distributed as du  # noqa: E402
+from autofpn.engine.checkpoint import load_checkpoint  # noqa: E402
+from autofpn.engine.searcher import Searcher, build_search_loaders, split_halves, stage_config  # noqa: E402
+from autofpn.models.detector import build_detector  # noqa: E402
+from autofpn.search.genotype import load_genotype  # noqa: E402
+
+
+def tiny_opts(synthetic_root: str, out_dir: str, **extra) -> list:
+    """A CPU-fast search: 128 px synthetic images, 8 train images (2 halves of 4), 2 per batch."""
+    opts = {
+        "search.output_dir": out_dir, "train.output_dir": out_dir + "_train", "train.device": "cpu",
+        "train.log_period": 1, "train.checkpoint_period": 0, "train.eval_period": 0,
+        "data.synthetic.root": synthetic_root, "data.synthetic.num_train": 8,
+        "data.synthetic.num_val": 4, "data.synthetic.image_size": 128,
+        "data.images_per_batch": 2, "data.num_workers": 0,
+        "model.transform.min_size": "[96,128]", "model.transform.max_size": 160,
+        "model.transform.test_min_size": 128,
+        "model.neck.channels": 8, "model.head.mlp_dim": 32, "model.head.channels": 8,
+        "model.rpn.pre_nms_top_n_train": 100, "model.rpn.post_nms_top_n_train": 50,
+        "model.rpn.pre_nms_top_n_test": 50, "model.rpn.post_nms_top_n_test": 30,
+        "model.rpn.batch_size_per_image": 32, "model.roi.batch_size_per_image": 16,
+        "model.roi.detections_per_img": 20,
+        "search.epochs": 2, "search.max_iters": 0, "search.arch_start_epoch_fraction": 0.25,
+        "solver.epochs": 1, "solver.warmup_iters": 1, "solver.steps": "[1]",
+    }
+    opts.update(extra)
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def _searcher(cfg, stage="neck", out_dir="/tmp/unused"):
+    ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    stage_cfg = stage_config(cfg, stage, None)
+    model = build_detector(stage_cfg, search=stage)
+    loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
+    return Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir), loader_a, loader_b
+
+
+def test_split_is_disjoint_seeded_and_complete():
+    a, b = split_halves(11, seed=3)
+    assert sorted(a + b) == list(range(11)) and not set(a) & set(b) and len(a) == 5
+    assert (a, b) == split_halves(11, seed=3) and (a, b) != split_halves(11, seed=4)
+
+
+@pytest.mark.parametrize("stage", ["neck", "head"])
+def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synthetic_root, stage):
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), tiny_opts(synthetic_root, str(tmp_path)))
+    searcher, loader_a, loader_b = _searcher(cfg, stage, str(tmp_path))
+    images_a, targets_a = next(iter(loader_a))
+    images_b, targets_b = next(iter(loader_b))
+    model = searcher.model
+    arch_name = "arch.alpha" if stage == "neck" else "arch.beta"
+
+    def snapshot():
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    before = snapshot()
+    searcher.arch_step(images_b, targets_b)
+    after_arch = snapshot()
+    assert not torch.equal(before[arch_name], after_arch[arch_name])
+    moved = [k for k in before if k != arch_name and not torch.equal(before[k], after_arch[k])]
+    assert moved == [], f"the architecture step changed weights: {moved[:5]}"
+
+    searcher.weight_step(images_a, targets_a)
+    after_weights = snapshot()
+    assert torch.equal(after_arch[arch_name], after_weights[arch_name])
+    searched = "neck." if stage == "neck" else "roi_heads.box_head."
+    assert any(not torch.equal(after_arch[k], after_weights[k]) for k in after_arch if k.startswith(searched))
+    # the backbone is frozen during the search (search.freeze_backbone)
+    assert all(torch.equal(after_arch[k], after_weights[k]) for k in after_arch if k.startswith("backbone."))
+
+
+def test_resource_constraint_lowers_expected_cost(tmp_path, synthetic_root):
+    costs = {}
+    for lam in (0, "small"):
+        cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                          tiny_opts(synthetic_root, str(tmp_path), **{"search.resource_lambda": lam,
+                                                                     "search.arch_lr": 0.05}))
+        searcher, _, loader_b = _searcher(cfg, "neck", str(tmp_path))
+        start = float(searcher.expected_cost().detach())
+        for epoch in range(2):  # 2 batches per epoch in half B
+            loader_b.batch_sampler.set_epoch(epoch)
+            for images, targets in loader_b:
+                searcher.arch_step(images, targets)
+        costs[lam] = (start, float(searcher.expected_cost().detach()))
+    assert costs[0][0] == costs["small"][0]  # same seed, same start
+    assert costs["small"][1] < costs["small"][0]
+    assert costs["small"][1] < costs[0][1] - 0.01, costs
+
+
+def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root):
+    out = str(tmp_path / "search")
+    assert search_script.main(["--cfg", str(REPO / "configs" / "demo.yaml"), "--opts",
+                               *tiny_opts(synthetic_root, out, **{"search.max_iters": 3})]) == 0
+    for name in ("geno.json", "geno.png", "geno.svg", "arch_heatmap_neck.png", "arch_heatmap_head.png",
+                 "config.yaml", "neck/genotype.json", "head/genotype.json", "neck/arch_trajectory.jsonl"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    geno = load_genotype(os.path.join(out, "geno.json"))
+    assert geno["neck"] is not None and geno["head"] is not None
+    trajectory = [json.loads(l) for l in open(os.path.join(out, "neck", "arch_trajectory.jsonl"))]
+    assert [r["iter"] for r in trajectory] == [0, 1, 2, 3] and len(trajectory[-1]["alpha"]) == 2
+
+    train_out = str(tmp_path / "retrain")
+    result = subprocess.run([sys.executable, "train.py", "--cfg", "configs/demo.yaml", "--genotype",
+                             os.path.join(out, "geno.json"), "--opts",
+                             *tiny_opts(synthetic_root, out, **{"train.output_dir": train_out,
+                                                                "solver.max_iters": 2})],
+                            cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = load_checkpoint(os.path.join(train_out, "model_final.pth"))
+    assert final["cfg"]["model"]["neck"]["type"] == "auto" and final["cfg"]["model"]["head"]["type"] == "auto"
+    assert final["genotype"] == geno
+
+
+def test_two_processes_keep_alpha_identical(tmp_path, synthetic_root):
+    out = str(tmp_path / "dist")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(REPO / "tests" / "search_rank_check.py"), str(REPO / "configs" / "demo.yaml"),
+         str(tmp_path / "report.json"), *tiny_opts(synthetic_root, out, **{"search.max_iters": 4, "search.epochs": 4})],
+        cwd=str(REPO), capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["steps"] == 4 and report["arch_steps"] == 3
+    assert report["identical_after_every_step"] is True
+    assert report["alpha_moved"] is True
+
+
+def _search_cmd(synthetic_root, out):
+    return [sys.executable, "search.py", "--cfg", "configs/demo.yaml", "--opts",
+            *tiny_opts(synthetic_root, out, **{"search.max_iters": 6, "search.epochs": 3, "train.checkpoint_period": 2})]
+
+
+def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic_root):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    result = subprocess.run(_search_cmd(synthetic_root, full), cwd=str(REPO), env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    proc = subprocess.Popen(_search_cmd(synthetic_root, killed), cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = os.path.join(killed, "head", "checkpoints", "ckpt_0000004.pth")  # the head stage, mid-way
+    deadline = time.time() + 400
+    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(target), "the run ended before the checkpoint to kill at"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "geno.json"))
+    result = subprocess.run(_search_cmd(synthetic_root, killed), cwd=str(REPO), env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "search neck: already done" in result.stdout and "resumed from" in result.stdout
+
+    assert load_genotype(os.path.join(full, "geno.json")) == load_genotype(os.path.join(killed, "geno.json"))
+    for stage, name in (("neck", "arch.alpha"), ("head", "arch.beta")):
+        a = load_checkpoint(os.path.join(full, stage, "checkpoints", "ckpt_0000006.pth"))["model"]
+        b = load_checkpoint(os.path.join(killed, stage, "checkpoints", "ckpt_0000006.pth"))["model"]
+        assert torch.equal(a[name], b[name]), stage
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: weights differ after resume"

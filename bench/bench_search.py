@@ -1,0 +1,123 @@
+"""The supernet's overhead: time per search iteration vs time per FPN training step.
+
+On one config (default configs/demo.yaml) and the same batches, measures
+  - FPN training step (forward + backward + SGD) of the baseline detector,
+  - neck-search iteration (architecture step on a batch of half B + weight step on half A),
+  - head-search iteration (same, head supernet with an FPN neck),
+interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
+iteration (VmHWM after the iteration minus VmRSS before it, the high-water mark reset with
+/proc/self/clear_refs; Linux only).
+
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--opts k=v ...]
+"""
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def build_variant(name: str, cfg) -> Callable[[], None]:
+    """A closure running one iteration of ``name`` ("fpn", "neck", "head") on fixed batches."""
+    from autofpn.data import build_dataset
+    from autofpn.data.loader import build_loader
+    from autofpn.engine import distributed as du
+    from autofpn.engine.searcher import Searcher, build_search_loaders, stage_config
+    from autofpn.models.detector import build_detector
+
+    torch.manual_seed(0)
+    ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    if name == "fpn":
+        fpn_cfg = stage_config(cfg, "neck", None)
+        fpn_cfg["model"]["neck"]["type"] = "fpn"
+        model = build_detector(fpn_cfg).train()
+        images, targets = next(iter(build_loader(fpn_cfg, build_dataset(fpn_cfg, "train"), train=True)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+        def step():
+            losses = model(images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return step
+    stage_cfg = stage_config(cfg, name, None)
+    model = build_detector(stage_cfg, search=name)
+    loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
+    searcher = Searcher(stage_cfg, name, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")
+    batch_a, batch_b = next(iter(loader_a)), next(iter(loader_b))
+
+    def step():
+        searcher.arch_step(*batch_b)
+        searcher.weight_step(*batch_a)
+    return step
+
+
+def _memory_worker(name: str, cfg, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    step = build_variant(name, cfg)
+    step()  # warm-up: optimizer state, allocator
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    step()
+    queue.put((_status_kib("VmHWM") - before) / 1024.0)
+
+
+def peak_memory_mib(name: str, cfg) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_worker, args=(name, cfg, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main() -> None:
+    sys.path.insert(0, REPO)
+    from autofpn.config import load_config
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cfg", default=os.path.join(REPO, "configs", "demo.yaml"))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--opts", nargs="*", default=[])
+    args = parser.parse_args()
+    cfg = load_config(args.cfg, args.opts)
+    t = cfg["model"]["transform"]
+    print(f"config {args.cfg}: {cfg['data']['images_per_batch']} images/batch, min_size {t['min_size']}, "
+          f"neck {cfg['model']['neck']['channels']} ch, Auto-head {cfg['model']['head']['channels']} ch, "
+          f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, threads {torch.get_num_threads()}")
+    steps: Dict[str, Callable[[], None]] = {name: build_variant(name, cfg) for name in ("fpn", "neck", "head")}
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(args.reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(v) for name, v in times.items()}
+    memory = {name: peak_memory_mib(name, cfg) for name in steps}
+    labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration"}
+    print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
+    for name in steps:
+        print(f"{labels[name]:<24}{median[name]:>10.3f}{median[name] / median['fpn']:>12.2f}"
+              f"{memory[name]:>10.0f}{memory[name] / memory['fpn']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,14 +3,13 @@
 Both detectors get the same backbone (ResNet-18-FPN or MobileNetV2-FPN with frozen BN, the same
 trainable stages), the same weights (copied from torchvision's model into ours), the same
 image size, proposal and sampling numbers. Repetitions are interleaved (ours, theirs, ours,
-...) and the median is reported. Peak memory is the growth of the peak resident set size
-during the measured steps, in a fresh subprocess per detector.
+...) and the median is reported. Peak memory is the extra peak resident memory of one train
+step (bench/peak_memory.py), in a fresh subprocess per detector.
 
     python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320]
 """
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -23,6 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from autofpn.config import load_config
+from peak_memory import peak_growth_mib
 from autofpn.models.detector import build_detector, torchvision_state_dict_to_ours
 
 NUM_CLASSES = 21
@@ -107,16 +107,12 @@ def _peak_memory_worker(which: str, backbone: str, size: int, queue) -> None:
     images, targets = make_batch(size)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     step = train_step_fn(model, optimizer, images, targets)
-    step()  # optimizer state allocated
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(2):
-        step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) / 1024.0)  # MiB growth of the peak (ru_maxrss is in KiB)
+    step()  # warm-up: optimizer state, allocator
+    queue.put(peak_growth_mib(step))
 
 
 def peak_memory_mib(which: str, backbone: str, size: int) -> float:
-    """Peak RSS growth over two train steps, in a fresh process (after one warm-up step)."""
+    """Extra peak resident memory of one train step, in a fresh process (after a warm-up step)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_memory_worker, args=(which, backbone, size, queue))

@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from autofpn.ops.mixed_sum import backend_name, mixed_sum
+from peak_memory import peak_growth_mib
 
 SEARCH_SHAPES = [(2, 64, 80, 80), (2, 256, 100, 168), (512, 512, 7, 7)]
 
@@ -86,25 +87,7 @@ def measure_peak_in_this_process(variant: str, shape, num_inputs: int) -> float:
     # do not count as the step's memory.
     forward_backward(VARIANTS[variant], *make_inputs((2, 3, 4, 5), num_inputs))
     xs, w, grad_out = make_inputs(shape, num_inputs)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM := VmRSS
-    before = _proc_status_kb()
-    if before["VmHWM"] != before["VmRSS"]:
-        raise RuntimeError(f"could not reset the RSS high-water mark: {before}")
-    forward_backward(VARIANTS[variant], xs, w, grad_out)
-    after = _proc_status_kb()
-    return (after["VmHWM"] - before["VmRSS"]) / 1024.0
-
-
-def _proc_status_kb() -> Dict[str, int]:
-    """VmRSS (current) and VmHWM (high-water mark) of this process in kB (Linux)."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
+    return peak_growth_mib(lambda: forward_backward(VARIANTS[variant], xs, w, grad_out))
 
 
 def peak_memory_mb(variant: str, shape, num_inputs: int, threads: int) -> float:

@@ -5,8 +5,7 @@ On one config (default configs/demo.yaml) and the same batches, measures
   - neck-search iteration (architecture step on a batch of half B + weight step on half A),
   - head-search iteration (same, head supernet with an FPN neck),
 interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
-iteration (VmHWM after the iteration minus VmRSS before it, the high-water mark reset with
-/proc/self/clear_refs; Linux only).
+iteration (bench/peak_memory.py; Linux only).
 
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--opts k=v ...]
 """
@@ -19,16 +18,9 @@ import time
 from typing import Callable, Dict
 
 import torch
+from peak_memory import peak_growth_mib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def build_variant(name: str, cfg) -> Callable[[], None]:
@@ -68,14 +60,9 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
 
 
 def _memory_worker(name: str, cfg, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
     step = build_variant(name, cfg)
     step()  # warm-up: optimizer state, allocator
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident size
-    step()
-    queue.put((_status_kib("VmHWM") - before) / 1024.0)
+    queue.put(peak_growth_mib(step))
 
 
 def peak_memory_mib(name: str, cfg) -> float:

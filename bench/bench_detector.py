@@ -9,7 +9,6 @@ step (bench/peak_memory.py), in a fresh subprocess per detector.
     python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320]
 """
 import argparse
-import multiprocessing as mp
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -22,7 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from autofpn.config import load_config
-from peak_memory import peak_growth_mib
+from peak_memory import peak_in_fresh_process
 from autofpn.models.detector import build_detector, torchvision_state_dict_to_ours
 
 NUM_CLASSES = 21
@@ -98,28 +97,15 @@ def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _peak_memory_worker(which: str, backbone: str, size: int, queue) -> None:
+def train_step_for(which: str, backbone: str, size: int) -> Callable[[], None]:
+    """One train step of "ours" or "torchvision" (fresh model and optimizer)."""
     torch.manual_seed(0)
     theirs = torchvision_model(backbone, size)
     model = theirs if which == "torchvision" else our_model(backbone, size, theirs)
-    del theirs
     model.train()
     images, targets = make_batch(size)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    step = train_step_fn(model, optimizer, images, targets)
-    step()  # warm-up: optimizer state, allocator
-    queue.put(peak_growth_mib(step))
-
-
-def peak_memory_mib(which: str, backbone: str, size: int) -> float:
-    """Extra peak resident memory of one train step, in a fresh process (after a warm-up step)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_worker, args=(which, backbone, size, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+    return train_step_fn(model, optimizer, images, targets)
 
 
 def main() -> None:
@@ -151,7 +137,7 @@ def main() -> None:
         rows.append((backbone, "train step", train["ours"], train["torchvision"]))
         rows.append((backbone, "inference", infer["ours"], infer["torchvision"]))
         if not args.no_memory:
-            mem = {w: peak_memory_mib(w, backbone, args.size) for w in ("ours", "torchvision")}
+            mem = {w: peak_in_fresh_process(train_step_for, w, backbone, args.size) for w in ("ours", "torchvision")}
             rows.append((backbone, "peak MiB", mem["ours"], mem["torchvision"]))
     print(header)
     for backbone, mode, a, b in rows:

@@ -10,7 +10,6 @@ iteration (bench/peak_memory.py; Linux only).
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--opts k=v ...]
 """
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -18,7 +17,7 @@ import time
 from typing import Callable, Dict
 
 import torch
-from peak_memory import peak_growth_mib
+from peak_memory import peak_in_fresh_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,22 +58,6 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
     return step
 
 
-def _memory_worker(name: str, cfg, queue) -> None:
-    step = build_variant(name, cfg)
-    step()  # warm-up: optimizer state, allocator
-    queue.put(peak_growth_mib(step))
-
-
-def peak_memory_mib(name: str, cfg) -> float:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(name, cfg, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
-
-
 def main() -> None:
     sys.path.insert(0, REPO)
     from autofpn.config import load_config
@@ -98,7 +81,7 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(v) for name, v in times.items()}
-    memory = {name: peak_memory_mib(name, cfg) for name in steps}
+    memory = {name: peak_in_fresh_process(build_variant, name, cfg) for name in steps}
     labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration"}
     print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
     for name in steps:

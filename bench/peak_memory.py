@@ -5,7 +5,9 @@ The kernel's resident-set high-water mark is reset to the current resident size
 VmRSS before it: the extra peak memory of that step alone. Run it in a fresh process per variant
 (after a warm-up step), so one variant's freed memory does not hide another's.
 """
-from typing import Callable, Dict
+import multiprocessing as mp
+import os
+from typing import Any, Callable, Dict, Tuple
 
 
 def proc_status_kib() -> Dict[str, int]:
@@ -28,3 +30,27 @@ def peak_growth_mib(step: Callable[[], None]) -> float:
         raise RuntimeError(f"could not reset the RSS high-water mark: {before}")
     step()
     return (proc_status_kib()["VmHWM"] - before["VmRSS"]) / 1024.0
+
+
+def _worker(build_step: Callable[..., Callable[[], None]], args: Tuple, queue) -> None:
+    step = build_step(*args)
+    step()  # warm-up: optimizer state, allocator, lazily loaded code
+    queue.put(peak_growth_mib(step))
+
+
+def peak_in_fresh_process(build_step: Callable[..., Callable[[], None]], *args: Any) -> float:
+    """Extra peak MiB of one ``step()`` after a warm-up, in a fresh (spawned) process, where
+    ``step = build_step(*args)`` (``build_step`` must be a module-level function).
+
+    glibc's malloc is told to hand every block over 64 KiB straight back to the kernel
+    (``MALLOC_MMAP_THRESHOLD_``; by default the threshold grows with freed blocks, which then
+    stay in the heap and hide the next step's peak).
+    """
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the child's malloc at start-up
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(build_step, args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value

@@ -1,6 +1,7 @@
 """``make demo``: the whole Auto-FPN pipeline on the embedded dataset, on a CPU, in minutes.
 
     python -m autofpn.demo [--out out/demo] [--cfg configs/demo.yaml] [--opts k=v ...]
+    python -m autofpn.demo --cfg configs/coco128.yaml --out out/coco128   # real data, same pipeline
 
 1. generate the embedded multi-scale shapes dataset (COCO JSON + JPEGs);
 2. ``train.py``: the FPN baseline (its backbone then stands in for ImageNet weights);
@@ -123,15 +124,17 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({cfg['data']['synthetic']['num_train']} train / {cfg['data']['synthetic']['num_val']} val images "
           f"in {cfg['data']['synthetic']['root']})", flush=True)
 
-    # No ImageNet weights in the demo: the FPN baseline's backbone stands in for the pretrained
-    # backbone the paper searches with (frozen); both detectors are then trained from scratch.
+    # A config without pretrained weights (the demo) searches with the FPN baseline's backbone
+    # standing in for the ImageNet backbone the paper searches with (frozen); both detectors
+    # are trained from the config's starting point.
     search_dir = os.path.join(out, "search")
     fpn_dir = os.path.join(out, "fpn")
     run_stage("train FPN", [py, "train.py", "--cfg", args.cfg, "--neck", "fpn", "--head", "mlp", "--opts",
                             *args.opts, f"train.output_dir={fpn_dir}"], times)
-    backbone_file = export_backbone(fpn_dir)
-    run_stage("search", [py, "search.py", "--cfg", args.cfg, "--opts", *args.opts,
-                         f"search.output_dir={search_dir}", f"model.backbone.weights={backbone_file}"], times)
+    search_opts = [f"search.output_dir={search_dir}"]
+    if cfg["model"]["backbone"]["weights"] in ("none", None):
+        search_opts.append(f"model.backbone.weights={export_backbone(fpn_dir)}")
+    run_stage("search", [py, "search.py", "--cfg", args.cfg, "--opts", *args.opts, *search_opts], times)
     geno = os.path.join(search_dir, "geno.json")
     run_stage("train Auto-FPN", [py, "train.py", "--cfg", args.cfg, "--genotype", geno, "--opts", *args.opts,
                                  f"train.output_dir={os.path.join(out, 'autofpn')}"], times)

@@ -118,11 +118,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from autofpn.data import build_dataset
     cfg = load_config(args.cfg, args.opts)
     start = time.perf_counter()
-    build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     times["data"] = time.perf_counter() - start
-    print(f"=== embedded dataset ready in {times['data']:.1f} s "
-          f"({cfg['data']['synthetic']['num_train']} train / {cfg['data']['synthetic']['num_val']} val images "
-          f"in {cfg['data']['synthetic']['root']})", flush=True)
+    print(f"=== datasets ready in {times['data']:.1f} s ({len(train_set)} train / {len(val_set)} val images)",
+          flush=True)
 
     # A config without pretrained weights (the demo) searches with the FPN baseline's backbone
     # standing in for the ImageNet backbone the paper searches with (frozen); both detectors

@@ -138,7 +138,7 @@ def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root)
 def test_two_processes_keep_alpha_identical(tmp_path, synthetic_root):
     out = str(tmp_path / "dist")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(REPO / "tests" / "search_rank_check.py"), str(REPO / "configs" / "demo.yaml"),
          str(tmp_path / "report.json"), *tiny_opts(synthetic_root, out, **{"search.max_iters": 4, "search.epochs": 4})],
         cwd=str(REPO), capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -144,7 +144,7 @@ def test_torchrun_two_processes_gloo(tmp_path, synthetic_root):
     build_dataset(load_config(str(REPO / "configs" / "demo.yaml"), opts), "train")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29731", str(REPO / "train.py"), *_cli(opts)]
+           "--standalone", str(REPO / "train.py"), *_cli(opts)]
     proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

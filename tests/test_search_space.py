@@ -111,6 +111,9 @@ def test_cost_of_decoded_genotype_matches_the_built_modules():
         # the tables of the built modules themselves give the same params / FLOPs / MAC
         exact = ResourceCost(neck, head, image_size=(64, 96), num_rois=10).total()
         assert exact == decoded
+    # and a supernet's exact cost counts what it holds: each link's 1x1 conv once, every op
+    assert tables.total()["neck"].params == n_params(supernet_neck)
+    assert tables.total()["head"].params == n_params(supernet_head)
 
 
 def test_flops_by_hand_for_an_identity_neck():

@@ -127,6 +127,9 @@ class ResourceCost:
             proj = meta.input_proj[f"c{lv}"]
             self.neck_const = self.neck_const + count_cost(proj, _meta((1, proj[0].in_channels) + sizes[lv]))
         table = torch.zeros(len(meta.layers), len(self.neck_pairs), len(NECK_OPS), 3, dtype=torch.float64)
+        # the 1x1 conv of each link (in every op's entry of ``table``) and how many ops share it
+        self.neck_link_conv = torch.zeros(len(meta.layers), len(self.neck_pairs), 3, dtype=torch.float64)
+        self.neck_ops_per_link = torch.zeros(len(meta.layers), len(self.neck_pairs), dtype=torch.float64)
         for k, layer in enumerate(meta.layers):
             for idx, (s, t) in enumerate(self.neck_pairs):
                 name = link_name(s, t)
@@ -134,6 +137,8 @@ class ResourceCost:
                     continue
                 link, x = layer[name], _meta((1, c) + sizes[s])
                 conv = count_cost(nn.Sequential(link.conv, link.norm), x)
+                self.neck_link_conv[k, idx] = torch.tensor(conv.as_list(), dtype=torch.float64)
+                self.neck_ops_per_link[k, idx] = len(link.mixed.ops)
                 for op_name, op in link.mixed.ops.items():
                     table[k, idx, NECK_OPS.index(op_name)] = torch.tensor((conv + count_cost(op, x)).as_list(),
                                                                            dtype=torch.float64)
@@ -194,11 +199,12 @@ class ResourceCost:
 
     # ----- exact costs
     def total(self) -> Dict[str, Cost]:
-        """Exact cost of the modules the tables were built from (meaningful for decoded modules,
-        which hold one op per link/edge; for a supernet it is the cost of all ops at once)."""
+        """Exact cost of the modules the tables were built from: a decoded module, or a supernet
+        with all its ops (each link's 1x1 conv counted once, not once per op)."""
         out = {}
         if self.neck_table is not None:
-            out["neck"] = self.neck_const + Cost(*self.neck_table.sum(dim=(0, 1, 2)).tolist())
+            shared = ((self.neck_ops_per_link - 1).clamp(min=0)[..., None] * self.neck_link_conv).sum(dim=(0, 1))
+            out["neck"] = self.neck_const + Cost(*(self.neck_table.sum(dim=(0, 1, 2)) - shared).tolist())
         if self.head_table is not None:
             pre = sum((c for cell in self.head_pre for c in cell if c is not None), Cost())
             out["head"] = pre + Cost(*self.head_table.sum(dim=(0, 1, 2)).tolist())
@@ -237,7 +243,7 @@ SETTINGS = {
     # name: (backbone channels C2..C5, neck width, Auto-head width, 2-MLP width, image (H, W),
     #        RoIs per image = roi.batch_size_per_image in training)
     "paper (ResNet-50, 800x1333)": ((256, 512, 1024, 2048), 256, 512, 1024, (800, 1333), 512),
-    "demo (ResNet-18, 256x256, configs/demo.yaml)": ((64, 128, 256, 512), 32, 64, 128, (256, 256), 128),
+    "demo (ResNet-18, 256x256, configs/demo.yaml)": ((64, 128, 256, 512), 32, 32, 128, (256, 256), 64),
 }
 
 

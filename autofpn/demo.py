@@ -97,7 +97,7 @@ def table(rows: List[Dict]) -> str:
     for r in rows:
         p, m = r["params"], r["metrics"]
         lines.append(f"| {r['method']} | {p['neck'] / 1e6:.3f} M | {p['head'] / 1e6:.3f} M | {p['total'] / 1e6:.2f} M | "
-                     + " | ".join(f"{m[k]:.1f}" if m.get(k) is not None else "-"
+                     + " | ".join(f"{m[k]:.2f}" if m.get(k) is not None else "-"
                                   for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + " |")
     return "\n".join(lines)
 
@@ -149,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pictures = draw_examples(models, cfg, out)
     times["total"] = time.perf_counter() - total_start
 
-    text = ["# Auto-FPN demo (embedded dataset, CPU)", "", table(rows), "",
+    text = [f"# Auto-FPN: search -> retrain -> evaluate ({os.path.relpath(args.cfg, REPO)})", "", table(rows), "",
             "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), "",
             f"Searched architecture: `{geno}` (diagram `geno.png`, weights `arch_heatmap_*.png`); "
             f"detections: {', '.join(os.path.basename(p) for p in pictures[:2])}, ..."]

@@ -39,7 +39,11 @@ DEFAULTS: Dict[str, Any] = {
             "mlp_dim": 1024,
             "channels": 512,  # auto-head width
             "cells": 2,
-            "norm": "none",  # none | gn | bn (derived Auto-head when retraining)
+            # derived Auto-head when retraining: none | gn | bn. BN (statistics over the image
+            # batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
+            # the demo, and GN followed by the global average pool erased the per-RoI signal
+            # (docs/BENCHMARKS.md, "The demo").
+            "norm": "bn",
         },
         "transform": {
             "min_size": [800],  # one is chosen at random per batch in training

@@ -17,6 +17,7 @@ import time
 from typing import Callable, Dict
 
 import torch
+from bench_detector import train_step_fn
 from peak_memory import peak_in_fresh_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,13 +40,7 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
         images, targets = next(iter(build_loader(fpn_cfg, build_dataset(fpn_cfg, "train"), train=True)))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-
-        def step():
-            losses = model(images, targets)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-        return step
+        return train_step_fn(model, optimizer, images, targets)
     stage_cfg = stage_config(cfg, name, None)
     model = build_detector(stage_cfg, search=name)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)

@@ -6,7 +6,7 @@ image size, proposal and sampling numbers. Repetitions are interleaved (ours, th
 ...) and the median is reported. Peak memory is the extra peak resident memory of one train
 step (bench/peak_memory.py), in a fresh subprocess per detector.
 
-    python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320]
+    python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320] [--profile]
 """
 import argparse
 import statistics
@@ -21,7 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from autofpn.config import load_config
-from peak_memory import peak_in_fresh_process
+from peak_memory import peak_in_fresh_process, profile_table
 from autofpn.models.detector import build_detector, torchvision_state_dict_to_ours
 
 NUM_CLASSES = 21
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--profile", action="store_true", help="also print a profile of one train step of each")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"{IMAGES_PER_BATCH} images/batch at min size {args.size}, median of {args.reps} interleaved reps")
@@ -135,6 +136,11 @@ def main() -> None:
         infer = interleaved_median({"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images)},
                                    args.reps)
         rows.append((backbone, "train step", train["ours"], train["torchvision"]))
+        if args.profile:
+            for name, model, opt in (("ours", ours, opt_ours), ("torchvision", theirs, opt_theirs)):
+                print(f"profile of one {backbone} train step, {name}:")
+                model.train()
+                print(profile_table(train_step_fn(model, opt, images, targets)))
         rows.append((backbone, "inference", infer["ours"], infer["torchvision"]))
         if not args.no_memory:
             mem = {w: peak_in_fresh_process(train_step_for, w, backbone, args.size) for w in ("ours", "torchvision")}

@@ -7,7 +7,7 @@ On one config (default configs/demo.yaml) and the same batches, measures
 interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
 iteration (bench/peak_memory.py; Linux only).
 
-    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--opts k=v ...]
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--opts k=v ...]
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ from typing import Callable, Dict
 
 import torch
 from bench_detector import train_step_fn
-from peak_memory import peak_in_fresh_process
+from peak_memory import peak_in_fresh_process, profile_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--cfg", default=os.path.join(REPO, "configs", "demo.yaml"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--opts", nargs="*", default=[])
+    parser.add_argument("--profile", action="store_true", help="also print a profile of one neck search iteration")
     args = parser.parse_args()
     cfg = load_config(args.cfg, args.opts)
     t = cfg["model"]["transform"]
@@ -76,6 +77,9 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(v) for name, v in times.items()}
+    if args.profile:
+        print("profile of one neck search iteration:")
+        print(profile_table(steps["neck"]))
     memory = {name: peak_in_fresh_process(build_variant, name, cfg) for name in steps}
     labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration"}
     print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")

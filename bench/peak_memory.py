@@ -54,3 +54,12 @@ def peak_in_fresh_process(build_step: Callable[..., Callable[[], None]], *args: 
     value = queue.get()
     proc.join()
     return value
+
+
+def profile_table(step: Callable[[], None], rows: int = 8) -> str:
+    """torch.profiler table of one ``step()``: the largest self-CPU-time operators."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=50)

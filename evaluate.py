@@ -38,29 +38,6 @@ def parse_args(argv=None):
     return args
 
 
-def count_flops(model, height: int, width: int):
-    """FLOPs of one eval forward on a ``[3, height, width]`` image, total and per part.
-
-    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs;
-    convolutions, matmuls and RoIAlign-free ops it knows); parts are the model's children.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    image = torch.rand(3, height, width)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model([image])
-    counts = counter.get_flop_counts()  # keys: "Global", "FasterRCNN", "FasterRCNN.backbone" ...
-    root = type(model).__name__
-
-    def part(child: str) -> int:
-        return int(sum(counts.get(f"{root}.{child}", {}).values()))
-
-    return {"total": int(counter.get_total_flops()), "backbone": part("backbone"),
-            "neck": part("neck"), "rpn": part("rpn"), "head": part("roi_heads")}
-
-
 def _fmt_count(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -83,7 +60,7 @@ def run_model_mode(args) -> int:
     from autofpn.engine import distributed as du
     from autofpn.eval import evaluate_model
     from autofpn.eval.inference import write_metrics
-    from autofpn.models.detector import build_detector, parameter_breakdown
+    from autofpn.models.detector import build_detector, count_flops, parameter_breakdown
 
     checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     if "model" not in checkpoint:

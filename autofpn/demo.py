@@ -15,7 +15,6 @@ Outputs in ``--out``: ``search/`` (geno.json, diagrams, heat maps), ``fpn/`` and
 (training runs), ``geno.png``, ``arch_heatmap_*.png``, ``detections_*.jpg`` and ``summary.md``.
 """
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
+
+from autofpn.engine.runs import export_backbone, final_metrics, load_final_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,38 +36,6 @@ def run_stage(name: str, cmd: List[str], times: Dict[str, float]) -> None:
     if result.returncode != 0:
         raise SystemExit(f"demo stage '{name}' failed with exit code {result.returncode}")
     print(f"=== {name} took {times[name]:.0f} s", flush=True)
-
-
-def final_metrics(run_dir: str) -> Dict[str, float]:
-    """The summary of the last evaluation of a training run (``eval/iter_*/metrics.json``)."""
-    found = sorted(glob.glob(os.path.join(run_dir, "eval", "iter_*", "metrics.json")))
-    if not found:
-        raise SystemExit(f"no evaluation found in {run_dir}/eval")
-    with open(found[-1]) as f:
-        return json.load(f)
-
-
-def model_summary(run_dir: str):
-    """(parameter breakdown, detector) of a finished training run's final model."""
-    import torch
-
-    from autofpn.models.detector import build_detector, parameter_breakdown
-    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=True)
-    model = build_detector(state["cfg"], state.get("genotype"))
-    model.load_state_dict(state["model"])
-    return parameter_breakdown(model), model.eval()
-
-
-def export_backbone(run_dir: str) -> str:
-    """Write the backbone of a finished run as a plain state dict (``model.backbone.weights``)."""
-    import torch
-
-    from autofpn.engine.checkpoint import atomic_torch_save
-    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=True)["model"]
-    prefix = "backbone.body."
-    path = os.path.join(run_dir, "backbone.pth")
-    atomic_torch_save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path)
-    return path
 
 
 def draw_examples(models: Dict[str, object], cfg: Dict, out_dir: str, count: int = 3) -> List[str]:
@@ -132,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             *args.opts, f"train.output_dir={fpn_dir}"], times)
     search_opts = [f"search.output_dir={search_dir}"]
     if cfg["model"]["backbone"]["weights"] in ("none", None):
-        search_opts.append(f"model.backbone.weights={export_backbone(fpn_dir)}")
+        search_opts.append(f"model.backbone.weights={export_backbone(fpn_dir, os.path.join(fpn_dir, 'backbone.pth'))}")
     run_stage("search", [py, "search.py", "--cfg", args.cfg, "--opts", *args.opts, *search_opts], times)
     geno = os.path.join(search_dir, "geno.json")
     run_stage("train Auto-FPN", [py, "train.py", "--cfg", args.cfg, "--genotype", geno, "--opts", *args.opts,
@@ -140,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     rows, models = [], {}
     for method, run in (("FPN", "fpn"), ("Auto-FPN", "autofpn")):
-        params, model = model_summary(os.path.join(out, run))
+        params, model = load_final_model(os.path.join(out, run))
         rows.append({"method": method, "params": params, "metrics": final_metrics(os.path.join(out, run))})
         models[run] = model
     for name in ("geno.png", "geno.svg", "arch_heatmap_neck.png", "arch_heatmap_head.png"):

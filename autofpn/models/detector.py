@@ -161,6 +161,31 @@ def parameter_breakdown(model: FasterRCNN) -> Dict[str, int]:
     return parts
 
 
+def count_flops(model, height: int, width: int):
+    """FLOPs of one eval forward on a ``[3, height, width]`` image, total and per part.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs;
+    convolutions, matmuls and RoIAlign-free ops it knows); parts are the model's children.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model([image])
+    model.train(was_training)
+    counts = counter.get_flop_counts()  # keys: "Global", "FasterRCNN", "FasterRCNN.backbone" ...
+    root = type(model).__name__
+
+    def part(child: str) -> int:
+        return int(sum(counts.get(f"{root}.{child}", {}).values()))
+
+    return {"total": int(counter.get_total_flops()), "backbone": part("backbone"),
+            "neck": part("neck"), "rpn": part("rpn"), "head": part("roi_heads")}
+
+
 def torchvision_state_dict_to_ours(state: Dict[str, Tensor], levels=(2, 3, 4, 5)) -> Dict[str, Tensor]:
     """Key mapping from torchvision's ``fasterrcnn_resnet50_fpn`` (and other
     ``resnet_fpn_backbone`` Faster R-CNNs) to our FPN detector:

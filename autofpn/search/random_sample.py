@@ -1,0 +1,71 @@
+"""Random architectures: genotypes drawn uniformly from the Auto-FPN search space.
+
+The baseline a search has to beat (weight-sharing searches are known to rank architectures
+poorly, so "better than FPN" alone proves little). Uniform over the *valid* genotypes of the
+same space the search explores:
+
+- neck: every link (source j -> target i) of every layer takes an op of ``NECK_OPS`` uniformly,
+  "none" included (the link is then absent); a target level whose links all drew "none" is
+  redrawn (every level needs an input), which is uniform over the valid layers;
+- head: every edge of every cell takes an op of ``HEAD_OPS`` uniformly, "none" included; an
+  intermediate node whose edges all drew "none" is redrawn likewise.
+
+A draw is a function of (seed, index) only, so the i-th random architecture of a study is the
+same whatever the number of architectures asked for.
+"""
+import random
+from typing import Any, Dict, List, Sequence
+
+from .genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
+from .space import HEAD_OPS, NECK_OPS
+
+
+def _neck_layer(rng: random.Random, levels: Sequence[int]) -> List[Dict[str, Any]]:
+    links = []
+    for target in levels:
+        while True:  # redraw a level that received no link
+            ops = [rng.choice(NECK_OPS) for _ in levels]
+            if any(op != "none" for op in ops):
+                break
+        links += [{"from": source, "to": target, "op": op} for source, op in zip(levels, ops) if op != "none"]
+    return links
+
+
+def _head_cell(rng: random.Random) -> List[Dict[str, Any]]:
+    edges = []
+    for node in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES):
+        while True:  # redraw a node that received no input
+            ops = [rng.choice(HEAD_OPS) for _ in range(node)]
+            if any(op != "none" for op in ops):
+                break
+        edges += [{"node": node, "input": k, "op": op} for k, op in enumerate(ops) if op != "none"]
+    return edges
+
+
+def random_genotype(seed: int, index: int, levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
+                    cells: int = 2) -> Dict[str, Any]:
+    """The ``index``-th random genotype (neck and head) of random stream ``seed``."""
+    rng = random.Random(f"autofpn-random-genotype-{seed}-{index}")  # str seeds are stable across runs
+    genotype = {
+        "version": GENOTYPE_VERSION,
+        "name": f"random_{index:02d}",
+        "description": f"drawn uniformly from the search space (seed {seed}, index {index})",
+        "neck": {"levels": [int(lv) for lv in levels], "layers": [_neck_layer(rng, levels) for _ in range(layers)]},
+        "head": {"cells": [_head_cell(rng) for _ in range(cells)]},
+    }
+    return validate_genotype(genotype)
+
+
+def random_genotypes(count: int, seed: int = 0, levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
+                     cells: int = 2) -> List[Dict[str, Any]]:
+    """``count`` distinct random genotypes; a draw equal to an earlier one is skipped (the space
+    holds ~10^40 architectures, so this essentially never happens)."""
+    found, seen, index = [], set(), 0
+    while len(found) < count:
+        g = random_genotype(seed, index, levels, layers, cells)
+        key = repr((g["neck"], g["head"]))
+        if key not in seen:
+            seen.add(key)
+            found.append({**g, "name": f"random_{len(found):02d}"})
+        index += 1
+    return found

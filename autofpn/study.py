@@ -1,0 +1,631 @@
+"""The study: does the searched Auto-FPN beat FPN, and a random architecture of the same space,
+at the same training budget? (The paper's Tables 2 and 8, at any scale, with seeds.)
+
+    python -m autofpn.study --cfg configs/demo.yaml --out out/study/demo \
+        [--seeds 3] [--random 8] [--lambdas small middle large] [--jobs 2]
+    python -m autofpn.study --cfg ... --out DIR --collect           # table from the folders only
+    python -m autofpn.study --cfg ... --out DIR --shard 0/4 --launcher "torchrun --nproc_per_node 8"
+
+Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
+shipped genotypes' necks + 2-MLP head), ``--random`` genotypes drawn uniformly from the search
+space (neck and head, ``autofpn.search.random_sample``), and one searched genotype per
+resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
+retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
+init and data order). A config without pretrained backbone weights (the demo) searches with the
+backbone of the ``fpn`` run of the first seed, frozen, as ``make demo`` does.
+
+Units and safety. Each (entry, seed) is a unit in ``DIR/units/<entry>/seed_<s>/`` (``run/`` is
+its train.py folder, ``log.txt`` its output, ``result.json`` its metrics once finished); each
+search is a unit in ``DIR/searches/<preset>/``. Units run as subprocesses (``--jobs`` at a time,
+the CPU threads divided between them) that die with the study. Running the same command again
+skips finished units and resumes an interrupted one from its newest checkpoint (train.py and
+search.py resume by themselves), so a kill -9 loses at most a unit's progress since its last
+checkpoint. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
+the others; it is retried only with ``--retry-failed``. ``DIR/study_config.json`` records the
+resolved config: a folder is never continued with another config.
+
+Outputs in DIR: ``study.md`` (table: params neck / head / total, FLOPs, mean ± std over seeds of
+AP, AP50, AP75, APs/m/l, training and search time, and the verdict), ``study.json`` (every run
+and the aggregates) and ``pareto.png`` (AP against neck + head params).
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINES = ("fpn", "panet", "ssd")
+LAMBDA_PRESETS = ("small", "middle", "large")
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+ELAPSED_SAVE_PERIOD = 10.0  # seconds between saves of a running unit's elapsed time
+
+
+class StudyError(RuntimeError):
+    """A study that cannot go on (folder made by another config, bad arguments)."""
+
+
+# ----------------------------------------------------------------------------------- entries
+
+@dataclass
+class Entry:
+    """One architecture of the study.
+
+    ``neck`` / ``head`` are train.py's ``--neck`` / ``--head``; ``genotype_path`` its
+    ``--genotype`` (for a searched entry it exists once its search is done)."""
+    name: str
+    kind: str  # baseline | random | searched
+    neck: str
+    head: str
+    genotype_path: Optional[str] = None
+    search: Optional[str] = None  # the lambda preset of a searched entry
+
+    def train_args(self) -> List[str]:
+        args = ["--neck", self.neck, "--head", self.head]
+        return args + (["--genotype", self.genotype_path] if self.genotype_path else [])
+
+
+def plan_entries(out: str, baselines: Sequence[str], num_random: int, lambdas: Sequence[str],
+                 random_seed: int, cfg: Dict[str, Any]) -> List[Entry]:
+    """The study's entries; random genotypes are written to ``out/genotypes/``."""
+    from autofpn.search.genotype import load_genotype, save_genotype
+    from autofpn.search.random_sample import random_genotypes
+    entries = []
+    for name in baselines:
+        if name == "fpn":
+            entries.append(Entry("fpn", "baseline", "fpn", "mlp"))
+        else:
+            entries.append(Entry(name, "baseline", "auto", "mlp",
+                                 os.path.join(REPO, "configs", "genotypes", f"{name}.json")))
+    model = cfg["model"]
+    drawn = random_genotypes(num_random, random_seed, model["neck"]["levels"], model["neck"]["layers"],
+                             model["head"]["cells"])
+    for genotype in drawn:
+        path = os.path.join(out, "genotypes", f"{genotype['name']}.json")
+        if os.path.isfile(path) and load_genotype(path) != genotype:
+            raise StudyError(f"{path} differs from the genotype drawn now (another --random-seed or "
+                             f"search space made this folder); use another --out")
+        save_genotype(genotype, path)
+        entries.append(Entry(genotype["name"], "random", "auto", "auto", path))
+    for preset in lambdas:
+        entries.append(Entry(f"searched_{preset}", "searched", "auto", "auto",
+                             os.path.join(out, "searches", preset, "geno.json"), search=preset))
+    return entries
+
+
+# ----------------------------------------------------------------------------------- units
+
+@dataclass
+class Unit:
+    """A subprocess of the study (one training run or one search) and its folder."""
+    key: str  # "fpn/seed_0" or "search/middle"
+    folder: str
+    command: Callable[[], List[str]]  # built when the unit starts (its dependencies are done then)
+    deps: List[str] = field(default_factory=list)
+    finish: Callable[[float], None] = lambda seconds: None  # after exit code 0
+
+    @property
+    def result_path(self) -> str:
+        return os.path.join(self.folder, "result.json")
+
+    @property
+    def error_path(self) -> str:
+        return os.path.join(self.folder, "error.txt")
+
+    def is_done(self) -> bool:
+        return os.path.isfile(self.result_path)
+
+    def has_failed(self) -> bool:
+        return os.path.isfile(self.error_path)
+
+
+def write_json(obj: Any, path: str) -> None:
+    """Atomic JSON write (temp file, fsync, rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _elapsed_before(unit: Unit) -> float:
+    path = os.path.join(unit.folder, "elapsed.json")
+    return float(read_json(path)["seconds"]) if os.path.isfile(path) else 0.0
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the study process dies (Linux), so a
+    killed study leaves no orphan training runs writing into its folders."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Running:
+    def __init__(self, unit: Unit, env: Dict[str, str]):
+        self.unit = unit
+        os.makedirs(unit.folder, exist_ok=True)
+        self.prior = _elapsed_before(unit)
+        self.start = time.perf_counter()
+        self.last_save = self.start
+        self.log = open(os.path.join(unit.folder, "log.txt"), "a")
+        cmd = unit.command()
+        self.log.write(f"\n$ {shlex.join(cmd)}\n")
+        self.log.flush()
+        self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def seconds(self) -> float:
+        return self.prior + time.perf_counter() - self.start
+
+    def save_elapsed(self) -> None:
+        write_json({"seconds": self.seconds()}, os.path.join(self.unit.folder, "elapsed.json"))
+        self.last_save = time.perf_counter()
+
+
+def _log_tail(folder: str, lines: int = 15) -> str:
+    try:
+        with open(os.path.join(folder, "log.txt"), errors="replace") as f:
+            text = f.read().replace("\r", "\n")
+    except OSError:
+        return ""
+    return "\n".join([l for l in text.splitlines() if l.strip()][-lines:])
+
+
+def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: bool = False,
+              done_elsewhere: Callable[[str], bool] = lambda key: False,
+              say: Callable[[str], None] = print) -> Dict[str, str]:
+    """Run the units that are not done, ``jobs`` at a time, each after its dependencies.
+
+    A dependency that is not among ``units`` (another shard's) counts as met when
+    ``done_elsewhere(key)``. Returns {key: status} with status done | failed | blocked (a
+    dependency failed) | waiting (a dependency of another shard is not done yet)."""
+    status: Dict[str, str] = {}
+    by_key = {u.key: u for u in units}
+    todo = []
+    for unit in units:
+        if unit.is_done():
+            status[unit.key] = "done"
+        elif unit.has_failed() and not retry_failed:
+            status[unit.key] = "failed"
+        else:
+            if unit.has_failed():
+                os.remove(unit.error_path)
+            todo.append(unit)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_job), MKL_NUM_THREADS=str(threads_per_job),
+               PYTHONUNBUFFERED="1")
+    total, finished = len(todo), 0
+    say(f"study: {len(units) - total} of {len(units)} units already done or failed, {total} to run "
+        f"({jobs} at a time, {threads_per_job} thread(s) each)")
+    running: List[Running] = []
+    try:
+        while todo or running:
+            for unit in list(todo):
+                if len(running) >= jobs:
+                    break
+                dep_states = [status.get(d) if d in by_key else ("done" if done_elsewhere(d) else "waiting")
+                              for d in unit.deps]
+                if any(s in ("failed", "blocked") for s in dep_states):
+                    status[unit.key] = "blocked"
+                    todo.remove(unit)
+                    say(f"study: {unit.key} not run: a unit it needs failed ({', '.join(unit.deps)})")
+                elif all(s == "done" for s in dep_states):
+                    todo.remove(unit)
+                    resumed = " (resuming)" if _elapsed_before(unit) > 0 else ""
+                    say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
+                    running.append(Running(unit, env))
+            if not running:
+                for unit in todo:
+                    status[unit.key] = "waiting"
+                    say(f"study: {unit.key} waits for {', '.join(unit.deps)} (another shard's unit)")
+                break
+            time.sleep(0.5)
+            for run in list(running):
+                code = run.process.poll()
+                if code is None:
+                    if time.perf_counter() - run.last_save > ELAPSED_SAVE_PERIOD:
+                        run.save_elapsed()
+                    continue
+                running.remove(run)
+                run.save_elapsed()
+                run.log.close()
+                finished += 1
+                seconds = run.seconds()
+                if code == 0:
+                    try:
+                        run.unit.finish(seconds)
+                        status[run.unit.key] = "done"
+                        say(f"study: done  {run.unit.key} in {seconds:.0f} s  [{finished}/{total}]")
+                        continue
+                    except Exception as e:  # an unreadable result is a failed unit, not a dead study
+                        reason = f"finished but its result could not be read: {e}"
+                else:
+                    reason = f"exit code {code}"
+                status[run.unit.key] = "failed"
+                with open(run.unit.error_path, "w") as f:
+                    f.write(f"{reason}\n{_log_tail(run.unit.folder)}\n")
+                say(f"study: FAILED {run.unit.key} ({reason}); log: {os.path.join(run.unit.folder, 'log.txt')}")
+    finally:
+        for run in running:  # interrupted (Ctrl-C): stop the children, keep their checkpoints
+            run.process.kill()
+            run.process.wait()
+            run.save_elapsed()
+            run.log.close()
+    return status
+
+
+# ----------------------------------------------------------------------------------- the study
+
+def unit_folder(out: str, entry: str, seed: int) -> str:
+    return os.path.join(out, "units", entry, f"seed_{seed}")
+
+
+def search_folder(out: str, preset: str) -> str:
+    return os.path.join(out, "searches", preset)
+
+
+def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]) -> List[Unit]:
+    """Every unit of the study in the order they are started: the FPN run that lends the
+    searches its backbone (when the config has no pretrained one), the searches, then the
+    training runs seed by seed (a partial study holds whole seeds)."""
+    from autofpn.engine.runs import export_backbone, final_metrics
+    out, py = args.out, sys.executable
+    launcher = shlex.split(args.launcher) if args.launcher else [py]
+    needs_backbone = str(cfg["model"]["backbone"]["weights"]).lower() in ("none", "null")
+    backbone_unit = f"fpn/seed_{seeds[0]}"
+    units: List[Unit] = []
+
+    def train_unit(entry: Entry, seed: int) -> Unit:
+        folder = unit_folder(out, entry.name, seed)
+        run_dir = os.path.join(folder, "run")
+
+        def command() -> List[str]:
+            return [*launcher, os.path.join(REPO, "train.py"), "--cfg", args.cfg, *entry.train_args(), "--opts",
+                    *args.opts, f"train.seed={seed}", f"train.output_dir={run_dir}"]
+
+        def finish(seconds: float) -> None:
+            metrics = final_metrics(run_dir)
+            write_json({"entry": entry.name, "seed": seed, "train_seconds": seconds,
+                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+                       os.path.join(folder, "result.json"))
+            if not args.keep_checkpoints:  # model_final.pth stays; the resume points go
+                shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+
+        deps = [f"search/{entry.search}"] if entry.search else []
+        return Unit(f"{entry.name}/seed_{seed}", folder, command, deps, finish)
+
+    def search_unit(preset: str) -> Unit:
+        folder = search_folder(out, preset)
+
+        def command() -> List[str]:
+            opts = [*args.opts, f"search.output_dir={folder}", f"search.resource_lambda={preset}"]
+            if needs_backbone:
+                path = os.path.join(out, "searches", "backbone.pth")
+                if not os.path.isfile(path):
+                    export_backbone(os.path.join(unit_folder(out, "fpn", seeds[0]), "run"), path)
+                opts.append(f"model.backbone.weights={path}")
+            return [*launcher, os.path.join(REPO, "search.py"), "--cfg", args.cfg, "--opts", *opts]
+
+        def finish(seconds: float) -> None:
+            if not os.path.isfile(os.path.join(folder, "geno.json")):
+                raise FileNotFoundError(f"{folder}/geno.json was not written")
+            write_json({"search": preset, "search_seconds": seconds}, os.path.join(folder, "result.json"))
+
+        deps = [backbone_unit] if needs_backbone else []
+        return Unit(f"search/{preset}", folder, command, deps, finish)
+
+    fpn = next((e for e in entries if e.name == "fpn"), None)
+    searches = [e.search for e in entries if e.search]
+    if needs_backbone and searches and fpn is None:
+        raise StudyError("the config has no pretrained backbone (model.backbone.weights: none): the searches "
+                         "borrow the fpn baseline's backbone, so keep 'fpn' in --baselines")
+    if needs_backbone and searches:
+        units.append(train_unit(fpn, seeds[0]))
+    units += [search_unit(p) for p in searches]
+    for seed in seeds:
+        units += [train_unit(e, seed) for e in entries if not (e is fpn and needs_backbone and searches
+                                                                and seed == seeds[0])]
+    return units
+
+
+def shard_units(units: List[Unit], shard: Optional[str]) -> List[Unit]:
+    """The units of shard ``i/n``: every n-th unit from the i-th, in the study's order."""
+    if not shard:
+        return units
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise StudyError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise StudyError(f"--shard {shard!r}: i must be in 0..n-1")
+    return units[i::n]
+
+
+# ----------------------------------------------------------------------------------- collecting
+
+def _mean_std(values: List[float]):
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def entry_complexity(cfg_path: str, opts: List[str], entry: Entry) -> Dict[str, Any]:
+    """Params (neck / head / total) and FLOPs of one eval forward at the test size, of the
+    detector train.py builds for ``entry``."""
+    import torch
+
+    from autofpn.config import load_config
+    from autofpn.models.detector import build_detector, count_flops, parameter_breakdown
+    from autofpn.search.genotype import load_genotype
+    cfg = load_config(cfg_path, [*opts, f"model.neck.type={entry.neck}", f"model.head.type={entry.head}"])
+    genotype = load_genotype(entry.genotype_path) if entry.genotype_path else None
+    torch.manual_seed(0)
+    model = build_detector(cfg, genotype)
+    params = parameter_breakdown(model)
+    size = int(cfg["model"]["transform"]["test_min_size"])
+    flops = count_flops(model, size, size)
+    return {"params": {"neck": params["neck"], "head": params["head"], "total": params["total"]},
+            "flops": flops["total"], "flops_parts": flops, "flops_image_size": size}
+
+
+def collect(args, entries: List[Entry], seeds: List[int], status: Dict[str, str]) -> Dict[str, Any]:
+    """The study as data (``study.json``) from the unit folders."""
+    out = []
+    for entry in entries:
+        record: Dict[str, Any] = {"name": entry.name, "kind": entry.kind, "genotype": None, "params": None,
+                                  "flops": None, "flops_parts": None, "runs": [], "failed_seeds": [], "mean": {}, "std": {},
+                                  "search_seconds": None}
+        if entry.search:
+            result = os.path.join(search_folder(args.out, entry.search), "result.json")
+            if os.path.isfile(result):
+                record["search_seconds"] = read_json(result)["search_seconds"]
+        available = entry.genotype_path is None or os.path.isfile(entry.genotype_path)
+        if available:
+            if entry.genotype_path:
+                record["genotype"] = read_json(entry.genotype_path)
+            record.update(entry_complexity(args.cfg, args.opts, entry))
+        for seed in seeds:
+            folder = unit_folder(args.out, entry.name, seed)
+            if os.path.isfile(os.path.join(folder, "result.json")):
+                r = read_json(os.path.join(folder, "result.json"))
+                record["runs"].append({"seed": seed, "metrics": r["metrics"], "train_seconds": r["train_seconds"]})
+            elif os.path.isfile(os.path.join(folder, "error.txt")) or status.get(f"{entry.name}/seed_{seed}") in (
+                    "failed", "blocked"):
+                record["failed_seeds"].append(seed)
+        keys = list(METRIC_KEYS) + ["train_seconds"]
+        for k in keys:
+            values = [run["train_seconds"] if k == "train_seconds" else run["metrics"].get(k) for run in record["runs"]]
+            values = [v for v in values if v is not None and v >= 0]  # pycocotools: -1 = no object of that size
+            record["mean"][k], record["std"][k] = _mean_std(values)
+        out.append(record)
+    study = {"config": os.path.relpath(os.path.abspath(args.cfg), REPO), "opts": list(args.opts), "seeds": seeds,
+             "jobs": args.jobs, "threads_per_unit": threads_per_job(args.jobs),
+             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+             "entries": out}
+    study["verdict"] = verdict(study)
+    return study
+
+
+def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
+    """Searched - FPN AP with its standard error, and each searched entry's rank among the
+    random ones (by mean AP), from the numbers alone."""
+    entries = {e["name"]: e for e in study["entries"]}
+    fpn = entries.get("fpn")
+    randoms = [e for e in study["entries"] if e["kind"] == "random" and e["mean"].get("AP") is not None]
+    random_ap = sorted((e["mean"]["AP"] for e in randoms), reverse=True)
+    result: Dict[str, Any] = {"random_AP": {"count": len(random_ap)}, "searched": {}}
+    if random_ap:
+        mean, std = _mean_std(random_ap)
+        result["random_AP"].update(mean=mean, std=std, best=random_ap[0],
+                                   median=random_ap[len(random_ap) // 2] if len(random_ap) % 2 else
+                                   0.5 * (random_ap[len(random_ap) // 2 - 1] + random_ap[len(random_ap) // 2]))
+    for e in study["entries"]:
+        if e["kind"] != "searched" or e["mean"].get("AP") is None:
+            continue
+        v: Dict[str, Any] = {"seeds": len(e["runs"])}
+        if fpn and fpn["mean"].get("AP") is not None:
+            v["AP_minus_fpn"] = e["mean"]["AP"] - fpn["mean"]["AP"]
+            var = sum((x["std"]["AP"] or 0.0) ** 2 / len(x["runs"]) for x in (e, fpn))
+            v["AP_minus_fpn_se"] = math.sqrt(var) if all(x["std"]["AP"] is not None for x in (e, fpn)) else None
+            if e["params"] and fpn["params"]:
+                nh = lambda x: x["params"]["neck"] + x["params"]["head"]  # noqa: E731
+                v["neck_head_params_vs_fpn"] = nh(e) / nh(fpn)
+                v["flops_vs_fpn"] = e["flops"] / fpn["flops"]
+                nh_flops = lambda x: x["flops_parts"]["neck"] + x["flops_parts"]["head"]  # noqa: E731
+                v["neck_head_flops_vs_fpn"] = nh_flops(e) / nh_flops(fpn)
+        if random_ap:
+            above = sum(1 for ap in random_ap if e["mean"]["AP"] > ap)
+            v["random_beaten"] = above
+            v["rank_among_random"] = len(random_ap) - above + 1  # 1 = better than every random one
+        result["searched"][e["name"]] = v
+    return result
+
+
+# ----------------------------------------------------------------------------------- report
+
+def _fmt_ms(mean: Optional[float], std: Optional[float], digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def _fmt_count(n: Optional[float], unit: str = "M", scale: float = 1e6, digits: int = 3) -> str:
+    return "-" if n is None else f"{n / scale:.{digits}f} {unit}"
+
+
+def _fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 60:.1f} min"
+
+
+def format_report(study: Dict[str, Any], command: str = "", wall_seconds: Optional[float] = None) -> str:
+    lines = [f"# Study: {study['config']}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Seeds {study['seeds']}; {study['jobs']} unit(s) at a time, {study['threads_per_unit']} thread(s) "
+              f"each; machine: {study['machine']}"
+              + (f"; this invocation's wall time {wall_seconds / 60:.1f} min" if wall_seconds else "") + ".", "",
+              "AP in percent (COCO-style, pycocotools), mean ± sample std over the seeds that finished (n). "
+              "FLOPs: one eval forward at the test size (a multiply-add = 2 FLOPs). Train time: wall time of "
+              "one train.py run (evaluation included), mean over seeds; search time: the whole search "
+              "(neck then head), once per searched entry.", "",
+              "| entry | kind | n | params neck | params head | params total | FLOPs neck+head | FLOPs total | AP "
+              "| AP50 | AP75 | APs | APm | APl | train time | search time |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for e in study["entries"]:
+        p = e["params"] or {}
+        failed = f" ({len(e['failed_seeds'])} failed)" if e["failed_seeds"] else ""
+        lines.append(" | ".join([
+            f"| {e['name']}", e["kind"], f"{len(e['runs'])}{failed}", _fmt_count(p.get("neck")),
+            _fmt_count(p.get("head")), _fmt_count(p.get("total"), digits=2),
+            _fmt_count(e["flops_parts"]["neck"] + e["flops_parts"]["head"] if e["params"] else None, "G", 1e9, 3),
+            _fmt_count(e["flops"], "G", 1e9, 2),
+            *[_fmt_ms(e["mean"].get(k), e["std"].get(k)) for k in METRIC_KEYS],
+            _fmt_time(e["mean"].get("train_seconds")), _fmt_time(e["search_seconds"])]) + " |")
+    lines += ["", "## Verdict", ""]
+    v = study["verdict"]
+    r = v["random_AP"]
+    if r["count"]:
+        lines.append(f"- Random architectures ({r['count']}): mean AP {_fmt_ms(r['mean'], r.get('std'))}, "
+                     f"median {r['median']:.2f}, best {r['best']:.2f}.")
+    if not v["searched"]:
+        lines.append("- No searched entry has finished runs yet.")
+    for name, s in v["searched"].items():
+        parts = [f"- **{name}** (n = {s['seeds']}):"]
+        if "AP_minus_fpn" in s:
+            se = f" ± {s['AP_minus_fpn_se']:.2f} (standard error)" if s.get("AP_minus_fpn_se") is not None else ""
+            parts.append(f"AP − FPN = {s['AP_minus_fpn']:+.2f}{se};")
+        if "neck_head_params_vs_fpn" in s:
+            parts.append(f"neck + head params {100 * s['neck_head_params_vs_fpn']:.0f} % of FPN's, neck + head "
+                         f"FLOPs {100 * s['neck_head_flops_vs_fpn']:.0f} % (whole detector "
+                         f"{100 * s['flops_vs_fpn']:.0f} %);")
+        if "rank_among_random" in s:
+            parts.append(f"rank {s['rank_among_random']} of {r['count'] + 1} against the random architectures "
+                         f"(better than {s['random_beaten']} of {r['count']}).")
+        lines.append(" ".join(parts))
+    failed = [f"{e['name']}/seed_{s}" for e in study["entries"] for s in e["failed_seeds"]]
+    if failed:
+        lines += ["", f"Failed units (see their error.txt): {', '.join(failed)}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(study: Dict[str, Any], out: str, command: str, wall_seconds: Optional[float]) -> None:
+    from autofpn.viz.study_plot import plot_pareto
+    write_json(study, os.path.join(out, "study.json"))
+    text = format_report(study, command, wall_seconds)
+    tmp = os.path.join(out, "study.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n![AP against neck + head parameters](pareto.png)\n")
+    os.replace(tmp, os.path.join(out, "study.md"))
+    plot_pareto(study, os.path.join(out, "pareto.png"))
+
+
+# ----------------------------------------------------------------------------------- main
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def check_study_config(out: str, cfg: Dict[str, Any], cfg_path: str, opts: List[str], random_seed: int) -> None:
+    """Record the resolved config in ``out/study_config.json``; refuse a folder made by another."""
+    record = {"config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed, "resolved": cfg}
+    path = os.path.join(out, "study_config.json")
+    if os.path.isfile(path):
+        old = read_json(path)
+        if old.get("resolved") != json.loads(json.dumps(cfg)) or old.get("random_seed") != random_seed:
+            diff = _diff_keys(old.get("resolved", {}), json.loads(json.dumps(cfg)))
+            if old.get("random_seed") != random_seed:
+                diff.append("--random-seed")
+            raise StudyError(f"{out} holds a study made with another config ({', '.join(diff[:6])} differ); "
+                             f"use another --out or the same --cfg/--opts")
+        return
+    write_json(record, path)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="the config every entry is trained (and searched) with")
+    p.add_argument("--out", required=True, help="the study's folder")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every unit")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per entry (0..n-1)")
+    p.add_argument("--random", type=int, default=8, help="random architectures from the search space")
+    p.add_argument("--random-seed", type=int, default=0, help="the random architectures' stream")
+    p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
+                   help="one search per resource-lambda preset (none: no searched entry)")
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    p.add_argument("--jobs", type=int, default=1, help="units run in parallel (threads divided between them)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N disjoint slices of the units")
+    p.add_argument("--launcher", default=None,
+                   help='how a unit runs its script, e.g. "torchrun --nproc_per_node 8" (default: this python)')
+    p.add_argument("--collect", action="store_true", help="run nothing: build the table from the folders")
+    p.add_argument("--retry-failed", action="store_true", help="run failed units again")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a finished unit's resume checkpoints (model_final.pth is always kept)")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.random < 0 or args.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1, --random >= 0")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    import torch
+    torch.set_num_threads(1)  # the units do the work; this process only counts params and FLOPs
+    from autofpn.config import ConfigError, load_config
+    args.out = os.path.abspath(args.out)
+    args.cfg = os.path.abspath(args.cfg)
+    try:
+        cfg = load_config(args.cfg, args.opts)
+        check_study_config(args.out, cfg, args.cfg, args.opts, args.random_seed)
+        seeds = list(range(args.seeds))
+        entries = plan_entries(args.out, args.baselines, args.random, args.lambdas, args.random_seed, cfg)
+        units = make_units(args, entries, seeds, cfg)
+        mine = shard_units(units, args.shard)
+    except (StudyError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+    by_key = {u.key: u for u in units}
+    status = {} if args.collect else run_units(mine, args.jobs, threads_per_job(args.jobs), args.retry_failed,
+                                               done_elsewhere=lambda key: by_key[key].is_done())
+    command = "python -m autofpn.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    study = collect(args, entries, seeds, status)
+    write_outputs(study, args.out, command, None if args.collect else time.perf_counter() - start)
+    print(format_report(study, command), flush=True)
+    print(f"study: {os.path.join(args.out, 'study.md')}, study.json, pareto.png", flush=True)
+    bad = [k for k, s in status.items() if s in ("failed", "blocked")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

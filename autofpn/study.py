@@ -229,7 +229,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     say(f"study: {unit.key} not run: a unit it needs failed ({', '.join(unit.deps)})")
                 elif all(s == "done" for s in dep_states):
                     todo.remove(unit)
-                    resumed = " (resuming)" if _elapsed_before(unit) > 0 else ""
+                    resumed = " (resuming)" if os.path.isfile(os.path.join(unit.folder, "log.txt")) else ""
                     say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
                     running.append(Running(unit, env))
             if not running:
@@ -304,7 +304,9 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
         def finish(seconds: float) -> None:
             metrics = final_metrics(run_dir)
             write_json({"entry": entry.name, "seed": seed, "train_seconds": seconds,
-                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+                        "inference_seconds": metrics.get("inference_seconds"),
+                        "metrics": {k: v for k, v in metrics.items()
+                                    if isinstance(v, (int, float)) and k != "inference_seconds"}},
                        os.path.join(folder, "result.json"))
             if not args.keep_checkpoints:  # model_final.pth stays; the resume points go
                 shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

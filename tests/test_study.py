@@ -1,0 +1,192 @@
+"""python -m autofpn.study at tiny sizes: the table, JSON and plot; a rerun trains nothing; a study
+killed with kill -9 in the middle of a unit ends, once rerun, with the numbers (and weights) of
+one that was not interrupted; random genotypes are valid, reproducible and distinct; shards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from autofpn.config import load_config
+from autofpn.models.detector import build_detector
+from autofpn.search.genotype import validate_genotype
+from autofpn.search.random_sample import random_genotype, random_genotypes
+from autofpn.study import StudyError, check_study_config, make_units, plan_entries, shard_units
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+
+
+def tiny_opts(synthetic_root: str) -> list:
+    """4 training iterations per epoch at 128 px (8 images, 2 per batch), a checkpoint every
+    iteration, a 2-epoch search."""
+    opts = {
+        "train.device": "cpu", "train.log_period": 1, "train.checkpoint_period": 1, "train.eval_period": 0,
+        "data.synthetic.root": synthetic_root, "data.synthetic.num_train": 8, "data.synthetic.num_val": 4,
+        "data.synthetic.image_size": 128, "data.images_per_batch": 2, "data.num_workers": 0,
+        "model.transform.min_size": "[96,128]", "model.transform.max_size": 160,
+        "model.transform.test_min_size": 128, "model.neck.channels": 8, "model.head.mlp_dim": 32,
+        "model.head.channels": 8, "model.rpn.pre_nms_top_n_train": 100, "model.rpn.post_nms_top_n_train": 50,
+        "model.rpn.pre_nms_top_n_test": 50, "model.rpn.post_nms_top_n_test": 30,
+        "model.rpn.batch_size_per_image": 32, "model.roi.batch_size_per_image": 16,
+        "model.roi.detections_per_img": 20, "search.epochs": 2, "search.max_iters": 0,
+        "search.arch_start_epoch_fraction": 0.25, "solver.epochs": 2, "solver.warmup_iters": 1,
+        "solver.steps": "[1]",
+    }
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def study_cmd(out, synthetic_root, *extra):
+    return [sys.executable, "-m", "autofpn.study", "--cfg", DEMO, "--out", str(out), "--seeds", "1",
+            "--baselines", "fpn", *extra, "--opts", *tiny_opts(synthetic_root)]
+
+
+def run_study(out, synthetic_root, *extra):
+    result = subprocess.run(study_cmd(out, synthetic_root, *extra), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, synthetic_root):
+    """FPN, 2 random architectures, 1 searched (middle lambda), 1 seed, run to the end."""
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    stdout = run_study(out, synthetic_root, "--random", "2", "--lambdas", "middle")
+    return out, stdout
+
+
+def test_random_genotypes_valid_reproducible_distinct():
+    drawn = random_genotypes(20, seed=3)
+    for g in drawn:
+        validate_genotype(g)  # every level and every head node has an input
+        assert len(g["neck"]["layers"]) == 2 and len(g["head"]["cells"]) == 2
+    assert drawn == random_genotypes(20, seed=3)
+    assert drawn[:5] == random_genotypes(5, seed=3)  # the i-th draw does not depend on the count
+    keys = {json.dumps([g["neck"], g["head"]]) for g in drawn}
+    assert len(keys) == 20
+    assert random_genotypes(5, seed=4) != drawn[:5]
+    ops = {link["op"] for g in drawn for layer in g["neck"]["layers"] for link in layer}
+    assert {"identity", "sep_conv_3x3", "dil_conv_5x5_r3"} <= ops  # the whole table is drawn
+    # "none" is drawn too: some links are missing (16 links per layer on 4 levels)
+    assert any(len(layer) < 16 for g in drawn for layer in g["neck"]["layers"])
+    other = random_genotype(0, 0, levels=(3, 4, 5, 6, 7), layers=3, cells=1)
+    assert other["neck"]["levels"] == [3, 4, 5, 6, 7] and len(other["neck"]["layers"]) == 3
+
+
+def test_random_genotype_builds_a_detector():
+    cfg = load_config(DEMO, ["model.neck.type=auto", "model.head.type=auto"])
+    model = build_detector(cfg, random_genotype(0, 1))
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 128)])
+    assert out[0]["boxes"].shape[1] == 4
+
+
+def test_tiny_study_writes_table_json_plot(finished_study):
+    out, stdout = finished_study
+    study = json.loads((out / "study.json").read_text())
+    assert [e["name"] for e in study["entries"]] == ["fpn", "random_00", "random_01", "searched_middle"]
+    assert [e["kind"] for e in study["entries"]] == ["baseline", "random", "random", "searched"]
+    assert study["seeds"] == [0]
+    for e in study["entries"]:
+        assert len(e["runs"]) == 1 and e["runs"][0]["seed"] == 0, e["name"]
+        assert set(e["params"]) == {"neck", "head", "total"} and e["params"]["neck"] > 0
+        assert e["flops"] > 0 and e["runs"][0]["train_seconds"] > 0
+        assert e["mean"]["AP"] == e["runs"][0]["metrics"]["AP"]
+        assert e["genotype"] is None if e["name"] == "fpn" else e["genotype"]["version"] == 1
+    searched = study["entries"][-1]
+    assert searched["search_seconds"] > 0
+    assert searched["genotype"] == json.loads((out / "searches" / "middle" / "geno.json").read_text())
+    v = study["verdict"]["searched"]["searched_middle"]
+    assert v["AP_minus_fpn"] == pytest.approx(searched["mean"]["AP"] - study["entries"][0]["mean"]["AP"])
+    assert 1 <= v["rank_among_random"] <= 3
+    table = (out / "study.md").read_text()
+    assert "| fpn | baseline |" in table and "## Verdict" in table and "searched_middle" in table
+    assert (out / "pareto.png").stat().st_size > 5000
+    # the searches borrow the fpn run's backbone (the demo config has no pretrained one)
+    assert (out / "searches" / "backbone.pth").is_file()
+    assert not (out / "units" / "fpn" / "seed_0" / "run" / "checkpoints").exists()  # cleaned once done
+    assert (out / "units" / "fpn" / "seed_0" / "run" / "model_final.pth").is_file()
+
+
+def test_rerun_trains_nothing(finished_study, synthetic_root):
+    out, _ = finished_study
+    before = (out / "study.json").read_text()
+    logs = {p: p.stat().st_mtime for p in out.glob("units/*/seed_*/log.txt")}
+    stdout = run_study(out, synthetic_root, "--random", "2", "--lambdas", "middle")
+    assert "0 to run" in stdout and "study: start" not in stdout
+    assert {p: p.stat().st_mtime for p in out.glob("units/*/seed_*/log.txt")} == logs
+    after = json.loads((out / "study.json").read_text())
+    assert after["entries"] == json.loads(before)["entries"]
+
+
+def test_killed_study_resumes_to_the_same_numbers(finished_study, synthetic_root, tmp_path):
+    """kill -9 while the fpn unit is between checkpoints; the rerun resumes it (not from
+    scratch) and ends with the uninterrupted study's numbers and weights."""
+    reference, _ = finished_study
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(study_cmd(out, synthetic_root, "--random", "1", "--lambdas"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "units" / "fpn" / "seed_0" / "run" / "checkpoints" / "last_checkpoint"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the study ended before the first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    assert not (out / "units" / "fpn" / "seed_0" / "result.json").exists()
+    # the unit's train.py died with the study (no orphan still writing into the folder)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in ps
+    stdout = run_study(out, synthetic_root, "--random", "1", "--lambdas")
+    assert "start fpn/seed_0 (resuming)" in stdout
+    log = (out / "units" / "fpn" / "seed_0" / "log.txt").read_text()
+    assert "resumed from" in log
+    study = {e["name"]: e for e in json.loads((out / "study.json").read_text())["entries"]}
+    ref = {e["name"]: e for e in json.loads((reference / "study.json").read_text())["entries"]}
+    for name in ("fpn", "random_00"):
+        assert study[name]["runs"][0]["metrics"] == ref[name]["runs"][0]["metrics"], name
+    ours = torch.load(out / "units/fpn/seed_0/run/model_final.pth", weights_only=True)["model"]
+    theirs = torch.load(reference / "units/fpn/seed_0/run/model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_folder_of_another_config_is_refused(tmp_path):
+    cfg = load_config(DEMO)
+    check_study_config(str(tmp_path), cfg, DEMO, [], 0)
+    check_study_config(str(tmp_path), cfg, DEMO, [], 0)  # same config: fine
+    other = load_config(DEMO, ["solver.epochs=9"])
+    with pytest.raises(StudyError, match="solver.epochs"):
+        check_study_config(str(tmp_path), other, DEMO, ["solver.epochs=9"], 0)
+    with pytest.raises(StudyError, match="random-seed"):
+        check_study_config(str(tmp_path), cfg, DEMO, [], 1)
+
+
+def test_shards_are_disjoint_and_cover_the_study(tmp_path):
+    cfg = load_config(DEMO)
+    args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False)
+    entries = plan_entries(str(tmp_path), ["fpn", "panet"], 3, ["small", "large"], 0, cfg)
+    units = make_units(args, entries, [0, 1], cfg)
+    keys = [u.key for u in units]
+    assert keys[:3] == ["fpn/seed_0", "search/small", "search/large"]  # the backbone donor first
+    assert len(keys) == len(set(keys)) == 2 + 7 * 2 + 0  # 2 searches + 7 entries x 2 seeds
+    shards = [[u.key for u in shard_units(units, f"{i}/3")] for i in range(3)]
+    assert sorted(k for s in shards for k in s) == sorted(keys)
+    assert not set(shards[0]) & set(shards[1])
+    with pytest.raises(StudyError):
+        shard_units(units, "3/3")
+    searched = [u for u in units if u.key == "searched_small/seed_1"][0]
+    assert searched.deps == ["search/small"]

@@ -76,7 +76,7 @@ def run_model_mode(args) -> int:
         raise SystemExit(f"{args.ckpt} has no config: pass --cfg")
     genotype = checkpoint.get("genotype")
     if args.genotype:
-        from autofpn.search.genotype import load_genotype
+        from autofpn.models.genotype import load_genotype
         genotype = load_genotype(args.genotype)
     if genotype is None and "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"]):
         raise SystemExit("model.neck.type / model.head.type is 'auto' and the checkpoint has no "

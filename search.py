@@ -29,13 +29,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def draw_search(result, out_dir: str) -> None:
+    """The pictures of a search: ``arch_heatmap_<stage>.png`` (final op weights of each stage
+    run now) and ``geno.png`` / ``geno.svg`` (the found cells)."""
+    from autofpn.viz.arch_heatmap import plot_arch_heatmap
+    from autofpn.viz.genotype_diagram import draw_genotype
+    for stage, weights in result.stage_weights.items():
+        d = result.decisiveness[stage]
+        note = (f"entropy {d['entropy']:.3f} of uniform, mean best-second margin {d['margin']:.3f}, "
+                f"argmax parameter-free on {100 * d['parameter_free']:.0f} % of rows")
+        plot_arch_heatmap(weights, stage, os.path.join(out_dir, f"arch_heatmap_{stage}.png"),
+                          link_names=result.link_pairs if stage == "neck" else None, note=note)
+    for ext in ("png", "svg"):
+        draw_genotype(result.genotype, os.path.join(out_dir, f"geno.{ext}"), title="Auto-FPN (searched)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from autofpn.config import load_config, save_config
     cfg = load_config(args.cfg, args.opts)
     neck_genotype = None
     if args.neck_genotype:
-        from autofpn.search.genotype import load_genotype
+        from autofpn.models.genotype import load_genotype
         neck_genotype = load_genotype(args.neck_genotype)
 
     if args.dry_run:
@@ -45,8 +60,9 @@ def main(argv=None) -> int:
 
     import torch
     from autofpn.engine import distributed as du
-    from autofpn.engine.searcher import run_search
     from autofpn.engine.trainer import NonFiniteLossError
+    from autofpn.search import get_strategy
+    run_search = get_strategy(cfg["search"]["strategy"]).run_search
 
     ctx = du.init_distributed(cfg["train"]["device"])
     out_dir = cfg["search"]["output_dir"]
@@ -56,16 +72,16 @@ def main(argv=None) -> int:
         if ctx.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
         try:
-            genotype = run_search(cfg, ctx, out_dir, neck_genotype)
+            result = run_search(cfg, ctx, out_dir, neck_genotype)
         except NonFiniteLossError as e:
             if ctx.is_main:
                 print(f"ERROR: {e}", file=sys.stderr, flush=True)
             return 2
         if ctx.is_main:
+            draw_search(result, out_dir)
             path = os.path.join(out_dir, "geno.json")
             print(f"genotype written to {path}; diagram {os.path.join(out_dir, 'geno.png')}")
             print(f"retrain: torchrun train.py --cfg {args.cfg or '<cfg>'} --genotype {path}", flush=True)
-            del genotype
         return 0
     finally:
         du.cleanup_distributed()

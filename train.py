@@ -41,7 +41,7 @@ def resolve_config(args):
     cfg = load_config(args.cfg, overrides)
     genotype = None
     if args.genotype:
-        from autofpn.search.genotype import load_genotype
+        from autofpn.models.genotype import load_genotype
         genotype = load_genotype(args.genotype)
         # a genotype means a derived (searched) neck/head for each part it holds, unless a
         # baseline was asked for on the command line

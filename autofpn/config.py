@@ -113,6 +113,7 @@ DEFAULTS: Dict[str, Any] = {
         "max_iters": 0,  # > 0 stops early (tests, smoke runs)
     },
     "search": {
+        "strategy": "differentiable",  # autofpn.search.STRATEGIES: the paper's first-order DARTS-style search
         "epochs": 24,
         "stage": "both",  # neck | head | both (neck first, then head with the searched neck)
         "w_lr": 0.02,

@@ -38,6 +38,18 @@ def run_stage(name: str, cmd: List[str], times: Dict[str, float]) -> None:
     print(f"=== {name} took {times[name]:.0f} s", flush=True)
 
 
+def search_decisiveness(search_dir: str) -> str:
+    """The decisiveness line (and warning) of each search stage, from ``<stage>/decisiveness.json``."""
+    from autofpn.search.decode import format_decisiveness
+    lines = []
+    for stage in ("neck", "head"):
+        path = os.path.join(search_dir, stage, "decisiveness.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                lines.append(format_decisiveness(stage, json.load(f)))
+    return "\n".join(lines)
+
+
 def draw_examples(models: Dict[str, object], cfg: Dict, out_dir: str, count: int = 3) -> List[str]:
     """A few validation images with each model's detections drawn."""
     import torch
@@ -60,12 +72,13 @@ def draw_examples(models: Dict[str, object], cfg: Dict, out_dir: str, count: int
 
 
 def table(rows: List[Dict]) -> str:
-    header = ("| method | params neck | params head | params total | mAP | AP50 | AP75 | APs | APm | APl |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    header = ("| method | params neck | params head | params total | FLOPs neck+head | FLOPs total | mAP | AP50 "
+              "| AP75 | APs | APm | APl |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [header]
     for r in rows:
-        p, m = r["params"], r["metrics"]
+        p, m, f = r["params"], r["metrics"], r["flops"]
         lines.append(f"| {r['method']} | {p['neck'] / 1e6:.3f} M | {p['head'] / 1e6:.3f} M | {p['total'] / 1e6:.2f} M | "
+                     f"{(f['neck'] + f['head']) / 1e9:.3f} G | {f['total'] / 1e9:.2f} G | "
                      + " | ".join(f"{m[k]:.2f}" if m.get(k) is not None else "-"
                                   for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + " |")
     return "\n".join(lines)
@@ -85,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from autofpn.config import load_config
     from autofpn.data import build_dataset
+    from autofpn.models.detector import count_flops
     cfg = load_config(args.cfg, args.opts)
     start = time.perf_counter()
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
@@ -104,13 +118,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         search_opts.append(f"model.backbone.weights={export_backbone(fpn_dir, os.path.join(fpn_dir, 'backbone.pth'))}")
     run_stage("search", [py, "search.py", "--cfg", args.cfg, "--opts", *args.opts, *search_opts], times)
     geno = os.path.join(search_dir, "geno.json")
+    decided = search_decisiveness(search_dir)
+    print("\n" + decided, flush=True)
     run_stage("train Auto-FPN", [py, "train.py", "--cfg", args.cfg, "--genotype", geno, "--opts", *args.opts,
                                  f"train.output_dir={os.path.join(out, 'autofpn')}"], times)
 
     rows, models = [], {}
     for method, run in (("FPN", "fpn"), ("Auto-FPN", "autofpn")):
         params, model = load_final_model(os.path.join(out, run))
-        rows.append({"method": method, "params": params, "metrics": final_metrics(os.path.join(out, run))})
+        size = int(cfg["model"]["transform"]["test_min_size"])
+        rows.append({"method": method, "params": params, "flops": count_flops(model, size, size),
+                     "metrics": final_metrics(os.path.join(out, run))})
         models[run] = model
     for name in ("geno.png", "geno.svg", "arch_heatmap_neck.png", "arch_heatmap_head.png"):
         if os.path.isfile(os.path.join(search_dir, name)):
@@ -119,7 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     times["total"] = time.perf_counter() - total_start
 
     text = [f"# Auto-FPN: search -> retrain -> evaluate ({os.path.relpath(args.cfg, REPO)})", "", table(rows), "",
+            f"FLOPs: one forward at {cfg['model']['transform']['test_min_size']} px (a multiply-add = 2 FLOPs).", "",
             "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), "",
+            "How decided the search was:", "", "    " + decided.replace("\n", "\n    "), "",
             f"Searched architecture: `{geno}` (diagram `geno.png`, weights `arch_heatmap_*.png`); "
             f"detections: {', '.join(os.path.basename(p) for p in pictures[:2])}, ..."]
     summary = "\n".join(text)

@@ -77,7 +77,7 @@ class Entry:
 def plan_entries(out: str, baselines: Sequence[str], num_random: int, lambdas: Sequence[str],
                  random_seed: int, cfg: Dict[str, Any]) -> List[Entry]:
     """The study's entries; random genotypes are written to ``out/genotypes/``."""
-    from autofpn.search.genotype import load_genotype, save_genotype
+    from autofpn.models.genotype import load_genotype, save_genotype
     from autofpn.search.random_sample import random_genotypes
     entries = []
     for name in baselines:
@@ -379,7 +379,7 @@ def entry_complexity(cfg_path: str, opts: List[str], entry: Entry) -> Dict[str, 
 
     from autofpn.config import load_config
     from autofpn.models.detector import build_detector, count_flops, parameter_breakdown
-    from autofpn.search.genotype import load_genotype
+    from autofpn.models.genotype import load_genotype
     cfg = load_config(cfg_path, [*opts, f"model.neck.type={entry.neck}", f"model.head.type={entry.head}"])
     genotype = load_genotype(entry.genotype_path) if entry.genotype_path else None
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
-    from autofpn.engine.searcher import Searcher, build_search_loaders, stage_config
+    from autofpn.search.differentiable import Searcher, build_search_loaders, stage_config
     from autofpn.models.detector import build_detector
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 
 from autofpn.config import load_config
 from autofpn.engine import distributed as du
-from autofpn.engine.searcher import Searcher, build_search_loaders, stage_config
+from autofpn.search.differentiable import Searcher, build_search_loaders, stage_config
 from autofpn.engine.trainer import seed_everything
 from autofpn.models.detector import build_detector
 

@@ -109,7 +109,7 @@ def _status_kib(field: str) -> int:
 def _measure_in_this_process(stage: str, genotype_path: str) -> dict:
     import gc
 
-    from autofpn.search.genotype import load_genotype
+    from autofpn.models.genotype import load_genotype
 
     torch.set_num_threads(1)
     cfg = small_cfg()

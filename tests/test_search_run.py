@@ -18,9 +18,9 @@ import search as search_script  # noqa: E402
 from autofpn.config import load_config  # noqa: E402
 from autofpn.engine import distributed as du  # noqa: E402
 from autofpn.engine.checkpoint import load_checkpoint  # noqa: E402
-from autofpn.engine.searcher import Searcher, build_search_loaders, split_halves, stage_config  # noqa: E402
+from autofpn.search.differentiable import Searcher, build_search_loaders, split_halves, stage_config  # noqa: E402
 from autofpn.models.detector import build_detector  # noqa: E402
-from autofpn.search.genotype import load_genotype  # noqa: E402
+from autofpn.models.genotype import load_genotype  # noqa: E402
 
 
 def tiny_opts(synthetic_root: str, out_dir: str, **extra) -> list:
@@ -122,6 +122,11 @@ def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root)
     assert geno["neck"] is not None and geno["head"] is not None
     trajectory = [json.loads(l) for l in open(os.path.join(out, "neck", "arch_trajectory.jsonl"))]
     assert [r["iter"] for r in trajectory] == [0, 1, 2, 3] and len(trajectory[-1]["alpha"]) == 2
+    # how decided the search is: logged with every architecture record and written per stage
+    assert 0.0 < trajectory[-1]["entropy"] <= 1.0 and 0.0 <= trajectory[-1]["margin"] < 1.0
+    for stage in ("neck", "head"):
+        d = json.load(open(os.path.join(out, stage, "decisiveness.json")))
+        assert set(d) == {"entropy", "margin", "min_margin", "parameter_free", "none"}, stage
 
     train_out = str(tmp_path / "retrain")
     result = subprocess.run([sys.executable, "train.py", "--cfg", "configs/demo.yaml", "--genotype",

@@ -7,11 +7,11 @@ import torch
 
 from autofpn.search.cost import ResourceCost, level_sizes
 from autofpn.search.decode import decode, decode_weights
-from autofpn.search.genotype import GenotypeError, load_genotype, save_genotype, validate_genotype
-from autofpn.search.head import EDGE_PAIRS, AutoHead
-from autofpn.search.neck import AutoFusionNeck
-from autofpn.search.space import HEAD_OPS, NECK_OPS
-from autofpn.search.supernet import Architecture
+from autofpn.models.genotype import GenotypeError, load_genotype, save_genotype, validate_genotype
+from autofpn.models.auto_head import EDGE_PAIRS, AutoHead
+from autofpn.models.auto_fusion import AutoFusionNeck
+from autofpn.models.operations import HEAD_OPS, NECK_OPS
+from autofpn.models.architecture import Architecture
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CH = {"c2": 8, "c3": 12, "c4": 16, "c5": 24}
@@ -300,3 +300,24 @@ def test_diagram_renders_png_and_svg(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
     assert "<svg" in svg
     assert any(label in svg for label in ("sep 3x3", "sep 5x5", "dil 3x3 r2", "conv 3x3"))  # op labels
+
+
+def test_decisiveness_of_uniform_one_hot_and_collapsed_weights():
+    from autofpn.search.decode import DECISIVE_MARGIN, decisiveness, format_decisiveness
+    uniform = torch.full((2, 16, len(NECK_OPS)), 1.0 / len(NECK_OPS))
+    d = decisiveness(uniform, NECK_OPS)
+    assert d["entropy"] == pytest.approx(1.0) and d["margin"] == pytest.approx(0.0, abs=1e-7)
+    assert "WARNING" in format_decisiveness("neck", d)
+    one_hot = torch.zeros(2, 14, len(HEAD_OPS))
+    one_hot[..., HEAD_OPS.index("sep_conv_3x3")] = 1.0
+    d = decisiveness(one_hot, HEAD_OPS)
+    assert d["entropy"] == pytest.approx(0.0, abs=1e-6) and d["margin"] == pytest.approx(1.0)
+    assert d["parameter_free"] == 0.0 and "WARNING" not in format_decisiveness("head", d)
+    # a quarter of the rows won by identity, a quarter by none: half parameter-free
+    w = torch.full((1, 8, len(NECK_OPS)), 0.1)
+    w[0, :2, NECK_OPS.index("identity")] = 0.3
+    w[0, 2:4, NECK_OPS.index("none")] = 0.3
+    w[0, 4:, NECK_OPS.index("sep_conv_5x5")] = 0.3
+    d = decisiveness(w / w.sum(-1, keepdim=True), NECK_OPS)
+    assert d["parameter_free"] == pytest.approx(0.5) and d["none"] == pytest.approx(0.25)
+    assert d["margin"] == pytest.approx(d["min_margin"]) and d["margin"] > DECISIVE_MARGIN

@@ -2,7 +2,6 @@
 killed with kill -9 in the middle of a unit ends, once rerun, with the numbers (and weights) of
 one that was not interrupted; random genotypes are valid, reproducible and distinct; shards."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 
 from autofpn.config import load_config
 from autofpn.models.detector import build_detector
-from autofpn.search.genotype import validate_genotype
+from autofpn.models.genotype import validate_genotype
 from autofpn.search.random_sample import random_genotype, random_genotypes
 from autofpn.study import StudyError, check_study_config, make_units, plan_entries, shard_units
 

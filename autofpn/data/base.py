@@ -18,6 +18,8 @@ or ``(index, aug_seed)`` as produced by the training batch sampler: the flip is 
 from ``aug_seed`` so augmentation depends only on (seed, epoch, index), not on worker
 processes or on where a resumed run started.
 """
+import contextlib
+import io
 import logging
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -185,9 +187,18 @@ class DetectionDataset(Dataset):
     def coco_gt(self):
         """A pycocotools ``COCO`` ground truth for this dataset (built once)."""
         if self._coco_gt is None:
-            from ..eval.coco import coco_from_dict
             self._coco_gt = coco_from_dict(self.coco_gt_dict())
         return self._coco_gt
+
+
+def coco_from_dict(data: Dict[str, Any]):
+    """A pycocotools ``COCO`` from an in-memory instances dict (without its index printout)."""
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def parse_names(value: Optional[Union[str, Sequence[str]]], default: Sequence[str]) -> List[str]:

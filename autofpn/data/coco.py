@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .base import DetectionDataset
+from .base import DetectionDataset, coco_from_dict
 
 
 class AnnotationError(ValueError):
@@ -71,7 +71,6 @@ def check_coco_dict(data: Any, path: str) -> None:
 
 def load_coco_gt(path: str):
     """Read and check a COCO instances file -> pycocotools ``COCO`` object."""
-    from ..eval.coco import coco_from_dict
     data = load_json(path)
     check_coco_dict(data, path)
     return coco_from_dict(data)

@@ -12,6 +12,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from autofpn.data.base import coco_from_dict
+
 # the 12 numbers of COCOeval.summarize(), in order
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                      "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -19,15 +21,6 @@ COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 
 class ResultsError(ValueError):
     """A detections file that does not match the ground truth; the message names the ids."""
-
-
-def coco_from_dict(data: Dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` from an in-memory instances dict (without its index printout)."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def check_results(results: Any, coco_gt: COCO, source: str = "results") -> None:

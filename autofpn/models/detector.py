@@ -1,9 +1,12 @@
 """Faster R-CNN with a pluggable neck and box head, and ``build_detector`` from a config."""
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from autofpn.models.architecture import Architecture
+from autofpn.models.auto_fusion import AutoFusionNeck
+from autofpn.models.auto_head import AutoHead
 from autofpn.models.backbone import build_backbone
 from autofpn.models.heads import BoxPredictor, TwoMLPHead
 from autofpn.models.necks import FPN, PANet
@@ -57,43 +60,54 @@ class FasterRCNN(nn.Module):
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
 
-def _build_neck(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], search_neck: bool) -> nn.Module:
-    cfg_neck = cfg["model"]["neck"]
-    args = dict(in_channels=backbone.out_channels, in_strides=backbone.strides,
-                channels=cfg_neck["channels"], levels=cfg_neck["levels"],
-                extra_pool_level=cfg_neck["extra_pool_level"])
-    if search_neck or cfg_neck["type"] == "auto":
-        from autofpn.search.neck import AutoFusionNeck
-        if search_neck:
-            neck_genotype, norm = None, cfg["search"]["searched_norm"]
-        else:
-            if not genotype or not genotype.get("neck"):
-                raise ValueError("model.neck.type is 'auto' but no genotype with a 'neck' part was given")
-            neck_genotype, norm = genotype["neck"], cfg_neck["norm"]
-        return AutoFusionNeck(layers=cfg_neck["layers"], genotype=neck_genotype, norm=norm, **args)
-    if cfg_neck["type"] == "fpn":
-        return FPN(**args)
-    if cfg_neck["type"] == "panet":
-        return PANet(**args)
-    raise ValueError(f"model.neck.type must be fpn | panet | auto, got '{cfg_neck['type']}'")
+def _searched_part(cfg: Dict, part: str, genotype: Optional[Dict], search: bool) -> Tuple[Optional[Dict], str]:
+    """(genotype part, norm) of an Auto-fusion neck / Auto-head: the supernet when searching
+    (no genotype, the search's norm), else the decoded module of the genotype's ``part``."""
+    if search:
+        return None, cfg["search"]["searched_norm"]
+    if not genotype or not genotype.get(part):
+        raise ValueError(f"model.{part}.type is 'auto' but no genotype with a '{part}' part was given")
+    return genotype[part], cfg["model"][part]["norm"]
 
 
-def _build_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search_head: bool) -> nn.Module:
-    cfg_head = cfg["model"]["head"]
-    pooler_size = cfg["model"]["roi"]["pooler_size"]
-    if search_head or cfg_head["type"] == "auto":
-        from autofpn.search.head import AutoHead
-        if search_head:
-            head_genotype, norm = None, cfg["search"]["searched_norm"]
-        else:
-            if not genotype or not genotype.get("head"):
-                raise ValueError("model.head.type is 'auto' but no genotype with a 'head' part was given")
-            head_genotype, norm = genotype["head"], cfg_head["norm"]
-        return AutoHead(in_channels, pooler_size=pooler_size, channels=cfg_head["channels"],
-                        cells=cfg_head["cells"], genotype=head_genotype, norm=norm)
-    if cfg_head["type"] == "mlp":
-        return TwoMLPHead(in_channels, pooler_size, cfg_head["mlp_dim"])
-    raise ValueError(f"model.head.type must be mlp | auto, got '{cfg_head['type']}'")
+def _neck_args(cfg: Dict, backbone: nn.Module) -> Dict:
+    n = cfg["model"]["neck"]
+    return dict(in_channels=backbone.out_channels, in_strides=backbone.strides, channels=n["channels"],
+                levels=n["levels"], extra_pool_level=n["extra_pool_level"])
+
+
+def build_auto_fusion(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], search: bool) -> nn.Module:
+    neck_genotype, norm = _searched_part(cfg, "neck", genotype, search)
+    return AutoFusionNeck(layers=cfg["model"]["neck"]["layers"], genotype=neck_genotype, norm=norm,
+                          **_neck_args(cfg, backbone))
+
+
+def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search: bool) -> nn.Module:
+    head_genotype, norm = _searched_part(cfg, "head", genotype, search)
+    h = cfg["model"]["head"]
+    return AutoHead(in_channels, pooler_size=cfg["model"]["roi"]["pooler_size"], channels=h["channels"],
+                    cells=h["cells"], genotype=head_genotype, norm=norm)
+
+
+# model.neck.type / model.head.type -> builder(cfg, backbone | in_channels, genotype, search).
+# A new neck or head is one module plus one line here. "auto" is the searchable part: its
+# supernet when searching, else the module decoded from the genotype.
+NECKS: Dict[str, Callable[..., nn.Module]] = {
+    "fpn": lambda cfg, backbone, genotype, search: FPN(**_neck_args(cfg, backbone)),
+    "panet": lambda cfg, backbone, genotype, search: PANet(**_neck_args(cfg, backbone)),
+    "auto": build_auto_fusion,
+}
+HEADS: Dict[str, Callable[..., nn.Module]] = {
+    "mlp": lambda cfg, in_channels, genotype, search: TwoMLPHead(
+        in_channels, cfg["model"]["roi"]["pooler_size"], cfg["model"]["head"]["mlp_dim"]),
+    "auto": build_auto_head,
+}
+
+
+def _lookup(registry: Dict[str, Callable], key: str, kind: str) -> Callable:
+    if kind not in registry:
+        raise ValueError(f"{key} must be {' | '.join(registry)}, got '{kind}'")
+    return registry[kind]
 
 
 def _search_parts(search: Union[bool, str]) -> Tuple[bool, bool]:
@@ -112,7 +126,7 @@ def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[boo
 
     Args:
         cfg: resolved config (``autofpn.config.load_config``).
-        genotype: a loaded genotype (``autofpn.search.genotype.load_genotype``) for
+        genotype: a loaded genotype (``autofpn.models.genotype.load_genotype``) for
             ``model.neck.type == "auto"`` / ``model.head.type == "auto"``.
         search: False for a fixed model; "neck" / "head" / True (both) for supernets whose
             architecture parameters live in ``model.arch``.
@@ -120,7 +134,8 @@ def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[boo
     model_cfg = cfg["model"]
     search_neck, search_head = _search_parts(search)
     backbone = build_backbone(model_cfg["backbone"])
-    neck = _build_neck(cfg, backbone, genotype, search_neck)
+    neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
+    neck = _lookup(NECKS, "model.neck.type", neck_type)(cfg, backbone, genotype, search_neck)
     t = model_cfg["transform"]
     transform = ImageTransform(t["min_size"], t["max_size"], t["test_min_size"], t["image_mean"],
                                t["image_std"], t["size_divisible"])
@@ -133,12 +148,12 @@ def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[boo
     pooled_levels = [f"p{l}" for l in model_cfg["neck"]["levels"]]
     pooler = MultiLevelRoIAlign(pooled_levels, neck.strides, roi["pooler_size"], roi["sampling_ratio"],
                                 roi["canonical_size"], roi["canonical_level"], roi["adaptive_pooling"])
-    box_head = _build_head(cfg, neck.out_channels, genotype, search_head)
+    head_type = "auto" if search_head else model_cfg["head"]["type"]
+    box_head = _lookup(HEADS, "model.head.type", head_type)(cfg, neck.out_channels, genotype, search_head)
     predictor = BoxPredictor(box_head.out_channels, model_cfg["num_classes"])
     roi_heads = RoIHeads(pooler, box_head, predictor, roi)
     arch = None
     if search_neck or search_head:
-        from autofpn.search.supernet import Architecture
         arch = Architecture(neck.arch_shape if search_neck else None,
                             box_head.arch_shape if search_head else None)
     return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch)

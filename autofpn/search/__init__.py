@@ -1,0 +1,24 @@
+"""The search procedure (the networks it searches live in ``autofpn.models``).
+
+- ``cost``: the resource cost C(alpha, beta) (params + FLOPs + memory access) of the supernets;
+- ``plan``: params, FLOPs and activation memory per stage (``search.py --dry-run``);
+- ``decode``: architecture weights -> genotype (argmax, argmax_nonnone, top2);
+- ``random_sample``: genotypes drawn uniformly from the space (the study's random baseline);
+- one file per search strategy, each exposing
+  ``run_search(cfg, ctx, out_dir, neck_genotype=None) -> SearchResult`` (``genotype``, and the
+  final weights of the stages it ran for the pictures); ``search.strategy`` picks one:
+  ``differentiable`` (the paper's first-order alternating search on two data halves).
+"""
+import importlib
+from types import ModuleType
+
+STRATEGIES = {
+    "differentiable": "autofpn.search.differentiable",
+}
+
+
+def get_strategy(name: str) -> ModuleType:
+    """The module of search strategy ``name`` (imported on use: strategies pull in training code)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"search.strategy must be {' | '.join(STRATEGIES)}, got '{name}'")
+    return importlib.import_module(STRATEGIES[name])

@@ -32,9 +32,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .head import EDGE_PAIRS, AutoHead, edge_name
-from .neck import AutoFusionNeck, link_name
-from .space import HEAD_OPS, NECK_OPS
+from autofpn.models.auto_head import EDGE_PAIRS, AutoHead, edge_name
+from autofpn.models.auto_fusion import AutoFusionNeck, link_name
+from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
 METRICS = ("params", "flops", "mac")
 
@@ -258,7 +258,7 @@ def cost_table(genotype_dir: str = "configs/genotypes") -> str:
     from autofpn.models.heads import TwoMLPHead
     from autofpn.models.necks import FPN, PANet
 
-    from .genotype import load_genotype
+    from autofpn.models.genotype import load_genotype
 
     strides = {f"c{lv}": 2 ** lv for lv in (2, 3, 4, 5)}
     lines = []

@@ -12,8 +12,8 @@ Rules (the op of a link/edge is always chosen by argmax of its softmax weights):
 - ``"top2"`` (DARTS' full rule): op = argmax over non-none ops; each target level / node keeps the
   2 inputs whose chosen op has the largest weight.
 
-    python -m autofpn.search.decode --checkpoint out/search/last.pth --out genotype.json \
-        [--rule argmax] [--diagram genotype.png]
+    python -m autofpn.search.decode --checkpoint out/search/last.pth --out genotype.json [--rule argmax]
+    python -m autofpn.viz.genotype_diagram genotype.json --out genotype   # then draw it
 """
 import argparse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .genotype import GENOTYPE_VERSION, save_genotype, validate_genotype
-from .head import EDGE_PAIRS
-from .space import HEAD_OPS, NECK_OPS
+from autofpn.models.genotype import GENOTYPE_VERSION, save_genotype, validate_genotype
+from autofpn.models.auto_head import EDGE_PAIRS
+from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
 DECODE_RULES = ("argmax", "argmax_nonnone", "top2")
 
@@ -90,13 +90,52 @@ def decode(architecture, neck=None, head=None, rule: str = "argmax") -> Dict[str
                           neck.levels if neck is not None else (2, 3, 4, 5), rule)
 
 
+# Below this mean margin between the best and the second op, argmax picks are mostly noise:
+# the search has not decided (on the demo, 30 iterations left margins of ~0.01).
+DECISIVE_MARGIN = 0.05
+PARAMETER_FREE_OPS = ("none", "identity")
+
+
+def decisiveness(weights: Tensor, ops: Sequence[str]) -> Dict[str, float]:
+    """How decided a search is, from its softmaxed weights ``Tensor[groups, rows, len(ops)]``
+    (one row per neck link / head edge):
+
+    - ``entropy``: mean entropy of a row over log(len(ops)) (1 = uniform, 0 = one-hot);
+    - ``margin``: mean of (best - second best) weight of a row (0 = undecided);
+    - ``min_margin``: the smallest of those;
+    - ``parameter_free``: share of rows whose argmax is "none" or "identity" (a rising share
+      is the usual first sign of DARTS' parameter-free collapse);
+    - ``none``: share of rows whose argmax is "none".
+    """
+    w = weights.detach().float().reshape(-1, weights.shape[-1]).clamp_min(1e-12)
+    entropy = -(w * w.log()).sum(dim=1) / torch.log(torch.tensor(float(len(ops))))
+    top2 = w.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    best = w.argmax(dim=1)
+    free = torch.tensor([ops.index(o) for o in PARAMETER_FREE_OPS])
+    return {"entropy": float(entropy.mean()), "margin": float(margin.mean()), "min_margin": float(margin.min()),
+            "parameter_free": float(torch.isin(best, free).float().mean()),
+            "none": float((best == ops.index("none")).float().mean())}
+
+
+def format_decisiveness(stage: str, d: Dict[str, float]) -> str:
+    """One line for logs and the demo; ends with a warning when argmax means little."""
+    text = (f"search {stage}: entropy {d['entropy']:.3f} of uniform, best-second margin {d['margin']:.3f} "
+            f"(min {d['min_margin']:.3f}), argmax parameter-free on {100 * d['parameter_free']:.0f} % "
+            f"({100 * d['none']:.0f} % none)")
+    if d["margin"] < DECISIVE_MARGIN:
+        text += (f"\nWARNING: mean margin {d['margin']:.3f} < {DECISIVE_MARGIN}: the architecture weights "
+                 f"barely left uniform, so the argmax decode is close to a random pick (more search "
+                 f"iterations or a higher search.arch_lr)")
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Decode a search checkpoint into a genotype JSON.")
     parser.add_argument("--checkpoint", required=True, help="search checkpoint (.pth) with model.arch")
     parser.add_argument("--out", required=True, help="genotype JSON to write")
     parser.add_argument("--rule", default=None, choices=DECODE_RULES,
                         help="decode rule (default: the checkpoint config's search.decode_rule)")
-    parser.add_argument("--diagram", default=None, help="also render the genotype to this .png/.svg")
     args = parser.parse_args(argv)
 
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -111,11 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     genotype = decode_weights(None if alpha is None else torch.softmax(alpha, -1),
                               None if beta is None else torch.softmax(beta, -1), levels, rule)
     save_genotype(genotype, args.out)
-    print(f"wrote {args.out} (rule {rule})")
-    if args.diagram:
-        from autofpn.viz.genotype_diagram import draw_genotype
-        draw_genotype(genotype, args.diagram)
-        print(f"wrote {args.diagram}")
+    print(f"wrote {args.out} (rule {rule}); draw it: python -m autofpn.viz.genotype_diagram {args.out} --out NAME")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ from autofpn.models.detector import build_detector, parameter_breakdown
 
 from .cost import Cost, count_cost, level_sizes
 from .decode import decode_weights
-from .genotype import load_genotype
-from .supernet import Architecture
+from autofpn.models.genotype import load_genotype
+from autofpn.models.architecture import Architecture
 
 PARTS = ("backbone", "neck", "rpn", "head")
 STAGES = ("search: neck", "search: head", "decoded")

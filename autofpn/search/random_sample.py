@@ -16,8 +16,8 @@ same whatever the number of architectures asked for.
 import random
 from typing import Any, Dict, List, Sequence
 
-from .genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
-from .space import HEAD_OPS, NECK_OPS
+from autofpn.models.genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
+from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
 
 def _neck_layer(rng: random.Random, levels: Sequence[int]) -> List[Dict[str, Any]]:

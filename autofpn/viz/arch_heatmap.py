@@ -10,11 +10,12 @@ from torch import Tensor  # noqa: E402
 
 
 def plot_arch_heatmap(weights: Tensor, stage: str, path: str,
-                      link_names: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+                      link_names: Optional[Sequence[Tuple[int, int]]] = None, note: str = "") -> None:
     """weights: softmaxed Tensor[groups, rows, ops] (neck: [layers, links, 8] with ``link_names``
-    the (source, target) level of each link; head: [cells, 14, 8])."""
-    from autofpn.search.head import EDGE_PAIRS
-    from autofpn.search.space import HEAD_OPS, NECK_OPS
+    the (source, target) level of each link; head: [cells, 14, 8]); ``note``: a second title
+    line (search.py puts how decided the weights are there)."""
+    from autofpn.models.auto_head import EDGE_PAIRS
+    from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
     w = weights.detach().float().cpu()
     ops = NECK_OPS if stage == "neck" else HEAD_OPS
@@ -37,6 +38,7 @@ def plot_arch_heatmap(weights: Tensor, stage: str, path: str,
         for r in range(rows):
             ax.add_patch(plt.Rectangle((int(best[r]) - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, pad=0.02, label="softmax weight")
-    fig.suptitle(f"Auto-FPN {stage} search: final architecture weights (red: argmax)", fontsize=10)
+    title = f"Auto-FPN {stage} search: final architecture weights (red: argmax)"
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)

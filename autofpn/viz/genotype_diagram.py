@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from autofpn.search.genotype import load_genotype, validate_genotype  # noqa: E402
+from autofpn.models.genotype import load_genotype, validate_genotype  # noqa: E402
 
 # short labels and one colour per op (same colour for an op in the neck and the head)
 OP_LABEL = {

@@ -38,7 +38,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from .space import HEAD_OPS, NECK_OPS
+from .operations import HEAD_OPS, NECK_OPS
 
 GENOTYPE_VERSION = 1
 HEAD_INPUT_NODES = 2
@@ -155,26 +155,24 @@ def validate_genotype(g: Any) -> Dict[str, Any]:
     return g
 
 
-def neck_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
-    """The validated neck part of a full genotype or of a bare ``{"levels", "layers"}`` part."""
+def _part(genotype: Dict[str, Any], key: str, validate_part) -> Dict[str, Any]:
     if isinstance(genotype, dict) and "version" in genotype:
         validate_genotype(genotype)
-        if genotype["neck"] is None:
-            raise GenotypeError('the genotype has no neck part ("neck": null)')
-        return genotype["neck"]
-    _validate_neck(genotype)
+        if genotype[key] is None:
+            raise GenotypeError(f'the genotype has no {key} part ("{key}": null)')
+        return genotype[key]
+    validate_part(genotype)
     return genotype
+
+
+def neck_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
+    """The validated neck part of a full genotype or of a bare ``{"levels", "layers"}`` part."""
+    return _part(genotype, "neck", _validate_neck)
 
 
 def head_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
     """The validated head part of a full genotype or of a bare ``{"cells"}`` part."""
-    if isinstance(genotype, dict) and "version" in genotype:
-        validate_genotype(genotype)
-        if genotype["head"] is None:
-            raise GenotypeError('the genotype has no head part ("head": null)')
-        return genotype["head"]
-    _validate_head(genotype)
-    return genotype
+    return _part(genotype, "head", _validate_head)
 
 
 def load_genotype(path: str) -> Dict[str, Any]:

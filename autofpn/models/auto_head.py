@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, head_part
-from .space import HEAD_OPS, MixedOp, ReLUConvNorm
+from .operations import HEAD_OPS, MixedOp, ReLUConvNorm
 
 EDGE_PAIRS: List[Tuple[int, int]] = [
     (k, n) for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)

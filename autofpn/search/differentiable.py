@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -32,6 +33,7 @@ from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load
 from autofpn.engine.logging import MetricsLog, Progress
 from autofpn.engine.trainer import (NonFiniteLossError, check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
+from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
 # lambda presets of the paper (sec. 3.3): the "small" model gets the strongest constraint
 LAMBDA_PRESETS = {"small": 0.2, "middle": 0.02, "large": 0.002}
@@ -242,7 +244,15 @@ class Searcher:
             record["alpha"] = neck_w.detach().cpu().tolist()
         if head_w is not None:
             record["beta"] = head_w.detach().cpu().tolist()
+        record.update(self.decisiveness())
         log.write(record)
+
+    def decisiveness(self) -> Dict[str, float]:
+        """Entropy, best-second margin and parameter-free share of this stage's weights."""
+        from autofpn.search.decode import decisiveness
+        neck_w, head_w = self.arch_weights()
+        return decisiveness(neck_w if self.stage == "neck" else head_w,
+                            NECK_OPS if self.stage == "neck" else HEAD_OPS)
 
     def search(self) -> Dict[str, Any]:
         """Run the stage to ``max_iter``; returns the decoded genotype of this stage."""
@@ -289,6 +299,8 @@ class Searcher:
             if self.ctx.is_main:
                 log.write({"type": "time", "stage": self.stage, "iter": self.iter,
                            "seconds": time.perf_counter() - start})
+                from autofpn.search.decode import format_decisiveness
+                print(format_decisiveness(self.stage, self.decisiveness()), flush=True)
         finally:
             progress.close()
         return self.decode()
@@ -340,19 +352,31 @@ def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
     return [stage]
 
 
+@dataclass
+class SearchResult:
+    """What ``run_search`` found: the genotype (neck + head), and for each stage run in this
+    call its final softmaxed architecture weights and, for the neck, the (source, target) level
+    pair of each link (the caller draws them: ``autofpn.viz``)."""
+    genotype: Dict[str, Any]
+    stage_weights: Dict[str, Tensor] = field(default_factory=dict)
+    link_pairs: Optional[List[Tuple[int, int]]] = None
+    decisiveness: Dict[str, Dict[str, float]] = field(default_factory=dict)  # stage -> decode.decisiveness
+
+
 def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
-               neck_genotype: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+               neck_genotype: Optional[Dict[str, Any]] = None) -> SearchResult:
     """Run the configured stages; a finished stage (its ``<stage>/genotype.json`` exists) is not
-    run again, an interrupted one resumes from its newest checkpoint. Writes ``geno.json``,
-    ``arch_heatmap_<stage>.png`` and ``geno.png`` / ``.svg``; returns the final genotype."""
+    run again, an interrupted one resumes from its newest checkpoint. Writes ``geno.json`` and
+    ``search_times.json``."""
     from autofpn.models.detector import build_detector
-    from autofpn.search.genotype import GENOTYPE_VERSION, load_genotype, save_genotype, validate_genotype
+    from autofpn.models.genotype import GENOTYPE_VERSION, load_genotype, save_genotype, validate_genotype
 
     loader_a, loader_b = build_search_loaders(cfg, ctx)
     parts: Dict[str, Optional[Dict[str, Any]]] = {"neck": None, "head": None}
     if neck_genotype is not None:
         parts["neck"] = neck_genotype.get("neck")
     times = {}
+    result = SearchResult(genotype={})
     for stage in stages_to_run(cfg):
         stage_dir = os.path.join(out_dir, stage)
         geno_path = os.path.join(stage_dir, "genotype.json")
@@ -371,22 +395,22 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
         parts[stage] = stage_geno[stage]
         if ctx.is_main:
             save_genotype(stage_geno, geno_path)
-            from autofpn.viz.arch_heatmap import plot_arch_heatmap
-            neck_w, head_w = searcher.arch_weights()
-            plot_arch_heatmap(neck_w if stage == "neck" else head_w, stage,
-                              os.path.join(out_dir, f"arch_heatmap_{stage}.png"),
-                              link_names=(model.neck.link_pairs if stage == "neck" else None))
+        neck_w, head_w = searcher.arch_weights()
+        result.stage_weights[stage] = (neck_w if stage == "neck" else head_w).detach().cpu()
+        result.decisiveness[stage] = searcher.decisiveness()
+        if ctx.is_main:
+            with open(os.path.join(stage_dir, "decisiveness.json"), "w") as f:
+                json.dump(result.decisiveness[stage], f, indent=2)
+        if stage == "neck":
+            result.link_pairs = list(model.neck.link_pairs)
         du.barrier()
         times[stage] = time.perf_counter() - start
-    genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
-                                  "decode_rule": cfg["search"]["decode_rule"],
-                                  "description": f"searched by search.py ({', '.join(stages_to_run(cfg))})",
-                                  "neck": parts["neck"], "head": parts["head"]})
+    result.genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
+                                         "decode_rule": cfg["search"]["decode_rule"],
+                                         "description": f"searched by search.py ({', '.join(stages_to_run(cfg))})",
+                                         "neck": parts["neck"], "head": parts["head"]})
     if ctx.is_main:
-        save_genotype(genotype, os.path.join(out_dir, "geno.json"))
-        from autofpn.viz.genotype_diagram import draw_genotype
-        draw_genotype(genotype, os.path.join(out_dir, "geno.png"), title="Auto-FPN (searched)")
-        draw_genotype(genotype, os.path.join(out_dir, "geno.svg"), title="Auto-FPN (searched)")
+        save_genotype(result.genotype, os.path.join(out_dir, "geno.json"))
         with open(os.path.join(out_dir, "search_times.json"), "w") as f:
             json.dump(times, f, indent=2)
-    return genotype
+    return result

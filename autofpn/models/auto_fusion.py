@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .genotype import neck_part
-from .space import NECK_OPS, MixedOp, make_norm
+from .operations import NECK_OPS, MixedOp, make_norm
 
 
 def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -> Tensor:

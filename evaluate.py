@@ -68,10 +68,8 @@ def run_model_mode(args) -> int:
     if args.cfg:
         cfg = load_config(args.cfg, args.opts)
     elif isinstance(checkpoint.get("cfg"), dict):
-        from autofpn.config import DEFAULTS, _check_and_merge, parse_override
-        cfg = checkpoint["cfg"]
-        for item in args.opts:  # validated against DEFAULTS like load_config's overrides
-            _check_and_merge(cfg, parse_override(item), DEFAULTS, f"override '{item}'", "")
+        from autofpn.config import complete_config
+        cfg = complete_config(checkpoint["cfg"], args.opts, where=f"{args.ckpt} (its config)")
     else:
         raise SystemExit(f"{args.ckpt} has no config: pass --cfg")
     genotype = checkpoint.get("genotype")

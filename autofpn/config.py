@@ -19,6 +19,7 @@ import yaml
 # component decides" and accepts any type.
 DEFAULTS: Dict[str, Any] = {
     "model": {
+        "detector": "faster_rcnn",  # autofpn.models.detector.DETECTORS
         "num_classes": 81,  # including background (label 0), as torchvision counts
         "backbone": {
             "name": "resnet50",  # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2
@@ -236,6 +237,18 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Di
         the resolved config as a nested dict (a fresh copy).
     """
     cfg = _load_file(path, ()) if path else copy.deepcopy(DEFAULTS)
+    for item in overrides:
+        _check_and_merge(cfg, parse_override(item), DEFAULTS, f"override '{item}'", "")
+    return cfg
+
+
+def complete_config(saved: Dict[str, Any], overrides: Iterable[str] = (),
+                    where: str = "saved config") -> Dict[str, Any]:
+    """A resolved config saved earlier (in a checkpoint or a run's config.yaml) over the current
+    DEFAULTS, then ``overrides``: keys added since it was saved take their default, so older
+    checkpoints still build their model; a key that no longer exists is an error naming it."""
+    cfg = copy.deepcopy(DEFAULTS)
+    _check_and_merge(cfg, copy.deepcopy(saved), DEFAULTS, where, "")
     for item in overrides:
         _check_and_merge(cfg, parse_override(item), DEFAULTS, f"override '{item}'", "")
     return cfg

@@ -86,3 +86,15 @@ def test_shipped_configs_load(name):
         assert cfg["solver"]["epochs"] == 24 and cfg["solver"]["lr"] == 0.02
         assert cfg["solver"]["steps"] == [16, 22] and cfg["solver"]["gamma"] == 0.1
         assert cfg["data"]["images_per_batch"] == 2
+
+
+def test_complete_config_fills_keys_added_since_a_checkpoint_was_saved():
+    from autofpn.config import ConfigError, complete_config, load_config
+    old = load_config(None)
+    del old["model"]["detector"], old["search"]["strategy"]  # keys that did not exist yet
+    cfg = complete_config(old, ["solver.lr=0.5"])
+    assert cfg["model"]["detector"] == "faster_rcnn" and cfg["search"]["strategy"] == "differentiable"
+    assert cfg["solver"]["lr"] == 0.5 and "detector" not in old["model"]  # the saved dict is untouched
+    old["model"]["gone_key"] = 1
+    with pytest.raises(ConfigError, match="ckpt.pth.*model.gone_key"):
+        complete_config(old, where="ckpt.pth")

@@ -54,13 +54,15 @@ def test_files_written_before_the_layout_still_load():
     the detector built now: same keys, same shapes, for the decoded model and the supernet."""
     import torch
 
+    from autofpn.config import complete_config
     from autofpn.models.detector import build_detector
     from autofpn.models.genotype import load_genotype
     state = torch.load(DATA / "pre_layout_checkpoint.pth", weights_only=True)
     genotype = load_genotype(str(DATA / "pre_layout_genotype.json"))
     assert genotype == state["genotype"]
     for key, search in (("model", False), ("supernet", True)):
-        model = build_detector(state["cfg"], None if search else genotype, search=search)
+        cfg = complete_config(state["cfg"])  # keys added since (model.detector) take their defaults
+        model = build_detector(cfg, None if search else genotype, search=search)
         missing, unexpected = model.load_state_dict(state[key], strict=False)
         assert not unexpected, key
         assert all(k.startswith("backbone.") for k in missing), key

@@ -21,9 +21,11 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
 
 def load_final_model(run_dir: str) -> Tuple[Dict[str, int], nn.Module]:
     """(parameter breakdown, detector in eval mode) of a finished run's ``model_final.pth``."""
+    from autofpn.config import complete_config
     from autofpn.models.detector import build_detector, parameter_breakdown
-    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=True)
-    model = build_detector(state["cfg"], state.get("genotype"))
+    path = os.path.join(run_dir, "model_final.pth")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_detector(complete_config(state["cfg"], where=path), state.get("genotype"))
     model.load_state_dict(state["model"])
     return parameter_breakdown(model), model.eval()
 

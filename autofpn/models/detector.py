@@ -121,18 +121,8 @@ def _search_parts(search: Union[bool, str]) -> Tuple[bool, bool]:
     raise ValueError(f"search must be False, True, 'neck' or 'head', got {search!r}")
 
 
-def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[bool, str] = False) -> FasterRCNN:
-    """Build the detector a resolved config describes.
-
-    Args:
-        cfg: resolved config (``autofpn.config.load_config``).
-        genotype: a loaded genotype (``autofpn.models.genotype.load_genotype``) for
-            ``model.neck.type == "auto"`` / ``model.head.type == "auto"``.
-        search: False for a fixed model; "neck" / "head" / True (both) for supernets whose
-            architecture parameters live in ``model.arch``.
-    """
+def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> FasterRCNN:
     model_cfg = cfg["model"]
-    search_neck, search_head = _search_parts(search)
     backbone = build_backbone(model_cfg["backbone"])
     neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
     neck = _lookup(NECKS, "model.neck.type", neck_type)(cfg, backbone, genotype, search_neck)
@@ -157,6 +147,27 @@ def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[boo
         arch = Architecture(neck.arch_shape if search_neck else None,
                             box_head.arch_shape if search_head else None)
     return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch)
+
+
+# model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector (RetinaNet,
+# SSD) is one module plus one line here; necks and heads come from NECKS / HEADS.
+DETECTORS: Dict[str, Callable[..., nn.Module]] = {
+    "faster_rcnn": build_faster_rcnn,
+}
+
+
+def build_detector(cfg: Dict, genotype: Optional[Dict] = None, search: Union[bool, str] = False) -> nn.Module:
+    """Build the detector a resolved config describes.
+
+    Args:
+        cfg: resolved config (``autofpn.config.load_config``).
+        genotype: a loaded genotype (``autofpn.models.genotype.load_genotype``) for
+            ``model.neck.type == "auto"`` / ``model.head.type == "auto"``.
+        search: False for a fixed model; "neck" / "head" / True (both) for supernets whose
+            architecture parameters live in ``model.arch``.
+    """
+    search_neck, search_head = _search_parts(search)
+    return _lookup(DETECTORS, "model.detector", cfg["model"]["detector"])(cfg, genotype, search_neck, search_head)
 
 
 def count_parameters(module: Optional[nn.Module]) -> int:

@@ -190,6 +190,17 @@ def load_genotype(path: str) -> Dict[str, Any]:
         raise GenotypeError(f"{path}: {e}") from None
 
 
+def _dump_groups(key: str, groups: List[List[Dict[str, Any]]]) -> List[str]:
+    """``"key": [[...], ...]`` with one link/edge object per line."""
+    lines = [f'    "{key}": [']
+    for gi, group in enumerate(groups):
+        lines.append("      [")
+        lines += [f"        {json.dumps(e)}" + ("," if k < len(group) - 1 else "") for k, e in enumerate(group)]
+        lines.append("      ]" + ("," if gi < len(groups) - 1 else ""))
+    lines.append("    ]")
+    return lines
+
+
 def _dump(g: Dict[str, Any]) -> str:
     """JSON with one link/edge per line, so a person can read and diff it."""
     lines: List[str] = ["{"]
@@ -198,26 +209,10 @@ def _dump(g: Dict[str, Any]) -> str:
         comma = "," if n < len(items) - 1 else ""
         value = g[key]
         if key == "neck" and value is not None:
-            lines.append(f'  "neck": {{')
-            lines.append(f'    "levels": {json.dumps(value["levels"])},')
-            lines.append('    "layers": [')
-            for li, links in enumerate(value["layers"]):
-                lines.append("      [")
-                lines += [f"        {json.dumps(l)}" + ("," if k < len(links) - 1 else "")
-                          for k, l in enumerate(links)]
-                lines.append("      ]" + ("," if li < len(value["layers"]) - 1 else ""))
-            lines.append("    ]")
-            lines.append("  }" + comma)
+            lines += ['  "neck": {', f'    "levels": {json.dumps(value["levels"])},',
+                      *_dump_groups("layers", value["layers"]), "  }" + comma]
         elif key == "head" and value is not None:
-            lines.append('  "head": {')
-            lines.append('    "cells": [')
-            for ci, edges in enumerate(value["cells"]):
-                lines.append("      [")
-                lines += [f"        {json.dumps(e)}" + ("," if k < len(edges) - 1 else "")
-                          for k, e in enumerate(edges)]
-                lines.append("      ]" + ("," if ci < len(value["cells"]) - 1 else ""))
-            lines.append("    ]")
-            lines.append("  }" + comma)
+            lines += ['  "head": {', *_dump_groups("cells", value["cells"]), "  }" + comma]
         else:
             lines.append(f"  {json.dumps(key)}: {json.dumps(value)}{comma}")
     lines.append("}")

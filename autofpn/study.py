@@ -4,6 +4,7 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
     python -m autofpn.study --cfg configs/demo.yaml --out out/study/demo \
         [--seeds 3] [--random 8] [--lambdas small middle large] [--jobs 2]
     python -m autofpn.study --cfg ... --out DIR --collect           # table from the folders only
+    python -m autofpn.study --cfg ... --out DIR --tag fastarch --search-opts search.arch_lr=0.03
     python -m autofpn.study --cfg ... --out DIR --shard 0/4 --launcher "torchrun --nproc_per_node 8"
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
@@ -22,7 +23,13 @@ skips finished units and resumes an interrupted one from its newest checkpoint (
 search.py resume by themselves), so a kill -9 loses at most a unit's progress since its last
 checkpoint. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
 the others; it is retried only with ``--retry-failed``. ``DIR/study_config.json`` records the
-resolved config: a folder is never continued with another config.
+training config: a folder is never continued with another config.
+
+Search variants. ``--search-opts search.k=v ... --tag NAME`` adds a way of searching to a study
+folder: its entries are ``searched_<preset>_<NAME>``, searched with those overrides. Training
+does not read ``search.*``, so the folder's baselines and random architectures serve every
+variant: trying an idea costs its searches and their retraining, and the table compares all
+the variants the folder holds.
 
 Outputs in DIR: ``study.md`` (table: params neck / head / total, FLOPs, mean ± std over seeds of
 AP, AP50, AP75, APs/m/l, training and search time, and the verdict), ``study.json`` (every run
@@ -67,16 +74,38 @@ class Entry:
     neck: str
     head: str
     genotype_path: Optional[str] = None
-    search: Optional[str] = None  # the lambda preset of a searched entry
+    search: Optional["SearchVariant"] = None  # how a searched entry was searched
+    preset: Optional[str] = None  # its resource-lambda preset
 
     def train_args(self) -> List[str]:
         args = ["--neck", self.neck, "--head", self.head]
         return args + (["--genotype", self.genotype_path] if self.genotype_path else [])
 
 
-def plan_entries(out: str, baselines: Sequence[str], num_random: int, lambdas: Sequence[str],
+@dataclass
+class SearchVariant:
+    """One way of searching, tried in the study: ``search_opts`` (config overrides given to
+    search.py only) under a ``tag``; its entries are ``searched_<preset>[_<tag>]``. Training
+    runs do not read ``search.*``, so the baselines and random architectures of a study folder
+    serve every variant, and trying an idea costs its searches and their retraining only."""
+    tag: str
+    search_opts: List[str]
+    lambdas: List[str]
+
+    def entry_name(self, preset: str) -> str:
+        return f"searched_{preset}" + (f"_{self.tag}" if self.tag else "")
+
+    def folder(self, out: str, preset: str) -> str:
+        return os.path.join(out, "searches", *([self.tag] if self.tag else []), preset)
+
+    def unit_key(self, preset: str) -> str:
+        return f"search/{self.tag + '/' if self.tag else ''}{preset}"
+
+
+def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: Sequence[SearchVariant],
                  random_seed: int, cfg: Dict[str, Any]) -> List[Entry]:
-    """The study's entries; random genotypes are written to ``out/genotypes/``."""
+    """The study's entries (searched ones of every variant, in the order they were added);
+    random genotypes are written to ``out/genotypes/``."""
     from autofpn.models.genotype import load_genotype, save_genotype
     from autofpn.search.random_sample import random_genotypes
     entries = []
@@ -96,9 +125,10 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, lambdas: S
                              f"search space made this folder); use another --out")
         save_genotype(genotype, path)
         entries.append(Entry(genotype["name"], "random", "auto", "auto", path))
-    for preset in lambdas:
-        entries.append(Entry(f"searched_{preset}", "searched", "auto", "auto",
-                             os.path.join(out, "searches", preset, "geno.json"), search=preset))
+    for variant in variants:
+        for preset in variant.lambdas:
+            entries.append(Entry(variant.entry_name(preset), "searched", "auto", "auto",
+                                 os.path.join(variant.folder(out, preset), "geno.json"), variant, preset))
     return entries
 
 
@@ -199,7 +229,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
     ``done_elsewhere(key)``. Returns {key: status} with status done | failed | blocked (a
     dependency failed) | waiting (a dependency of another shard is not done yet)."""
     status: Dict[str, str] = {}
-    by_key = {u.key: u for u in units}
+    by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's
     todo = []
     for unit in units:
         if unit.is_done():
@@ -278,10 +308,6 @@ def unit_folder(out: str, entry: str, seed: int) -> str:
     return os.path.join(out, "units", entry, f"seed_{seed}")
 
 
-def search_folder(out: str, preset: str) -> str:
-    return os.path.join(out, "searches", preset)
-
-
 def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]) -> List[Unit]:
     """Every unit of the study in the order they are started: the FPN run that lends the
     searches its backbone (when the config has no pretrained one), the searches, then the
@@ -311,14 +337,15 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
             if not args.keep_checkpoints:  # model_final.pth stays; the resume points go
                 shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
 
-        deps = [f"search/{entry.search}"] if entry.search else []
+        deps = [entry.search.unit_key(entry.preset)] if entry.search else []
         return Unit(f"{entry.name}/seed_{seed}", folder, command, deps, finish)
 
-    def search_unit(preset: str) -> Unit:
-        folder = search_folder(out, preset)
+    def search_unit(variant: SearchVariant, preset: str) -> Unit:
+        folder = variant.folder(out, preset)
 
         def command() -> List[str]:
-            opts = [*args.opts, f"search.output_dir={folder}", f"search.resource_lambda={preset}"]
+            opts = [*args.opts, *variant.search_opts, f"search.output_dir={folder}",
+                    f"search.resource_lambda={preset}"]
             if needs_backbone:
                 path = os.path.join(out, "searches", "backbone.pth")
                 if not os.path.isfile(path):
@@ -329,19 +356,20 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
         def finish(seconds: float) -> None:
             if not os.path.isfile(os.path.join(folder, "geno.json")):
                 raise FileNotFoundError(f"{folder}/geno.json was not written")
-            write_json({"search": preset, "search_seconds": seconds}, os.path.join(folder, "result.json"))
+            write_json({"search": preset, "tag": variant.tag, "search_opts": variant.search_opts,
+                        "search_seconds": seconds}, os.path.join(folder, "result.json"))
 
         deps = [backbone_unit] if needs_backbone else []
-        return Unit(f"search/{preset}", folder, command, deps, finish)
+        return Unit(variant.unit_key(preset), folder, command, deps, finish)
 
     fpn = next((e for e in entries if e.name == "fpn"), None)
-    searches = [e.search for e in entries if e.search]
+    searches = [(e.search, e.preset) for e in entries if e.search]
     if needs_backbone and searches and fpn is None:
         raise StudyError("the config has no pretrained backbone (model.backbone.weights: none): the searches "
                          "borrow the fpn baseline's backbone, so keep 'fpn' in --baselines")
     if needs_backbone and searches:
         units.append(train_unit(fpn, seeds[0]))
-    units += [search_unit(p) for p in searches]
+    units += [search_unit(v, p) for v, p in searches]
     for seed in seeds:
         units += [train_unit(e, seed) for e in entries if not (e is fpn and needs_backbone and searches
                                                                 and seed == seeds[0])]
@@ -399,7 +427,8 @@ def collect(args, entries: List[Entry], seeds: List[int], status: Dict[str, str]
                                   "flops": None, "flops_parts": None, "runs": [], "failed_seeds": [], "mean": {}, "std": {},
                                   "search_seconds": None}
         if entry.search:
-            result = os.path.join(search_folder(args.out, entry.search), "result.json")
+            record["search_opts"] = entry.search.search_opts
+            result = os.path.join(entry.search.folder(args.out, entry.preset), "result.json")
             if os.path.isfile(result):
                 record["search_seconds"] = read_json(result)["search_seconds"]
         available = entry.genotype_path is None or os.path.isfile(entry.genotype_path)
@@ -527,6 +556,10 @@ def format_report(study: Dict[str, Any], command: str = "", wall_seconds: Option
             parts.append(f"rank {s['rank_among_random']} of {r['count'] + 1} against the random architectures "
                          f"(better than {s['random_beaten']} of {r['count']}).")
         lines.append(" ".join(parts))
+    variants = {e["name"]: e.get("search_opts") for e in study["entries"] if e["kind"] == "searched"}
+    if any(variants.values()):
+        lines += ["", "Search settings of the searched entries (besides the config): " + "; ".join(
+            f"{name}: {' '.join(opts) if opts else 'the config as is'}" for name, opts in variants.items())]
     failed = [f"{e['name']}/seed_{s}" for e in study["entries"] for s in e["failed_seeds"]]
     if failed:
         lines += ["", f"Failed units (see their error.txt): {', '.join(failed)}"]
@@ -550,20 +583,45 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def check_study_config(out: str, cfg: Dict[str, Any], cfg_path: str, opts: List[str], random_seed: int) -> None:
-    """Record the resolved config in ``out/study_config.json``; refuse a folder made by another."""
-    record = {"config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed, "resolved": cfg}
+SEARCH_KEYS_SET_PER_UNIT = ("output_dir", "resource_lambda")
+
+
+def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: int, tag: str = "",
+                       search_opts: Sequence[str] = (), lambdas: Sequence[str] = ()) -> List[SearchVariant]:
+    """Record the study in ``out/study_config.json`` and return its search variants.
+
+    The training config (everything but ``search.*``) and the random stream must be the ones the
+    folder was made with: otherwise StudyError naming the keys. A search variant ``tag`` is
+    added with its resolved ``search`` section, or must match the one recorded under that tag;
+    new lambda presets of a known variant are added to it."""
+    from autofpn.config import load_config
+    plain = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists, as read back)
+    cfg = plain(load_config(cfg_path, opts))
+    training = {k: v for k, v in cfg.items() if k != "search"}
+    searching = {k: v for k, v in plain(load_config(cfg_path, [*opts, *search_opts]))["search"].items()
+                 if k not in SEARCH_KEYS_SET_PER_UNIT}
     path = os.path.join(out, "study_config.json")
-    if os.path.isfile(path):
-        old = read_json(path)
-        if old.get("resolved") != json.loads(json.dumps(cfg)) or old.get("random_seed") != random_seed:
-            diff = _diff_keys(old.get("resolved", {}), json.loads(json.dumps(cfg)))
-            if old.get("random_seed") != random_seed:
-                diff.append("--random-seed")
-            raise StudyError(f"{out} holds a study made with another config ({', '.join(diff[:6])} differ); "
-                             f"use another --out or the same --cfg/--opts")
-        return
+    record = read_json(path) if os.path.isfile(path) else {
+        "config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed, "training": training,
+        "variants": []}
+    diff = _diff_keys(record["training"], training)
+    if record["random_seed"] != random_seed:
+        diff.append("--random-seed")
+    if diff:
+        raise StudyError(f"{out} holds a study made with another config ({', '.join(diff[:6])} differ); "
+                         f"use another --out or the same --cfg/--opts")
+    variant = next((v for v in record["variants"] if v["tag"] == tag), None)
+    if variant is not None:
+        diff = _diff_keys(variant["search"], searching, "search.")
+        if diff:
+            raise StudyError(f"{out}: search variant '{tag or '(default)'}' was searched with other settings "
+                             f"({', '.join(diff[:6])} differ); name the new settings with --tag")
+        variant["lambdas"] += [p for p in lambdas if p not in variant["lambdas"]]
+    elif lambdas:
+        record["variants"].append({"tag": tag, "search_opts": list(search_opts), "lambdas": list(lambdas),
+                                   "search": searching})
     write_json(record, path)
+    return [SearchVariant(v["tag"], v["search_opts"], v["lambdas"]) for v in record["variants"]]
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
@@ -585,6 +643,9 @@ def parse_args(argv=None):
     p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
                    help="one search per resource-lambda preset (none: no searched entry)")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    p.add_argument("--search-opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for the searches only (a way of searching to try), named by --tag")
+    p.add_argument("--tag", default="", help="name of the search variant (entries searched_<preset>_<tag>)")
     p.add_argument("--jobs", type=int, default=1, help="units run in parallel (threads divided between them)")
     p.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N disjoint slices of the units")
     p.add_argument("--launcher", default=None,
@@ -609,15 +670,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.cfg = os.path.abspath(args.cfg)
     try:
         cfg = load_config(args.cfg, args.opts)
-        check_study_config(args.out, cfg, args.cfg, args.opts, args.random_seed)
+        if args.search_opts and not args.tag:
+            raise StudyError("--search-opts need a --tag naming that way of searching")
+        if any(not item.startswith("search.") for item in args.search_opts):
+            raise StudyError(f"--search-opts take search.* keys only, got {args.search_opts}")
+        variants = check_study_config(args.out, args.cfg, args.opts, args.random_seed, args.tag,
+                                      args.search_opts, args.lambdas)
         seeds = list(range(args.seeds))
-        entries = plan_entries(args.out, args.baselines, args.random, args.lambdas, args.random_seed, cfg)
+        entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg)
         units = make_units(args, entries, seeds, cfg)
         mine = shard_units(units, args.shard)
     except (StudyError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         return 2
-    by_key = {u.key: u for u in units}
+    by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's
     status = {} if args.collect else run_units(mine, args.jobs, threads_per_job(args.jobs), args.retry_failed,
                                                done_elsewhere=lambda key: by_key[key].is_done())
     command = "python -m autofpn.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

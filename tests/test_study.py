@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from autofpn.config import load_config
 from autofpn.models.detector import build_detector
 from autofpn.models.genotype import validate_genotype
 from autofpn.search.random_sample import random_genotype, random_genotypes
-from autofpn.study import StudyError, check_study_config, make_units, plan_entries, shard_units
+from autofpn.study import SearchVariant, StudyError, check_study_config, make_units, plan_entries, shard_units
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -131,6 +132,24 @@ def test_rerun_trains_nothing(finished_study, synthetic_root):
     assert after["entries"] == json.loads(before)["entries"]
 
 
+def test_a_search_variant_reuses_the_trained_units(finished_study, synthetic_root):
+    """--tag/--search-opts add a way of searching: only its search and retraining run, the
+    baselines and random architectures are reused, and the table holds both variants."""
+    out, _ = finished_study
+    stdout = run_study(out, synthetic_root, "--random", "2", "--lambdas", "middle", "--tag", "fastarch",
+                       "--search-opts", "search.arch_lr=0.1")
+    started = [l.split()[2] for l in stdout.splitlines() if l.startswith("study: start")]
+    assert started == ["search/fastarch/middle", "searched_middle_fastarch/seed_0"]
+    study = json.loads((out / "study.json").read_text())
+    names = [e["name"] for e in study["entries"]]
+    assert names == ["fpn", "random_00", "random_01", "searched_middle", "searched_middle_fastarch"]
+    fast = study["entries"][-1]
+    assert fast["search_opts"] == ["search.arch_lr=0.1"] and len(fast["runs"]) == 1
+    config = yaml.safe_load((out / "searches" / "fastarch" / "middle" / "config.yaml").read_text())
+    assert config["search"]["arch_lr"] == 0.1
+    assert "searched_middle_fastarch" in study["verdict"]["searched"]
+
+
 def test_killed_study_resumes_to_the_same_numbers(finished_study, synthetic_root, tmp_path):
     """kill -9 while the fpn unit is between checkpoints; the rerun resumes it (not from
     scratch) and ends with the uninterrupted study's numbers and weights."""
@@ -164,20 +183,28 @@ def test_killed_study_resumes_to_the_same_numbers(finished_study, synthetic_root
 
 
 def test_folder_of_another_config_is_refused(tmp_path):
-    cfg = load_config(DEMO)
-    check_study_config(str(tmp_path), cfg, DEMO, [], 0)
-    check_study_config(str(tmp_path), cfg, DEMO, [], 0)  # same config: fine
-    other = load_config(DEMO, ["solver.epochs=9"])
+    variants = check_study_config(str(tmp_path), DEMO, [], 0, lambdas=["middle"])
+    assert [(v.tag, v.lambdas) for v in variants] == [("", ["middle"])]
+    assert check_study_config(str(tmp_path), DEMO, [], 0, lambdas=["middle"]) == variants  # same: fine
     with pytest.raises(StudyError, match="solver.epochs"):
-        check_study_config(str(tmp_path), other, DEMO, ["solver.epochs=9"], 0)
+        check_study_config(str(tmp_path), DEMO, ["solver.epochs=9"], 0)
     with pytest.raises(StudyError, match="random-seed"):
-        check_study_config(str(tmp_path), cfg, DEMO, [], 1)
+        check_study_config(str(tmp_path), DEMO, [], 1)
+    # search settings do not touch the trained units, but a variant keeps its own
+    with pytest.raises(StudyError, match="search.arch_lr"):
+        check_study_config(str(tmp_path), DEMO, ["search.arch_lr=0.1"], 0, lambdas=["middle"])
+    variants = check_study_config(str(tmp_path), DEMO, [], 0, "fast", ["search.arch_lr=0.1"], ["small", "large"])
+    assert [(v.tag, v.search_opts, v.lambdas) for v in variants] == [
+        ("", [], ["middle"]), ("fast", ["search.arch_lr=0.1"], ["small", "large"])]
+    assert [v.entry_name("small") for v in variants] == ["searched_small", "searched_small_fast"]
+    with pytest.raises(StudyError, match="search.arch_lr"):
+        check_study_config(str(tmp_path), DEMO, [], 0, "fast", ["search.arch_lr=0.2"], ["small"])
 
 
 def test_shards_are_disjoint_and_cover_the_study(tmp_path):
     cfg = load_config(DEMO)
     args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False)
-    entries = plan_entries(str(tmp_path), ["fpn", "panet"], 3, ["small", "large"], 0, cfg)
+    entries = plan_entries(str(tmp_path), ["fpn", "panet"], 3, [SearchVariant("", [], ["small", "large"])], 0, cfg)
     units = make_units(args, entries, [0, 1], cfg)
     keys = [u.key for u in units]
     assert keys[:3] == ["fpn/seed_0", "search/small", "search/large"]  # the backbone donor first

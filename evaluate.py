@@ -5,8 +5,10 @@
     python evaluate.py --results dets.json --ann gt.json [--metric both]
 
 Model mode runs inference on ``data.val`` (the genotype is taken from ``--genotype``, else from
-the checkpoint), writes ``detections.json`` (COCO results) and ``metrics.json`` to ``--out``
-(default ``eval.output_dir``, else ``<train.output_dir>/eval``) and prints the 12 COCO
+the checkpoint; its parts build the searched neck / head; the backbone weights come from the
+checkpoint, no ImageNet file needed), writes ``detections.json`` (COCO results) and
+``metrics.json`` to ``--out`` (default ``eval.output_dir``, else ``eval_<checkpoint name>/``
+next to the checkpoint), says where, and prints the 12 COCO
 numbers, VOC AP50 (11-point and area, difficult ignored) with ``--metric voc|both``, a
 per-class AP table, the parameters of backbone / neck / RPN / head / total and the FLOPs of one
 forward pass at the evaluation size. Results mode prints the same tables for a saved file.
@@ -52,7 +54,6 @@ def run_results_mode(args) -> int:
 
 
 def run_model_mode(args) -> int:
-    import torch
     from torch.utils.data import Subset
 
     from autofpn.config import load_config
@@ -60,10 +61,11 @@ def run_model_mode(args) -> int:
     from autofpn.engine import distributed as du
     from autofpn.eval import evaluate_model
     from autofpn.eval.inference import write_metrics
-    from autofpn.models.detector import build_detector, count_flops, parameter_breakdown
+    from autofpn.models.detector import build_detector, count_flops, parameter_breakdown, use_genotype
 
-    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    if "model" not in checkpoint:
+    from autofpn.engine.checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(args.ckpt)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise SystemExit(f"{args.ckpt}: no 'model' entry (keys: {sorted(checkpoint)})")
     if args.cfg:
         cfg = load_config(args.cfg, args.opts)
@@ -76,12 +78,12 @@ def run_model_mode(args) -> int:
     if args.genotype:
         from autofpn.models.genotype import load_genotype
         genotype = load_genotype(args.genotype)
-    if genotype is None and "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"]):
-        raise SystemExit("model.neck.type / model.head.type is 'auto' and the checkpoint has no "
-                         "genotype: pass --genotype FILE")
+    use_genotype(cfg, genotype)
+    cfg["model"]["backbone"]["weights"] = "none"  # the checkpoint holds them: no ImageNet file needed
     metric = args.metric or cfg["eval"]["metric"]
-    out_dir = args.out or cfg["eval"].get("output_dir") or \
-        os.path.join(cfg["train"]["output_dir"], "eval")
+    # next to the checkpoint (never into another run's folder named by the config)
+    out_dir = args.out or cfg["eval"].get("output_dir") or os.path.join(
+        os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}")
 
     ctx = du.init_distributed(cfg["train"]["device"])
     try:
@@ -109,6 +111,8 @@ def run_model_mode(args) -> int:
             summary.update(params={k: int(v) for k, v in params.items()},
                            flops={k: int(v) for k, v in flops.items()}, flops_image_size=size)
             write_metrics(summary, os.path.join(out_dir, "metrics.json"))
+            print(f"wrote {os.path.join(out_dir, 'detections.json')} and {os.path.join(out_dir, 'metrics.json')}",
+                  flush=True)
         return 0
     finally:
         du.cleanup_distributed()
@@ -116,14 +120,9 @@ def run_model_mode(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from autofpn.data import AnnotationError
-    from autofpn.eval import ResultsError
-    try:
-        return run_results_mode(args) if args.results else run_model_mode(args)
-    except (AnnotationError, ResultsError) as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
-        return 2
+    return run_results_mode(args) if args.results else run_model_mode(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

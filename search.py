@@ -88,4 +88,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

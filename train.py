@@ -32,27 +32,21 @@ def parse_args(argv=None):
 
 
 def resolve_config(args):
+    """(cfg, genotype). Without --cfg, a genotype written by search.py brings the config it was
+    searched with (``config.yaml`` beside it)."""
     from autofpn.config import load_config
-    overrides = list(args.opts)
-    if args.neck:
-        overrides.append(f"model.neck.type={args.neck}")
-    if args.head:
-        overrides.append(f"model.head.type={args.head}")
-    cfg = load_config(args.cfg, overrides)
-    genotype = None
+    from autofpn.models.detector import use_genotype
+    genotype, cfg_path = None, args.cfg
     if args.genotype:
         from autofpn.models.genotype import load_genotype
         genotype = load_genotype(args.genotype)
-        # a genotype means a derived (searched) neck/head for each part it holds, unless a
-        # baseline was asked for on the command line
-        if genotype.get("neck") and not args.neck:
-            cfg["model"]["neck"]["type"] = "auto"
-        if genotype.get("head") and not args.head:
-            cfg["model"]["head"]["type"] = "auto"
-    needs_geno = "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"])
-    if needs_geno and genotype is None:
-        raise SystemExit("model.neck.type / model.head.type is 'auto': pass --genotype FILE")
-    return cfg, genotype
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.genotype)), "config.yaml")
+        if cfg_path is None and os.path.isfile(beside):
+            cfg_path = beside
+            print(f"config: {beside} (the config {args.genotype} was searched with; --cfg picks another)",
+                  flush=True)
+    cfg = load_config(cfg_path, args.opts)
+    return use_genotype(cfg, genotype, args.neck, args.head), genotype
 
 
 def main(argv=None) -> int:
@@ -113,4 +107,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

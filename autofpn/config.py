@@ -158,6 +158,59 @@ DEFAULTS: Dict[str, Any] = {
 
 _MISSING = object()
 
+# The documented choices of string keys (parts built by name from a registry, such as
+# model.neck.type, name their choices when they are built).
+CHOICES: Dict[str, tuple] = {
+    "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2"),
+    "model.backbone.norm": ("frozen_bn", "bn"),
+    "model.neck.norm": ("none", "gn", "bn"),
+    "model.head.norm": ("none", "gn", "bn"),
+    "search.searched_norm": ("none", "gn", "bn"),
+    "search.stage": ("neck", "head", "both"),
+    "search.decode_rule": ("argmax", "argmax_nonnone", "top2"),
+    "solver.schedule": ("step", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "eval.metric": ("coco", "voc", "both"),
+    "data.train.type": ("synthetic", "coco", "voc", "bdd"),
+    "data.val.type": ("synthetic", "coco", "voc", "bdd"),
+}
+NULLABLE = ("model.backbone.weights",)  # null = "none"
+LAMBDA_PRESET_NAMES = ("small", "middle", "large")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
+    """What is wrong with ``value`` for key ``dotted`` whose default is ``default`` (None: fine).
+    The type is the default's type (an int key takes integers, a float key any number, a list
+    key a list of numbers when the default's are numbers); see CHOICES for string keys."""
+    if dotted == "search.resource_lambda":
+        if _is_number(value) or value in LAMBDA_PRESET_NAMES:
+            return None
+        return f"expected one of {', '.join(LAMBDA_PRESET_NAMES)} or a number"
+    if default is None or (value is None and dotted in NULLABLE):
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    if isinstance(default, float):
+        return None if _is_number(value) else "expected a number"
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            return "expected a string"
+        if dotted in CHOICES and value not in CHOICES[dotted]:
+            return f"expected one of {', '.join(CHOICES[dotted])}"
+        return None
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)):
+            return "expected a list" + (" of numbers" if default and _is_number(default[0]) else "")
+        if default and _is_number(default[0]) and not all(_is_number(v) for v in value):
+            return "expected a list of numbers"
+    return None
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and key."""
@@ -176,6 +229,9 @@ def _check_and_merge(base: Dict[str, Any], update: Dict[str, Any], schema: Dict[
                 raise ConfigError(f"{where}: '{dotted}' must be a mapping, got {value!r}")
             _check_and_merge(base[key], value, schema[key], where, dotted)
         else:
+            problem = check_value(dotted, value, schema[key])
+            if problem:
+                raise ConfigError(f"{where}: '{dotted}' = {value!r}: {problem}")
             base[key] = value
 
 

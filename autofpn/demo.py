@@ -152,4 +152,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

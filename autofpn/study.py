@@ -594,7 +594,7 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
     folder was made with: otherwise StudyError naming the keys. A search variant ``tag`` is
     added with its resolved ``search`` section, or must match the one recorded under that tag;
     new lambda presets of a known variant are added to it."""
-    from autofpn.config import load_config
+    from autofpn.config import complete_config, load_config
     plain = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists, as read back)
     cfg = plain(load_config(cfg_path, opts))
     training = {k: v for k, v in cfg.items() if k != "search"}
@@ -604,7 +604,9 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
     record = read_json(path) if os.path.isfile(path) else {
         "config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed, "training": training,
         "variants": []}
-    diff = _diff_keys(record["training"], training)
+    # keys added to the project since the folder was made take their defaults (same behaviour)
+    diff = _diff_keys({k: v for k, v in plain(complete_config(record["training"], where=path)).items()
+                       if k != "search"}, training)
     if record["random_seed"] != random_seed:
         diff.append("--random-seed")
     if diff:
@@ -612,7 +614,9 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
                          f"use another --out or the same --cfg/--opts")
     variant = next((v for v in record["variants"] if v["tag"] == tag), None)
     if variant is not None:
-        diff = _diff_keys(variant["search"], searching, "search.")
+        recorded = plain(complete_config({"search": variant["search"]}, where=path))["search"]
+        diff = _diff_keys({k: v for k, v in recorded.items() if k not in SEARCH_KEYS_SET_PER_UNIT}, searching,
+                          "search.")
         if diff:
             raise StudyError(f"{out}: search variant '{tag or '(default)'}' was searched with other settings "
                              f"({', '.join(diff[:6])} differ); name the new settings with --tag")
@@ -665,24 +669,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     import torch
     torch.set_num_threads(1)  # the units do the work; this process only counts params and FLOPs
-    from autofpn.config import ConfigError, load_config
+    from autofpn.config import load_config
     args.out = os.path.abspath(args.out)
     args.cfg = os.path.abspath(args.cfg)
-    try:
-        cfg = load_config(args.cfg, args.opts)
-        if args.search_opts and not args.tag:
-            raise StudyError("--search-opts need a --tag naming that way of searching")
-        if any(not item.startswith("search.") for item in args.search_opts):
-            raise StudyError(f"--search-opts take search.* keys only, got {args.search_opts}")
-        variants = check_study_config(args.out, args.cfg, args.opts, args.random_seed, args.tag,
-                                      args.search_opts, args.lambdas)
-        seeds = list(range(args.seeds))
-        entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg)
-        units = make_units(args, entries, seeds, cfg)
-        mine = shard_units(units, args.shard)
-    except (StudyError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
-        return 2
+    cfg = load_config(args.cfg, args.opts)
+    if args.search_opts and not args.tag:
+        raise StudyError("--search-opts need a --tag naming that way of searching")
+    if any(not item.startswith("search.") for item in args.search_opts):
+        raise StudyError(f"--search-opts take search.* keys only, got {args.search_opts}")
+    variants = check_study_config(args.out, args.cfg, args.opts, args.random_seed, args.tag,
+                                  args.search_opts, args.lambdas)
+    seeds = list(range(args.seeds))
+    entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg)
+    units = make_units(args, entries, seeds, cfg)
+    mine = shard_units(units, args.shard)
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's
     status = {} if args.collect else run_units(mine, args.jobs, threads_per_job(args.jobs), args.retry_failed,
                                                done_elsewhere=lambda key: by_key[key].is_done())
@@ -696,4 +696,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

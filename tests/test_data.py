@@ -108,7 +108,10 @@ def test_boxes_clipped_and_zero_area_dropped_with_log(tmp_path, caplog):
         ds = CocoDataset(str(tmp_path), str(ann), train=True, hflip_prob=0.0)
     # box 1 and 2 clipped; box 3 zero width, box 4 entirely right of the 40 px image: dropped
     assert ds.num_clipped_boxes == 3 and ds.num_dropped_boxes == 2
-    assert "3 boxes clipped to the image, 2 zero-area boxes dropped" in caplog.text
+    assert ("ann.json: 2 images, 4 boxes; 2 boxes dropped (non-positive size or outside the image), e.g. "
+            "a.jpg box 2 [10, 10, 10, 15] (non-positive width or height); a.jpg box 3 [50, 5, 60, 10] "
+            "(outside the image); 3 boxes clipped to the image; 1 training images (1 without usable boxes "
+            "left out)") in caplog.text
     _, target = ds[0]
     assert target["boxes"].tolist() == [[0.0, 10.0, 15.0, 20.0], [30.0, 20.0, 40.0, 30.0]]
 
@@ -282,7 +285,7 @@ def test_bdd_reader(tmp_path, caplog):
 def test_build_dataset_from_config(tmp_path):
     ann = _coco_fixture(tmp_path, [{"id": 1, "image_id": 1, "category_id": 3,
                                     "bbox": [1, 1, 5, 5], "iscrowd": 0}])
-    cfg = load_config(None, [f"data.val={{type: coco, root: {tmp_path}, ann_file: {ann}}}"])
+    cfg = load_config(None, [f"data.val={{type: coco, root: {tmp_path}, ann_file: {ann}}}", "model.num_classes=3"])
     assert len(build_dataset(cfg, "val")) == 2
     cfg["data"]["val"]["type"] = "kitti"
     with pytest.raises(ValueError, match="data.val.type must be one of coco, voc, bdd, synthetic"):

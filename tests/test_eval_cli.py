@@ -1,5 +1,6 @@
 """evaluate.py in model mode: a real (untrained, tiny) detector from the demo config."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,44 @@ def test_evaluate_py_model_mode(tmp_path):
     for token in ("AR100", "VOC AP50", "per-class AP", "hexagon", "parameters: backbone",
                   "FLOPs at 64x64"):
         assert token in out, (token, out)
-    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    # written next to the checkpoint, never into the run folder the config names
+    assert not (tmp_path / "run" / "eval").exists()
+    assert f"wrote {tmp_path / 'eval_model' / 'detections.json'}" in out
+    metrics = json.loads((tmp_path / "eval_model" / "metrics.json").read_text())
     assert metrics["num_images"] == 2
     assert metrics["params"]["total"] == sum(p.numel() for p in model.parameters())
     flops = metrics["flops"]
     assert flops["total"] > 0 and flops["backbone"] > flops["neck"] > 0 and flops["head"] > 0
     assert flops["backbone"] + flops["neck"] + flops["rpn"] + flops["head"] <= flops["total"]
-    dets = json.loads((tmp_path / "run" / "eval" / "detections.json").read_text())
+    dets = json.loads((tmp_path / "eval_model" / "detections.json").read_text())
     assert {d["image_id"] for d in dets} <= {1, 2}
+
+
+def test_evaluate_a_searched_model_with_cfg_and_genotype_without_imagenet_file(tmp_path):
+    """README step 4: --cfg with --genotype builds the searched neck and head (the genotype
+    implies them), and a checkpoint that holds its backbone loads with no ImageNet weights file
+    (TORCH_HOME is an empty folder here)."""
+    from autofpn.config import load_config
+    from autofpn.models import detector
+    from autofpn.models.genotype import save_genotype
+    from autofpn.search.random_sample import random_genotype
+
+    opts = [f"data.synthetic.root={tmp_path / 'shapes'}", "data.synthetic.num_train=2",
+            "data.synthetic.num_val=2", "data.synthetic.image_size=64", "model.transform.test_min_size=64",
+            "model.transform.max_size=96", "model.transform.min_size=[64]", "model.neck.channels=8",
+            "model.head.channels=8", "eval.max_images=1", "model.backbone.weights=imagenet"]
+    genotype = random_genotype(0, 3)
+    save_genotype(genotype, str(tmp_path / "geno.json"))
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                      [*opts, "model.backbone.weights=none", "model.neck.type=auto", "model.head.type=auto"])
+    torch.manual_seed(0)
+    model = detector.build_detector(cfg, genotype)
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, ckpt)  # no config, no genotype inside
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--cfg", str(REPO / "configs" / "demo.yaml"),
+                           "--ckpt", str(ckpt), "--genotype", str(tmp_path / "geno.json"), "--opts", *opts],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "TORCH_HOME": str(tmp_path / "empty_torch_home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval_model_final" / "metrics.json").read_text())
+    assert metrics["params"]["total"] == sum(p.numel() for p in model.parameters())

@@ -216,3 +216,12 @@ def test_shards_are_disjoint_and_cover_the_study(tmp_path):
         shard_units(units, "3/3")
     searched = [u for u in units if u.key == "searched_small/seed_1"][0]
     assert searched.deps == ["search/small"]
+
+
+def test_study_folder_made_before_a_config_key_was_added_still_resumes(tmp_path):
+    check_study_config(str(tmp_path), DEMO, [], 0, lambdas=["middle"])
+    path = tmp_path / "study_config.json"
+    record = json.loads(path.read_text())
+    del record["training"]["model"]["detector"], record["variants"][0]["search"]["strategy"]  # as written before
+    path.write_text(json.dumps(record))
+    assert [v.tag for v in check_study_config(str(tmp_path), DEMO, [], 0, lambdas=["middle"])] == [""]

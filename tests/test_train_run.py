@@ -161,3 +161,25 @@ def test_torchrun_two_processes_gloo(tmp_path, synthetic_root):
     # DDP averaged the gradients, so rank 0's final weights are the checkpoint's
     final = load_checkpoint(os.path.join(out, "model_final.pth"))["model"]
     assert all(torch.equal(final[k], state["model"][k]) for k in final)
+
+
+def test_genotype_without_cfg_uses_the_config_it_was_searched_with(tmp_path, synthetic_root):
+    """`train.py --genotype out/geno.json` with no --cfg: the config.yaml search.py wrote beside
+    the genotype is used (and said), not the built-in defaults; the genotype's parts are built."""
+    from autofpn.config import load_config, save_config
+    from autofpn.models.genotype import save_genotype
+    from autofpn.search.random_sample import random_genotype
+    search_dir = tmp_path / "search"
+    searched_cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                               tiny_opts(synthetic_root, str(tmp_path / "unused"), **{"model.head.channels": 8}))
+    save_config(searched_cfg, str(search_dir / "config.yaml"))
+    save_genotype(random_genotype(0, 2), str(search_dir / "geno.json"))
+    out = tmp_path / "retrain"
+    result = subprocess.run([sys.executable, "train.py", "--genotype", str(search_dir / "geno.json"), "--opts",
+                             f"train.output_dir={out}", "solver.max_iters=1"],
+                            cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"config: {search_dir / 'config.yaml'}" in result.stdout
+    used = load_config(str(out / "config.yaml"))
+    assert used["model"]["neck"]["channels"] == 16 and used["model"]["head"]["channels"] == 8
+    assert used["model"]["neck"]["type"] == "auto" and used["model"]["head"]["type"] == "auto"

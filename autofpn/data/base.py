@@ -21,6 +21,7 @@ processes or on where a resumed run started.
 import contextlib
 import io
 import logging
+import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -31,6 +32,10 @@ from torch.utils.data import Dataset
 
 from .transforms import (clip_boxes_to_image, hflip_boxes, load_image, nondegenerate_mask,
                          pil_to_tensor)
+
+class AnnotationError(ValueError):
+    """A malformed annotation file or dataset; the message names the file and the entry."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -65,28 +70,42 @@ class DetectionDataset(Dataset):
         self.label_to_category_id: List[int] = [0] + [int(c) for c in category_ids]
         self.category_id_to_label: Dict[int, int] = {
             c: i for i, c in enumerate(self.label_to_category_id) if i > 0}
+        self._dropped_examples: List[str] = []
         self.all_records = [self._clean(r) for r in records]
-        self._log_cleaning()
+        self._check_image_files()
         if train and not keep_empty_images:
             self.records = [r for r in self.all_records if self._train_mask(r).any()]
         else:
             self.records = list(self.all_records)
-        if train:
-            logger.info("%s: %d training images (%d without usable boxes dropped)", name,
-                        len(self.records), len(self.all_records) - len(self.records))
+        # a warning when the annotations needed fixing, so it shows even when info lines do not
+        logger.log(logging.WARNING if self._num_dropped or self._num_clipped else logging.INFO, self.summary())
+        if not self.all_records:
+            raise AnnotationError(f"{name}: the {'training' if train else 'validation'} split has no images")
+        if not self.records:
+            raise AnnotationError(f"{name}: no training image is left: none of the {len(self.all_records)} images "
+                                  f"has a usable box (set data.keep_empty_images=true to train on them anyway)")
         self._coco_gt = None
 
     # ---- annotation cleaning -----------------------------------------------------------------
+    _num_boxes = 0  # as annotated, before cleaning
     _num_clipped = 0
-    _num_dropped = 0
+    _num_dropped = 0  # non-positive width or height, or entirely outside the image
+    MAX_NAMED = 3  # entries named in the summary line
 
     def _clean(self, record: Record) -> Record:
-        """Clip boxes to the image and drop zero-area ones (counted for the log line)."""
-        boxes = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
-        boxes, num_clipped = clip_boxes_to_image(boxes, record["height"], record["width"])
+        """Clip boxes to the image and drop zero-area ones (counted and the first few named for
+        the summary line): a box with non-positive width or height, or one outside the image."""
+        raw = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
+        boxes, num_clipped = clip_boxes_to_image(raw, record["height"], record["width"])
         keep = nondegenerate_mask(boxes)
+        self._num_boxes += len(raw)
         self._num_clipped += num_clipped
         self._num_dropped += int((~keep).sum())
+        for i in np.flatnonzero(~keep)[:max(0, self.MAX_NAMED - len(self._dropped_examples))]:
+            x1, y1, x2, y2 = (float(v) for v in raw[i])
+            why = "non-positive width or height" if x2 <= x1 or y2 <= y1 else "outside the image"
+            self._dropped_examples.append(f"{os.path.basename(record['path'])} box {int(i)} "
+                                          f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}] ({why})")
         n = len(keep)
         out = dict(record)
         out["boxes"] = boxes[keep]
@@ -97,10 +116,26 @@ class DetectionDataset(Dataset):
             out[flag] = values.reshape(n)[keep]
         return out
 
-    def _log_cleaning(self) -> None:
-        if self._num_clipped or self._num_dropped:
-            logger.warning("%s: %d boxes clipped to the image, %d zero-area boxes dropped",
-                           self.name, self._num_clipped, self._num_dropped)
+    def _check_image_files(self) -> None:
+        """Every image file exists (a stat each: fast even for 118k images), so a missing one
+        stops the run before the first iteration rather than at the final evaluation."""
+        missing = [r["path"] for r in self.all_records if not os.path.isfile(r["path"])]
+        if missing:
+            raise AnnotationError(f"{self.name}: {len(missing)} of {len(self.all_records)} image files are missing, "
+                                  f"e.g. {', '.join(missing[:self.MAX_NAMED])}")
+
+    def summary(self) -> str:
+        """One line: images, boxes, what the cleaning dropped or clipped (first entries named)."""
+        text = f"{self.name}: {len(self.all_records)} images, {self._num_boxes} boxes"
+        if self._num_dropped:
+            text += (f"; {self._num_dropped} boxes dropped (non-positive size or outside the image), e.g. "
+                     + "; ".join(self._dropped_examples))
+        if self._num_clipped:
+            text += f"; {self._num_clipped} boxes clipped to the image"
+        if self.train:
+            text += (f"; {len(self.records)} training images ({len(self.all_records) - len(self.records)} "
+                     f"without usable boxes left out)")
+        return text
 
     @property
     def num_clipped_boxes(self) -> int:

@@ -11,11 +11,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .base import DetectionDataset, coco_from_dict
-
-
-class AnnotationError(ValueError):
-    """A malformed annotation file; the message names the file and the entry / position."""
+from .base import AnnotationError, DetectionDataset, coco_from_dict
 
 
 def load_json(path: str) -> Any:

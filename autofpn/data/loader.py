@@ -30,6 +30,18 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
 
     Training sets get the training filter and flips; "val" keeps every image and box.
     """
+    dataset = _build_dataset(cfg, split)
+    expected = cfg["model"]["num_classes"]
+    if expected != len(dataset.class_names):
+        from autofpn.config import ConfigError
+        names = dataset.class_names[1:]
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(f"'model.num_classes' = {expected} but {dataset.name} has {len(names)} classes ({shown}) "
+                          f"+ background = {len(dataset.class_names)}: set model.num_classes={len(dataset.class_names)}")
+    return dataset
+
+
+def _build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data_cfg = cfg["data"]

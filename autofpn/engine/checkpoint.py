@@ -16,7 +16,8 @@ import glob
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,14 +61,21 @@ def _atomic_write_text(text: str, path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint on the CPU (``weights_only=True``); a clear error names a bad file."""
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated or not a checkpoint; the message names it."""
+
+
+def load_checkpoint(path: str, what: str = "checkpoint") -> Any:
+    """Read a checkpoint on the CPU (``weights_only=True``); a missing, truncated or foreign
+    file is a ``CheckpointError`` naming it (``what`` says what it should have been)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds here; re-raised with the file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read this {what}: the file is truncated or not a "
+                              f"checkpoint written by torch.save ({reason[:160]})") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +153,32 @@ class CheckpointManager:
                 return path
         existing = self.list_checkpoints()
         return existing[-1] if existing else None
+
+    def load_latest(self) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """(path, state) of the newest checkpoint that reads, or (None, None) for an empty folder.
+
+        A damaged newer one (a copy or a write that broke off outside ``atomic_torch_save``) is
+        renamed ``<name>.damaged`` (kept, never deleted) with a warning, and the next older one
+        is tried; only when every checkpoint is damaged is that an error."""
+        candidates = self.list_checkpoints()
+        newest = self.latest()
+        if newest is not None and newest not in candidates:
+            candidates.append(newest)
+        damaged = []
+        for path in reversed(candidates):
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as e:
+                damaged.append(path)
+                if self.enabled:
+                    os.replace(path, path + ".damaged")
+                print(f"warning: {e}; kept aside as {os.path.basename(path)}.damaged, "
+                      f"trying the previous checkpoint", file=sys.stderr, flush=True)
+        if damaged:
+            raise CheckpointError(f"{self.folder}: no intact checkpoint to resume from (damaged: "
+                                  f"{', '.join(os.path.basename(p) for p in damaged)}); remove the folder "
+                                  f"to start again")
+        return None, None
 
     def save(self, state: Dict[str, Any], iteration: int, is_best: bool = False) -> Optional[str]:
         """Write ``state`` as the checkpoint of ``iteration``; prune old ones. Returns the path."""

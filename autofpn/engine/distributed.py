@@ -35,7 +35,8 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be auto, cpu or cuda, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        from autofpn.config import ConfigError
+        raise ConfigError("'train.device' = 'cuda' but no CUDA device is available (use auto or cpu)")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)

@@ -4,10 +4,9 @@ import json
 import os
 from typing import Dict, Tuple
 
-import torch
 from torch import nn
 
-from autofpn.engine.checkpoint import atomic_torch_save
+from autofpn.engine.checkpoint import atomic_torch_save, load_checkpoint
 
 
 def final_metrics(run_dir: str) -> Dict[str, float]:
@@ -24,8 +23,9 @@ def load_final_model(run_dir: str) -> Tuple[Dict[str, int], nn.Module]:
     from autofpn.config import complete_config
     from autofpn.models.detector import build_detector, parameter_breakdown
     path = os.path.join(run_dir, "model_final.pth")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_detector(complete_config(state["cfg"], where=path), state.get("genotype"))
+    state = load_checkpoint(path, "trained model")
+    cfg = complete_config(state["cfg"], ["model.backbone.weights=none"], where=path)  # weights: from the file
+    model = build_detector(cfg, state.get("genotype"))
     model.load_state_dict(state["model"])
     return parameter_breakdown(model), model.eval()
 
@@ -33,7 +33,7 @@ def load_final_model(run_dir: str) -> Tuple[Dict[str, int], nn.Module]:
 def export_backbone(run_dir: str, path: str) -> str:
     """Write the backbone of a finished run to ``path`` as a plain state dict, the format
     ``model.backbone.weights`` reads. Returns ``path``."""
-    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=True)["model"]
+    state = load_checkpoint(os.path.join(run_dir, "model_final.pth"), "trained model")["model"]
     prefix = "backbone.body."
     atomic_torch_save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path)
     return path

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from autofpn.engine import distributed as du
-from autofpn.engine.checkpoint import (CheckpointManager, atomic_torch_save, capture_rng_state,
+from autofpn.engine.checkpoint import (CheckpointError, CheckpointManager, atomic_torch_save, capture_rng_state,
                                        load_checkpoint, restore_rng_state)
 from autofpn.engine.logging import MetricsLog, Progress, read_metrics
 from autofpn.engine.solver import build_optimizer, build_scheduler
@@ -190,12 +190,14 @@ class Trainer:
 
     def resume(self, path: Optional[str] = None, required: bool = False) -> bool:
         """Load ``path`` or the newest checkpoint of the output folder. Returns True if loaded."""
-        path = path or self.checkpoints.latest()
+        if path:
+            state = load_checkpoint(path)
+        else:
+            path, state = self.checkpoints.load_latest()
         if path is None:
             if required:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.checkpoints.folder}")
+                raise CheckpointError(f"{self.checkpoints.folder}: --resume, but the folder has no checkpoint")
             return False
-        state = load_checkpoint(path)
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -307,12 +309,17 @@ class Trainer:
                     is_best = self._update_best(summary)
                     self.save_checkpoint(is_best=is_best)
                     self._plot()
-            summary = self.evaluate()
-            self.save_checkpoint(is_best=self._update_best(summary))
+            # the final weights reach the disk before the final evaluation: a crash there (a bad
+            # image, a killed job) loses no training, and running again only evaluates again
+            self.save_checkpoint()
             if self.ctx.is_main:
                 atomic_torch_save({"model": self.raw_model.state_dict(), "cfg": self.cfg,
                                    "genotype": self.genotype},
                                   os.path.join(self.out_dir, "model_final.pth"))
+            summary = self.evaluate()
+            if self._update_best(summary):
+                self.save_checkpoint(is_best=True)
+            if self.ctx.is_main:
                 self.metrics_log.write({"type": "time", "iter": self.iter,
                                         "seconds": time.perf_counter() - start_time})
             self._plot()

@@ -50,8 +50,10 @@ def _file_state_dict(path: str) -> Dict[str, Tensor]:
         raise BackboneWeightsError(f"backbone weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BackboneWeightsError(f"cannot read backbone weights file {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackboneWeightsError(f"{path}: cannot read these backbone weights: the file is truncated or "
+                                   f"not written by torch.save ({reason[:160]})") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

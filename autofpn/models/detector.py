@@ -4,6 +4,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from autofpn.config import ConfigError
 from autofpn.models.architecture import Architecture
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.auto_head import AutoHead
@@ -66,7 +67,8 @@ def _searched_part(cfg: Dict, part: str, genotype: Optional[Dict], search: bool)
     if search:
         return None, cfg["search"]["searched_norm"]
     if not genotype or not genotype.get(part):
-        raise ValueError(f"model.{part}.type is 'auto' but no genotype with a '{part}' part was given")
+        raise ConfigError(f"model.{part}.type is 'auto' but no genotype with a '{part}' part was given "
+                          f"(pass --genotype FILE)")
     return genotype[part], cfg["model"][part]["norm"]
 
 
@@ -106,7 +108,7 @@ HEADS: Dict[str, Callable[..., nn.Module]] = {
 
 def _lookup(registry: Dict[str, Callable], key: str, kind: str) -> Callable:
     if kind not in registry:
-        raise ValueError(f"{key} must be {' | '.join(registry)}, got '{kind}'")
+        raise ConfigError(f"'{key}' = {kind!r}: expected one of {', '.join(registry)}")
     return registry[kind]
 
 
@@ -119,6 +121,25 @@ def _search_parts(search: Union[bool, str]) -> Tuple[bool, bool]:
     if search in ("neck", "head"):
         return search == "neck", search == "head"
     raise ValueError(f"search must be False, True, 'neck' or 'head', got {search!r}")
+
+
+def use_genotype(cfg: Dict, genotype: Optional[Dict], neck: Optional[str] = None,
+                 head: Optional[str] = None) -> Dict:
+    """Set ``model.neck.type`` / ``model.head.type`` in ``cfg`` (in place, returned) for a run
+    with ``genotype``: each part the genotype holds is the searched ("auto") one, unless a type
+    was asked for explicitly (``neck`` / ``head``, e.g. train.py's ``--neck fpn``). Every entry
+    point (train, evaluate, the study) builds a genotype's model through this."""
+    if neck:
+        cfg["model"]["neck"]["type"] = neck
+    elif genotype is not None and genotype.get("neck"):
+        cfg["model"]["neck"]["type"] = "auto"
+    if head:
+        cfg["model"]["head"]["type"] = head
+    elif genotype is not None and genotype.get("head"):
+        cfg["model"]["head"]["type"] = "auto"
+    if genotype is None and "auto" in (cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"]):
+        raise ConfigError("model.neck.type / model.head.type is 'auto': pass --genotype FILE")
+    return cfg
 
 
 def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> FasterRCNN:

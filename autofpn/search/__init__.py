@@ -20,5 +20,6 @@ STRATEGIES = {
 def get_strategy(name: str) -> ModuleType:
     """The module of search strategy ``name`` (imported on use: strategies pull in training code)."""
     if name not in STRATEGIES:
-        raise ValueError(f"search.strategy must be {' | '.join(STRATEGIES)}, got '{name}'")
+        from autofpn.config import ConfigError
+        raise ConfigError(f"'search.strategy' = {name!r}: expected one of {', '.join(STRATEGIES)}")
     return importlib.import_module(STRATEGIES[name])

@@ -16,6 +16,7 @@ Rules (the op of a link/edge is always chosen by argmax of its softmax weights):
     python -m autofpn.viz.genotype_diagram genotype.json --out genotype   # then draw it
 """
 import argparse
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -138,8 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="decode rule (default: the checkpoint config's search.decode_rule)")
     args = parser.parse_args(argv)
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if "model" not in ckpt:
+    from autofpn.engine.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(args.checkpoint, "search checkpoint")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise SystemExit(f"{args.checkpoint}: no 'model' entry (keys: {sorted(ckpt)})")
     state, cfg = ckpt["model"], ckpt.get("cfg") or {}
     alpha, beta = state.get("arch.alpha"), state.get("arch.beta")
@@ -154,4 +156,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

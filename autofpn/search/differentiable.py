@@ -211,10 +211,12 @@ class Searcher:
 
     def resume(self, path: Optional[str] = None) -> bool:
         """Continue from ``path`` or the newest checkpoint of this stage's folder."""
-        path = path or self.checkpoints.latest()
+        if path:
+            state = load_checkpoint(path)
+        else:
+            path, state = self.checkpoints.load_latest()
         if path is None:
             return False
-        state = load_checkpoint(path)
         if state.get("stage") != self.stage:
             raise ValueError(f"{path}: a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
         self.model.load_state_dict(state["model"])

@@ -35,6 +35,7 @@ paper size is planned in seconds on a laptop):
 ``python -m autofpn.search.plan --cfg configs/coco.yaml [--genotype G] [--opts k=v ...]``
 """
 import argparse
+import sys
 import copy
 from typing import Dict, List, Optional, Tuple
 
@@ -259,4 +260,5 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

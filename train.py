@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     import torch
     from autofpn.config import save_config
-    from autofpn.data import build_dataset, build_loader
+    from autofpn.data import build_dataset, build_loader, check_num_classes
     from autofpn.engine import distributed as du
     from autofpn.engine.trainer import NonFiniteLossError, Trainer, seed_everything
     from autofpn.eval import evaluate_model
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         model = build_detector(cfg, genotype)
         seed_everything(seed + ctx.rank)  # different augmentation streams per rank
         train_set = build_dataset(cfg, "train")
+        check_num_classes(cfg, train_set)
         # order and flips are a function of (seed, epoch) only: resumable mid-epoch
         train_loader = build_loader(cfg, train_set, train=True, seed=seed)
         val_set = build_dataset(cfg, "val")

@@ -1,5 +1,4 @@
 """``build_dataset(cfg, split)`` and ``build_loader(cfg, dataset, train)``."""
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -30,18 +29,6 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
 
     Training sets get the training filter and flips; "val" keeps every image and box.
     """
-    dataset = _build_dataset(cfg, split)
-    expected = cfg["model"]["num_classes"]
-    if expected != len(dataset.class_names):
-        from autofpn.config import ConfigError
-        names = dataset.class_names[1:]
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise ConfigError(f"'model.num_classes' = {expected} but {dataset.name} has {len(names)} classes ({shown}) "
-                          f"+ background = {len(dataset.class_names)}: set model.num_classes={len(dataset.class_names)}")
-    return dataset
-
-
-def _build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data_cfg = cfg["data"]
@@ -69,6 +56,18 @@ def _build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
                           **common)
     raise ValueError(f"data.{split}.type must be one of {', '.join(DATASET_TYPES)}, "
                      f"got {kind!r}")
+
+
+def check_num_classes(cfg: Dict[str, Any], dataset: DetectionDataset) -> None:
+    """``model.num_classes`` must be the dataset's classes + background: one too few crashes at
+    the first step, a leftover 81 from a COCO config trains silently wrong."""
+    expected = cfg["model"]["num_classes"]
+    if expected != len(dataset.class_names):
+        from autofpn.config import ConfigError
+        names = dataset.class_names[1:]
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(f"'model.num_classes' = {expected} but {dataset.name} has {len(names)} classes ({shown}) "
+                          f"+ background = {len(dataset.class_names)}: set model.num_classes={len(dataset.class_names)}")
 
 
 def collate_detection(batch: List[Tuple[torch.Tensor, Dict]]) -> Tuple[List, List]:

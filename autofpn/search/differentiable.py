@@ -334,8 +334,9 @@ def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext):
     """Loaders over the two disjoint halves (A: weights, B: architecture) of the training set."""
     from torch.utils.data import Subset
 
-    from autofpn.data import build_dataset, build_loader
+    from autofpn.data import build_dataset, build_loader, check_num_classes
     dataset = build_dataset(cfg, "train")
+    check_num_classes(cfg, dataset)
     half_a, half_b = split_halves(len(dataset), int(cfg["search"]["split_seed"]))
     seed = int(cfg["train"]["seed"])
     loader_a = build_loader(cfg, Subset(dataset, half_a), train=True, seed=seed,

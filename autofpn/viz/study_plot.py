@@ -38,7 +38,9 @@ def plot_pareto(study: Dict[str, Any], path: str) -> str:
             ax.annotate(e["name"], (x, ap), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xlabel("neck + head parameters (M)")
     ax.set_ylabel("AP (%), mean ± std over seeds")
-    ax.set_title(f"{study['config']}: {len(study['seeds'])} seed(s) per entry")
+    runs = [len(e["runs"]) for e in study["entries"] if e["runs"]]
+    seeds = f"{min(runs)}-{max(runs)}" if runs and min(runs) != max(runs) else str(max(runs, default=0))
+    ax.set_title(f"{study['config']}: {seeds} of {len(study['seeds'])} seed(s) per entry")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=9)

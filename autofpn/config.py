@@ -115,6 +115,8 @@ DEFAULTS: Dict[str, Any] = {
     },
     "search": {
         "strategy": "differentiable",  # autofpn.search.STRATEGIES: the paper's first-order DARTS-style search
+        "mode": "full",  # full: the paper's mixed op (every op runs) | gdas: one Gumbel-sampled op per link/edge
+        "tau": [10.0, 0.1],  # gdas: Gumbel-softmax temperature, annealed linearly from the first to the second
         "epochs": 24,
         "stage": "both",  # neck | head | both (neck first, then head with the searched neck)
         "w_lr": 0.02,
@@ -167,6 +169,7 @@ CHOICES: Dict[str, tuple] = {
     "model.head.norm": ("none", "gn", "bn"),
     "search.searched_norm": ("none", "gn", "bn"),
     "search.stage": ("neck", "head", "both"),
+    "search.mode": ("full", "gdas"),
     "search.decode_rule": ("argmax", "argmax_nonnone", "top2"),
     "solver.schedule": ("step", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -190,6 +193,10 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if _is_number(value) or value in LAMBDA_PRESET_NAMES:
             return None
         return f"expected one of {', '.join(LAMBDA_PRESET_NAMES)} or a number"
+    if dotted == "search.tau":
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value):
+            return None
+        return "expected [start, end], two positive numbers"
     if default is None or (value is None and dotted in NULLABLE):
         return None
     if isinstance(default, bool):

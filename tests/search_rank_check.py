@@ -54,14 +54,27 @@ def main() -> None:
         check()
         return out
 
+    paths = []  # search.mode gdas: the one-hot path each forward drew (the same on every rank)
+    forward_weights = model.arch.forward_weights
+
+    def recording_forward_weights():
+        weights = forward_weights()
+        if model.arch._sampling is not None:
+            paths.append(weights[0].detach().argmax(-1).tolist())
+        return weights
+
+    model.arch.forward_weights = recording_forward_weights
     searcher._losses = recording_losses
     searcher.arch_step, searcher.weight_step = checked_arch_step, checked_weight_step
     searcher.search()
     images_per_rank = du.all_gather_object(seen_images)
+    paths_per_rank = du.all_gather_object(paths)
     if ctx.is_main:
         report = {**counts, "identical_after_every_step": all(identical) and len(identical) > 0,
                   "alpha_moved": not torch.equal(alpha_start, model.arch.alpha.detach()),
-                  "ranks_saw_different_images": images_per_rank[0] != images_per_rank[1]}
+                  "ranks_saw_different_images": images_per_rank[0] != images_per_rank[1],
+                  "sampled_paths": len(paths), "same_paths_on_every_rank": paths_per_rank[0] == paths_per_rank[1],
+                  "paths_differ_between_steps": len({str(p) for p in paths}) > 1}
         assert report["ranks_saw_different_images"], images_per_rank
         with open(report_path, "w") as f:
             json.dump(report, f)

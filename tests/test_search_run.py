@@ -65,9 +65,10 @@ def test_split_is_disjoint_seeded_and_complete():
     assert (a, b) == split_halves(11, seed=3) and (a, b) != split_halves(11, seed=4)
 
 
-@pytest.mark.parametrize("stage", ["neck", "head"])
-def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synthetic_root, stage):
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), tiny_opts(synthetic_root, str(tmp_path)))
+@pytest.mark.parametrize("stage, mode", [("neck", "full"), ("head", "full"), ("neck", "gdas"), ("head", "gdas")])
+def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synthetic_root, stage, mode):
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                      tiny_opts(synthetic_root, str(tmp_path), **{"search.mode": mode}))
     searcher, loader_a, loader_b = _searcher(cfg, stage, str(tmp_path))
     images_a, targets_a = next(iter(loader_a))
     images_b, targets_b = next(iter(loader_b))
@@ -140,33 +141,42 @@ def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root)
     assert final["genotype"] == geno
 
 
-def test_two_processes_keep_alpha_identical(tmp_path, synthetic_root):
+@pytest.mark.parametrize("mode", ["full", "gdas"])
+def test_two_processes_keep_alpha_identical(tmp_path, synthetic_root, mode):
     out = str(tmp_path / "dist")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(REPO / "tests" / "search_rank_check.py"), str(REPO / "configs" / "demo.yaml"),
-         str(tmp_path / "report.json"), *tiny_opts(synthetic_root, out, **{"search.max_iters": 4, "search.epochs": 4})],
+         str(tmp_path / "report.json"),
+         *tiny_opts(synthetic_root, out, **{"search.max_iters": 4, "search.epochs": 4, "search.mode": mode})],
         cwd=str(REPO), capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(tmp_path / "report.json"))
     assert report["steps"] == 4 and report["arch_steps"] == 3
     assert report["identical_after_every_step"] is True
     assert report["alpha_moved"] is True
+    if mode == "gdas":  # 4 weight steps + 3 architecture steps, each on one sampled path
+        assert report["sampled_paths"] == 7 and report["paths_differ_between_steps"] is True
+        assert report["same_paths_on_every_rank"] is True
+    else:
+        assert report["sampled_paths"] == 0
 
 
-def _search_cmd(synthetic_root, out):
+def _search_cmd(synthetic_root, out, mode="full"):
     return [sys.executable, "search.py", "--cfg", "configs/demo.yaml", "--opts",
-            *tiny_opts(synthetic_root, out, **{"search.max_iters": 6, "search.epochs": 3, "train.checkpoint_period": 2})]
+            *tiny_opts(synthetic_root, out, **{"search.max_iters": 6, "search.epochs": 3, "train.checkpoint_period": 2,
+                                               "search.mode": mode})]
 
 
-def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic_root):
+@pytest.mark.parametrize("mode", ["full", "gdas"])
+def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic_root, mode):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    result = subprocess.run(_search_cmd(synthetic_root, full), cwd=str(REPO), env=env, capture_output=True,
+    result = subprocess.run(_search_cmd(synthetic_root, full, mode), cwd=str(REPO), env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    proc = subprocess.Popen(_search_cmd(synthetic_root, killed), cwd=str(REPO), env=env,
+    proc = subprocess.Popen(_search_cmd(synthetic_root, killed, mode), cwd=str(REPO), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = os.path.join(killed, "head", "checkpoints", "ckpt_0000004.pth")  # the head stage, mid-way
     deadline = time.time() + 400
@@ -176,7 +186,7 @@ def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "geno.json"))
-    result = subprocess.run(_search_cmd(synthetic_root, killed), cwd=str(REPO), env=env, capture_output=True,
+    result = subprocess.run(_search_cmd(synthetic_root, killed, mode), cwd=str(REPO), env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "search neck: already done" in result.stdout and "resumed from" in result.stdout

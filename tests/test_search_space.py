@@ -97,6 +97,53 @@ def test_one_hot_head_supernet_computes_the_decoded_head(seed):
     torch.testing.assert_close(out_sup, out_fixed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampled_supernet_runs_only_the_sampled_ops_and_computes_the_decoded_modules(seed):
+    """search.mode gdas: at one-hot weights the supernet runs the chosen op of each link/edge and
+    nothing else (not even the 1x1 conv of a link whose sample is "none"), and equals the
+    decoded neck and head."""
+    torch.manual_seed(seed)
+    genotype = random_genotype(seed)
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, sampled=True)
+    head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, sampled=True)
+    fixed_neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype)
+    fixed_head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype)
+    for sup, fixed in ((neck, fixed_neck), (head, fixed_head)):
+        state = sup.state_dict()
+        fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
+    ran = {"neck": set(), "head": set()}
+    for part, module in (("neck", neck), ("head", head)):
+        for name, sub in module.named_modules():
+            if isinstance(sub, torch.nn.Conv2d):
+                sub.register_forward_hook(lambda mod, args, out, name=name, part=part: ran[part].add(name))
+    feats, rois = backbone_feats(), torch.randn(5, NECK_CH, 7, 7)
+    with torch.no_grad():
+        out_neck = neck(feats, one_hot_neck(genotype, neck))
+        out_head = head(rois, one_hot_head(genotype, head))
+    convs = lambda m: {n for n, sub in m.named_modules() if isinstance(sub, torch.nn.Conv2d)}  # noqa: E731
+    assert ran["neck"] == convs(fixed_neck)
+    # the head's edges; its cells' input projections run in the supernet even where no edge reads them
+    not_pre = lambda names: {n for n in names if ".pre" not in n}  # noqa: E731
+    assert not_pre(ran["head"]) == not_pre(convs(fixed_head))
+    out_fixed = fixed_neck(feats)
+    for name in out_fixed:
+        torch.testing.assert_close(out_neck[name], out_fixed[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_head, fixed_head(rois), rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_supernet_fills_a_level_no_link_reaches_with_zeros():
+    neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, sampled=True)
+    w = torch.zeros(neck.arch_shape)
+    w[..., NECK_OPS.index("none")] = 1.0  # every link sampled "none"
+    out = neck(backbone_feats(), w)
+    assert all(float(v.abs().sum()) == 0.0 for v in out.values())
+    assert out["p2"].shape == (1, NECK_CH, 8, 16)
+    head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, sampled=True)
+    w = torch.zeros(head.arch_shape)
+    w[..., HEAD_OPS.index("none")] = 1.0
+    assert head(torch.randn(3, NECK_CH, 7, 7), w).abs().sum() == 0
+
+
 def test_cost_of_decoded_genotype_matches_the_built_modules():
     supernet_neck = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH)
     supernet_head = AutoHead(NECK_CH, 7, HEAD_CH, cells=2)

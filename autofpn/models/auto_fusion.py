@@ -45,13 +45,17 @@ class FusionLink(nn.Module):
 
     The resampling to the target level is done by the layer (it needs the target size)."""
 
-    def __init__(self, channels: int, norm: str, chosen: Optional[Sequence[str]] = None):
+    def __init__(self, channels: int, norm: str, chosen: Optional[Sequence[str]] = None,
+                 sampled: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1, bias=norm == "none")
         self.norm = make_norm(norm, channels)
-        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen)
+        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen, sampled)
 
-    def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Optional[Tensor]:
+        """None when a sampled path chose "none" for this link (nothing computed)."""
+        if self.mixed.sampled and weights is not None and not self.mixed.active(weights):
+            return None
         return self.mixed(self.norm(self.conv(x)), weights)
 
 
@@ -71,6 +75,8 @@ class AutoFusionNeck(nn.Module):
         genotype: a genotype dict (its "neck" part is used), or that neck part alone
             ({"levels", "layers"}), or None for the supernet.
         norm: none | gn | bn after every conv (search: none, as in the paper).
+        sampled: supernet only: the links compute only the ops of non-zero weight (a sampled
+            path, ``search.mode: gdas``); a level no link reaches is zeros.
         extra_pool_level: add P_{top+1} = max_pool2d(P_top, 1, stride 2) for the RPN.
     Attributes:
         out_channels: int; strides: {"p2": 4, ..., "p6": 64}; arch_shape (supernet only):
@@ -80,7 +86,7 @@ class AutoFusionNeck(nn.Module):
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], channels: int,
                  levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
                  genotype: Optional[dict] = None, norm: str = "none",
-                 extra_pool_level: bool = True):
+                 extra_pool_level: bool = True, sampled: bool = False):
         super().__init__()
         self.levels = [int(lv) for lv in levels]
         self.out_channels = channels
@@ -120,7 +126,7 @@ class AutoFusionNeck(nn.Module):
         for chosen in chosen_per_layer:
             # keep link_pairs order so the module order is the same in supernet and fixed neck
             self.layers.append(nn.ModuleDict({
-                link_name(s, t): FusionLink(channels, norm, chosen[(s, t)])
+                link_name(s, t): FusionLink(channels, norm, chosen[(s, t)], sampled and genotype is None)
                 for (s, t) in self.link_pairs if (s, t) in chosen}))
 
     def forward(self, feats: Dict[str, Tensor], weights: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -142,9 +148,13 @@ class AutoFusionNeck(nn.Module):
                 if name not in layer:  # "none" in a decoded neck: nothing computed
                     continue
                 w = weights[k, idx] if weights is not None else None
-                y = resample(layer[name](x[s], w), s, t, sizes[t])
+                y = layer[name](x[s], w)
+                if y is None:  # a sampled "none"
+                    continue
+                y = resample(y, s, t, sizes[t])
                 out[t] = y if t not in out else out[t] + y
-            x = out
+            x = {lv: out[lv] if lv in out else x[lv].new_zeros(x[lv].shape[:2] + sizes[lv])
+                 for lv in self.levels}
         result = {f"p{lv}": x[lv] for lv in self.levels}
         if self.extra_pool_level:
             top = self.levels[-1]

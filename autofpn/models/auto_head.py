@@ -37,15 +37,17 @@ class HeadCell(nn.Module):
     supernet (every edge, every op)."""
 
     def __init__(self, in_prev_prev: int, in_prev: int, channels: int, norm: str,
-                 chosen: Optional[dict] = None):
+                 chosen: Optional[dict] = None, sampled: bool = False):
         super().__init__()
+        self.channels = channels
         pairs = EDGE_PAIRS if chosen is None else [p for p in EDGE_PAIRS if p in chosen]
         used_inputs = {k for k, _ in pairs}
         # an input node no edge reads gets no projection (no unused parameters in DDP)
         self.pre0 = ReLUConvNorm(in_prev_prev, channels, 1, norm) if 0 in used_inputs else None
         self.pre1 = ReLUConvNorm(in_prev, channels, 1, norm) if 1 in used_inputs else None
         self.edges = nn.ModuleDict({
-            edge_name(k, n): MixedOp(channels, HEAD_OPS, norm, None if chosen is None else chosen[(k, n)])
+            edge_name(k, n): MixedOp(channels, HEAD_OPS, norm, None if chosen is None else chosen[(k, n)],
+                                     sampled and chosen is None)
             for (k, n) in pairs})
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -62,7 +64,11 @@ class HeadCell(nn.Module):
                     continue
                 w = weights[EDGE_PAIRS.index((k, n))] if weights is not None else None
                 y = self.edges[name](nodes[k], w)
-                total = y if total is None else total + y
+                if y is not None:  # None: a sampled "none"
+                    total = y if total is None else total + y
+            if total is None:  # every edge into this node sampled "none"
+                ref = next(t for t in nodes if t is not None)
+                total = ref.new_zeros(ref.shape[:1] + (self.channels,) + ref.shape[2:])
             nodes.append(total)
         return torch.cat(nodes[HEAD_INPUT_NODES:], dim=1)
 
@@ -78,11 +84,14 @@ class AutoHead(nn.Module):
         genotype: a genotype dict (its "head" part is used), or that head part alone
             ({"cells"}), or None for the supernet.
         norm: none | gn | bn (search: none).
+        sampled: supernet only: each edge computes only the ops of non-zero weight (a sampled
+            path, ``search.mode: gdas``).
     Attributes: out_channels = 4 * channels; arch_shape (supernet only) = (cells, 14, 8).
     """
 
     def __init__(self, in_channels: int, pooler_size: int = 7, channels: int = 512,
-                 cells: int = 2, genotype: Optional[dict] = None, norm: str = "none"):
+                 cells: int = 2, genotype: Optional[dict] = None, norm: str = "none",
+                 sampled: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.pooler_size = pooler_size
@@ -104,7 +113,7 @@ class AutoHead(nn.Module):
         for m, chosen in enumerate(chosen_per_cell):
             in_prev_prev = in_channels if m < 2 else cell_out
             in_prev = in_channels if m < 1 else cell_out
-            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen))
+            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled))
         self.out_channels = cell_out
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:

@@ -50,8 +50,7 @@ class FasterRCNN(nn.Module):
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, image_sizes, targets = self.transform(images, targets)
         features = self.backbone(batch)
-        neck_weights = self.arch.neck_weights() if self.arch is not None else None
-        head_weights = self.arch.head_weights() if self.arch is not None else None
+        neck_weights, head_weights = self.arch.forward_weights() if self.arch is not None else (None, None)
         features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
         rpn_features = [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
         proposals, rpn_losses = self.rpn(tuple(batch.shape[-2:]), image_sizes, rpn_features, targets)
@@ -81,14 +80,20 @@ def _neck_args(cfg: Dict, backbone: nn.Module) -> Dict:
 def build_auto_fusion(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], search: bool) -> nn.Module:
     neck_genotype, norm = _searched_part(cfg, "neck", genotype, search)
     return AutoFusionNeck(layers=cfg["model"]["neck"]["layers"], genotype=neck_genotype, norm=norm,
-                          **_neck_args(cfg, backbone))
+                          sampled=search and _sampled_search(cfg), **_neck_args(cfg, backbone))
 
 
 def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search: bool) -> nn.Module:
     head_genotype, norm = _searched_part(cfg, "head", genotype, search)
     h = cfg["model"]["head"]
     return AutoHead(in_channels, pooler_size=cfg["model"]["roi"]["pooler_size"], channels=h["channels"],
-                    cells=h["cells"], genotype=head_genotype, norm=norm)
+                    cells=h["cells"], genotype=head_genotype, norm=norm,
+                    sampled=search and _sampled_search(cfg))
+
+
+def _sampled_search(cfg: Dict) -> bool:
+    """A supernet searched with one sampled path per link/edge computes only that path."""
+    return cfg.get("search", {}).get("mode", "full") == "gdas"
 
 
 # model.neck.type / model.head.type -> builder(cfg, backbone | in_channels, genotype, search).

@@ -113,11 +113,17 @@ class MixedOp(nn.Module):
     (softmax over the whole table, "none" included) returns ``sum_k w[k] * op_k(x)`` over the
     non-none ops. Fixed module: built with ``chosen=[name]``; ``forward(x)`` applies that op.
     Ops live in ``self.ops[name]`` so the fixed module's keys are a subset of the supernet's.
+
+    ``sampled=True`` (a supernet searched with sampled paths, ``search.mode: gdas``): the ops
+    whose weight is exactly 0 are not computed (their term of the sum is 0), so a one-hot sample
+    costs one op; ``forward`` returns None when no op is active (the sampled op is "none").
+    Their weights get no gradient, the straight-through estimate of GDAS.
     """
 
     def __init__(self, channels: int, op_table: Sequence[str], norm: str = "none",
-                 chosen: Sequence[str] = None):
+                 chosen: Sequence[str] = None, sampled: bool = False):
         super().__init__()
+        self.sampled = sampled
         names = [n for n in (op_table if chosen is None else chosen) if n != "none"]
         for n in names:
             if n not in op_table:
@@ -136,5 +142,16 @@ class MixedOp(nn.Module):
             return next(iter(self.ops.values()))(x)
         if weights.shape != (len(self.op_table),):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
-        outs = [op(x) for op in self.ops.values()]
-        return mixed_sum(outs, weights.index_select(0, self.op_index.to(weights.device)))
+        w = weights.index_select(0, self.op_index.to(weights.device))
+        if not self.sampled:
+            return mixed_sum([op(x) for op in self.ops.values()], w)
+        active = self.active(weights)
+        if not active:
+            return None
+        ops = list(self.ops.values())
+        return mixed_sum([ops[i](x) for i in active], w[active])
+
+    def active(self, weights: Tensor) -> list:
+        """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""
+        held = weights.detach().index_select(0, self.op_index.to(weights.device))
+        return held.ne(0).nonzero().flatten().tolist()

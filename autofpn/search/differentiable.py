@@ -9,6 +9,9 @@ One search stage (neck or head) runs ``Searcher.search``:
   have passed, then a weight step on A (SGD, cosine lr ``w_lr -> w_lr_min``). Each optimizer
   holds only its own parameters, and the other set does not require grad during a step, so a
   weight step cannot move alpha and an architecture step cannot move a weight;
+- ``search.mode: gdas`` runs each step on one sampled path per link/edge (Gumbel-softmax,
+  straight-through; see ``models/architecture.py``), seeded by (train.seed, stage, iteration,
+  step) so ranks agree and a resumed stage draws the same paths; ``full`` mixes every op;
 - gradients are averaged across processes by hand (no DDP: two optimizers over disjoint sets
   and ``autograd.grad`` for the architecture do not fit DDP's one-backward contract), so every
   rank holds the same weights and the same alpha/beta after every step;
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -115,6 +119,7 @@ class Searcher:
         self.a_optimizer = torch.optim.Adam(self.arch_params, lr=s["arch_lr"], betas=(0.5, 0.999),
                                             weight_decay=s["arch_weight_decay"])
         self.lam = resource_lambda(s)
+        self.sampled = s["mode"] == "gdas"
         self.cost = self._build_cost()
         self.checkpoints = CheckpointManager(os.path.join(out_dir, "checkpoints"),
                                              keep=cfg["train"]["keep_checkpoints"], enabled=ctx.is_main)
@@ -154,12 +159,28 @@ class Searcher:
         check_finite_losses(losses, self.iter, self.ctx.device)
         return losses
 
+    def tau(self) -> float:
+        """Gumbel-softmax temperature of this iteration: linear from tau[0] to tau[1] (GDAS)."""
+        start, end = (float(t) for t in self.search_cfg["tau"])
+        return start + (end - start) * self.iter / max(self.max_iter - 1, 1)
+
+    def path(self, step: str):
+        """search.mode gdas: the forwards of this step run one sampled path per link/edge, drawn
+        from a seed fixed by (train.seed, stage, iteration, step), so ranks agree and a resumed
+        run draws the same paths; full: a no-op context."""
+        if not self.sampled:
+            return nullcontext()
+        seed = ((int(self.cfg["train"]["seed"]) * 2 + STAGES.index(self.stage)) * 10_000_019
+                + 2 * self.iter + (step == "arch"))
+        return self.model.arch.sampled(self.tau(), seed)
+
     def arch_step(self, images, targets) -> Dict[str, float]:
         """One Adam step of alpha/beta on a batch of half B; weights get no gradient."""
         for p in self.weight_params:
             p.requires_grad_(False)
         try:
-            losses = self._losses(images, targets)
+            with self.path("arch"):
+                losses = self._losses(images, targets)
             detection = sum(losses.values())
             cost = self.expected_cost()
             total = detection + self.lam * cost
@@ -179,7 +200,8 @@ class Searcher:
         for p in self.arch_params:
             p.requires_grad_(False)
         try:
-            losses = self._losses(images, targets)
+            with self.path("weight"):
+                losses = self._losses(images, targets)
             total = sum(losses.values())
             self.w_optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -290,7 +312,7 @@ class Searcher:
                     self.iter += 1
                     if self.iter % log_period == 0 or self.iter == self.max_iter:
                         log.write({"type": "search", "stage": self.stage, "iter": self.iter, "epoch": epoch,
-                                   "lr": lr, **record})
+                                   "lr": lr, **({"tau": self.tau()} if self.sampled else {}), **record})
                         self._log_arch(trajectory, epoch)
                     if self.iter >= self.max_iter:
                         break

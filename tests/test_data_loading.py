@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DistributedSampler, Subset
 
 from autofpn.config import load_config

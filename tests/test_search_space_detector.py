@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from autofpn.config import load_config
-from autofpn.models.architecture import Architecture, gumbel_straight_through
+from autofpn.models.architecture import gumbel_straight_through
 from autofpn.search.cost import ResourceCost
 
 detector = pytest.importorskip("autofpn.models.detector")

@@ -1,7 +1,6 @@
 """train.py end to end on the embedded synthetic data, tiny sizes (CPU):
 losses finite and falling; NaN injection; kill -9 + resume == uninterrupted, bit for bit;
 2-process torchrun (Gloo) training + evaluation."""
-import json
 import os
 import signal
 import subprocess

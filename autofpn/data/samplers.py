@@ -9,7 +9,7 @@ batches AND augmentations are a function of (seed, epoch) alone, whatever the nu
 workers, and a resumed run can skip the batches it already did with ``set_start_iter``.
 """
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from torch.utils.data import Sampler

@@ -8,7 +8,6 @@ import contextlib
 import io
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 

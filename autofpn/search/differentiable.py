@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from autofpn.engine import distributed as du
 from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from autofpn.engine.logging import MetricsLog, Progress
-from autofpn.engine.trainer import (NonFiniteLossError, check_finite_losses, inject_nan_for_test,
+from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
 

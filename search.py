@@ -24,6 +24,8 @@ def parse_args(argv=None):
                    help="config overrides, e.g. search.resource_lambda=small search.stage=neck")
     p.add_argument("--neck-genotype", default=None,
                    help="genotype JSON whose neck the head stage uses (when search.stage=head)")
+    p.add_argument("--force", action="store_true",
+                   help="the output folder holds a search of another config: move it aside and start anew")
     p.add_argument("--dry-run", action="store_true",
                    help="print params, FLOPs and activation memory per stage and for the decoded model")
     return p.parse_args(argv)
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
 
     import torch
     from autofpn.engine import distributed as du
+    from autofpn.engine.runs import claim_folder
     from autofpn.engine.trainer import NonFiniteLossError
     from autofpn.search import get_strategy
     run_search = get_strategy(cfg["search"]["strategy"]).run_search
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     try:
         if cfg["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        claim_folder(out_dir, cfg, None, args.force, "search", ctx)
         if ctx.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
         try:

@@ -28,6 +28,8 @@ def parse_args(argv=None):
                    help="config overrides, e.g. solver.lr=0.01 data.images_per_batch=4")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="resume from CKPT, or (no value) from the output folder's newest one")
+    p.add_argument("--force", action="store_true",
+                   help="the output folder holds a run of another config: move it aside and start anew")
     return p.parse_args(argv)
 
 
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     from autofpn.config import save_config
     from autofpn.data import build_dataset, build_loader, check_num_classes
     from autofpn.engine import distributed as du
+    from autofpn.engine.runs import claim_folder
     from autofpn.engine.trainer import NonFiniteLossError, Trainer, seed_everything
     from autofpn.eval import evaluate_model
     from autofpn.models.detector import build_detector
@@ -64,6 +67,7 @@ def main(argv=None) -> int:
     ctx = du.init_distributed(cfg["train"]["device"])
     out_dir = cfg["train"]["output_dir"]
     try:
+        claim_folder(out_dir, cfg, genotype, args.force, "training run", ctx, ignore=("search.",))
         if cfg["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed = int(cfg["train"]["seed"])

@@ -21,6 +21,7 @@ USER_ERRORS = (
     ("autofpn.eval.coco", "ResultsError"),
     ("autofpn.engine.checkpoint", "CheckpointError"),
     ("autofpn.study", "StudyError"),
+    ("autofpn.engine.runs", "FolderInUseError"),
 )
 
 

@@ -11,7 +11,7 @@ outputs so the run can be reproduced from that file alone.
 """
 import copy
 import os
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
@@ -326,3 +326,12 @@ def save_config(cfg: Dict[str, Any], path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested configs (missing counts as None)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (YAML reads tuples back as lists)
+    return [] if plain(a) == plain(b) else [prefix.rstrip(".")]
+

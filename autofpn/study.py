@@ -594,7 +594,7 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
     folder was made with: otherwise StudyError naming the keys. A search variant ``tag`` is
     added with its resolved ``search`` section, or must match the one recorded under that tag;
     new lambda presets of a known variant are added to it."""
-    from autofpn.config import complete_config, load_config
+    from autofpn.config import complete_config, diff_keys, load_config
     plain = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists, as read back)
     cfg = plain(load_config(cfg_path, opts))
     training = {k: v for k, v in cfg.items() if k != "search"}
@@ -605,7 +605,7 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
         "config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed, "training": training,
         "variants": []}
     # keys added to the project since the folder was made take their defaults (same behaviour)
-    diff = _diff_keys({k: v for k, v in plain(complete_config(record["training"], where=path)).items()
+    diff = diff_keys({k: v for k, v in plain(complete_config(record["training"], where=path)).items()
                        if k != "search"}, training)
     if record["random_seed"] != random_seed:
         diff.append("--random-seed")
@@ -615,7 +615,7 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
     variant = next((v for v in record["variants"] if v["tag"] == tag), None)
     if variant is not None:
         recorded = plain(complete_config({"search": variant["search"]}, where=path))["search"]
-        diff = _diff_keys({k: v for k, v in recorded.items() if k not in SEARCH_KEYS_SET_PER_UNIT}, searching,
+        diff = diff_keys({k: v for k, v in recorded.items() if k not in SEARCH_KEYS_SET_PER_UNIT}, searching,
                           "search.")
         if diff:
             raise StudyError(f"{out}: search variant '{tag or '(default)'}' was searched with other settings "
@@ -626,13 +626,6 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
                                    "search": searching})
     write_json(record, path)
     return [SearchVariant(v["tag"], v["search_opts"], v["lambdas"]) for v in record["variants"]]
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> List[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def parse_args(argv=None):

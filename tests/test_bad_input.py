@@ -197,3 +197,50 @@ def test_num_classes_that_does_not_fit_the_data_is_one_line(tmp_path):
     code, _, stderr = run("train.py", "--cfg", DEMO, "--opts", *coco_opts(ann), "model.num_classes=81")
     assert code == 2 and error_line(stderr) == (f"error: 'model.num_classes' = 81 but {ann} has 1 classes (thing) "
                                                 f"+ background = 2: set model.num_classes=2")
+
+
+# ---- output folders of another config --------------------------------------------------------
+
+def test_folder_of_another_config_is_refused_moved_aside_with_force_and_resumed_when_equal(tmp_path):
+    from autofpn.config import save_config
+    from autofpn.engine.runs import FolderInUseError, claim_folder
+    folder = tmp_path / "run"
+    cfg = load_config(DEMO, [f"train.output_dir={folder}"])
+    save_config(cfg, str(folder / "config.yaml"))
+    (folder / "model_final.pth").write_bytes(b"weights of the first run")
+    # keys that do not change the result may differ: same run, resumed
+    same = load_config(DEMO, [f"train.output_dir={folder}", "train.log_period=1", "data.num_workers=2"])
+    assert claim_folder(str(folder), same) is None and (folder / "model_final.pth").exists()
+    other = load_config(DEMO, [f"train.output_dir={folder}", "model.neck.type=panet", "solver.lr=0.01"])
+    with pytest.raises(FolderInUseError, match=r"run holds a run made with another config "
+                                               r"\(model.neck.type, solver.lr differ\).*--force"):
+        claim_folder(str(folder), other)
+    assert load_config(str(folder / "config.yaml"))["model"]["neck"]["type"] == "fpn"  # untouched
+    # a genotype is part of what a run computes
+    genotype = json.loads((REPO / "configs" / "genotypes" / "ssd.json").read_text())
+    with pytest.raises(FolderInUseError, match=r"\(genotype differ\)"):
+        claim_folder(str(folder), cfg, genotype)
+    aside = claim_folder(str(folder), other, force=True)
+    assert aside == f"{folder}.old" and not folder.exists()
+    assert (Path(aside) / "model_final.pth").read_bytes() == b"weights of the first run"  # nothing lost
+    save_config(cfg, str(folder / "config.yaml"))
+    assert claim_folder(str(folder), other, force=True) == f"{folder}.old2"
+
+
+@pytest.mark.parametrize("script", ["train.py", "search.py"])
+def test_train_and_search_refuse_a_folder_of_another_config_before_writing(tmp_path, script):
+    from autofpn.config import save_config
+    key = "train.output_dir" if script == "train.py" else "search.output_dir"
+    folder = tmp_path / "out"
+    save_config(load_config(DEMO, [f"{key}={folder}", "train.device=cpu"]), str(folder / "config.yaml"))
+    before = (folder / "config.yaml").read_text()
+    code, _, stderr = run(script, "--cfg", DEMO, "--opts", f"{key}={folder}", "train.device=cpu",
+                          "search.resource_lambda=small", "solver.epochs=2")
+    assert code == 2
+    line = error_line(stderr)
+    # training does not read search.*: only the search is refused for it
+    differing = "solver.epochs" if script == "train.py" else "search.resource_lambda, solver.epochs"
+    assert line == (f"error: {folder} holds a {'training run' if script == 'train.py' else 'search'} made with "
+                    f"another config ({differing} differ); use another output folder, or --force to move that "
+                    f"one aside and start anew")
+    assert (folder / "config.yaml").read_text() == before and sorted(os.listdir(folder)) == ["config.yaml"]

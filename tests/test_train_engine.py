@@ -149,3 +149,24 @@ def test_nan_hook_and_check_name_iteration_and_term():
         check_finite_losses({"loss_box": torch.tensor(float("inf"))}, 3, torch.device("cpu"))
     with pytest.raises(KeyError, match="loss_nope"):
         inject_nan_for_test(losses, 7, (7, "loss_nope"))
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
+    import io
+    from autofpn.engine.logging import Progress
+    monkeypatch.delenv("AUTOFPN_PROGRESS", raising=False)
+    stream = io.StringIO()  # a log file: not a terminal
+    progress = Progress(100, start=40, desc="search neck", stream=stream)
+    for _ in range(60):
+        progress.update({"loss": 1.25}, 0.01, 4)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 20, lines  # one per 5 % of the 60 iterations
+    assert lines[0].startswith("search neck 43/100 (43 %), ") and "ETA" in lines[0]
+    assert lines[-1].startswith("search neck 100/100 (100 %), ") and "| loss=1.250, lr=1.00e-02, img_s=" in lines[-1]
+    monkeypatch.setenv("AUTOFPN_PROGRESS", "bar")  # forced: the tqdm bar, even into a file
+    stream = io.StringIO()
+    progress = Progress(10, stream=stream)
+    progress.update({"loss": 1.0}, 0.01, 4)
+    progress.close()
+    assert "\r" in stream.getvalue()

@@ -5,13 +5,15 @@ to ``metrics.jsonl``; when a run is resumed, the records past the resume point (
 killed run after its last checkpoint) are dropped so the log has each iteration once.
 ``read_metrics`` reads it back (the plots use it).
 
-``Progress`` wraps tqdm: iteration / total, ETA, the loss terms, lr and images/s.
+``Progress``: iteration / total, ETA, the loss terms, lr and images/s; a tqdm bar on a terminal,
+plain lines elsewhere.
 """
 import json
 import math
 import os
+import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TextIO
 
 from tqdm import tqdm
 
@@ -74,13 +76,28 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 
 
 class Progress:
-    """tqdm bar over iterations with loss terms, lr and images/s; silent when disabled."""
+    """Progress over iterations with loss terms, lr and images/s; silent when disabled.
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, desc: str = "train"):
-        self.enabled = enabled
-        self._last_time = time.perf_counter()
-        self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
-                         disable=not enabled, smoothing=0.1)
+    On a terminal: a tqdm bar. Elsewhere (a log file, CI, a cluster job), where a bar becomes one
+    endless line of carriage returns: plain lines, one per 5 % of the run and at least one a
+    minute, each with the iteration, s/it, ETA and the same values. ``AUTOFPN_PROGRESS=bar`` or
+    ``lines`` forces one of the two.
+    """
+
+    LINES_PER_RUN = 20
+    MAX_SECONDS_BETWEEN_LINES = 60.0
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, desc: str = "train",
+                 stream: Optional[TextIO] = None):
+        self.enabled, self.total, self.desc = enabled, total, desc
+        self.stream = stream if stream is not None else sys.stderr
+        forced = os.environ.get("AUTOFPN_PROGRESS", "")
+        self.lines = forced == "lines" or (forced != "bar" and not _is_terminal(self.stream))
+        self.n = self._first = start
+        self._last_time = self._started = self._last_line = time.perf_counter()
+        self._every = max(1, (total - start) // self.LINES_PER_RUN)
+        self._bar = None if self.lines else tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                                                 disable=not enabled, smoothing=0.1, file=self.stream)
 
     def update(self, losses: Dict[str, float], lr: float, images: int) -> float:
         """Advance one iteration; returns images/s of that iteration."""
@@ -88,17 +105,47 @@ class Progress:
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
         images_per_s = images / elapsed
+        self.n += 1
         if self.enabled:
             short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}
             short.update(lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            self._bar.set_postfix(short, refresh=False)
-            self._bar.update(1)
+            if self._bar is not None:
+                self._bar.set_postfix(short, refresh=False)
+                self._bar.update(1)
+            elif ((self.n - self._first) % self._every == 0 or self.n == self.total
+                  or now - self._last_line >= self.MAX_SECONDS_BETWEEN_LINES):
+                self._print_line(now, short)
         return images_per_s
+
+    def _print_line(self, now: float, values: Dict[str, str]) -> None:
+        self._last_line = now
+        per_it = (now - self._started) / max(self.n - self._first, 1)
+        eta = per_it * max(self.total - self.n, 0)
+        pct = 100.0 * self.n / max(self.total, 1)
+        print(f"{self.desc} {self.n}/{self.total} ({pct:.0f} %), {per_it:.2f} s/it, ETA {_clock(eta)} | "
+              + ", ".join(f"{k}={v}" for k, v in values.items()), file=self.stream, flush=True)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""
         if self.enabled:
-            self._bar.write(message)
+            if self._bar is not None:
+                self._bar.write(message)
+            else:
+                print(message, file=self.stream, flush=True)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"

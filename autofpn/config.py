@@ -91,6 +91,7 @@ DEFAULTS: Dict[str, Any] = {
                       "image_size": 256, "seed": 0},
         "class_names": None,  # VOC / BDD: the class list (defaults to the dataset's standard one)
         "keep_empty_images": False,  # images without annotations used as negatives in training
+        "bad_images": "stop",  # an image that is missing or does not decode: stop (listing them) | skip
         "hflip_prob": 0.5,
         "aspect_ratio_grouping": True,
         "num_workers": 2,
@@ -170,6 +171,7 @@ CHOICES: Dict[str, tuple] = {
     "search.searched_norm": ("none", "gn", "bn"),
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas"),
+    "data.bad_images": ("stop", "skip"),
     "search.decode_rule": ("argmax", "argmax_nonnone", "top2"),
     "solver.schedule": ("step", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -183,6 +183,34 @@ def test_missing_image_file_stops_before_training(tmp_path):
     assert error_line(stderr) == f"error: {ann}: 1 of 2 image files are missing, e.g. {tmp_path / 'b.jpg'}"
 
 
+def test_truncated_image_stops_at_the_start_or_is_skipped_and_counted(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("AUTOFPN_CACHE", str(tmp_path / "cache"))
+    images = [{"id": i, "file_name": f"{n}.jpg", "height": 64, "width": 64} for i, n in enumerate("abcd", 1)]
+    ann = coco_folder(tmp_path / "data", [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20],
+                                           "iscrowd": 0} for i in (1, 2, 3, 4)], images)
+    broken = tmp_path / "data" / "c.jpg"
+    Image.effect_noise((64, 64), 64).convert("RGB").save(broken, quality=95)  # noise: many bytes to cut
+    broken.write_bytes(broken.read_bytes()[:1200])  # a truncated download: the JPEG has no end
+    # an intact JPEG with bytes after its end marker (some cameras write them) still decodes
+    trailing = tmp_path / "data" / "d.jpg"
+    trailing.write_bytes(trailing.read_bytes() + b"\0" * 100)
+    code, _, stderr = run("train.py", "--cfg", DEMO, "--opts", *coco_opts(ann), env={"AUTOFPN_CACHE": str(tmp_path / "cache")})
+    assert code == 2
+    line = error_line(stderr)
+    assert line.startswith(f"error: {ann}: 1 of 4 images cannot be decoded: {broken} (cannot decode (OSError: ")
+    assert line.endswith("; fix or remove them, or set data.bad_images=skip to leave them out")
+    with caplog.at_level("INFO"):
+        dataset = CocoDataset(str(ann.parent), str(ann), train=False, bad_images="skip")
+    assert dataset.image_ids == [1, 2, 4] and len(dataset) == 3
+    assert f"1 images left out because they cannot be decoded (data.bad_images=skip), e.g. {broken}" in caplog.text
+    # the files that decoded are remembered: a second check does not open them
+    from autofpn.data import image_check
+    monkeypatch.setattr(image_check, "image_problem", lambda path: "opened again" if "c.jpg" not in path
+                        else "cannot decode")
+    assert image_check.find_bad_images([str(tmp_path / "data" / n) for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")],
+                                       str(ann)) == [(str(broken), "cannot decode")]
+
+
 def test_empty_training_split_names_the_file(tmp_path):
     ann = coco_folder(tmp_path, [], images=[])
     code, _, stderr = run("train.py", "--cfg", DEMO, "--opts", *coco_opts(ann))

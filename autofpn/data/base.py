@@ -54,11 +54,14 @@ class DetectionDataset(Dataset):
         train: training targets (no crowd / difficult boxes, random flip, images without boxes
             dropped unless ``keep_empty_images``); otherwise every image and every box with its
             flags, no augmentation.
+        bad_images: an image file that is missing or does not decode (checked up front, see
+            ``image_check``) "stop"s the run with the list of such files, or is "skip"ped
+            (left out of training and evaluation, counted in the summary line).
     """
 
     def __init__(self, records: List[Record], class_names: Sequence[str],
                  category_ids: Sequence[int], name: str, train: bool, hflip_prob: float = 0.5,
-                 use_difficult: bool = False, keep_empty_images: bool = False):
+                 use_difficult: bool = False, keep_empty_images: bool = False, bad_images: str = "stop"):
         if len(category_ids) != len(class_names):
             raise ValueError(f"{name}: {len(class_names)} class names but "
                              f"{len(category_ids)} category ids")
@@ -71,14 +74,14 @@ class DetectionDataset(Dataset):
         self.category_id_to_label: Dict[int, int] = {
             c: i for i, c in enumerate(self.label_to_category_id) if i > 0}
         self._dropped_examples: List[str] = []
-        self.all_records = [self._clean(r) for r in records]
-        self._check_image_files()
+        self.all_records = [self._clean(r) for r in self._check_image_files(records, bad_images)]
         if train and not keep_empty_images:
             self.records = [r for r in self.all_records if self._train_mask(r).any()]
         else:
             self.records = list(self.all_records)
         # a warning when the annotations needed fixing, so it shows even when info lines do not
-        logger.log(logging.WARNING if self._num_dropped or self._num_clipped else logging.INFO, self.summary())
+        logger.log(logging.WARNING if self._num_dropped or self._num_clipped or self._skipped_images else logging.INFO,
+                   self.summary())
         if not self.all_records:
             raise AnnotationError(f"{name}: the {'training' if train else 'validation'} split has no images")
         if not self.records:
@@ -90,6 +93,7 @@ class DetectionDataset(Dataset):
     _num_boxes = 0  # as annotated, before cleaning
     _num_clipped = 0
     _num_dropped = 0  # non-positive width or height, or entirely outside the image
+    _skipped_images: List[str] = []  # undecodable files left out (bad_images="skip")
     MAX_NAMED = 3  # entries named in the summary line
 
     def _clean(self, record: Record) -> Record:
@@ -116,17 +120,32 @@ class DetectionDataset(Dataset):
             out[flag] = values.reshape(n)[keep]
         return out
 
-    def _check_image_files(self) -> None:
-        """Every image file exists (a stat each: fast even for 118k images), so a missing one
-        stops the run before the first iteration rather than at the final evaluation."""
-        missing = [r["path"] for r in self.all_records if not os.path.isfile(r["path"])]
-        if missing:
-            raise AnnotationError(f"{self.name}: {len(missing)} of {len(self.all_records)} image files are missing, "
+    def _check_image_files(self, records: List[Record], bad_images: str) -> List[Record]:
+        """The records whose image file exists and decodes (``image_check``: cached, so a later
+        run only stats the files); a missing or undecodable one stops the run before the first
+        iteration, rather than at the final evaluation, or is left out with ``bad_images="skip"``."""
+        if bad_images not in ("stop", "skip"):
+            raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
+        missing = [r["path"] for r in records if not os.path.isfile(r["path"])]
+        if missing and bad_images == "stop":  # a wrong root: say so without decoding anything
+            raise AnnotationError(f"{self.name}: {len(missing)} of {len(records)} image files are missing, "
                                   f"e.g. {', '.join(missing[:self.MAX_NAMED])}")
+        from .image_check import find_bad_images
+        bad = dict(find_bad_images([r["path"] for r in records], self.name))
+        if bad and bad_images == "stop":
+            named = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:self.MAX_NAMED])
+            raise AnnotationError(f"{self.name}: {len(bad)} of {len(records)} images cannot be decoded: {named}"
+                                  f"{' ...' if len(bad) > self.MAX_NAMED else ''}; fix or remove them, or set "
+                                  f"data.bad_images=skip to leave them out")
+        self._skipped_images = [p for p in bad]
+        return [r for r in records if r["path"] not in bad]
 
     def summary(self) -> str:
         """One line: images, boxes, what the cleaning dropped or clipped (first entries named)."""
         text = f"{self.name}: {len(self.all_records)} images, {self._num_boxes} boxes"
+        if self._skipped_images:
+            text += (f"; {len(self._skipped_images)} images left out because they cannot be decoded "
+                     f"(data.bad_images=skip), e.g. {', '.join(self._skipped_images[:self.MAX_NAMED])}")
         if self._num_dropped:
             text += (f"; {self._num_dropped} boxes dropped (non-positive size or outside the image), e.g. "
                      + "; ".join(self._dropped_examples))

@@ -48,7 +48,7 @@ class BddDataset(DetectionDataset):
 
     def __init__(self, image_root: str, ann_file: str, train: bool,
                  class_names: Optional[Sequence[str]] = None, hflip_prob: float = 0.5,
-                 keep_empty_images: bool = False):
+                 keep_empty_images: bool = False, bad_images: str = "stop"):
         frames = load_json(ann_file)
         if not isinstance(frames, list):
             raise AnnotationError(f"{ann_file}: BDD labels must be a list of frames, got "
@@ -87,4 +87,4 @@ class BddDataset(DetectionDataset):
             logger.info("%s: %d boxes of ignored categories (%s) skipped", ann_file, num_ignored,
                         ", ".join(BDD_IGNORED))
         super().__init__(records, class_names, list(range(1, len(class_names) + 1)), ann_file,
-                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images)
+                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images, bad_images=bad_images)

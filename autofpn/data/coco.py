@@ -82,7 +82,7 @@ class CocoDataset(DetectionDataset):
     """
 
     def __init__(self, image_root: str, ann_file: str, train: bool, hflip_prob: float = 0.5,
-                 keep_empty_images: bool = False):
+                 keep_empty_images: bool = False, bad_images: str = "stop"):
         coco = load_coco_gt(ann_file)
         categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
         category_ids = [c["id"] for c in categories]
@@ -100,6 +100,6 @@ class CocoDataset(DetectionDataset):
                 "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
                 "difficult": np.zeros(len(anns), dtype=bool)})
         super().__init__(records, [c["name"] for c in categories], category_ids, ann_file,
-                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images)
+                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images, bad_images=bad_images)
         # evaluate against the file exactly as pycocotools reads it (unclipped boxes)
         self._coco_gt = coco

@@ -36,7 +36,8 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     kind = spec.get("type")
     train = split == "train"
     common = {"train": train, "hflip_prob": float(data_cfg.get("hflip_prob", 0.5)),
-              "keep_empty_images": bool(data_cfg.get("keep_empty_images", False))}
+              "keep_empty_images": bool(data_cfg.get("keep_empty_images", False)),
+              "bad_images": data_cfg.get("bad_images", "stop")}
 
     def need(key: str):
         if spec.get(key) in (None, "", []):

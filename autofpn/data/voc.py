@@ -90,7 +90,7 @@ class VocDataset(DetectionDataset):
     def __init__(self, roots: Union[str, Sequence[str]], splits: Union[str, Sequence[str]],
                  train: bool, class_names: Optional[Sequence[str]] = None,
                  hflip_prob: float = 0.5, use_difficult: bool = False,
-                 keep_empty_images: bool = False):
+                 keep_empty_images: bool = False, bad_images: str = "stop"):
         roots, splits = _as_list(roots), _as_list(splits)
         if len(splits) == 1:
             splits = splits * len(roots)
@@ -114,4 +114,4 @@ class VocDataset(DetectionDataset):
         name = " + ".join(f"{root}:{split}" for root, split in zip(roots, splits))
         super().__init__(records, class_names, list(range(1, len(class_names) + 1)), name,
                          train=train, hflip_prob=hflip_prob, use_difficult=use_difficult,
-                         keep_empty_images=keep_empty_images)
+                         keep_empty_images=keep_empty_images, bad_images=bad_images)

@@ -368,3 +368,31 @@ def test_evaluate_model_gathers_across_ranks(tmp_path):
     assert lines == ['RANK 0 1 {"AP": 100.0, "n": 2}', 'RANK 1 1 {"AP": 100.0, "n": 2}']
     dets = json.loads((tmp_path / "ev" / "detections.json").read_text())
     assert sorted(d["image_id"] for d in dets) == [10, 20]
+
+
+def test_results_file_written_as_a_coco_dataset_dict_is_accepted(tmp_path):
+    from autofpn.eval.inference import evaluate_results_file
+    ann = _small_coco(tmp_path)
+    detections = [{"image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 10], "score": 0.9},
+                  {"image_id": 20, "category_id": 3, "bbox": [30, 5, 10, 15], "score": 0.8}]
+    as_list, as_dict = tmp_path / "list.json", tmp_path / "dict.json"
+    as_list.write_text(json.dumps(detections))
+    as_dict.write_text(json.dumps({"images": [], "categories": [], "annotations": detections}))
+    from_list = evaluate_results_file(str(as_list), str(ann), verbose=False)
+    from_dict = evaluate_results_file(str(as_dict), str(ann), verbose=False)
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (nan == nan)
+    differing = [k for k in from_list if not same(from_list[k], from_dict[k])]
+    assert differing in ([], ["coco_summary_text"]) and 0 < from_list["AP"] < 100  # the text holds timings
+    as_dict.write_text(json.dumps({"detections": detections}))
+    with pytest.raises(ResultsError, match="must be a JSON list of detections, got dict"):
+        evaluate_results_file(str(as_dict), str(ann), verbose=False)
+
+
+def test_tables_explain_minus_one():
+    from autofpn.eval.inference import format_tables
+    summary = {"num_images": 2, "num_detections": 3, "per_class": {},
+               **{name: 50.0 for name in COCO_METRIC_NAMES}}
+    assert "-1.00" not in format_tables(summary)
+    summary["APs"] = summary["ARs"] = -1.0  # pycocotools' marker, kept as -1 (not scaled to percent)
+    text = format_tables(summary)
+    assert "-1.00: no ground-truth object of that size in these images" in text

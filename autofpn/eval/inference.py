@@ -148,6 +148,8 @@ def format_tables(summary: Dict[str, Any]) -> str:
         lines.append("COCO bbox (pycocotools, percent):")
         lines.append("  " + " ".join(f"{name:>6}" for name in COCO_METRIC_NAMES))
         lines.append("  " + " ".join(_fmt(summary[name]) for name in COCO_METRIC_NAMES))
+        if any(summary[name] < 0 for name in COCO_METRIC_NAMES):
+            lines.append("  (-1.00: no ground-truth object of that size in these images, pycocotools' marker)")
     if "voc_AP50" in summary:
         lines.append(f"VOC AP50 (difficult ignored): area {_fmt(summary['voc_AP50'])}   "
                      f"11-point (VOC2007) {_fmt(summary['voc_AP50_07'])}")
@@ -217,10 +219,14 @@ def evaluate_results_file(results_json: str, ann_json: str, metric: str = "both"
                           out_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, Any]:
     """Evaluate a saved COCO results file against a COCO instances file (no model).
 
-    Unknown image or category ids in the results are an error (``ResultsError``).
+    The file is a JSON list of detections (the COCO results format), or a COCO dataset dict
+    with the detections under "annotations" (as some tools write them). Unknown image or
+    category ids in the results are an error (``ResultsError``).
     """
     coco_gt = load_coco_gt(ann_json)
     results = load_json(results_json)
+    if isinstance(results, dict) and isinstance(results.get("annotations"), list):
+        results = results["annotations"]
     check_results(results, coco_gt, source=results_json)
     summary = compute_metrics(coco_gt, results, None, metric)
     if out_dir:

@@ -368,3 +368,31 @@ def test_decisiveness_of_uniform_one_hot_and_collapsed_weights():
     d = decisiveness(w / w.sum(-1, keepdim=True), NECK_OPS)
     assert d["parameter_free"] == pytest.approx(0.5) and d["none"] == pytest.approx(0.25)
     assert d["margin"] == pytest.approx(d["min_margin"]) and d["margin"] > DECISIVE_MARGIN
+
+
+def test_agreement_of_searches_is_the_correlation_of_their_weight_movements(tmp_path):
+    from autofpn.search.agreement import agreement, main, weight_movement
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(2, 16, len(NECK_OPS), generator=g) * 1e-3
+    step = torch.randn(2, 16, len(NECK_OPS), generator=g)
+
+    def write(name, move):
+        (tmp_path / name / "neck").mkdir(parents=True)
+        records = [{"iter": 0, "alpha": torch.softmax(start, -1).tolist()},
+                   {"iter": 30, "alpha": torch.softmax(start + move, -1).tolist()}]
+        (tmp_path / name / "neck" / "arch_trajectory.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+        return str(tmp_path / name)
+
+    same = write("a", 0.05 * step)
+    # the same movement plus a per-link constant (invisible to the softmax) and twice the size
+    scaled = write("b", 0.1 * step + torch.randn(2, 16, 1, generator=g))
+    opposite = write("c", -0.05 * step)
+    moved = weight_movement(same)
+    torch.testing.assert_close(moved, (0.05 * step - 0.05 * step.mean(-1, keepdim=True)).flatten().double(),
+                               atol=1e-5, rtol=1e-4)
+    result = agreement([same, scaled, opposite])
+    assert result[(same, scaled)] == pytest.approx(1.0, abs=1e-6)
+    assert result[(same, opposite)] == pytest.approx(-1.0, abs=1e-6)
+    assert main([same, scaled]) == 0
+    with pytest.raises(FileNotFoundError, match="arch_trajectory.jsonl not found"):
+        weight_movement(str(tmp_path / "nothing"))

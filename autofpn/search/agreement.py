@@ -1,0 +1,66 @@
+"""Do two searches agree? The correlation of how far their architecture weights moved.
+
+A search whose decisions come from the task should move the architecture weights the same way
+when only its random parts change (the seed of the supernet's initialisation, the split of the
+data into halves). For each search and stage the movement is the change of the log softmax
+weights from the first to the last record of ``<stage>/arch_trajectory.jsonl``, centred per
+link/edge (a per-link constant does not change the softmax); two searches agree as much as
+the Pearson correlation of their movements over every (link, op). Searches that share only
+noise give about 0.
+
+    python -m autofpn.search.agreement out/search_seed0 out/search_seed1 [--stage neck]
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def weight_movement(search_dir: str, stage: str = "neck") -> Tensor:
+    """Flattened, per-row centred change of log softmax(alpha or beta) over the stage."""
+    path = os.path.join(search_dir, stage, "arch_trajectory.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a search folder, or its {stage} stage did not run")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    key = "alpha" if stage == "neck" else "beta"
+    if len(records) < 2 or key not in records[0]:
+        raise ValueError(f"{path}: needs at least two records with '{key}'")
+    first, last = (torch.tensor(r[key], dtype=torch.float64).clamp(min=1e-30).log() for r in (records[0], records[-1]))
+    centred = lambda w: w - w.mean(-1, keepdim=True)  # noqa: E731
+    return (centred(last) - centred(first)).flatten()
+
+
+def agreement(search_dirs: Sequence[str], stage: str = "neck") -> Dict[tuple, float]:
+    """Pearson correlation of the weight movements of every pair of ``search_dirs``."""
+    moves = {d: weight_movement(d, stage) for d in search_dirs}
+    out = {}
+    for a, b in itertools.combinations(search_dirs, 2):
+        if moves[a].shape != moves[b].shape:
+            raise ValueError(f"{a} and {b}: the {stage} search spaces differ ({tuple(moves[a].shape)} vs "
+                             f"{tuple(moves[b].shape)} weights)")
+        out[(a, b)] = float(torch.corrcoef(torch.stack([moves[a], moves[b]]))[0, 1])
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("searches", nargs="+", help="search.output_dir folders (two or more)")
+    parser.add_argument("--stage", default="neck", choices=("neck", "head"),
+                        help="the stage to compare (a head stage is only comparable on the same neck)")
+    args = parser.parse_args(argv)
+    if len(args.searches) < 2:
+        parser.error("give two or more search folders")
+    for (a, b), r in agreement(args.searches, args.stage).items():
+        print(f"{args.stage}: {a}  vs  {b}: correlation of the weight movements {r:+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

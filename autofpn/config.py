@@ -117,6 +117,7 @@ DEFAULTS: Dict[str, Any] = {
     "search": {
         "strategy": "differentiable",  # autofpn.search.STRATEGIES: the paper's first-order DARTS-style search
         "mode": "full",  # full: the paper's mixed op (every op runs) | gdas: one Gumbel-sampled op per link/edge
+        # | sampled_weights: weight steps on a sampled op, architecture steps on the full mixed op
         "tau": [10.0, 0.1],  # gdas: Gumbel-softmax temperature, annealed linearly from the first to the second
         "epochs": 24,
         "stage": "both",  # neck | head | both (neck first, then head with the searched neck)
@@ -170,7 +171,7 @@ CHOICES: Dict[str, tuple] = {
     "model.head.norm": ("none", "gn", "bn"),
     "search.searched_norm": ("none", "gn", "bn"),
     "search.stage": ("neck", "head", "both"),
-    "search.mode": ("full", "gdas"),
+    "search.mode": ("full", "gdas", "sampled_weights"),
     "data.bad_images": ("stop", "skip"),
     "search.decode_rule": ("argmax", "argmax_nonnone", "top2"),
     "solver.schedule": ("step", "cosine"),

@@ -4,6 +4,8 @@ On one config (default configs/demo.yaml) and the same batches, measures
   - FPN training step (forward + backward + SGD) of the baseline detector,
   - neck-search iteration (architecture step on a batch of half B + weight step on half A),
   - head-search iteration (same, head supernet with an FPN neck),
+  - the same two with ``search.mode=gdas`` (one Gumbel-sampled op per link/edge; a new path
+    every iteration),
 interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
 iteration (bench/peak_memory.py; Linux only).
 
@@ -24,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_variant(name: str, cfg) -> Callable[[], None]:
-    """A closure running one iteration of ``name`` ("fpn", "neck", "head") on fixed batches."""
+    """A closure running one iteration of ``name`` ("fpn", "neck", "head", "neck_gdas",
+    "head_gdas") on fixed batches."""
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
@@ -41,15 +44,18 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         return train_step_fn(model, optimizer, images, targets)
-    stage_cfg = stage_config(cfg, name, None)
-    model = build_detector(stage_cfg, search=name)
+    stage, _, mode = name.partition("_")
+    stage_cfg = stage_config(cfg, stage, None)
+    stage_cfg["search"]["mode"] = mode or "full"
+    model = build_detector(stage_cfg, search=stage)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
-    searcher = Searcher(stage_cfg, name, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")
+    searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")
     batch_a, batch_b = next(iter(loader_a)), next(iter(loader_b))
 
     def step():
         searcher.arch_step(*batch_b)
         searcher.weight_step(*batch_a)
+        searcher.iter += 1  # gdas: the next iteration draws other paths
     return step
 
 
@@ -67,7 +73,8 @@ def main() -> None:
     print(f"config {args.cfg}: {cfg['data']['images_per_batch']} images/batch, min_size {t['min_size']}, "
           f"neck {cfg['model']['neck']['channels']} ch, Auto-head {cfg['model']['head']['channels']} ch, "
           f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, threads {torch.get_num_threads()}")
-    steps: Dict[str, Callable[[], None]] = {name: build_variant(name, cfg) for name in ("fpn", "neck", "head")}
+    variants = ("fpn", "neck", "head", "neck_gdas", "head_gdas")
+    steps: Dict[str, Callable[[], None]] = {name: build_variant(name, cfg) for name in variants}
     for step in steps.values():
         step()
     times = {name: [] for name in steps}
@@ -81,7 +88,8 @@ def main() -> None:
         print("profile of one neck search iteration:")
         print(profile_table(steps["neck"]))
     memory = {name: peak_in_fresh_process(build_variant, name, cfg) for name in steps}
-    labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration"}
+    labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
+              "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas"}
     print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
     for name in steps:
         print(f"{labels[name]:<24}{median[name]:>10.3f}{median[name] / median['fpn']:>12.2f}"

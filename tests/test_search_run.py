@@ -65,7 +65,8 @@ def test_split_is_disjoint_seeded_and_complete():
     assert (a, b) == split_halves(11, seed=3) and (a, b) != split_halves(11, seed=4)
 
 
-@pytest.mark.parametrize("stage, mode", [("neck", "full"), ("head", "full"), ("neck", "gdas"), ("head", "gdas")])
+@pytest.mark.parametrize("stage, mode", [("neck", "full"), ("head", "full"), ("neck", "gdas"), ("head", "gdas"),
+                                         ("head", "sampled_weights")])
 def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synthetic_root, stage, mode):
     cfg = load_config(str(REPO / "configs" / "demo.yaml"),
                       tiny_opts(synthetic_root, str(tmp_path), **{"search.mode": mode}))
@@ -141,7 +142,7 @@ def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root)
     assert final["genotype"] == geno
 
 
-@pytest.mark.parametrize("mode", ["full", "gdas"])
+@pytest.mark.parametrize("mode", ["full", "gdas", "sampled_weights"])
 def test_two_processes_keep_alpha_identical(tmp_path, synthetic_root, mode):
     out = str(tmp_path / "dist")
     result = subprocess.run(
@@ -155,9 +156,9 @@ def test_two_processes_keep_alpha_identical(tmp_path, synthetic_root, mode):
     assert report["steps"] == 4 and report["arch_steps"] == 3
     assert report["identical_after_every_step"] is True
     assert report["alpha_moved"] is True
-    if mode == "gdas":  # 4 weight steps + 3 architecture steps, each on one sampled path
-        assert report["sampled_paths"] == 7 and report["paths_differ_between_steps"] is True
-        assert report["same_paths_on_every_rank"] is True
+    if mode != "full":  # 4 weight steps (+ 3 architecture steps for gdas), each on one sampled path
+        assert report["sampled_paths"] == (7 if mode == "gdas" else 4)
+        assert report["paths_differ_between_steps"] is True and report["same_paths_on_every_rank"] is True
     else:
         assert report["sampled_paths"] == 0
 
@@ -168,7 +169,7 @@ def _search_cmd(synthetic_root, out, mode="full"):
                                                "search.mode": mode})]
 
 
-@pytest.mark.parametrize("mode", ["full", "gdas"])
+@pytest.mark.parametrize("mode", ["full", "gdas", "sampled_weights"])
 def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic_root, mode):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")

@@ -93,7 +93,7 @@ def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], searc
 
 def _sampled_search(cfg: Dict) -> bool:
     """A supernet searched with one sampled path per link/edge computes only that path."""
-    return cfg.get("search", {}).get("mode", "full") == "gdas"
+    return cfg.get("search", {}).get("mode", "full") != "full"
 
 
 # model.neck.type / model.head.type -> builder(cfg, backbone | in_channels, genotype, search).

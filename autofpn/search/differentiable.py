@@ -11,7 +11,8 @@ One search stage (neck or head) runs ``Searcher.search``:
   weight step cannot move alpha and an architecture step cannot move a weight;
 - ``search.mode: gdas`` runs each step on one sampled path per link/edge (Gumbel-softmax,
   straight-through; see ``models/architecture.py``), seeded by (train.seed, stage, iteration,
-  step) so ranks agree and a resumed stage draws the same paths; ``full`` mixes every op;
+  step) so ranks agree and a resumed stage draws the same paths; ``sampled_weights`` samples
+  the weight steps only; ``full`` mixes every op;
 - gradients are averaged across processes by hand (no DDP: two optimizers over disjoint sets
   and ``autograd.grad`` for the architecture do not fit DDP's one-backward contract), so every
   rank holds the same weights and the same alpha/beta after every step;
@@ -38,6 +39,12 @@ from autofpn.engine.logging import MetricsLog, Progress
 from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
+
+# search.mode -> the steps that run on one Gumbel-sampled path per link/edge (the others mix
+# every op): full (the paper), gdas (Dong & Yang 2019: both), sampled_weights (weights trained
+# on sampled paths, cheap; architecture gradients from the full mixed op, which are consistent
+# from batch to batch: docs/STUDY.md)
+SAMPLED_STEPS = {"full": (), "gdas": ("weight", "arch"), "sampled_weights": ("weight",)}
 
 # lambda presets of the paper (sec. 3.3): the "small" model gets the strongest constraint
 LAMBDA_PRESETS = {"small": 0.2, "middle": 0.02, "large": 0.002}
@@ -119,7 +126,9 @@ class Searcher:
         self.a_optimizer = torch.optim.Adam(self.arch_params, lr=s["arch_lr"], betas=(0.5, 0.999),
                                             weight_decay=s["arch_weight_decay"])
         self.lam = resource_lambda(s)
-        self.sampled = s["mode"] == "gdas"
+        # which steps run on one sampled path per link/edge (SAMPLED_STEPS of search.mode)
+        self.sampled_steps = SAMPLED_STEPS[s["mode"]]
+        self.sampled = bool(self.sampled_steps)
         self.cost = self._build_cost()
         self.checkpoints = CheckpointManager(os.path.join(out_dir, "checkpoints"),
                                              keep=cfg["train"]["keep_checkpoints"], enabled=ctx.is_main)
@@ -165,10 +174,11 @@ class Searcher:
         return start + (end - start) * self.iter / max(self.max_iter - 1, 1)
 
     def path(self, step: str):
-        """search.mode gdas: the forwards of this step run one sampled path per link/edge, drawn
-        from a seed fixed by (train.seed, stage, iteration, step), so ranks agree and a resumed
-        run draws the same paths; full: a no-op context."""
-        if not self.sampled:
+        """The forwards of ``step`` ("weight" or "arch") run one sampled path per link/edge when
+        search.mode samples that step (gdas: both; sampled_weights: the weight step), drawn from
+        a seed fixed by (train.seed, stage, iteration, step), so ranks agree and a resumed run
+        draws the same paths; otherwise (full) a no-op context: every op runs."""
+        if step not in self.sampled_steps:
             return nullcontext()
         seed = ((int(self.cfg["train"]["seed"]) * 2 + STAGES.index(self.stage)) * 10_000_019
                 + 2 * self.iter + (step == "arch"))

@@ -134,6 +134,7 @@ DEFAULTS: Dict[str, Any] = {
         "resource_lambda": "middle",  # small | middle | large | a number | 0 (off)
         "resource_lambda_scale": 1.0,  # VOC: 0.5 (the paper halves the presets)
         "split_seed": 0,
+        "seed": -1,  # supernet / alpha init, data order, sampled paths; -1: train.seed (another search, same data split)
         "w_grad_clip": 10.0,  # gradient-norm clipping of the weight step (0 = off)
         "output_dir": "out/search",
         "decode_rule": "argmax",  # argmax (paper: "none" may win and drops the link) | argmax_nonnone | top2

@@ -59,6 +59,18 @@ def _searcher(cfg, stage="neck", out_dir="/tmp/unused"):
     return Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir), loader_a, loader_b
 
 
+def test_search_seed_defaults_to_the_training_seed_and_sets_the_data_order(synthetic_root, tmp_path):
+    from autofpn.search.differentiable import search_seed
+    demo = str(REPO / "configs" / "demo.yaml")
+    cfg = lambda **o: load_config(demo, tiny_opts(synthetic_root, str(tmp_path), **o))  # noqa: E731
+    assert search_seed(cfg(**{"train.seed": 3})) == 3
+    assert search_seed(cfg(**{"train.seed": 3, "search.seed": 1})) == 1
+    ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    order = lambda c: [int(t["image_id"]) for _, targets in build_search_loaders(c, ctx)[0] for t in targets]  # noqa: E731
+    assert order(cfg(**{"search.seed": 1})) == order(cfg(**{"train.seed": 1}))
+    assert order(cfg(**{"search.seed": 1})) != order(cfg(**{"search.seed": 2}))
+
+
 def test_split_is_disjoint_seeded_and_complete():
     a, b = split_halves(11, seed=3)
     assert sorted(a + b) == list(range(11)) and not set(a) & set(b) and len(a) == 5

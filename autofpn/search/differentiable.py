@@ -62,6 +62,13 @@ def resource_lambda(search_cfg: Dict[str, Any]) -> float:
     return float(value) * float(search_cfg["resource_lambda_scale"])
 
 
+def search_seed(cfg: Dict[str, Any]) -> int:
+    """The seed of everything random in a search (supernet and alpha init, data order, sampled
+    paths): ``search.seed``, or ``train.seed`` when that is -1 (the default)."""
+    seed = int(cfg["search"]["seed"])
+    return int(cfg["train"]["seed"]) if seed < 0 else seed
+
+
 def split_halves(num_images: int, seed: int) -> Tuple[List[int], List[int]]:
     """A seeded random split of ``range(num_images)`` into two disjoint halves (A, B)."""
     if num_images < 2:
@@ -180,7 +187,7 @@ class Searcher:
         draws the same paths; otherwise (full) a no-op context: every op runs."""
         if step not in self.sampled_steps:
             return nullcontext()
-        seed = ((int(self.cfg["train"]["seed"]) * 2 + STAGES.index(self.stage)) * 10_000_019
+        seed = ((search_seed(self.cfg) * 2 + STAGES.index(self.stage)) * 10_000_019
                 + 2 * self.iter + (step == "arch"))
         return self.model.arch.sampled(self.tau(), seed)
 
@@ -370,7 +377,7 @@ def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext):
     dataset = build_dataset(cfg, "train")
     check_num_classes(cfg, dataset)
     half_a, half_b = split_halves(len(dataset), int(cfg["search"]["split_seed"]))
-    seed = int(cfg["train"]["seed"])
+    seed = search_seed(cfg)
     loader_a = build_loader(cfg, Subset(dataset, half_a), train=True, seed=seed,
                             rank=ctx.rank, world_size=ctx.world_size)
     loader_b = build_loader(cfg, Subset(dataset, half_b), train=True, seed=seed + 1,
@@ -422,7 +429,7 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
             continue
         start = time.perf_counter()
         stage_cfg = stage_config(cfg, stage, {"neck": parts["neck"]} if parts["neck"] else None)
-        seed_everything(int(cfg["train"]["seed"]))  # same supernet and alpha on every rank
+        seed_everything(search_seed(cfg))  # same supernet and alpha on every rank
         model = build_detector(stage_cfg, genotype={"neck": parts["neck"], "head": None}, search=stage)
         searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, stage_dir)
         searcher.resume()

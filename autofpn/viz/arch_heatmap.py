@@ -33,7 +33,8 @@ def plot_arch_heatmap(weights: Tensor, stage: str, path: str,
         ax.set_xticklabels(ops, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(rows))
         ax.set_yticklabels(labels if g == 0 else [], fontsize=7)
-        ax.set_title(f"{group_name} {g + 1}", fontsize=9)
+        # numbered as in the genotype diagram: layers from 1 (0 is the input), cells from 0
+        ax.set_title(f"{group_name} {g + 1 if stage == 'neck' else g}", fontsize=9)
         best = w[g].argmax(dim=1)
         for r in range(rows):
             ax.add_patch(plt.Rectangle((int(best[r]) - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))

@@ -132,6 +132,15 @@ def test_plot_curves_writes_pngs(tmp_path):
         with open(f, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
         assert os.path.getsize(f) > 5000
+    # one evaluation is no curve: the final numbers as bars (not a single dot)
+    import matplotlib.pyplot as plt
+    from unittest import mock
+    with mock.patch.object(plt.Axes, "bar", autospec=True, side_effect=plt.Axes.bar) as bar, \
+            mock.patch.object(plt.Axes, "plot", autospec=True, side_effect=plt.Axes.plot) as plot:
+        plot_curves(records[:10] + [{"type": "eval", "iter": 10, "AP": 12.5, "AP50": 30.0, "APs": -1.0}],
+                    str(tmp_path / "one"))
+    assert bar.call_count == 1 and list(bar.call_args.args[1]) == ["AP", "AP50", "APs"]
+    assert list(bar.call_args.args[2]) == [12.5, 30.0, 0.0] and plot.call_count == 2  # the loss curves only
 
 
 def test_nan_hook_and_check_name_iteration_and_term():

@@ -36,7 +36,10 @@ def folder_differences(folder: str, cfg: Dict[str, Any], genotype: Optional[Dict
         saved = complete_config(yaml.safe_load(f) or {}, where=path)
     diff = [k for k in diff_keys(saved, cfg) if k not in RESULT_NEUTRAL_KEYS and not k.startswith(tuple(ignore))]
     geno_path = os.path.join(folder, "genotype.json")
-    saved_genotype = json.load(open(geno_path)) if os.path.isfile(geno_path) else None
+    saved_genotype = None
+    if os.path.isfile(geno_path):
+        with open(geno_path) as f:
+            saved_genotype = json.load(f)
     if diff_keys(saved_genotype, genotype):
         diff.append("genotype")
     return diff

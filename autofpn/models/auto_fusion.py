@@ -54,8 +54,9 @@ class FusionLink(nn.Module):
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Optional[Tensor]:
         """None when a sampled path chose "none" for this link (nothing computed)."""
-        if self.mixed.sampled and weights is not None and not self.mixed.active(weights):
-            return None
+        if self.mixed.sampled and weights is not None:
+            active = self.mixed.active(weights)  # one host sync per link, shared with the mixed op
+            return self.mixed(self.norm(self.conv(x)), weights, active) if active else None
         return self.mixed(self.norm(self.conv(x)), weights)
 
 

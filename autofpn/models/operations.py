@@ -19,7 +19,7 @@ BatchNorm); ``"gn"`` or ``"bn"`` when retraining a derived module. Without a nor
 conv of a block carries a bias; with one it does not (the norm's affine shift replaces it).
 """
 from math import gcd
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -134,8 +134,9 @@ class MixedOp(nn.Module):
         self.register_buffer("op_index", torch.tensor([self.op_table.index(n) for n in names]),
                              persistent=False)
 
-    def forward(self, x: Tensor, weights: Tensor = None) -> Tensor:
-        """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op)."""
+    def forward(self, x: Tensor, weights: Tensor = None, active: Optional[List[int]] = None) -> Tensor:
+        """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op);
+        ``active``: ``self.active(weights)`` when the caller already has it (sampled only)."""
         if weights is None:
             if len(self.ops) != 1:
                 raise ValueError(f"a MixedOp with {len(self.ops)} ops needs architecture weights")
@@ -145,13 +146,13 @@ class MixedOp(nn.Module):
         w = weights.index_select(0, self.op_index.to(weights.device))
         if not self.sampled:
             return mixed_sum([op(x) for op in self.ops.values()], w)
-        active = self.active(weights)
+        active = self.active(weights) if active is None else active
         if not active:
             return None
         ops = list(self.ops.values())
         return mixed_sum([ops[i](x) for i in active], w[active])
 
-    def active(self, weights: Tensor) -> list:
+    def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""
         held = weights.detach().index_select(0, self.op_index.to(weights.device))
         return held.ne(0).nonzero().flatten().tolist()

@@ -85,11 +85,17 @@ DEFAULTS: Dict[str, Any] = {
         },
     },
     "data": {
-        "train": {"type": "synthetic", "root": None, "ann_file": None, "splits": None},
-        "val": {"type": "synthetic", "root": None, "ann_file": None, "splits": None},
+        # voc also reads a folder of XML files: {type: voc, annotations: DIR, images: DIR}
+        "train": {"type": "synthetic", "root": None, "ann_file": None, "splits": None,
+                  "annotations": None, "images": None},
+        "val": {"type": "synthetic", "root": None, "ann_file": None, "splits": None,
+                "annotations": None, "images": None},
+        # VOC XML folder named by both train and val: the seeded split of its files
+        "split": {"val_fraction": 0.2, "seed": 0},
         "synthetic": {"root": "data_cache/synthetic", "num_train": 300, "num_val": 100,
                       "image_size": 256, "seed": 0},
-        "class_names": None,  # VOC / BDD: the class list (defaults to the dataset's standard one)
+        "class_names": None,  # VOC / BDD: the class list (default: the standard one; a VOC XML folder: read from its files)
+        "categories": None,  # class names to keep, relabelled 1..len in this order (None: all)
         "keep_empty_images": False,  # images without annotations used as negatives in training
         "bad_images": "stop",  # an image that is missing or does not decode: stop (listing them) | skip
         "hflip_prob": 0.5,

@@ -57,15 +57,25 @@ class DetectionDataset(Dataset):
         bad_images: an image file that is missing or does not decode (checked up front, see
             ``image_check``) "stop"s the run with the list of such files, or is "skip"ped
             (left out of training and evaluation, counted in the summary line).
+        categories: a subset of ``class_names`` to keep (``data.categories``; None = all): boxes
+            of the other classes are removed (not ignored) from training targets and from the
+            evaluation ground truth, labels become 1..len(categories) in the given order and
+            ``label_to_category_id`` keeps the dataset's own ids of the kept classes.
     """
 
     def __init__(self, records: List[Record], class_names: Sequence[str],
                  category_ids: Sequence[int], name: str, train: bool, hflip_prob: float = 0.5,
-                 use_difficult: bool = False, keep_empty_images: bool = False, bad_images: str = "stop"):
+                 use_difficult: bool = False, keep_empty_images: bool = False, bad_images: str = "stop",
+                 categories: Optional[Sequence[str]] = None):
         if len(category_ids) != len(class_names):
             raise ValueError(f"{name}: {len(class_names)} class names but "
                              f"{len(category_ids)} category ids")
         self.name = name
+        self._kept_categories: Optional[List[str]] = None
+        self._num_other_removed = 0  # boxes of classes outside ``categories``
+        if categories is not None:  # before cleaning, so the counts are over the kept classes
+            records, class_names, category_ids = self._select_categories(
+                records, class_names, category_ids, categories)
         self.train = train
         self.hflip_prob = hflip_prob if train else 0.0
         self.use_difficult = use_difficult
@@ -88,6 +98,47 @@ class DetectionDataset(Dataset):
             raise AnnotationError(f"{name}: no training image is left: none of the {len(self.all_records)} images "
                                   f"has a usable box (set data.keep_empty_images=true to train on them anyway)")
         self._coco_gt = None
+
+    # ---- category subset -------------------------------------------------------------------------
+    def _select_categories(self, records: List[Record], class_names: Sequence[str],
+                           category_ids: Sequence[int], categories: Sequence[str]
+                           ) -> Tuple[List[Record], List[str], List[int]]:
+        """Keep only the boxes of ``categories`` and relabel them 1..len(categories) in that order.
+
+        Returns ``(records, class_names, category_ids)`` of the subset: each record's boxes,
+        labels and flags restricted to the kept classes (an image may be left with none);
+        ``category_ids`` are the dataset's own ids of the kept classes.
+        """
+        categories = [categories] if isinstance(categories, str) else [str(c) for c in categories]
+        if not categories:
+            raise AnnotationError(f"{self.name}: data.categories is empty; give class names or null for all")
+        index_of = {n: i for i, n in reversed(list(enumerate(class_names)))}  # first wins on duplicates
+        unknown = [c for c in categories if c not in index_of]
+        if unknown:
+            raise AnnotationError(f"{self.name}: data.categories: unknown class {', '.join(map(repr, unknown))}; "
+                                  f"the dataset's classes: {', '.join(class_names)}")
+        repeated = sorted({c for c in categories if categories.count(c) > 1})
+        if repeated:
+            raise AnnotationError(f"{self.name}: data.categories lists {', '.join(map(repr, repeated))} "
+                                  f"more than once")
+        new_label = np.zeros(len(class_names) + 1, dtype=np.int64)  # old label -> new (0: removed)
+        for new, c in enumerate(categories, start=1):
+            new_label[index_of[c] + 1] = new
+        out = []
+        for record in records:
+            labels = np.asarray(record["labels"], dtype=np.int64).reshape(-1)
+            n = len(labels)
+            keep = new_label[labels] > 0
+            self._num_other_removed += int((~keep).sum())
+            subset = dict(record)
+            subset["boxes"] = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)[keep]
+            subset["labels"] = new_label[labels][keep]
+            for flag in ("iscrowd", "difficult"):
+                if record.get(flag) is not None:
+                    subset[flag] = np.asarray(record[flag], dtype=bool).reshape(n)[keep]
+            out.append(subset)
+        self._kept_categories = categories
+        return out, categories, [int(category_ids[index_of[c]]) for c in categories]
 
     # ---- annotation cleaning -----------------------------------------------------------------
     _num_boxes = 0  # as annotated, before cleaning
@@ -143,6 +194,9 @@ class DetectionDataset(Dataset):
     def summary(self) -> str:
         """One line: images, boxes, what the cleaning dropped or clipped (first entries named)."""
         text = f"{self.name}: {len(self.all_records)} images, {self._num_boxes} boxes"
+        if self._kept_categories is not None:
+            text += (f" (data.categories: kept {', '.join(self._kept_categories)}; "
+                     f"{self._num_other_removed} boxes of other classes removed)")
         if self._skipped_images:
             text += (f"; {len(self._skipped_images)} images left out because they cannot be decoded "
                      f"(data.bad_images=skip), e.g. {', '.join(self._skipped_images[:self.MAX_NAMED])}")
@@ -236,7 +290,10 @@ class DetectionDataset(Dataset):
                     "difficult": int(bool(difficult))})
         categories = [{"id": c, "name": n} for c, n in
                       zip(self.label_to_category_id[1:], self.class_names[1:])]
-        return {"images": images, "annotations": annotations, "categories": categories}
+        # continuous coordinates (the VOC reader shifted the XML's inclusive pixel corners), so
+        # the VOC evaluator must not add the devkit's +1 again
+        return {"info": {"box_convention": "continuous"}, "images": images, "annotations": annotations,
+                "categories": categories}
 
     def coco_gt(self):
         """A pycocotools ``COCO`` ground truth for this dataset (built once)."""

@@ -44,11 +44,13 @@ class BddDataset(DetectionDataset):
         image_root: folder holding the ``name`` files (e.g. ``bdd100k/images/100k/val``).
         ann_file: the labels JSON (e.g. ``det_val.json``).
         class_names: default ``BDD_CLASSES``.
+        categories: a subset of the classes to keep, see ``DetectionDataset``.
     """
 
     def __init__(self, image_root: str, ann_file: str, train: bool,
                  class_names: Optional[Sequence[str]] = None, hflip_prob: float = 0.5,
-                 keep_empty_images: bool = False, bad_images: str = "stop"):
+                 keep_empty_images: bool = False, bad_images: str = "stop",
+                 categories: Optional[Sequence[str]] = None):
         frames = load_json(ann_file)
         if not isinstance(frames, list):
             raise AnnotationError(f"{ann_file}: BDD labels must be a list of frames, got "
@@ -87,4 +89,5 @@ class BddDataset(DetectionDataset):
             logger.info("%s: %d boxes of ignored categories (%s) skipped", ann_file, num_ignored,
                         ", ".join(BDD_IGNORED))
         super().__init__(records, class_names, list(range(1, len(class_names) + 1)), ann_file,
-                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images, bad_images=bad_images)
+                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images,
+                         bad_images=bad_images, categories=categories)

@@ -7,7 +7,7 @@ its position) and handed to pycocotools as a ``COCO`` object, which the COCO eva
 """
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -78,14 +78,16 @@ class CocoDataset(DetectionDataset):
     Args:
         image_root: folder the ``file_name`` entries are relative to.
         ann_file: instances JSON.
-        train / hflip_prob / keep_empty_images: see ``DetectionDataset``.
+        train / hflip_prob / keep_empty_images / bad_images / categories: see
+            ``DetectionDataset`` (``categories`` are names from the file's ``categories``).
     """
 
     def __init__(self, image_root: str, ann_file: str, train: bool, hflip_prob: float = 0.5,
-                 keep_empty_images: bool = False, bad_images: str = "stop"):
+                 keep_empty_images: bool = False, bad_images: str = "stop",
+                 categories: Optional[Sequence[str]] = None):
         coco = load_coco_gt(ann_file)
-        categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
-        category_ids = [c["id"] for c in categories]
+        file_categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
+        category_ids = [c["id"] for c in file_categories]
         label_of = {c: i + 1 for i, c in enumerate(category_ids)}
         records: List[Dict[str, Any]] = []
         for image_id in sorted(coco.imgs):
@@ -99,7 +101,14 @@ class CocoDataset(DetectionDataset):
                 "labels": np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64),
                 "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
                 "difficult": np.zeros(len(anns), dtype=bool)})
-        super().__init__(records, [c["name"] for c in categories], category_ids, ann_file,
-                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images, bad_images=bad_images)
-        # evaluate against the file exactly as pycocotools reads it (unclipped boxes)
+        super().__init__(records, [c["name"] for c in file_categories], category_ids, ann_file,
+                         train=train, hflip_prob=hflip_prob, keep_empty_images=keep_empty_images,
+                         bad_images=bad_images, categories=categories)
+        if categories is not None:  # the removed classes are not ground truth either
+            kept = set(self.label_to_category_id[1:])
+            data = dict(coco.dataset)
+            data["annotations"] = [a for a in data["annotations"] if a["category_id"] in kept]
+            data["categories"] = [c for c in data["categories"] if c["id"] in kept]
+            coco = coco_from_dict(data)
+        # evaluate against the file as pycocotools reads it (unclipped boxes, the file's areas)
         self._coco_gt = coco

@@ -1,4 +1,5 @@
 """``build_dataset(cfg, split)`` and ``build_loader(cfg, dataset, train)``."""
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -10,7 +11,7 @@ from .coco import CocoDataset
 from .samplers import (GroupedBatchSampler, InferenceSampler, aspect_ratio_group_ids,
                        distributed_rank_and_size)
 from .synthetic import ensure_synthetic
-from .voc import VocDataset
+from .voc import VocDataset, VocFolderDataset, voc_folder_class_names
 
 DATASET_TYPES = ("coco", "voc", "bdd", "synthetic")
 
@@ -19,15 +20,20 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     """The dataset described by ``cfg["data"][split]`` (split: "train" or "val").
 
     ``cfg["data"][split]`` = ``{"type": coco | voc | bdd | synthetic, "root", "ann_file",
-    "splits"}``:
+    "splits", "annotations", "images"}``:
 
     - coco: ``root`` = image folder, ``ann_file`` = instances JSON (also any custom dataset
       converted to COCO JSON, see docs/DATA.md);
-    - voc: ``root`` = one VOC root or a list, ``splits`` = split name(s) (``trainval``);
+    - voc: ``root`` = one VOC root or a list, ``splits`` = split name(s) (``trainval``); or
+      ``annotations`` = a folder of XML files and ``images`` = their image folder (no
+      ImageSets): when train and val name the same annotations folder, each gets its part of
+      the seeded split ``data.split`` (``val_fraction``, ``seed``), else each folder is used
+      whole; without ``data.class_names`` the classes are read from all those folders' files;
     - bdd: ``root`` = image folder, ``ann_file`` = BDD labels JSON;
     - synthetic: generated from ``cfg["data"]["synthetic"]`` if needed, then read as COCO.
 
-    Training sets get the training filter and flips; "val" keeps every image and box.
+    ``data.categories`` (names) keeps only those classes, relabelled 1..len in that order, for
+    every type. Training sets get the training filter and flips; "val" keeps every image and box.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -37,7 +43,8 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     train = split == "train"
     common = {"train": train, "hflip_prob": float(data_cfg.get("hflip_prob", 0.5)),
               "keep_empty_images": bool(data_cfg.get("keep_empty_images", False)),
-              "bad_images": data_cfg.get("bad_images", "stop")}
+              "bad_images": data_cfg.get("bad_images", "stop"),
+              "categories": data_cfg.get("categories")}
 
     def need(key: str):
         if spec.get(key) in (None, "", []):
@@ -49,6 +56,8 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
         return CocoDataset(paths["root"], paths[f"{split}_ann"], **common)
     if kind == "coco":
         return CocoDataset(need("root"), need("ann_file"), **common)
+    if kind == "voc" and (spec.get("annotations") or spec.get("images")):
+        return _voc_folder_dataset(data_cfg, split, need("annotations"), need("images"), common)
     if kind == "voc":
         return VocDataset(need("root"), need("splits"), class_names=data_cfg.get("class_names"),
                           use_difficult=bool(data_cfg.get("use_difficult", False)), **common)
@@ -57,6 +66,30 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
                           **common)
     raise ValueError(f"data.{split}.type must be one of {', '.join(DATASET_TYPES)}, "
                      f"got {kind!r}")
+
+
+def _is_voc_folder(spec: Any) -> bool:
+    return isinstance(spec, dict) and spec.get("type") == "voc" and bool(spec.get("annotations"))
+
+
+def _voc_folder_dataset(data_cfg: Dict[str, Any], split: str, annotations: str, images: str,
+                        common: Dict[str, Any]) -> VocFolderDataset:
+    """``data.<split>`` = ``{type: voc, annotations, images}``: the part of the seeded split when
+    the other split names the same folder, else the whole folder. The class list (unless
+    ``data.class_names``) is read from every folder-form split, so train and val agree."""
+    spec = data_cfg[split]
+    if spec.get("root") or spec.get("splits"):
+        raise ValueError(f"data.{split}: give either root + splits (a VOC root with ImageSets) or "
+                         f"annotations + images (a folder of XML files), not both")
+    other = data_cfg.get("val" if split == "train" else "train")
+    folders = [annotations] + ([other["annotations"]] if _is_voc_folder(other) else [])
+    same = len(folders) == 2 and os.path.realpath(folders[0]) == os.path.realpath(folders[1])
+    split_cfg = data_cfg.get("split") or {}
+    class_names = data_cfg.get("class_names") or voc_folder_class_names(folders)
+    return VocFolderDataset(annotations, images, part=split if same else None,
+                            val_fraction=float(split_cfg.get("val_fraction", 0.2)),
+                            split_seed=int(split_cfg.get("seed", 0)), class_names=class_names,
+                            use_difficult=bool(data_cfg.get("use_difficult", False)), **common)
 
 
 def check_num_classes(cfg: Dict[str, Any], dataset: DetectionDataset) -> None:

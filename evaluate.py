@@ -2,16 +2,21 @@
 
     python evaluate.py --cfg cfg.yaml --ckpt model.pth [--genotype geno.json] [--opts k=v ...]
     torchrun --nproc_per_node N evaluate.py --cfg cfg.yaml --ckpt model.pth
-    python evaluate.py --results dets.json --ann gt.json [--metric both]
+    python evaluate.py --results dets.json --ann gt.json [--metric both] [--voc-boxes devkit]
 
 Model mode runs inference on ``data.val`` (the genotype is taken from ``--genotype``, else from
 the checkpoint; its parts build the searched neck / head; the backbone weights come from the
-checkpoint, no ImageNet file needed), writes ``detections.json`` (COCO results) and
-``metrics.json`` to ``--out`` (default ``eval.output_dir``, else ``eval_<checkpoint name>/``
+checkpoint, no ImageNet file needed), writes ``detections.json`` (COCO results),
+``ground_truth.json`` (the COCO ground truth of the evaluated images they were scored against)
+and ``metrics.json`` to ``--out`` (default ``eval.output_dir``, else ``eval_<checkpoint name>/``
 next to the checkpoint), says where, and prints the 12 COCO
 numbers, VOC AP50 (11-point and area, difficult ignored) with ``--metric voc|both``, a
 per-class AP table, the parameters of backbone / neck / RPN / head / total and the FLOPs of one
-forward pass at the evaluation size. Results mode prints the same tables for a saved file.
+forward pass at the evaluation size. Results mode prints the same tables for a saved file,
+boxes taken as they are; ``--results detections.json --ann ground_truth.json`` of a model-mode
+folder reproduces its numbers. VOC AP50 reads boxes as the devkit's inclusive pixels (+1) or
+as continuous boxes: ``--voc-boxes``, default the ground truth's ``info.box_convention``, else
+devkit (docs/DATA.md, "Box conventions in evaluation").
 """
 import argparse
 import os
@@ -30,11 +35,21 @@ def parse_args(argv=None):
     p.add_argument("--ann", default=None, help="COCO instances JSON (with --results)")
     p.add_argument("--metric", choices=["coco", "voc", "both"], default=None,
                    help="default: eval.metric (model mode), both (results mode)")
-    p.add_argument("--out", default=None, help="folder for detections.json / metrics.json")
+    p.add_argument("--voc-boxes", choices=["devkit", "continuous"], default=None,
+                   help="results mode, VOC AP50: 'devkit' = boxes (GT and detections) are VOC "
+                        "inclusive pixel indices, widths / heights / intersections get +1 as in "
+                        "the official devkit (use for VOC XML numbers converted as they are); "
+                        "'continuous' = plain IoU (the ground_truth.json this tool writes). "
+                        "Default: the --ann file's info.box_convention, else devkit")
+    p.add_argument("--out", default=None,
+                   help="output folder: detections.json / ground_truth.json / metrics.json "
+                        "(model mode), metrics.json (results mode)")
     args = p.parse_args(argv)
     if args.results or args.ann:
         if not (args.results and args.ann):
             p.error("--results and --ann go together")
+    elif args.voc_boxes:
+        p.error("--voc-boxes is for --results mode (model mode evaluates continuous boxes)")
     elif not args.ckpt:
         p.error("give --ckpt (model mode) or --results and --ann")
     return args
@@ -49,7 +64,8 @@ def _fmt_count(n: float) -> str:
 
 def run_results_mode(args) -> int:
     from autofpn.eval import evaluate_results_file
-    evaluate_results_file(args.results, args.ann, metric=args.metric or "both", out_dir=args.out)
+    evaluate_results_file(args.results, args.ann, metric=args.metric or "both", out_dir=args.out,
+                          voc_pixel_convention=args.voc_boxes)
     return 0
 
 
@@ -112,7 +128,8 @@ def run_model_mode(args) -> int:
             summary.update(params={k: int(v) for k, v in params.items()},
                            flops={k: int(v) for k, v in flops.items()}, flops_image_size=size)
             write_metrics(summary, os.path.join(out_dir, "metrics.json"))
-            print(f"wrote {os.path.join(out_dir, 'detections.json')} and {os.path.join(out_dir, 'metrics.json')}",
+            print(f"wrote {os.path.join(out_dir, 'detections.json')}, "
+                  f"{os.path.join(out_dir, 'ground_truth.json')} and {os.path.join(out_dir, 'metrics.json')}",
                   flush=True)
         return 0
     finally:

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 from autofpn.config import load_config
 from autofpn.data import CocoDataset, VocDataset, build_loader
+from autofpn.data.base import coco_from_dict
 from autofpn.eval import (COCO_METRIC_NAMES, ResultsError, compute_metrics, evaluate_model,
                           evaluate_results_file, evaluate_voc)
 
@@ -26,6 +28,21 @@ COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 
 
 # ---- the official devkit's voc_eval.py, transcribed (raw 1-based VOC coordinates, +1 areas) --
+# (py-faster-rcnn lib/datasets/voc_eval.py; only the file reading around it is left out)
+def devkit_parse_rec(filename):
+    """The devkit's ``parse_rec`` (pose / truncated left out: our XML has none)."""
+    tree = ET.parse(filename)
+    objects = []
+    for obj in tree.findall("object"):
+        obj_struct = {"name": obj.find("name").text,
+                      "difficult": int(obj.find("difficult").text)}
+        bbox = obj.find("bndbox")
+        obj_struct["bbox"] = [int(bbox.find("xmin").text), int(bbox.find("ymin").text),
+                              int(bbox.find("xmax").text), int(bbox.find("ymax").text)]
+        objects.append(obj_struct)
+    return objects
+
+
 def devkit_voc_ap(rec, prec, use_07_metric=False):
     if use_07_metric:
         ap = 0.0
@@ -46,7 +63,8 @@ def devkit_voc_ap(rec, prec, use_07_metric=False):
 
 
 def devkit_voc_eval(recs, detections, classname, ovthresh=0.5, use_07_metric=False):
-    """recs: {image: [{"name", "bbox", "difficult"}]}; detections: [(image, score, bbox)]."""
+    """recs: {image: devkit_parse_rec(xml)}; detections: [(image, score, bbox)] of the class
+    (the devkit reads them from its det file: image id, confidence, x1 y1 x2 y2)."""
     class_recs = {}
     npos = 0
     for imagename in recs:
@@ -146,39 +164,117 @@ def test_voc_ap_hand_fixture(tmp_path):
     assert out["AP50_11pt"] == pytest.approx((1 + 0.5 + 6 / 11) / 3)
 
 
-def test_voc_ap_equals_devkit_on_random_fixture(tmp_path):
+def _random_voc_fixture(rng, classes, num_images=14, width=120, height=100):
+    """VOC objects (raw 1-based inclusive XML corners; many small: 1..6 pixels wide, where
+    the +1 matters most; some difficult) and detections in the same pixel numbers."""
+    images, detections = {}, []
+    for k in range(num_images):
+        objects = []
+        for _ in range(int(rng.integers(0, 7))):
+            small = rng.random() < 0.5
+            w, h = rng.integers(0, 6, 2) if small else rng.integers(8, 60, 2)
+            x1, y1 = int(rng.integers(1, width - w)), int(rng.integers(1, height - h))
+            objects.append((classes[rng.integers(len(classes))], x1, y1, x1 + int(w),
+                            y1 + int(h), int(rng.random() < 0.2)))
+        images[f"im{k}"] = (width, height, objects)
+        for cls, x1, y1, x2, y2, _ in objects:  # noisy copies, some with the wrong class
+            scale = 0.7 if x2 - x1 < 6 else 5.0
+            for _ in range(int(rng.integers(0, 3))):
+                box = np.array([x1, y1, x2, y2], float) + rng.uniform(-scale, scale, 4)
+                if rng.random() < 0.5:  # integer pixel indices, as VOC results often are
+                    box = np.round(box)
+                box[2:] = np.maximum(box[2:], box[:2])  # the devkit's width + 1 stays positive
+                name = cls if rng.random() < 0.8 else classes[rng.integers(len(classes))]
+                detections.append((f"im{k}", name, float(rng.random()),
+                                   tuple(float(v) for v in box)))
+        for _ in range(int(rng.integers(0, 3))):  # background false positives
+            x1, y1 = rng.uniform(1, 80, 2)
+            detections.append((f"im{k}", classes[rng.integers(len(classes))], float(rng.random()),
+                               (x1, y1, x1 + rng.uniform(2, 30), y1 + rng.uniform(2, 30))))
+    return images, detections
+
+
+def _raw_voc_gt(recs, classes):
+    """A COCO ground truth holding the XML's numbers as they are: bbox [x1, y1, x2 - x1,
+    y2 - y1] (corners x1 .. x2 = inclusive pixels), no info key -> read the devkit way."""
+    names = sorted(recs)
+    images = [{"id": i + 1, "file_name": f"{n}.jpg", "height": 100, "width": 120}
+              for i, n in enumerate(names)]
+    anns = []
+    for i, name in enumerate(names):
+        for o in recs[name]:
+            x1, y1, x2, y2 = o["bbox"]
+            anns.append({"id": len(anns) + 1, "image_id": i + 1,
+                         "category_id": classes.index(o["name"]) + 1,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1 + 1) * (y2 - y1 + 1),
+                         "iscrowd": o["difficult"], "difficult": o["difficult"]})
+    gt = coco_from_dict({"images": images, "annotations": anns,
+                         "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]})
+    return gt, {n: i + 1 for i, n in enumerate(names)}
+
+
+def test_voc_ap_equals_devkit_on_random_xml_fixture(tmp_path):
+    """The devkit's voc_eval on XML files is the oracle. Our pipeline's path (VocDataset ground
+    truth, shifted to continuous by the reader, with detections made continuous the same way)
+    and evaluate_voc on the raw XML numbers under "devkit" both equal it; "continuous" on the
+    raw numbers (the +1 forgotten) does not."""
     rng = np.random.default_rng(0)
     classes = ["cat", "dog", "person"]
-    images, detections = {}, []
-    for k in range(12):
-        objects = []
-        for _ in range(int(rng.integers(0, 6))):
-            x1, y1 = rng.integers(1, 150, 2)
-            w, h = rng.integers(8, 80, 2)
-            objects.append((classes[rng.integers(3)], int(x1), int(y1), int(min(x1 + w, 200)),
-                            int(min(y1 + h, 200)), int(rng.random() < 0.2)))
-        images[f"im{k}"] = (200, 200, objects)
-        for cls, x1, y1, x2, y2, _ in objects:  # noisy copies, some with the wrong class
-            for _ in range(int(rng.integers(0, 3))):
-                jitter = rng.uniform(-8, 8, 4)
-                name = cls if rng.random() < 0.8 else classes[rng.integers(3)]
-                detections.append((f"im{k}", name, float(rng.random()),
-                                   tuple(float(v) for v in np.array([x1, y1, x2, y2]) + jitter)))
-        for _ in range(int(rng.integers(0, 3))):  # background false positives
-            x1, y1 = rng.uniform(1, 150, 2)
-            detections.append((f"im{k}", classes[rng.integers(3)], float(rng.random()),
-                               (x1, y1, x1 + rng.uniform(10, 50), y1 + rng.uniform(10, 50))))
+    images, detections = _random_voc_fixture(rng, classes)
     root = write_voc(tmp_path / "VOC", "test", images)
+    recs = {n: devkit_parse_rec(str(root / "Annotations" / f"{n}.xml")) for n in images}
+    assert sum(o["bbox"][2] - o["bbox"][0] < 6 for r in recs.values() for o in r) >= 10  # small ones
+    expected = {(cls, use_07): devkit_voc_eval(
+        recs, [(img, score, box) for img, c, score, box in detections if c == cls], cls,
+        use_07_metric=use_07) for cls in classes for use_07 in (True, False)}
+
     ds = VocDataset(str(root), "test", train=False, class_names=classes)
-    ours = evaluate_voc(ds.coco_gt(), _voc_results(ds, detections))
-    recs = {img: [{"name": c, "bbox": [x1, y1, x2, y2], "difficult": d}
-                  for c, x1, y1, x2, y2, d in objs] for img, (_, _, objs) in images.items()}
-    for cls in classes:
-        dets = [(img, score, box) for img, c, score, box in detections if c == cls]
-        for use_07, key in ((True, "AP50_11pt"), (False, "AP50_area")):
-            expected = devkit_voc_eval(recs, dets, cls, use_07_metric=use_07)
-            assert ours["per_class"][cls][key] == pytest.approx(expected, abs=1e-12), (cls, key)
-    assert 0.2 < ours["AP50_area"] < 0.95  # a fixture that exercises TP, FP and misses
+    pipeline = evaluate_voc(ds.coco_gt(), _voc_results(ds, detections))  # info -> continuous
+    assert pipeline["pixel_convention"] == "continuous"
+    raw_gt, image_id = _raw_voc_gt(recs, classes)
+    raw_dets = [{"image_id": image_id[img], "category_id": classes.index(cls) + 1,
+                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+                for img, cls, score, (x1, y1, x2, y2) in detections]
+    raw = evaluate_voc(raw_gt, raw_dets)  # no info key -> devkit
+    assert raw["pixel_convention"] == "devkit"
+    naive = evaluate_voc(raw_gt, raw_dets, pixel_convention="continuous")
+    worst_naive = 0.0
+    for (cls, use_07), value in expected.items():
+        key = "AP50_11pt" if use_07 else "AP50_area"
+        assert pipeline["per_class"][cls][key] == pytest.approx(value, abs=1e-10), (cls, key)
+        assert raw["per_class"][cls][key] == pytest.approx(value, abs=1e-10), (cls, key)
+        worst_naive = max(worst_naive, abs(naive["per_class"][cls][key] - value))
+    assert worst_naive > 0.02  # the fixture tells the conventions apart
+    assert 0.15 < pipeline["AP50_area"] < 0.95  # a fixture that exercises TP, FP and misses
+
+
+def test_voc_pixel_convention_hand_case():
+    """One ground truth box, one detection; COCO bbox [x, y, w, h] read as corners x .. x + w.
+
+    GT [0, 0, 4, 4] -> corners (0, 0)-(4, 4); detection [0, 0, 2, 5] -> (0, 0)-(2, 5).
+    continuous: inter 2 * 4 = 8, areas 4 * 4 = 16 and 2 * 5 = 10, union 18, IoU 8/18 = 0.444
+        -> not > 0.5: a false positive, AP 0.
+    devkit (+1): inter (2-0+1) * (4-0+1) = 15, areas 5 * 5 = 25 and 3 * 6 = 18, union 28,
+        IoU 15/28 = 0.536 -> a true positive, AP 1.
+    """
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4],
+                             "area": 16, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "cat"}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 5], "score": 0.9}]
+    gt = coco_from_dict(data)
+    devkit = evaluate_voc(gt, dets, pixel_convention="devkit")
+    continuous = evaluate_voc(gt, dets, pixel_convention="continuous")
+    assert devkit["AP50_area"] == 1.0 and devkit["AP50_11pt"] == pytest.approx(1.0)
+    assert continuous["AP50_area"] == 0.0 and continuous["AP50_11pt"] == 0.0
+    # None: a ground truth without info.box_convention is read the devkit way; ours says continuous
+    assert evaluate_voc(gt, dets)["AP50_area"] == 1.0
+    tagged = coco_from_dict({**data, "info": {"box_convention": "continuous"}})
+    assert evaluate_voc(tagged, dets)["AP50_area"] == 0.0
+    assert compute_metrics(tagged, dets, metric="voc")["voc_pixel_convention"] == "continuous"
+    assert compute_metrics(tagged, dets, metric="voc", voc_pixel_convention="devkit")["voc_AP50"] == 100.0
+    with pytest.raises(ValueError, match="devkit, continuous"):
+        evaluate_voc(gt, dets, pixel_convention="pixels")
 
 
 # ---- COCO --------------------------------------------------------------------------------------
@@ -322,6 +418,63 @@ def test_evaluate_model_maps_labels_and_writes_files(tmp_path):
     assert dets[0]["bbox"] == [2.0, 3.0, 10.0, 10.0]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 2 and metrics["AP50"] == pytest.approx(100.0)
+    assert metrics["voc_pixel_convention"] == "continuous"  # COCO file, continuous detector
+    gt = json.loads((tmp_path / "eval" / "ground_truth.json").read_text())
+    assert gt["info"] == {"box_convention": "continuous"}
+    assert [i["file_name"] for i in gt["images"]] == ["a.jpg", "b.jpg"]  # as in the file
+    assert "info" not in ds.coco_gt().dataset  # written from a copy
+
+
+class _FixedDetector(torch.nn.Module):
+    """Returns fixed continuous xyxy boxes for each image, recognised by its width."""
+
+    def __init__(self, by_width):
+        super().__init__()
+        self.by_width = by_width
+
+    def forward(self, images, targets=None):
+        outs = []
+        for image in images:
+            boxes, labels, scores = self.by_width[image.shape[-1]]
+            outs.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                         "labels": torch.tensor(labels), "scores": torch.tensor(scores)})
+        return outs
+
+
+def test_ground_truth_json_reproduces_the_pipeline_metrics(tmp_path):
+    images = {  # XML numbers (1-based inclusive); the reader stores [x1 - 1, y1 - 1, x2, y2]
+        "a": (40, 30, [("cat", 3, 4, 8, 9, 0), ("dog", 10, 10, 30, 25, 0), ("dog", 20, 2, 23, 5, 1)]),
+        "b": (50, 30, [("cat", 1, 1, 4, 4, 0), ("dog", 5, 5, 40, 28, 0)]),
+        "c": (60, 30, [("cat", 2, 2, 12, 12, 0)]),  # not evaluated: left out of the file
+    }
+    ds = VocDataset(str(write_voc(tmp_path / "VOC", "test", images)), "test", train=False,
+                    class_names=["cat", "dog"])
+    model = _FixedDetector({  # continuous xyxy, label 1 = cat, 2 = dog
+        # cat vs GT [2, 3, 8, 9]: continuous IoU 18/39 = 0.46 (FP), with +1 28/53 = 0.53 (TP)
+        40: ([[2, 3, 5, 10], [10, 10, 30, 26], [19, 1, 23, 5]], [1, 2, 2], [0.9, 0.8, 0.7]),
+        # cat vs GT [0, 0, 4, 4]: the hand case (continuous 0.44, +1 0.54)
+        50: ([[0, 0, 2, 5], [30, 5, 45, 20], [4, 4, 40, 28]], [1, 2, 2], [0.6, 0.85, 0.5]),
+    })
+    cfg = load_config(None, ["data.num_workers=0"])
+    loader = build_loader(cfg, torch.utils.data.Subset(ds, [0, 1]), train=False)
+    out = tmp_path / "eval"
+    summary = evaluate_model(model, loader, ds, str(out), metric="both", verbose=False)
+    assert summary["num_images"] == 2 and summary["voc_pixel_convention"] == "continuous"
+    gt = json.loads((out / "ground_truth.json").read_text())
+    assert gt["info"]["box_convention"] == "continuous"
+    assert [i["file_name"] for i in gt["images"]] == [r["path"] for r in ds.all_records[:2]]
+    assert {a["image_id"] for a in gt["annotations"]} == {1, 2} and len(gt["annotations"]) == 5
+    again = evaluate_results_file(str(out / "detections.json"), str(out / "ground_truth.json"),
+                                  metric="both", verbose=False)
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (nan == nan)
+    differing = [k for k in again if not same(again[k], summary[k])]
+    assert differing in ([], ["coco_summary_text"]), differing  # the text holds timings
+    assert 0 < summary["voc_AP50"] < 100
+    # without the file's info key the devkit's +1 would be counted twice: the cat turns TP
+    devkit = evaluate_results_file(str(out / "detections.json"), str(out / "ground_truth.json"),
+                                   metric="voc", verbose=False, voc_pixel_convention="devkit")
+    assert devkit["per_class"]["voc_AP50"]["cat"] == 100.0
+    assert summary["per_class"]["voc_AP50"]["cat"] == 0.0
 
 
 DIST_SCRIPT = r'''

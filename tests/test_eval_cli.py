@@ -45,6 +45,9 @@ def test_evaluate_py_model_mode(tmp_path):
     assert flops["backbone"] + flops["neck"] + flops["rpn"] + flops["head"] <= flops["total"]
     dets = json.loads((tmp_path / "eval_model" / "detections.json").read_text())
     assert {d["image_id"] for d in dets} <= {1, 2}
+    gt = json.loads((tmp_path / "eval_model" / "ground_truth.json").read_text())
+    assert [i["id"] for i in gt["images"]] == [1, 2]  # the evaluated images (eval.max_images=2)
+    assert gt["info"]["box_convention"] == "continuous"
 
 
 def test_evaluate_a_searched_model_with_cfg_and_genotype_without_imagenet_file(tmp_path):
@@ -75,3 +78,32 @@ def test_evaluate_a_searched_model_with_cfg_and_genotype_without_imagenet_file(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval_model_final" / "metrics.json").read_text())
     assert metrics["params"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_evaluate_py_results_mode_voc_boxes_flag(tmp_path):
+    """--voc-boxes decides how VOC AP50 reads the boxes (the hand case of test_eval.py: GT
+    corners (0, 0)-(4, 4), detection (0, 0)-(2, 5): IoU 0.444 continuous, 0.536 with the
+    devkit's +1), default from the GT's info.box_convention, else devkit."""
+    gt = {"images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4],
+                           "area": 16, "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "cat"}]}
+    ann, dets = tmp_path / "gt.json", tmp_path / "dets.json"
+    ann.write_text(json.dumps(gt))
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 5],
+                                 "score": 0.9}]))
+
+    def voc_line(*extra):
+        proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--results", str(dets),
+                               "--ann", str(ann), "--metric", "voc", *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return next(line for line in proc.stdout.splitlines() if line.startswith("VOC AP50"))
+
+    assert voc_line().startswith("VOC AP50 (devkit +1 pixels, difficult ignored): area 100.00")
+    line = voc_line("--voc-boxes", "continuous", "--out", str(tmp_path / "ev"))
+    assert line.startswith("VOC AP50 (continuous boxes, difficult ignored): area   0.00")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["voc_pixel_convention"] == "continuous" and metrics["voc_AP50"] == 0.0
+    ann.write_text(json.dumps({**gt, "info": {"box_convention": "continuous"}}))  # as we write it
+    assert "continuous boxes" in voc_line() and "devkit +1" in voc_line("--voc-boxes", "devkit")

@@ -8,8 +8,15 @@ Entry points:
 
 Both return a summary dict with values in PERCENT: "AP", "AP50", "AP75", "APs", "APm", "APl",
 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl" (COCO), "voc_AP50" (area under the interpolated
-curve, VOC2010+) and "voc_AP50_07" (11-point, VOC2007), plus "per_class" tables,
+curve, VOC2010+) and "voc_AP50_07" (11-point, VOC2007) with "voc_pixel_convention" (the box
+convention they were computed in, see ``eval/voc.py``), plus "per_class" tables,
 "num_images" and "num_detections".
+
+Files written to ``out_dir``: ``detections.json`` (COCO results), ``metrics.json`` and, by
+``evaluate_model``, ``ground_truth.json``: the COCO instances dict the detections were scored
+against (the evaluated images only, original file names, ``info.box_convention =
+"continuous"``), so ``evaluate.py --results detections.json --ann ground_truth.json`` gives the
+same numbers.
 """
 import json
 import math
@@ -22,7 +29,7 @@ from torch.utils.data import Subset
 
 from ..data.coco import load_coco_gt, load_json
 from .coco import COCO_METRIC_NAMES, check_results, evaluate_coco
-from .voc import evaluate_voc
+from .voc import evaluate_voc, resolve_pixel_convention
 
 METRICS = ("coco", "voc", "both")
 
@@ -111,10 +118,16 @@ def _is_main_process() -> bool:
 
 
 def compute_metrics(coco_gt, results: List[Dict], image_ids: Optional[Sequence[int]] = None,
-                    metric: str = "coco") -> Dict[str, Any]:
-    """The summary dict (percent) for ``results`` against ``coco_gt`` on ``image_ids``."""
+                    metric: str = "coco", voc_pixel_convention: Optional[str] = None) -> Dict[str, Any]:
+    """The summary dict (percent) for ``results`` against ``coco_gt`` on ``image_ids``.
+
+    ``voc_pixel_convention``: "devkit" / "continuous" / None (the ground truth's
+    ``info.box_convention``, else "devkit"), see ``evaluate_voc``; COCO numbers ignore it.
+    """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if metric in ("voc", "both"):  # a bad value fails before the (slow) COCO evaluation
+        voc_pixel_convention = resolve_pixel_convention(coco_gt, voc_pixel_convention)
     check_results(results, coco_gt)
     ids = sorted(set(image_ids)) if image_ids is not None else sorted(coco_gt.getImgIds())
     summary: Dict[str, Any] = {"num_images": len(ids), "num_detections": len(results),
@@ -125,7 +138,8 @@ def compute_metrics(coco_gt, results: List[Dict], image_ids: Optional[Sequence[i
         summary["per_class"]["coco_AP"] = {k: 100.0 * v for k, v in coco["per_class"].items()}
         summary["coco_summary_text"] = coco["summary_text"]
     if metric in ("voc", "both"):
-        voc = evaluate_voc(coco_gt, results, ids)
+        voc = evaluate_voc(coco_gt, results, ids, pixel_convention=voc_pixel_convention)
+        summary["voc_pixel_convention"] = voc["pixel_convention"]
         summary["voc_AP50"] = 100.0 * voc["AP50_area"]
         summary["voc_AP50_07"] = 100.0 * voc["AP50_11pt"]
         summary["per_class"]["voc_AP50"] = {k: 100.0 * v["AP50_area"]
@@ -135,6 +149,9 @@ def compute_metrics(coco_gt, results: List[Dict], image_ids: Optional[Sequence[i
         summary["per_class"]["num_positives"] = {k: v["num_positives"]
                                                  for k, v in voc["per_class"].items()}
     return summary
+
+
+VOC_CONVENTION_TEXT = {"devkit": "devkit +1 pixels, ", "continuous": "continuous boxes, "}
 
 
 def _fmt(value: float) -> str:
@@ -151,7 +168,8 @@ def format_tables(summary: Dict[str, Any]) -> str:
         if any(summary[name] < 0 for name in COCO_METRIC_NAMES):
             lines.append("  (-1.00: no ground-truth object of that size in these images, pycocotools' marker)")
     if "voc_AP50" in summary:
-        lines.append(f"VOC AP50 (difficult ignored): area {_fmt(summary['voc_AP50'])}   "
+        convention = VOC_CONVENTION_TEXT.get(summary.get("voc_pixel_convention"), "")
+        lines.append(f"VOC AP50 ({convention}difficult ignored): area {_fmt(summary['voc_AP50'])}   "
                      f"11-point (VOC2007) {_fmt(summary['voc_AP50_07'])}")
     columns = [c for c in ("coco_AP", "voc_AP50", "voc_AP50_07", "num_positives")
                if c in summary["per_class"]]
@@ -169,10 +187,33 @@ def format_tables(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(summary: Dict[str, Any], results: List[Dict], out_dir: Optional[str]) -> None:
+def ground_truth_dict(coco_gt, image_ids: Sequence[int]) -> Dict[str, Any]:
+    """The COCO instances dict of ``coco_gt`` restricted to ``image_ids`` (the evaluated
+    images, so a results-mode evaluation over all its images gives the pipeline's numbers),
+    with ``info.box_convention = "continuous"`` (the dataset's boxes and the detector's are
+    continuous: no devkit +1 on re-evaluation), without segmentation polygons. A copy: the live
+    ``coco_gt`` is not changed."""
+    data = coco_gt.dataset
+    keep = set(int(i) for i in image_ids)
+    out = {k: v for k, v in data.items() if k not in ("images", "annotations", "info")}
+    info = data.get("info")
+    out["info"] = {**(info if isinstance(info, dict) else {}), "box_convention": "continuous"}
+    out["images"] = [img for img in data["images"] if int(img["id"]) in keep]
+    # box evaluation only: COCO's polygons would make the file tens of MB per evaluation
+    out["annotations"] = [{k: v for k, v in a.items() if k != "segmentation"}
+                          for a in data["annotations"] if int(a["image_id"]) in keep]
+    out["categories"] = data["categories"]
+    return out
+
+
+def _write_outputs(summary: Dict[str, Any], results: List[Dict], out_dir: Optional[str],
+                   coco_gt=None, image_ids: Optional[Sequence[int]] = None) -> None:
     if not out_dir:
         return
     write_json(results, os.path.join(out_dir, "detections.json"))
+    if coco_gt is not None:
+        ids = image_ids if image_ids is not None else coco_gt.getImgIds()
+        write_json(ground_truth_dict(coco_gt, ids), os.path.join(out_dir, "ground_truth.json"))
     write_metrics(summary, os.path.join(out_dir, "metrics.json"))
 
 
@@ -183,7 +224,8 @@ def evaluate_model(model: torch.nn.Module, loader, dataset, out_dir: Optional[st
 
     Under torch.distributed every rank runs its shard (``build_loader(..., train=False)``),
     results are all-gathered, rank 0 computes the metrics, writes ``out_dir/detections.json``
-    (COCO results) and ``out_dir/metrics.json`` and prints the tables; every rank returns the
+    (COCO results), ``out_dir/ground_truth.json`` (what they were scored against, see the
+    module docstring) and ``out_dir/metrics.json`` and prints the tables; every rank returns the
     same summary (see the module docstring). The model's train/eval mode is restored.
     ``max_images`` caps the images run PER RANK; to evaluate the first n images of the set
     whatever the world size, build the loader over ``Subset(dataset, range(n))`` instead
@@ -202,9 +244,13 @@ def evaluate_model(model: torch.nn.Module, loader, dataset, out_dir: Optional[st
     results, image_ids = _gather(results, image_ids)
     summary: Optional[Dict[str, Any]] = None
     if _is_main_process():
-        summary = compute_metrics(base.coco_gt(), results, image_ids, metric)
+        coco_gt = base.coco_gt()
+        # both sides continuous: the dataset's boxes (VOC corners already shifted by the
+        # reader; a COCO file's bbox is continuous by definition) and the detector's
+        summary = compute_metrics(coco_gt, results, image_ids, metric,
+                                  voc_pixel_convention="continuous")
         summary["inference_seconds"] = elapsed
-        _write_outputs(summary, results, out_dir)
+        _write_outputs(summary, results, out_dir, coco_gt, image_ids)
         if verbose:
             print(format_tables(summary), flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and \
@@ -216,19 +262,22 @@ def evaluate_model(model: torch.nn.Module, loader, dataset, out_dir: Optional[st
 
 
 def evaluate_results_file(results_json: str, ann_json: str, metric: str = "both",
-                          out_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, Any]:
+                          out_dir: Optional[str] = None, verbose: bool = True,
+                          voc_pixel_convention: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate a saved COCO results file against a COCO instances file (no model).
 
     The file is a JSON list of detections (the COCO results format), or a COCO dataset dict
     with the detections under "annotations" (as some tools write them). Unknown image or
-    category ids in the results are an error (``ResultsError``).
+    category ids in the results are an error (``ResultsError``). Boxes are taken as they are;
+    ``voc_pixel_convention`` (None: the file's ``info.box_convention``, else "devkit") says
+    how VOC AP50 reads them.
     """
     coco_gt = load_coco_gt(ann_json)
     results = load_json(results_json)
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         results = results["annotations"]
     check_results(results, coco_gt, source=results_json)
-    summary = compute_metrics(coco_gt, results, None, metric)
+    summary = compute_metrics(coco_gt, results, None, metric, voc_pixel_convention)
     if out_dir:
         write_metrics(summary, os.path.join(out_dir, "metrics.json"))
     if verbose:

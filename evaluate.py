@@ -73,7 +73,7 @@ def run_model_mode(args) -> int:
     from torch.utils.data import Subset
 
     from autofpn.config import load_config
-    from autofpn.data import build_dataset, build_loader, check_num_classes
+    from autofpn.data import build_dataset, build_loader, resolve_num_classes
     from autofpn.engine import distributed as du
     from autofpn.eval import evaluate_model
     from autofpn.eval.inference import write_metrics
@@ -103,6 +103,8 @@ def run_model_mode(args) -> int:
 
     ctx = du.init_distributed(cfg["train"]["device"])
     try:
+        dataset = build_dataset(cfg, "val")
+        resolve_num_classes(cfg, dataset)
         model = build_detector(cfg, genotype)
         try:
             model.load_state_dict(checkpoint["model"])
@@ -110,8 +112,6 @@ def run_model_mode(args) -> int:
             raise SystemExit(f"{args.ckpt} does not fit the model built from the config "
                              f"(model.* keys or genotype differ from training?): {e}") from e
         model.to(ctx.device).eval()
-        dataset = build_dataset(cfg, "val")
-        check_num_classes(cfg, dataset)
         max_images = int(cfg["eval"].get("max_images", 0))
         # the first max_images images, sharded over the ranks (same images for any world size)
         subset = Subset(dataset, range(min(max_images, len(dataset)))) if max_images else dataset

@@ -55,6 +55,12 @@ def main(argv=None) -> int:
         from autofpn.models.genotype import load_genotype
         neck_genotype = load_genotype(args.neck_genotype)
 
+    train_set = None
+    if cfg["model"]["num_classes"] is None:  # taken from the data, before the folder check and the plan
+        from autofpn.data import build_dataset, resolve_num_classes
+        train_set = build_dataset(cfg, "train")
+        resolve_num_classes(cfg, train_set)
+
     if args.dry_run:
         from autofpn.search.plan import format_plan, plan_search
         print(format_plan(plan_search(cfg, neck_genotype)))
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
         if ctx.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
         try:
-            result = run_search(cfg, ctx, out_dir, neck_genotype)
+            result = run_search(cfg, ctx, out_dir, neck_genotype, dataset=train_set)
         except NonFiniteLossError as e:
             if ctx.is_main:
                 print(f"ERROR: {e}", file=sys.stderr, flush=True)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     import torch
     from autofpn.config import save_config
-    from autofpn.data import build_dataset, build_loader, check_num_classes
+    from autofpn.data import build_dataset, build_loader, resolve_num_classes
     from autofpn.engine import distributed as du
     from autofpn.engine.runs import claim_folder
     from autofpn.engine.trainer import NonFiniteLossError, Trainer, seed_everything
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ctx = du.init_distributed(cfg["train"]["device"])
     out_dir = cfg["train"]["output_dir"]
     try:
+        train_set = build_dataset(cfg, "train")
+        resolve_num_classes(cfg, train_set)  # before the folder check: config.yaml records it
         claim_folder(out_dir, cfg, genotype, args.force, "training run", ctx, ignore=("search.",))
         if cfg["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -74,8 +76,6 @@ def main(argv=None) -> int:
         seed_everything(seed)  # same initial weights on every rank
         model = build_detector(cfg, genotype)
         seed_everything(seed + ctx.rank)  # different augmentation streams per rank
-        train_set = build_dataset(cfg, "train")
-        check_num_classes(cfg, train_set)
         # order and flips are a function of (seed, epoch) only: resumable mid-epoch
         train_loader = build_loader(cfg, train_set, train=True, seed=seed)
         val_set = build_dataset(cfg, "val")

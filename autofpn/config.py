@@ -20,7 +20,9 @@ import yaml
 DEFAULTS: Dict[str, Any] = {
     "model": {
         "detector": "faster_rcnn",  # autofpn.models.detector.DETECTORS
-        "num_classes": 81,  # including background (label 0), as torchvision counts
+        # including background (label 0), as torchvision counts; null: the training data's
+        # classes + 1 (train.py / search.py / evaluate.py fill it in and record it)
+        "num_classes": None,
         "backbone": {
             "name": "resnet50",  # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2
             "weights": "imagenet",  # none | imagenet | path to a state dict
@@ -203,6 +205,10 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if _is_number(value) or value in LAMBDA_PRESET_NAMES:
             return None
         return f"expected one of {', '.join(LAMBDA_PRESET_NAMES)} or a number"
+    if dotted == "model.num_classes":
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+            return None
+        return "expected an integer >= 2 (the classes + background), or null to take it from the data"
     if dotted == "search.tau":
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value):
             return None

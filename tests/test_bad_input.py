@@ -227,6 +227,21 @@ def test_num_classes_that_does_not_fit_the_data_is_one_line(tmp_path):
                                                 f"+ background = 2: set model.num_classes=2")
 
 
+def test_num_classes_left_null_is_taken_from_the_data_and_recorded(tmp_path):
+    ann = coco_folder(tmp_path / "data", [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20],
+                                           "iscrowd": 0}])
+    out = tmp_path / "run"
+    code, _, stderr = run("train.py", "--cfg", DEMO, "--opts", *coco_opts(ann), "model.num_classes=null",
+                          "solver.epochs=1", "solver.warmup_iters=1", "data.images_per_batch=1",
+                          "eval.max_images=1", f"train.output_dir={out}")
+    assert code == 0, stderr[-2000:]
+    assert f"model.num_classes = 2: the 1 classes of {ann} + background" in stderr
+    assert load_config(str(out / "config.yaml"))["model"]["num_classes"] == 2
+    assert torch.load(out / "model_final.pth", weights_only=False)["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2
+    with pytest.raises(ConfigError, match="'model.num_classes' = 1: expected an integer >= 2"):
+        load_config(DEMO, ["model.num_classes=1"])
+
+
 # ---- output folders of another config --------------------------------------------------------
 
 def test_folder_of_another_config_is_refused_moved_aside_with_force_and_resumed_when_equal(tmp_path):

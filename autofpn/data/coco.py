@@ -69,6 +69,8 @@ def load_coco_gt(path: str):
     """Read and check a COCO instances file -> pycocotools ``COCO`` object."""
     data = load_json(path)
     check_coco_dict(data, path)
+    for ann in data["annotations"]:  # optional in converted files, but COCOeval reads it
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
     return coco_from_dict(data)
 
 

@@ -1,4 +1,5 @@
 """``build_dataset(cfg, split)`` and ``build_loader(cfg, dataset, train)``."""
+import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -14,6 +15,8 @@ from .synthetic import ensure_synthetic
 from .voc import VocDataset, VocFolderDataset, voc_folder_class_names
 
 DATASET_TYPES = ("coco", "voc", "bdd", "synthetic")
+
+logger = logging.getLogger(__name__)
 
 
 def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
@@ -90,6 +93,17 @@ def _voc_folder_dataset(data_cfg: Dict[str, Any], split: str, annotations: str, 
                             val_fraction=float(split_cfg.get("val_fraction", 0.2)),
                             split_seed=int(split_cfg.get("seed", 0)), class_names=class_names,
                             use_difficult=bool(data_cfg.get("use_difficult", False)), **common)
+
+
+def resolve_num_classes(cfg: Dict[str, Any], dataset: DetectionDataset) -> None:
+    """Fill ``model.num_classes`` in from ``dataset`` (its classes + background) when the config
+    leaves it null, and log it; a value that is set is checked (``check_num_classes``)."""
+    if cfg["model"].get("num_classes") is None:
+        cfg["model"]["num_classes"] = len(dataset.class_names)
+        logger.info("model.num_classes = %d: the %d classes of %s + background", len(dataset.class_names),
+                    len(dataset.class_names) - 1, dataset.name)
+        return
+    check_num_classes(cfg, dataset)
 
 
 def check_num_classes(cfg: Dict[str, Any], dataset: DetectionDataset) -> None:

@@ -149,6 +149,10 @@ def use_genotype(cfg: Dict, genotype: Optional[Dict], neck: Optional[str] = None
 
 def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> FasterRCNN:
     model_cfg = cfg["model"]
+    if model_cfg["num_classes"] is None:
+        from autofpn.config import ConfigError
+        raise ConfigError("model.num_classes is not set: train.py, search.py and evaluate.py take it from the "
+                          "data; set it (classes + background) to build a model without data")
     backbone = build_backbone(model_cfg["backbone"])
     neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
     neck = _lookup(NECKS, "model.neck.type", neck_type)(cfg, backbone, genotype, search_neck)

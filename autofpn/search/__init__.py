@@ -5,7 +5,7 @@
 - ``decode``: architecture weights -> genotype (argmax, argmax_nonnone, top2);
 - ``random_sample``: genotypes drawn uniformly from the space (the study's random baseline);
 - one file per search strategy, each exposing
-  ``run_search(cfg, ctx, out_dir, neck_genotype=None) -> SearchResult`` (``genotype``, and the
+  ``run_search(cfg, ctx, out_dir, neck_genotype=None, dataset=None) -> SearchResult`` (``genotype``, and the
   final weights of the stages it ran for the pictures); ``search.strategy`` picks one:
   ``differentiable`` (the paper's first-order alternating search on two data halves).
 """

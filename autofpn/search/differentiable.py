@@ -369,13 +369,15 @@ def stage_config(cfg: Dict[str, Any], stage: str, neck_genotype: Optional[Dict[s
     return cfg
 
 
-def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext):
-    """Loaders over the two disjoint halves (A: weights, B: architecture) of the training set."""
+def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None):
+    """Loaders over the two disjoint halves (A: weights, B: architecture) of the training set
+    (``dataset``, else built from the config)."""
     from torch.utils.data import Subset
 
-    from autofpn.data import build_dataset, build_loader, check_num_classes
-    dataset = build_dataset(cfg, "train")
-    check_num_classes(cfg, dataset)
+    from autofpn.data import build_dataset, build_loader, resolve_num_classes
+    if dataset is None:
+        dataset = build_dataset(cfg, "train")
+    resolve_num_classes(cfg, dataset)
     half_a, half_b = split_halves(len(dataset), int(cfg["search"]["split_seed"]))
     seed = search_seed(cfg)
     loader_a = build_loader(cfg, Subset(dataset, half_a), train=True, seed=seed,
@@ -406,14 +408,14 @@ class SearchResult:
 
 
 def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
-               neck_genotype: Optional[Dict[str, Any]] = None) -> SearchResult:
+               neck_genotype: Optional[Dict[str, Any]] = None, dataset=None) -> SearchResult:
     """Run the configured stages; a finished stage (its ``<stage>/genotype.json`` exists) is not
     run again, an interrupted one resumes from its newest checkpoint. Writes ``geno.json`` and
-    ``search_times.json``."""
+    ``search_times.json``. ``dataset``: the training set when the caller has built it."""
     from autofpn.models.detector import build_detector
     from autofpn.models.genotype import GENOTYPE_VERSION, load_genotype, save_genotype, validate_genotype
 
-    loader_a, loader_b = build_search_loaders(cfg, ctx)
+    loader_a, loader_b = build_search_loaders(cfg, ctx, dataset)
     parts: Dict[str, Optional[Dict[str, Any]]] = {"neck": None, "head": None}
     if neck_genotype is not None:
         parts["neck"] = neck_genotype.get("neck")

@@ -2,7 +2,8 @@
 
 A config file is a nested mapping whose keys must all exist in ``DEFAULTS`` (a misspelt key is
 an error naming the valid keys at that level). ``_base_: other.yaml`` (path relative to the
-file) is loaded first and the file's values are merged over it. Command-line overrides are
+file) is loaded first and the file's values are merged over it (a ``data.train`` / ``data.val``
+that names its ``type`` replaces the inherited one). Command-line overrides are
 ``dotted.key=value`` strings whose value is parsed as YAML (``solver.lr=0.01``,
 ``data.min_size=[480,512]``).
 
@@ -239,6 +240,12 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and key."""
 
 
+# A dataset spec that names its ``type`` replaces the inherited one as a whole (a VOC root's
+# ``splits`` must not leak into an XML-folder or COCO spec); without ``type`` it updates it
+# (``--opts data.val.root=...``).
+WHOLE_WHEN_TYPED = ("data.train", "data.val")
+
+
 def _check_and_merge(base: Dict[str, Any], update: Dict[str, Any], schema: Dict[str, Any],
                      where: str, path: str) -> None:
     """Merge ``update`` into ``base`` in place, checking every key against ``schema``."""
@@ -250,6 +257,8 @@ def _check_and_merge(base: Dict[str, Any], update: Dict[str, Any], schema: Dict[
         if isinstance(schema[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{dotted}' must be a mapping, got {value!r}")
+            if dotted in WHOLE_WHEN_TYPED and "type" in value:
+                base[key] = copy.deepcopy(schema[key])  # another dataset: nothing inherited
             _check_and_merge(base[key], value, schema[key], where, dotted)
         else:
             problem = check_value(dotted, value, schema[key])

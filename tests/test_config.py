@@ -98,3 +98,17 @@ def test_complete_config_fills_keys_added_since_a_checkpoint_was_saved():
     old["model"]["gone_key"] = 1
     with pytest.raises(ConfigError, match="ckpt.pth.*model.gone_key"):
         complete_config(old, where="ckpt.pth")
+
+
+def test_a_dataset_spec_with_a_type_replaces_the_inherited_one(tmp_path):
+    child = tmp_path / "mine.yaml"
+    base = REPO / "configs" / "voc.yaml"
+    child.write_text(f"_base_: {base}\n"
+                     "data:\n  val: {type: voc, annotations: xml, images: img}\n")
+    cfg = load_config(str(child))
+    assert cfg["data"]["val"]["splits"] is None and cfg["data"]["val"]["root"] is None
+    assert cfg["data"]["val"]["annotations"] == "xml"
+    assert cfg["data"]["train"]["splits"] == ["trainval", "trainval"]  # untouched
+    # without a type, a key updates the inherited spec
+    cfg = load_config(str(child), ["data.train.root=elsewhere"])
+    assert cfg["data"]["train"] == {**load_config(str(child))["data"]["train"], "root": "elsewhere"}

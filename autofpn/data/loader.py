@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from autofpn.config import ConfigError
+
 from .base import DetectionDataset
 from .bdd import BddDataset
 from .coco import CocoDataset
@@ -51,7 +53,7 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
 
     def need(key: str):
         if spec.get(key) in (None, "", []):
-            raise ValueError(f"data.{split}.{key} must be set for a '{kind}' dataset")
+            raise ConfigError(f"data.{split}.{key} must be set for a '{kind}' dataset")
         return spec[key]
 
     if kind == "synthetic":
@@ -67,7 +69,7 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     if kind == "bdd":
         return BddDataset(need("root"), need("ann_file"), class_names=data_cfg.get("class_names"),
                           **common)
-    raise ValueError(f"data.{split}.type must be one of {', '.join(DATASET_TYPES)}, "
+    raise ConfigError(f"data.{split}.type must be one of {', '.join(DATASET_TYPES)}, "
                      f"got {kind!r}")
 
 
@@ -82,7 +84,7 @@ def _voc_folder_dataset(data_cfg: Dict[str, Any], split: str, annotations: str, 
     ``data.class_names``) is read from every folder-form split, so train and val agree."""
     spec = data_cfg[split]
     if spec.get("root") or spec.get("splits"):
-        raise ValueError(f"data.{split}: give either root + splits (a VOC root with ImageSets) or "
+        raise ConfigError(f"data.{split}: give either root + splits (a VOC root with ImageSets) or "
                          f"annotations + images (a folder of XML files), not both")
     other = data_cfg.get("val" if split == "train" else "train")
     folders = [annotations] + ([other["annotations"]] if _is_voc_folder(other) else [])
@@ -111,7 +113,6 @@ def check_num_classes(cfg: Dict[str, Any], dataset: DetectionDataset) -> None:
     the first step, a leftover 81 from a COCO config trains silently wrong."""
     expected = cfg["model"]["num_classes"]
     if expected != len(dataset.class_names):
-        from autofpn.config import ConfigError
         names = dataset.class_names[1:]
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise ConfigError(f"'model.num_classes' = {expected} but {dataset.name} has {len(names)} classes ({shown}) "

@@ -156,6 +156,10 @@ DEFAULTS: Dict[str, Any] = {
         "checkpoint_period": 0,  # iterations between checkpoints; 0 = epoch ends only
         "keep_checkpoints": 3,
         "eval_period": 0,  # epochs between evaluations; 0 = final evaluation only
+        # BatchNorm statistics recomputed at the current weights over this many training batches
+        # before every evaluation and the final checkpoint ("precise BN"); 0 = keep the running
+        # averages of training, which lag behind the weights (README, "Using it on your data")
+        "precise_bn_batches": 32,
         "log_period": 20,
         "auto_resume": True,  # continue from output_dir/checkpoints when a checkpoint is there
         "deterministic": False,  # torch.use_deterministic_algorithms (exact resume on GPU)

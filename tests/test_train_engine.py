@@ -179,3 +179,64 @@ def test_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
     progress.update({"loss": 1.0}, 0.01, 4)
     progress.close()
     assert "\r" in stream.getvalue()
+
+
+def test_precise_bn_makes_eval_mode_of_a_retrained_derived_neck_agree_with_train_mode(tmp_path):
+    """The stale running statistics behind 'a BN neck retrained on real data gives 0 detections':
+    after the features under the neck move (here: the backbone's last stage scaled, as trainable
+    convolutions under frozen BN statistics do), eval-mode neck outputs on training images are far
+    from the train-mode (batch statistics) ones; recomputed, they agree."""
+    import copy
+    from autofpn.data import build_dataset, build_loader
+    from autofpn.engine.trainer import recompute_bn_statistics
+    from autofpn.models.detector import build_detector
+    from autofpn.models.genotype import load_genotype
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(None, [
+        "model.backbone.name=resnet18", "model.backbone.weights=none", "model.backbone.norm=frozen_bn",
+        "model.neck.type=auto", "model.neck.norm=bn", "model.neck.channels=16", "model.head.mlp_dim=32",
+        "model.transform.min_size=[96]", "model.transform.max_size=96", "model.transform.test_min_size=96",
+        "data.hflip_prob=0.0", "data.num_workers=0", "data.images_per_batch=6",
+        f"data.synthetic.root={tmp_path}/syn", "data.synthetic.num_train=6", "data.synthetic.num_val=2",
+        "data.synthetic.image_size=96"])
+    torch.manual_seed(0)
+    genotype = load_genotype(os.path.join(root, "configs", "genotypes", "panet.json"))
+    dataset = build_dataset(cfg, "train")
+    cfg["model"]["num_classes"] = dataset.num_classes
+    model = build_detector(cfg, genotype)
+    loader = build_loader(cfg, dataset, train=True, seed=0)  # one batch: every training image
+    images = [dataset[i][0] for i in range(len(dataset))]
+    model.train()
+    with torch.no_grad():  # running statistics of the neck at the initial weights
+        for _ in range(20):
+            for batch, targets in loader:
+                model(batch, targets)
+        for p in model.backbone.body.layer4.parameters():  # the features under the neck move
+            p.mul_(3.0)
+
+    def neck_outputs(m):
+        with torch.no_grad():
+            tensor, _, _ = m.transform(images)
+            return m.neck(m.backbone(tensor))
+
+    def batch_stat_outputs(m):
+        m = copy.deepcopy(m).eval()
+        for bn in m.neck.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.train()
+                bn.momentum = 0.0  # normalise with the batch, leave the running statistics
+        return neck_outputs(m)
+
+    def rel_diff(a, b):
+        return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
+
+    model.eval()
+    stale = rel_diff(neck_outputs(model), batch_stat_outputs(model))
+    assert stale > 0.5, stale
+    assert recompute_bn_statistics(model, loader, 4, torch.device("cpu")) == 1
+    assert not model.training  # mode restored
+    fresh = rel_diff(neck_outputs(model), batch_stat_outputs(model))
+    # not exact: running_var keeps the unbiased variance, the batch normalises with the biased
+    # one (n / (n - 1) with n = 6 images x 3 x 3 at P5: ~1 % in the std)
+    assert fresh < 0.03, fresh
+    assert recompute_bn_statistics(nn.Sequential(nn.Conv2d(3, 3, 1)), loader, 4, torch.device("cpu")) == 0

@@ -69,7 +69,7 @@ def test_plan_matches_built_models_and_cost_tables():
                               num_rois=plan["num_rois"]).total()
             assert p["flops"]["neck"] == pytest.approx(rc["neck"].flops)
             predictor = model.roi_heads.box_predictor
-            predictor_flops = plan["num_rois"] * sum(l.in_features * l.out_features
+            predictor_flops = 2 * plan["num_rois"] * sum(l.in_features * l.out_features  # 2 per multiply-add
                                                      for l in (predictor.cls_score, predictor.bbox_pred))
             assert p["flops"]["head"] == pytest.approx(rc["head"].flops + predictor_flops)
     neck, head, dec = (plan["stages"][s] for s in STAGES)

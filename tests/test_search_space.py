@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autofpn.search.cost import ResourceCost, level_sizes
+from autofpn.search.cost import ResourceCost, count_cost, level_sizes
 from autofpn.search.decode import decode, decode_weights
 from autofpn.models.genotype import GenotypeError, load_genotype, save_genotype, validate_genotype
 from autofpn.models.auto_head import EDGE_PAIRS, AutoHead
@@ -172,8 +172,8 @@ def test_flops_by_hand_for_an_identity_neck():
     sizes = level_sizes((60, 90), (2, 3, 4, 5))  # padded to 64 x 96
     assert sizes[2] == (16, 24) and sizes[5] == (2, 3)
     hw = {lv: sizes[lv][0] * sizes[lv][1] for lv in sizes}
-    expected = sum(IN_CH[f"c{lv}"] * NECK_CH * hw[lv] + 2 * NECK_CH * NECK_CH * hw[lv] for lv in hw)
-    assert cost.flops == expected
+    multiply_adds = sum(IN_CH[f"c{lv}"] * NECK_CH * hw[lv] + 2 * NECK_CH * NECK_CH * hw[lv] for lv in hw)
+    assert cost.flops == 2 * multiply_adds  # a multiply-add = 2 FLOPs, as everywhere in the project
     assert cost.params == n_params(neck)
 
 
@@ -396,3 +396,19 @@ def test_agreement_of_searches_is_the_correlation_of_their_weight_movements(tmp_
     assert main([same, scaled]) == 0
     with pytest.raises(FileNotFoundError, match="arch_trajectory.jsonl not found"):
         weight_movement(str(tmp_path / "nothing"))
+
+
+def test_cost_tables_count_flops_as_torch_flop_counter_does():
+    """One FLOP convention everywhere: the search's cost tables (and the planner built on them)
+    give a neck the FLOPs that torch's FlopCounterMode (count_flops: study, demo, evaluate.py)
+    gives the same neck in the detector."""
+    from autofpn.config import load_config
+    from autofpn.models.detector import build_detector, count_flops
+    genotype = load_genotype(str(Path(__file__).resolve().parents[1] / "configs" / "genotypes" / "panet.json"))
+    cfg = load_config(None, ["model.num_classes=3", "model.backbone.name=resnet18", "model.backbone.weights=none",
+                             "model.neck.type=auto", "model.neck.channels=16", "model.head.mlp_dim=32",
+                             "model.transform.test_min_size=96", "model.transform.max_size=96"])
+    model = build_detector(cfg, genotype)
+    with torch.no_grad():
+        feats = model.backbone(torch.zeros(1, 3, 96, 96))
+    assert count_cost(model.neck, feats).flops == count_flops(model, 96, 96)["neck"] > 0

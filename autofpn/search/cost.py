@@ -3,8 +3,10 @@
 What is counted (per op, at the configured input size):
 
 - params: number of parameters of the op's modules.
-- FLOPs: multiply-accumulates of the convolutions (and linears), counting 1 MAC as 1 FLOP, as
-  detection/NAS papers do; element-wise ops (ReLU, norm, sums, resampling) are not counted.
+- FLOPs: of the convolutions (and linears), a multiply-add counting 2 FLOPs, as
+  ``torch.utils.flop_counter`` (and ``models.detector.count_flops``, the study, the demo and
+  evaluate.py) count them; element-wise ops (ReLU, norm, sums, resampling) are not counted.
+  (Many detection/NAS papers count a multiply-add as 1 FLOP: divide by 2 to compare.)
 - MAC (memory access cost, ShuffleNetV2): elements read + written by every layer of the op,
   i.e. sum over its layers of input + output elements, plus the layer's weights (read once).
   Resampling and summation between levels are not counted (no params, no FLOPs, and the same
@@ -42,7 +44,7 @@ METRICS = ("params", "flops", "mac")
 @dataclass(frozen=True)
 class Cost:
     params: float = 0.0
-    flops: float = 0.0  # multiply-accumulates
+    flops: float = 0.0  # 2 per multiply-add
     mac: float = 0.0  # memory access, elements
 
     def __add__(self, other: "Cost") -> "Cost":
@@ -65,9 +67,9 @@ def count_cost(module: nn.Module, *inputs: Tensor) -> Cost:
         mac[0] += in_elems + out.numel() + weights
         if isinstance(mod, nn.Conv2d):
             kh, kw = mod.kernel_size
-            flops[0] += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+            flops[0] += 2 * out.numel() * (mod.in_channels // mod.groups) * kh * kw
         elif isinstance(mod, nn.Linear):
-            flops[0] += out.numel() * mod.in_features
+            flops[0] += 2 * out.numel() * mod.in_features
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
@@ -269,7 +271,7 @@ def cost_table(genotype_dir: str = "configs/genotypes") -> str:
         lines += [f"### {setting}", "",
                   f"Neck: one image padded to {sizes[2][0] * 4}x{sizes[2][1] * 4}, {neck_ch} channels. "
                   f"Head: {rois} RoIs of {neck_ch}x7x7 (head width {head_ch} for Auto-head).", "",
-                  "| module | params (M) | FLOPs (G, multiply-adds) |", "|---|---:|---:|"]
+                  "| module | params (M) | GFLOPs (a multiply-add = 2) |", "|---|---:|---:|"]
         for name, cls in (("FPN (models/necks.py)", FPN), ("PANet (models/necks.py)", PANet)):
             lines.append(f"| {name} | {_fmt(count_cost(cls(in_ch, strides, neck_ch).to('meta'), feats))} |")
         for g in ("fpn", "panet", "ssd"):

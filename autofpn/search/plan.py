@@ -21,8 +21,8 @@ paper size is planned in seconds on a laptop):
   ``model.roi.batch_size_per_image`` RoIs (its training batch).
 - params: ``parameter_breakdown`` (backbone / neck / rpn / head = box head + predictor) plus the
   architecture parameters of a supernet.
-- FLOPs: forward multiply-accumulates of convs and linears (1 MAC = 1 FLOP, as in
-  ``autofpn.search.cost.count_cost``, which counts them) of backbone, neck, RPN head convs, box
+- FLOPs: forward FLOPs of convs and linears, a multiply-add = 2 FLOPs (as
+  ``autofpn.search.cost.count_cost`` counts them, and every other FLOP figure of the project) of backbone, neck, RPN head convs, box
   head + predictor. A supernet computes every op of every link/edge. Backward costs about 2x the
   forward of the trainable part.
 - activation memory: bytes of the tensors autograd saves for the backward pass during one
@@ -136,7 +136,7 @@ def _head_cost(model: nn.Module, roi_feats: Tensor, head_weights: Optional[Tenso
 
 def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int] = None,
                num_rois: int = None) -> Dict:
-    """Params, forward FLOPs (MACs) and saved-activation bytes of one image for one stage.
+    """Params, forward FLOPs (a multiply-add = 2) and saved-activation bytes of one image for one stage.
 
     Returns {"params": {part: int, "arch": int, "total": int}, "flops": {part: float, "total"},
     "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int}."""
@@ -218,13 +218,13 @@ def plan_search(cfg: Dict, genotype: Optional[Dict] = None, image_size: Tuple[in
 
 
 def format_plan(plan: Dict) -> str:
-    """A readable table: one row per stage; params (M) per part, forward GFLOPs (multiply-adds)
+    """A readable table: one row per stage; params (M) per part, forward GFLOPs (a multiply-add = 2)
     per image, saved activations per image (MiB / GiB)."""
     h, w = plan["image_size"]
     ph, pw = plan["padded_size"]
     lines = [f"Search plan: one image {h}x{w} (padded {ph}x{pw}), {plan['num_rois']} RoIs/image; "
              f"decoded genotype: {plan['genotype']}",
-             "params in M (backbone / neck / rpn / head / arch = total); FLOPs = forward multiply-adds "
+             "params in M (backbone / neck / rpn / head / arch = total); GFLOPs = forward, a multiply-add = 2 FLOPs, "
              "per image in G; activations = bytes saved for backward per image", ""]
     header = (f"| {'stage':<13}| {'backbone':>8} | {'neck':>7} | {'rpn':>5} | {'head':>7} | {'arch':>6} | "
               f"{'total':>7} | {'GFLOPs bb':>9} | {'neck':>8} | {'rpn':>6} | {'head':>8} | {'total':>8} | "

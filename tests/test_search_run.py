@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import search as search_script  # noqa: E402
 
+from autofpn.engine.logging import read_metrics  # noqa: E402
 from autofpn.config import load_config  # noqa: E402
 from autofpn.engine import distributed as du  # noqa: E402
 from autofpn.engine.checkpoint import load_checkpoint  # noqa: E402
@@ -203,6 +204,12 @@ def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "search neck: already done" in result.stdout and "resumed from" in result.stdout
+    # the times cover both stages and both processes: the neck's from its log, the head's with the
+    # killed part
+    times = json.loads(open(os.path.join(killed, "search_times.json")).read())
+    head_time = [r for r in read_metrics(os.path.join(killed, "head", "metrics.jsonl")) if r["type"] == "time"][-1]
+    assert set(times) == {"neck", "head"} and times["neck"] > 0
+    assert times["head"] >= head_time["seconds"] > head_time["seconds_this_process"] > 0
 
     assert load_genotype(os.path.join(full, "geno.json")) == load_genotype(os.path.join(killed, "geno.json"))
     for stage, name in (("neck", "arch.alpha"), ("head", "arch.beta")):

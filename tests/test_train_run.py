@@ -132,6 +132,9 @@ def test_kill9_and_resume_gives_bit_identical_weights(tmp_path, synthetic_root):
     assert not different, different
     assert _train_losses(full_dir) == _train_losses(killed_dir)
     assert len(_train_losses(killed_dir)) == 10
+    # the run's training time counts the killed process too, not only the resumed one
+    time_record = [r for r in read_metrics(os.path.join(killed_dir, "metrics.jsonl")) if r["type"] == "time"][-1]
+    assert time_record["seconds"] > time_record["seconds_this_process"] > 0
 
 
 def test_torchrun_two_processes_gloo(tmp_path, synthetic_root):

@@ -58,6 +58,24 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class RunClock:
+    """Wall seconds of a run that may span processes (kill, resume): ``before`` (restored from the
+    checkpoint's ``"seconds"``) plus this process's since ``start()``; checkpoints store ``total()``."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self._start: Optional[float] = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def this_process(self) -> float:
+        return 0.0 if self._start is None else time.perf_counter() - self._start
+
+    def total(self) -> float:
+        return self.before + self.this_process()
+
+
 def read_metrics(path: str) -> List[Dict[str, Any]]:
     """All records of a metrics log (a torn last line from a kill is skipped)."""
     if not os.path.isfile(path):

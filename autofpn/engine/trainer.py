@@ -19,7 +19,6 @@ goes after that draw when resuming mid-epoch and before it at an epoch boundary)
 import logging
 import math
 import os
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,7 +28,7 @@ from torch import nn
 from autofpn.engine import distributed as du
 from autofpn.engine.checkpoint import (CheckpointError, CheckpointManager, atomic_torch_save, capture_rng_state,
                                        load_checkpoint, restore_rng_state)
-from autofpn.engine.logging import MetricsLog, Progress, read_metrics
+from autofpn.engine.logging import MetricsLog, Progress, RunClock, read_metrics
 from autofpn.engine.solver import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -213,6 +212,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.history: List[Dict[str, float]] = []  # per-iteration losses on this rank
         self._pending_rng: Optional[Dict[str, Any]] = None
+        self.clock = RunClock()  # training seconds over every process of this run
         self.metrics_log: Optional[MetricsLog] = None
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -232,6 +232,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "cfg": self.cfg,
             "genotype": self.genotype,
+            "seconds": self.clock.total(),
         }
 
     def save_checkpoint(self, is_best: bool = False) -> None:
@@ -255,6 +256,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.iter = int(state["iter"])
+        self.clock.before = float(state.get("seconds", 0.0))
         self.best_metric = float(state.get("best_metric", -math.inf))
         rng = state.get("rng") or []
         if len(rng) == self.ctx.world_size:
@@ -346,7 +348,7 @@ class Trainer:
         progress = Progress(self.max_iter, self.iter, enabled=self.ctx.is_main)
         log_period = max(int(self.train_cfg["log_period"]), 1)
         ckpt_period = int(self.train_cfg["checkpoint_period"])
-        start_time = time.perf_counter()
+        self.clock.start()
         try:
             while self.iter < self.max_iter:
                 epoch, start_batch = divmod(self.iter, self.iters_per_epoch)
@@ -387,7 +389,8 @@ class Trainer:
                 self.save_checkpoint(is_best=True)
             if self.ctx.is_main:
                 self.metrics_log.write({"type": "time", "iter": self.iter,
-                                        "seconds": time.perf_counter() - start_time})
+                                        "seconds": self.clock.total(),  # resumed runs included
+                                        "seconds_this_process": self.clock.this_process()})
             self._plot()
             return summary
         finally:

@@ -25,7 +25,6 @@ searched neck (``search.head_with_searched_neck``) or FPN, and writes ``geno.jso
 import json
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 
 from autofpn.engine import distributed as du
 from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from autofpn.engine.logging import MetricsLog, Progress
+from autofpn.engine.logging import MetricsLog, Progress, RunClock, read_metrics
 from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
@@ -142,6 +141,7 @@ class Searcher:
         self.nan_hook = parse_nan_hook(cfg["train"]["debug_nan_at"])
         self.iter = 0
         self._pending_rng: Optional[Dict[str, Any]] = None
+        self.clock = RunClock()  # search seconds of this stage over every process
         self.set_train_mode()
 
     def set_train_mode(self) -> None:
@@ -241,7 +241,7 @@ class Searcher:
         return {"model": self.model.state_dict(), "w_optimizer": self.w_optimizer.state_dict(),
                 "a_optimizer": self.a_optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "iter": self.iter, "stage": self.stage, "rng": du.all_gather_object(capture_rng_state()),
-                "world_size": self.ctx.world_size, "cfg": self.cfg}
+                "world_size": self.ctx.world_size, "cfg": self.cfg, "seconds": self.clock.total()}
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()  # collective: every rank takes part in the RNG gather
@@ -263,6 +263,7 @@ class Searcher:
         self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iter = int(state["iter"])
+        self.clock.before = float(state.get("seconds", 0.0))
         rng = state.get("rng") or []
         if rng:
             self._pending_rng = rng[self.ctx.rank] if len(rng) == self.ctx.world_size else rng[0]
@@ -308,7 +309,7 @@ class Searcher:
         log_period = max(int(self.cfg["train"]["log_period"]), 1)
         if not resumed:
             self._log_arch(trajectory, 0)
-        start = time.perf_counter()
+        self.clock.start()
         try:
             while self.iter < self.max_iter:
                 epoch, start_batch = divmod(self.iter, self.iters_per_epoch)
@@ -339,7 +340,7 @@ class Searcher:
             self.save_checkpoint()
             if self.ctx.is_main:
                 log.write({"type": "time", "stage": self.stage, "iter": self.iter,
-                           "seconds": time.perf_counter() - start})
+                           "seconds": self.clock.total(), "seconds_this_process": self.clock.this_process()})
                 from autofpn.search.decode import format_decisiveness
                 print(format_decisiveness(self.stage, self.decisiveness()), flush=True)
         finally:
@@ -428,8 +429,10 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
             parts[stage] = load_genotype(geno_path)[stage]
             if ctx.is_main:
                 print(f"search {stage}: already done ({geno_path})", flush=True)
+            done = [r for r in read_metrics(os.path.join(stage_dir, "metrics.jsonl")) if r["type"] == "time"]
+            if done:  # its time, recorded when it finished, stays in search_times.json
+                times[stage] = done[-1]["seconds"]
             continue
-        start = time.perf_counter()
         stage_cfg = stage_config(cfg, stage, {"neck": parts["neck"]} if parts["neck"] else None)
         seed_everything(search_seed(cfg))  # same supernet and alpha on every rank
         model = build_detector(stage_cfg, genotype={"neck": parts["neck"], "head": None}, search=stage)
@@ -448,7 +451,7 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
         if stage == "neck":
             result.link_pairs = list(model.neck.link_pairs)
         du.barrier()
-        times[stage] = time.perf_counter() - start
+        times[stage] = searcher.clock.total()  # every process of the stage, resumes included
     result.genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
                                          "decode_rule": cfg["search"]["decode_rule"],
                                          "description": f"searched by search.py ({', '.join(stages_to_run(cfg))})",

@@ -94,7 +94,10 @@ def run_model_mode(args) -> int:
     if args.genotype:
         from autofpn.models.genotype import load_genotype
         genotype = load_genotype(args.genotype)
-    use_genotype(cfg, genotype)
+    if args.cfg:
+        use_genotype(cfg, genotype)
+    else:  # the checkpoint's config names the neck / head types it was trained with (--head mlp too)
+        use_genotype(cfg, genotype, cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"])
     cfg["model"]["backbone"]["weights"] = "none"  # the checkpoint holds them: no ImageNet file needed
     metric = args.metric or cfg["eval"]["metric"]
     # next to the checkpoint (never into another run's folder named by the config)

@@ -1,6 +1,7 @@
 """train.py end to end on the embedded synthetic data, tiny sizes (CPU):
 losses finite and falling; NaN injection; kill -9 + resume == uninterrupted, bit for bit;
 2-process torchrun (Gloo) training + evaluation."""
+import json
 import os
 import signal
 import subprocess
@@ -185,3 +186,21 @@ def test_genotype_without_cfg_uses_the_config_it_was_searched_with(tmp_path, syn
     used = load_config(str(out / "config.yaml"))
     assert used["model"]["neck"]["channels"] == 16 and used["model"]["head"]["channels"] == 8
     assert used["model"]["neck"]["type"] == "auto" and used["model"]["head"]["type"] == "auto"
+
+
+def test_checkpoint_of_a_searched_neck_with_the_mlp_head_evaluates_alone(tmp_path, synthetic_root):
+    """train.py --genotype G --head mlp keeps FPN's 2-MLP head; evaluate.py --ckpt (no --cfg, no
+    --genotype) must rebuild that model from the checkpoint, not the genotype's Auto-head."""
+    from autofpn.models.genotype import save_genotype
+    from autofpn.search.random_sample import random_genotype
+    save_genotype(random_genotype(0, 2), str(tmp_path / "geno.json"))
+    out = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "train.py", "--cfg", str(REPO / "configs" / "demo.yaml"),
+                              "--genotype", str(tmp_path / "geno.json"), "--head", "mlp",
+                              "--opts", *tiny_opts(synthetic_root, str(out), **{"solver.max_iters": 1})],
+                             cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(out / "model_final.pth")],
+                               cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((out / "eval_model_final" / "metrics.json").read_text())["params"]["head"] > 0

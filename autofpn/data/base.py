@@ -83,6 +83,11 @@ class DetectionDataset(Dataset):
         self.label_to_category_id: List[int] = [0] + [int(c) for c in category_ids]
         self.category_id_to_label: Dict[int, int] = {
             c: i for i, c in enumerate(self.label_to_category_id) if i > 0}
+        # cleaning counts for the summary line (per dataset, filled by _check_image_files / _clean)
+        self._num_boxes = 0  # as annotated, before cleaning
+        self._num_clipped = 0
+        self._num_dropped = 0  # non-positive width or height, or entirely outside the image
+        self._skipped_images: List[str] = []  # undecodable files left out (bad_images="skip")
         self._dropped_examples: List[str] = []
         self.all_records = [self._clean(r) for r in self._check_image_files(records, bad_images)]
         if train and not keep_empty_images:
@@ -141,10 +146,6 @@ class DetectionDataset(Dataset):
         return out, categories, [int(category_ids[index_of[c]]) for c in categories]
 
     # ---- annotation cleaning -----------------------------------------------------------------
-    _num_boxes = 0  # as annotated, before cleaning
-    _num_clipped = 0
-    _num_dropped = 0  # non-positive width or height, or entirely outside the image
-    _skipped_images: List[str] = []  # undecodable files left out (bad_images="skip")
     MAX_NAMED = 3  # entries named in the summary line
 
     def _clean(self, record: Record) -> Record:

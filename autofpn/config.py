@@ -146,7 +146,7 @@ DEFAULTS: Dict[str, Any] = {
         "seed": -1,  # supernet / alpha init, data order, sampled paths; -1: train.seed (another search, same data split)
         "w_grad_clip": 10.0,  # gradient-norm clipping of the weight step (0 = off)
         "output_dir": "out/search",
-        "decode_rule": "argmax",  # argmax (paper: "none" may win and drops the link) | argmax_nonnone | top2
+        "decode_rule": "argmax",  # argmax (paper: "none" may win and drops the link) | argmax_nonnone | top2 | argmax_head_noidentity
         "max_iters": 0,
     },
     "train": {
@@ -187,7 +187,7 @@ CHOICES: Dict[str, tuple] = {
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas", "sampled_weights"),
     "data.bad_images": ("stop", "skip"),
-    "search.decode_rule": ("argmax", "argmax_nonnone", "top2"),
+    "search.decode_rule": ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity"),
     "solver.schedule": ("step", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
     "eval.metric": ("coco", "voc", "both"),

@@ -309,6 +309,20 @@ def test_decode_rules_treat_none_as_stated():
     with pytest.raises(ValueError, match="unknown decode rule"):
         decode(arch, neck, head, rule="best")
 
+    # argmax_head_noidentity: the neck as argmax (its identity link stays); in the head an edge
+    # won by identity gets its next op, one whose runner-up is "none" is dropped
+    with torch.no_grad():
+        arch.beta[0, 0, HEAD_OPS.index("identity")] = 3.0  # next best: conv_3x3 (1.0)
+        arch.beta[0, 1, HEAD_OPS.index("identity")] = 3.0
+        arch.beta[0, 1, HEAD_OPS.index("none")] = 2.0  # next best: none -> dropped
+    plain = decode(arch, neck, head, rule="argmax")
+    assert sum(e["op"] == "identity" for e in plain["head"]["cells"][0]) == 2
+    no_identity = decode(arch, neck, head, rule="argmax_head_noidentity")
+    assert no_identity["neck"] == plain["neck"]
+    cell0 = {(e["input"], e["node"]): e["op"] for e in no_identity["head"]["cells"][0]}
+    assert "identity" not in cell0.values() and len(cell0) == 13
+    assert cell0[EDGE_PAIRS[0]] == "conv_3x3" and EDGE_PAIRS[1] not in cell0
+
 
 def test_decode_cli_from_checkpoint(tmp_path):
     from autofpn.search import decode as decode_module

@@ -11,6 +11,10 @@ Rules (the op of a link/edge is always chosen by argmax of its softmax weights):
   is kept with its strongest non-none op (a dense neck/head).
 - ``"top2"`` (DARTS' full rule): op = argmax over non-none ops; each target level / node keeps the
   2 inputs whose chosen op has the largest weight.
+- ``"argmax_head_noidentity"``: the neck by ``"argmax"``; the head by ``"argmax"`` with identity
+  left out of the choice (an edge whose argmax is identity gets its next op, or "none"). Against
+  the parameter-free collapse of the head: the one "large" search of the study that lost to FPN
+  had 14 identity edges of 28 where the winners had 1-3 (docs/STUDY.md, section 6).
 
     python -m autofpn.search.decode --checkpoint out/search/last.pth --out genotype.json [--rule argmax]
     python -m autofpn.viz.genotype_diagram genotype.json --out genotype   # then draw it
@@ -26,7 +30,7 @@ from autofpn.models.genotype import GENOTYPE_VERSION, save_genotype, validate_ge
 from autofpn.models.auto_head import EDGE_PAIRS
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
-DECODE_RULES = ("argmax", "argmax_nonnone", "top2")
+DECODE_RULES = ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity")
 
 
 def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str],
@@ -34,6 +38,10 @@ def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str
     """weights: Tensor[len(pairs), len(ops)] (softmaxed) of one layer / cell; pairs (src, dst).
     Returns the kept [((src, dst), op), ...] in ``pairs`` order."""
     assert ops[0] == "none"
+    if rule == "argmax_head_noidentity":  # the head's rule (the neck is decoded with "argmax")
+        weights = weights.clone()
+        weights[:, ops.index("identity")] = -1.0  # below any softmax weight: never chosen
+        rule = "argmax"
     best_w, best_k = weights[:, 1:].max(dim=1)  # strongest non-none op per link
     best_k = best_k + 1
     if rule == "argmax_nonnone":
@@ -67,7 +75,8 @@ def decode_weights(neck_weights: Optional[Tensor], head_weights: Optional[Tensor
             raise ValueError(f"neck weights of shape {tuple(neck_weights.shape)} do not fit levels "
                              f"{levels} (expected [layers, {len(pairs)}, {len(NECK_OPS)}])")
         genotype["neck"] = {"levels": levels, "layers": [
-            [{"from": s, "to": t, "op": op} for (s, t), op in _choose(w, pairs, NECK_OPS, rule)]
+            [{"from": s, "to": t, "op": op}
+             for (s, t), op in _choose(w, pairs, NECK_OPS, "argmax" if rule == "argmax_head_noidentity" else rule)]
             for w in neck_weights.detach().float().cpu()]}
     if head_weights is not None:
         if tuple(head_weights.shape[1:]) != (len(EDGE_PAIRS), len(HEAD_OPS)):

@@ -499,8 +499,11 @@ class Oracle(torch.nn.Module):
 
 loader = build_loader(load_config(None, ["data.num_workers=0"]), ds, train=False)
 summary = evaluate_model(Oracle(), loader, ds, out, metric="both", verbose=False)
-print("RANK", dist.get_rank(), len(loader), json.dumps({"AP": round(summary["AP"], 6),
-      "n": summary["num_images"]}), flush=True)
+# one write per line: the ranks share the pipe, and print's separate writes interleaved under load
+line = " ".join(["RANK", str(dist.get_rank()), str(len(loader)),
+                 json.dumps({"AP": round(summary["AP"], 6), "n": summary["num_images"]})])
+sys.stdout.write(line + "\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 '''
 

@@ -132,8 +132,7 @@ def recompute_bn_statistics(model: nn.Module, loader, num_batches: int, device: 
     model.train()
     used = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        loader.batch_sampler.set_epoch(epoch)
-        loader.batch_sampler.set_start_iter(0)
+        set_loader_position(loader, epoch, 0)
         for images, targets in loader:
             model(*move_to_device(images, targets, device))
             used += 1
@@ -213,6 +212,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []  # per-iteration losses on this rank
         self._pending_rng: Optional[Dict[str, Any]] = None
         self.clock = RunClock()  # training seconds over every process of this run
+        self._precise_bn_iter: Optional[int] = None  # iteration of the last BN recomputation
         self.metrics_log: Optional[MetricsLog] = None
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -317,7 +317,7 @@ class Trainer:
     def precise_bn(self) -> None:
         """BatchNorm statistics at the current weights (``train.precise_bn_batches``), see
         ``recompute_bn_statistics``; once per iteration count."""
-        if getattr(self, "_precise_bn_iter", None) == self.iter:
+        if self._precise_bn_iter == self.iter:
             return
         self._precise_bn_iter = self.iter
         # an epoch the training never reaches: its own order, away from any resume position

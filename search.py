@@ -9,7 +9,9 @@ the head with the searched neck. A run restarts where it stopped: finished stage
 an interrupted stage resumes from its newest checkpoint. Outputs in ``search.output_dir``:
 ``geno.json`` (neck + head), ``neck/`` and ``head/`` (stage genotype, checkpoints,
 ``metrics.jsonl``, ``arch_trajectory.jsonl``), ``arch_heatmap_<stage>.png``, ``geno.png/.svg``,
-``config.yaml``. Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
+``config.yaml``. With ``search.ensemble=K`` each stage is K searches (seeds search.seed ..
++K-1) in ``<stage>/seed_<s>/``, decoded from their mean weights (``<stage>/ensemble.json``).
+Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
 """
 import argparse
 import os
@@ -40,6 +42,9 @@ def draw_search(result, out_dir: str) -> None:
         d = result.decisiveness[stage]
         note = (f"entropy {d['entropy']:.3f} of uniform, mean best-second margin {d['margin']:.3f}, "
                 f"argmax parameter-free on {100 * d['parameter_free']:.0f} % of rows")
+        if stage in result.ensemble:
+            e = result.ensemble[stage]
+            note = (f"mean of {len(e['seeds'])} searches (members agree {e['mean_agreement']:+.3f}): " + note)
         plot_arch_heatmap(weights, stage, os.path.join(out_dir, f"arch_heatmap_{stage}.png"),
                           link_names=result.link_pairs if stage == "neck" else None, note=note)
     for ext in ("png", "svg"):

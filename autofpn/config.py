@@ -144,6 +144,9 @@ DEFAULTS: Dict[str, Any] = {
         "resource_lambda_scale": 1.0,  # VOC: 0.5 (the paper halves the presets)
         "split_seed": 0,
         "seed": -1,  # supernet / alpha init, data order, sampled paths; -1: train.seed (another search, same data split)
+        # searches per stage whose final softmax weights are averaged before the decode (seeds
+        # search.seed .. +K-1): the seed-specific part of the decisions averages out (docs/STUDY.md)
+        "ensemble": 1,
         "w_grad_clip": 10.0,  # gradient-norm clipping of the weight step (0 = off)
         "output_dir": "out/search",
         "decode_rule": "argmax",  # argmax (paper: "none" may win and drops the link) | argmax_nonnone | top2 | argmax_head_noidentity
@@ -214,6 +217,10 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
             return None
         return "expected an integer >= 2 (the classes + background), or null to take it from the data"
+    if dotted == "search.ensemble":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return None
+        return "expected an integer >= 1 (searches per stage; 1 = one search)"
     if dotted == "search.tau":
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value):
             return None

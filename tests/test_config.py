@@ -112,3 +112,10 @@ def test_a_dataset_spec_with_a_type_replaces_the_inherited_one(tmp_path):
     # without a type, a key updates the inherited spec
     cfg = load_config(str(child), ["data.train.root=elsewhere"])
     assert cfg["data"]["train"] == {**load_config(str(child))["data"]["train"], "root": "elsewhere"}
+
+
+def test_search_ensemble_takes_a_positive_count():
+    assert load_config(None, ["search.ensemble=3"])["search"]["ensemble"] == 3
+    for bad in ("0", "-1", "2.5", "true"):
+        with pytest.raises(ConfigError, match="search.ensemble"):
+            load_config(None, [f"search.ensemble={bad}"])

@@ -26,6 +26,11 @@ def weight_movement(search_dir: str, stage: str = "neck") -> Tensor:
     path = os.path.join(search_dir, stage, "arch_trajectory.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a search folder, or its {stage} stage did not run")
+    return trajectory_movement(path, stage)
+
+
+def trajectory_movement(path: str, stage: str = "neck") -> Tensor:
+    """``weight_movement`` of one stage's ``arch_trajectory.jsonl`` (also an ensemble member's)."""
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     key = "alpha" if stage == "neck" else "beta"
@@ -38,9 +43,13 @@ def weight_movement(search_dir: str, stage: str = "neck") -> Tensor:
 
 def agreement(search_dirs: Sequence[str], stage: str = "neck") -> Dict[tuple, float]:
     """Pearson correlation of the weight movements of every pair of ``search_dirs``."""
-    moves = {d: weight_movement(d, stage) for d in search_dirs}
+    return movement_agreement({d: weight_movement(d, stage) for d in search_dirs}, stage)
+
+
+def movement_agreement(moves: Dict[str, Tensor], stage: str = "neck") -> Dict[tuple, float]:
+    """Pearson correlation of every pair of named weight movements (``trajectory_movement``)."""
     out = {}
-    for a, b in itertools.combinations(search_dirs, 2):
+    for a, b in itertools.combinations(moves, 2):
         if moves[a].shape != moves[b].shape:
             raise ValueError(f"{a} and {b}: the {stage} search spaces differ ({tuple(moves[a].shape)} vs "
                              f"{tuple(moves[b].shape)} weights)")

@@ -105,10 +105,11 @@ class Searcher:
     """Searches one stage ("neck" or "head") of ``model`` (built with ``search=stage``)."""
 
     def __init__(self, cfg: Dict[str, Any], stage: str, model: nn.Module, loader_a, loader_b,
-                 ctx: du.DistContext, out_dir: str):
+                 ctx: du.DistContext, out_dir: str, desc: Optional[str] = None):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.cfg, self.stage, self.ctx, self.out_dir = cfg, stage, ctx, out_dir
+        self.desc = desc or f"search {stage}"  # the progress bar's name
         self.search_cfg = s = cfg["search"]
         self.model = model.to(ctx.device)
         self.loader_a, self.loader_b = loader_a, loader_b
@@ -142,6 +143,7 @@ class Searcher:
         self.iter = 0
         self._pending_rng: Optional[Dict[str, Any]] = None
         self.clock = RunClock()  # search seconds of this stage over every process
+        self.seconds = 0.0  # set when the stage finishes
         self.set_train_mode()
 
     def set_train_mode(self) -> None:
@@ -304,7 +306,7 @@ class Searcher:
                          resume_iter=self.iter if resumed else None)
         trajectory = MetricsLog(os.path.join(self.out_dir, "arch_trajectory.jsonl"), enabled=self.ctx.is_main,
                                 resume_iter=self.iter if resumed else None)
-        progress = Progress(self.max_iter, self.iter, enabled=self.ctx.is_main, desc=f"search {self.stage}")
+        progress = Progress(self.max_iter, self.iter, enabled=self.ctx.is_main, desc=self.desc)
         ckpt_period = int(self.cfg["train"]["checkpoint_period"])
         log_period = max(int(self.cfg["train"]["log_period"]), 1)
         if not resumed:
@@ -338,9 +340,10 @@ class Searcher:
                     if at_epoch_end or (ckpt_period > 0 and self.iter % ckpt_period == 0):
                         self.save_checkpoint()
             self.save_checkpoint()
+            self.seconds = self.clock.total()  # the stage's search time, as logged
             if self.ctx.is_main:
                 log.write({"type": "time", "stage": self.stage, "iter": self.iter,
-                           "seconds": self.clock.total(), "seconds_this_process": self.clock.this_process()})
+                           "seconds": self.seconds, "seconds_this_process": self.clock.this_process()})
                 from autofpn.search.decode import format_decisiveness
                 print(format_decisiveness(self.stage, self.decisiveness()), flush=True)
         finally:
@@ -400,28 +403,147 @@ def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
 @dataclass
 class SearchResult:
     """What ``run_search`` found: the genotype (neck + head), and for each stage run in this
-    call its final softmaxed architecture weights and, for the neck, the (source, target) level
-    pair of each link (the caller draws them: ``autofpn.viz``)."""
+    call its final softmaxed architecture weights (an ensemble's: the members' mean) and, for the
+    neck, the (source, target) level pair of each link (the caller draws them: ``autofpn.viz``)."""
     genotype: Dict[str, Any]
     stage_weights: Dict[str, Tensor] = field(default_factory=dict)
     link_pairs: Optional[List[Tuple[int, int]]] = None
     decisiveness: Dict[str, Dict[str, float]] = field(default_factory=dict)  # stage -> decode.decisiveness
+    ensemble: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # stage -> ensemble.json of that stage
+
+
+@dataclass
+class StageSearch:
+    """One finished search of one stage: its genotype part, final softmaxed weights
+    ``Tensor[layers or cells, rows, ops]`` and search seconds (every process)."""
+    part: Dict[str, Any]
+    weights: Tensor
+    seconds: float
+
+
+def stage_time(stage_dir: str) -> Optional[float]:
+    """Search seconds recorded when the stage in ``stage_dir`` finished (None: no record)."""
+    done = [r for r in read_metrics(os.path.join(stage_dir, "metrics.jsonl")) if r["type"] == "time"]
+    return done[-1]["seconds"] if done else None
+
+
+def final_weights(stage_dir: str, stage: str) -> Tensor:
+    """The softmaxed weights of the last record of a finished stage's ``arch_trajectory.jsonl``
+    (written at the last iteration: the weights the stage decoded)."""
+    path = os.path.join(stage_dir, "arch_trajectory.jsonl")
+    records = read_metrics(path)
+    key = "alpha" if stage == "neck" else "beta"
+    if not records or key not in records[-1]:
+        raise ValueError(f"{path}: no final '{key}' record; delete {stage_dir} to search this member again")
+    return torch.tensor(records[-1][key], dtype=torch.float32)
+
+
+def search_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, Any]], ctx: du.DistContext,
+                 stage_dir: str, dataset, desc: Optional[str] = None) -> StageSearch:
+    """One search of ``stage`` in ``stage_dir`` with the seed and data order of ``cfg``; resumes
+    from the newest checkpoint there. ``neck_part``: the searched neck the head stage builds on."""
+    from autofpn.models.detector import build_detector
+    from autofpn.models.genotype import save_genotype
+    loader_a, loader_b = build_search_loaders(cfg, ctx, dataset)
+    stage_cfg = stage_config(cfg, stage, {"neck": neck_part} if neck_part else None)
+    seed_everything(search_seed(cfg))  # same supernet and alpha on every rank
+    model = build_detector(stage_cfg, genotype={"neck": neck_part, "head": None}, search=stage)
+    searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, stage_dir, desc=desc)
+    searcher.resume()
+    stage_geno = searcher.search()
+    if ctx.is_main:
+        save_genotype(stage_geno, os.path.join(stage_dir, "genotype.json"))
+        with open(os.path.join(stage_dir, "decisiveness.json"), "w") as f:
+            json.dump(searcher.decisiveness(), f, indent=2)
+    du.barrier()
+    neck_w, head_w = searcher.arch_weights()
+    return StageSearch(stage_geno[stage], (neck_w if stage == "neck" else head_w).detach().cpu(),
+                       searcher.seconds)
+
+
+def search_ensemble_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, Any]],
+                          ctx: du.DistContext, stage_dir: str, dataset) -> Tuple[StageSearch, Dict[str, Any]]:
+    """``search.ensemble`` = K searches of ``stage``, seeds ``search_seed .. +K-1`` (each exactly
+    the search that seed would run alone), in ``<stage_dir>/seed_<s>/``; the stage is decoded
+    from the mean of their final softmaxed weights. Decisions that follow one supernet's
+    initialisation disagree between seeds and average out, those the members share stay
+    (docs/STUDY.md, section 1). A member that finished earlier is read back, not searched again.
+    Returns the stage and its report (members, their agreement, decisiveness of the mean)."""
+    import copy
+    from autofpn.search.agreement import movement_agreement, trajectory_movement
+    from autofpn.search.decode import decisiveness, decode_weights
+    base, count = search_seed(cfg), int(cfg["search"]["ensemble"])
+    members: List[StageSearch] = []
+    for k, seed in enumerate(range(base, base + count)):
+        member_dir = os.path.join(stage_dir, f"seed_{seed}")
+        if os.path.isfile(os.path.join(member_dir, "genotype.json")):
+            from autofpn.models.genotype import load_genotype
+            members.append(StageSearch(load_genotype(os.path.join(member_dir, "genotype.json"))[stage],
+                                       final_weights(member_dir, stage), stage_time(member_dir) or 0.0))
+            if ctx.is_main:
+                print(f"search {stage}: member seed {seed} already done ({member_dir})", flush=True)
+            continue
+        member_cfg = copy.deepcopy(cfg)
+        member_cfg["search"]["seed"] = seed
+        members.append(search_stage(member_cfg, stage, neck_part, ctx, member_dir, dataset,
+                                    desc=f"search {stage} seed {seed} ({k + 1}/{count})"))
+    mean = torch.stack([m.weights for m in members]).mean(dim=0)
+    levels = cfg["model"]["neck"]["levels"]
+    rule = cfg["search"]["decode_rule"]
+    part = decode_weights(mean if stage == "neck" else None, mean if stage == "head" else None, levels, rule)[stage]
+    ops = NECK_OPS if stage == "neck" else HEAD_OPS
+    seeds = list(range(base, base + count))
+    moves = {f"seed_{s}": trajectory_movement(os.path.join(stage_dir, f"seed_{s}", "arch_trajectory.jsonl"), stage)
+             for s in seeds}
+    pairs = movement_agreement(moves, stage)
+    report = {"seeds": seeds, "rule": rule,
+              "agreement": {f"{a} vs {b}": r for (a, b), r in pairs.items()},
+              "mean_agreement": sum(pairs.values()) / len(pairs) if pairs else None,
+              "member_decisiveness": [decisiveness(m.weights, ops) for m in members],
+              "decisiveness": decisiveness(mean, ops),
+              "changed_from_first_member": _changed_rows(part, members[0].part, stage)}
+    return StageSearch(part, mean, sum(m.seconds for m in members)), report
+
+
+def _changed_rows(part: Dict[str, Any], other: Dict[str, Any], stage: str) -> int:
+    """How many links / edges (kept or dropped, op) differ between two decoded stage parts."""
+    key = "layers" if stage == "neck" else "cells"
+    ident = (lambda e: (e["from"], e["to"])) if stage == "neck" else (lambda e: (e["input"], e["node"]))
+    changed = 0
+    for mine, theirs in zip(part[key], other[key]):
+        a, b = ({ident(e): e["op"] for e in group} for group in (mine, theirs))
+        changed += sum(a.get(r) != b.get(r) for r in set(a) | set(b))
+    return changed
+
+
+def format_ensemble(stage: str, report: Dict[str, Any]) -> str:
+    """One line on an ensemble stage: its members and how far they agreed."""
+    r = report["mean_agreement"]
+    text = (f"search {stage}: decoded from the mean weights of {len(report['seeds'])} searches (seeds "
+            f"{', '.join(map(str, report['seeds']))}); their weight movements agree {r:+.3f} on average "
+            f"(about 0: each member's picks follow its own initialisation, and the mean keeps what they share); "
+            f"{report['changed_from_first_member']} links/edges differ from the first member's decode")
+    return text
 
 
 def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
                neck_genotype: Optional[Dict[str, Any]] = None, dataset=None) -> SearchResult:
     """Run the configured stages; a finished stage (its ``<stage>/genotype.json`` exists) is not
-    run again, an interrupted one resumes from its newest checkpoint. Writes ``geno.json`` and
+    run again, an interrupted one resumes from its newest checkpoint. With ``search.ensemble`` > 1
+    each stage is several searches (``search_ensemble_stage``). Writes ``geno.json`` and
     ``search_times.json``. ``dataset``: the training set when the caller has built it."""
-    from autofpn.models.detector import build_detector
+    from autofpn.data import build_dataset
     from autofpn.models.genotype import GENOTYPE_VERSION, load_genotype, save_genotype, validate_genotype
+    from autofpn.search.decode import decisiveness
 
-    loader_a, loader_b = build_search_loaders(cfg, ctx, dataset)
+    if dataset is None:
+        dataset = build_dataset(cfg, "train")
     parts: Dict[str, Optional[Dict[str, Any]]] = {"neck": None, "head": None}
     if neck_genotype is not None:
         parts["neck"] = neck_genotype.get("neck")
     times = {}
     result = SearchResult(genotype={})
+    ensemble = int(cfg["search"]["ensemble"]) > 1
     for stage in stages_to_run(cfg):
         stage_dir = os.path.join(out_dir, stage)
         geno_path = os.path.join(stage_dir, "genotype.json")
@@ -429,32 +551,40 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
             parts[stage] = load_genotype(geno_path)[stage]
             if ctx.is_main:
                 print(f"search {stage}: already done ({geno_path})", flush=True)
-            done = [r for r in read_metrics(os.path.join(stage_dir, "metrics.jsonl")) if r["type"] == "time"]
-            if done:  # its time, recorded when it finished, stays in search_times.json
-                times[stage] = done[-1]["seconds"]
+            seconds = stage_time(stage_dir)
+            if seconds is not None:  # its time, recorded when it finished, stays in search_times.json
+                times[stage] = seconds
             continue
-        stage_cfg = stage_config(cfg, stage, {"neck": parts["neck"]} if parts["neck"] else None)
-        seed_everything(search_seed(cfg))  # same supernet and alpha on every rank
-        model = build_detector(stage_cfg, genotype={"neck": parts["neck"], "head": None}, search=stage)
-        searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, stage_dir)
-        searcher.resume()
-        stage_geno = searcher.search()
-        parts[stage] = stage_geno[stage]
-        if ctx.is_main:
-            save_genotype(stage_geno, geno_path)
-        neck_w, head_w = searcher.arch_weights()
-        result.stage_weights[stage] = (neck_w if stage == "neck" else head_w).detach().cpu()
-        result.decisiveness[stage] = searcher.decisiveness()
-        if ctx.is_main:
-            with open(os.path.join(stage_dir, "decisiveness.json"), "w") as f:
-                json.dump(result.decisiveness[stage], f, indent=2)
+        if ensemble:
+            found, report = search_ensemble_stage(cfg, stage, parts["neck"], ctx, stage_dir, dataset)
+            result.ensemble[stage] = report
+            if ctx.is_main:
+                with open(os.path.join(stage_dir, "ensemble.json"), "w") as f:
+                    json.dump(report, f, indent=2)
+                with open(os.path.join(stage_dir, "decisiveness.json"), "w") as f:
+                    json.dump(report["decisiveness"], f, indent=2)
+                # the stage's time, so a later run that finds the stage done keeps it
+                MetricsLog(os.path.join(stage_dir, "metrics.jsonl"), enabled=True).write(
+                    {"type": "time", "stage": stage, "seconds": found.seconds, "members": report["seeds"]})
+                save_genotype({"version": GENOTYPE_VERSION, "decode_rule": cfg["search"]["decode_rule"],
+                               "neck": None, "head": None, stage: found.part},
+                              geno_path)
+                print(format_ensemble(stage, report), flush=True)
+            du.barrier()
+        else:
+            found = search_stage(cfg, stage, parts["neck"], ctx, stage_dir, dataset)
+        parts[stage] = found.part
+        result.stage_weights[stage] = found.weights
+        result.decisiveness[stage] = decisiveness(found.weights, NECK_OPS if stage == "neck" else HEAD_OPS)
         if stage == "neck":
-            result.link_pairs = list(model.neck.link_pairs)
-        du.barrier()
-        times[stage] = searcher.clock.total()  # every process of the stage, resumes included
+            levels = [int(lv) for lv in cfg["model"]["neck"]["levels"]]
+            result.link_pairs = [(s, t) for t in levels for s in levels]  # AutoFusionNeck.link_pairs order
+        times[stage] = found.seconds  # every process of the stage, resumes included
     result.genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
                                          "decode_rule": cfg["search"]["decode_rule"],
-                                         "description": f"searched by search.py ({', '.join(stages_to_run(cfg))})",
+                                         "description": f"searched by search.py ({', '.join(stages_to_run(cfg))}"
+                                                        + (f", ensemble of {cfg['search']['ensemble']} searches per stage"
+                                                           if ensemble else "") + ")",
                                          "neck": parts["neck"], "head": parts["head"]})
     if ctx.is_main:
         save_genotype(result.genotype, os.path.join(out_dir, "geno.json"))

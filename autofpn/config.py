@@ -164,6 +164,9 @@ DEFAULTS: Dict[str, Any] = {
         # averages of training, which lag behind the weights (README, "Using it on your data")
         "precise_bn_batches": 32,
         "log_period": 20,
+        # TensorBoard event files beside metrics.jsonl (<run>/tensorboard, a search's
+        # <stage>/tensorboard): losses, lr, AP, images/s; a search's op weights and heat maps
+        "tensorboard": True,
         "auto_resume": True,  # continue from output_dir/checkpoints when a checkpoint is there
         "deterministic": False,  # torch.use_deterministic_algorithms (exact resume on GPU)
         "find_unused_parameters": False,  # DDP
@@ -174,6 +177,9 @@ DEFAULTS: Dict[str, Any] = {
         "max_images": 0,  # 0 = all
         "images_per_batch": 1,  # per process, at inference
         "output_dir": None,  # where detections.json / metrics.json go (None: train.output_dir/eval)
+        # training: the first N validation images with the final model's detections drawn (score
+        # >= 0.5), written at the final evaluation to train.output_dir/detections/; 0 = none
+        "draw_images": 4,
     },
 }
 

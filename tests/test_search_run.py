@@ -142,6 +142,17 @@ def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root)
     for stage in ("neck", "head"):
         d = json.load(open(os.path.join(out, stage, "decisiveness.json")))
         assert set(d) == {"entropy", "margin", "min_margin", "parameter_free", "none"}, stage
+        # TensorBoard: losses, decisiveness and every op weight per iteration, the heat map image
+        board = _read_events(os.path.join(out, stage, "tensorboard"))
+        group = "layer1/P3 -> P4" if stage == "neck" else "cell0/node 2 <- 0"
+        for tag in ("search/loss", "search/cost", "arch/margin", "arch/entropy", "arch/parameter_free",
+                    f"{stage}_weights/{group}/none", f"{stage}_weights/{group}/identity"):
+            assert [e.step for e in board.Scalars(tag)] == ([1, 2, 3] if tag.startswith("search") else [0, 1, 2, 3]), tag
+        weights = torch.tensor(trajectory[-1]["alpha"]) if stage == "neck" else None
+        if weights is not None:  # the tags hold the logged softmax weights
+            assert board.Scalars("neck_weights/layer2/P5 -> P2/dil_conv_3x3_r2")[-1].value == pytest.approx(
+                float(weights[1, 3, 2]), abs=1e-6)
+        assert [e.step for e in board.Images(f"{stage}_heatmap")] == [2, 3]  # each checkpoint: epoch end, last
 
     train_out = str(tmp_path / "retrain")
     result = subprocess.run([sys.executable, "train.py", "--cfg", "configs/demo.yaml", "--genotype",
@@ -217,6 +228,13 @@ def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic
         b = load_checkpoint(os.path.join(killed, stage, "checkpoints", "ckpt_0000006.pth"))["model"]
         assert torch.equal(a[name], b[name]), stage
         assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: weights differ after resume"
+
+
+def _read_events(folder: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(folder, size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    return board
 
 
 def _ensemble_cmd(synthetic_root, out, **extra):

@@ -5,6 +5,9 @@ to ``metrics.jsonl``; when a run is resumed, the records past the resume point (
 killed run after its last checkpoint) are dropped so the log has each iteration once.
 ``read_metrics`` reads it back (the plots use it).
 
+``TensorBoard`` mirrors the numbers of those records into TensorBoard event files
+(``tensorboard --logdir out/``); the JSON-lines log stays the record of a run.
+
 ``Progress``: iteration / total, ETA, the loss terms, lr and images/s; a tqdm bar on a terminal,
 plain lines elsewhere.
 """
@@ -24,12 +27,64 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class MetricsLog:
-    """Append-only JSON-lines log; a no-op when ``enabled`` is False (ranks > 0)."""
+NOT_SCALARS = ("type", "iter", "epoch", "stage")  # a record's identity, not a curve
 
-    def __init__(self, path: str, enabled: bool = True, resume_iter: Optional[int] = None):
+
+class TensorBoard:
+    """TensorBoard event files in ``folder`` (rank 0; a no-op when disabled). A resumed run
+    purges the events past ``resume_iter``, written by the killed process after its checkpoint,
+    as MetricsLog truncates its lines. Without the ``tensorboard`` package: one warning, no-op."""
+
+    def __init__(self, folder: str, enabled: bool = True, resume_iter: Optional[int] = None):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # tensorboard is in requirements.txt; a stripped install still runs
+            print(f"WARNING: no TensorBoard events in {folder} ({e}); pip install tensorboard, "
+                  f"or set train.tensorboard: false", file=sys.stderr, flush=True)
+            return
+        self.writer = SummaryWriter(folder, purge_step=None if resume_iter is None else resume_iter + 1)
+
+    def record(self, record: Dict[str, Any]) -> None:
+        """Every number of a metrics record as scalar ``<type>/<key>`` at step ``iter``."""
+        if self.writer is None:
+            return
+        step = int(record.get("iter", 0))
+        for key, value in record.items():
+            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{record.get('type', 'log')}/{key}", value, step)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure as an image (closed afterwards)."""
+        if self.writer is not None:
+            self.writer.add_figure(tag, figure, step, close=True)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; a no-op when ``enabled`` is False (ranks > 0). With ``board``
+    every record's numbers also go to TensorBoard."""
+
+    def __init__(self, path: str, enabled: bool = True, resume_iter: Optional[int] = None,
+                 board: Optional[TensorBoard] = None):
         self.path = path
         self.enabled = enabled
+        self.board = board
         if not enabled:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -53,6 +108,8 @@ class MetricsLog:
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.board is not None:
+            self.board.record(record)
         record = {k: _jsonable(v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

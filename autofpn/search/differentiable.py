@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from autofpn.engine import distributed as du
 from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from autofpn.engine.logging import MetricsLog, Progress, RunClock, read_metrics
+from autofpn.engine.logging import MetricsLog, Progress, RunClock, TensorBoard, read_metrics
 from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
@@ -289,7 +289,33 @@ class Searcher:
         if head_w is not None:
             record["beta"] = head_w.detach().cpu().tolist()
         record.update(self.decisiveness())
-        log.write(record)
+        log.write(record)  # entropy, margin, parameter-free share also to TensorBoard (arch/...)
+        if log.board is not None:
+            log.board.scalars(self._weight_scalars(), self.iter)
+
+    def _weight_scalars(self) -> Dict[str, float]:
+        """Every softmax weight as a TensorBoard tag: ``neck_weights/layer1/P3 -> P4/sep_conv_3x3``."""
+        from autofpn.viz.arch_heatmap import row_labels
+        weights = self.stage_weights()
+        ops = NECK_OPS if self.stage == "neck" else HEAD_OPS
+        group = "layer" if self.stage == "neck" else "cell"
+        labels = row_labels(self.stage, getattr(self.model.neck, "link_pairs", None))
+        return {f"{self.stage}_weights/{group}{g + (self.stage == 'neck')}/{labels[r]}/{op}": float(weights[g, r, k])
+                for g in range(weights.shape[0]) for r in range(weights.shape[1]) for k, op in enumerate(ops)}
+
+    def stage_weights(self) -> Tensor:
+        """This stage's softmaxed weights ``Tensor[layers or cells, rows, ops]`` (detached, CPU)."""
+        neck_w, head_w = self.arch_weights()
+        return (neck_w if self.stage == "neck" else head_w).detach().cpu()
+
+    def _board_heatmap(self, board: TensorBoard) -> None:
+        """The heat map of the current weights, as an image at this iteration (each checkpoint)."""
+        if board.writer is None:
+            return
+        from autofpn.viz.arch_heatmap import arch_heatmap_figure
+        title = f"Auto-FPN {self.stage} search: weights at iteration {self.iter} (red: argmax)"
+        board.figure(f"{self.stage}_heatmap", arch_heatmap_figure(
+            self.stage_weights(), self.stage, getattr(self.model.neck, "link_pairs", None), title=title), self.iter)
 
     def decisiveness(self) -> Dict[str, float]:
         """Entropy, best-second margin and parameter-free share of this stage's weights."""
@@ -302,10 +328,13 @@ class Searcher:
         """Run the stage to ``max_iter``; returns the decoded genotype of this stage."""
         self.set_train_mode()
         resumed = self.iter > 0 or self._pending_rng is not None
+        board = TensorBoard(os.path.join(self.out_dir, "tensorboard"),
+                            enabled=self.ctx.is_main and bool(self.cfg["train"]["tensorboard"]),
+                            resume_iter=self.iter if resumed else None)
         log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"), enabled=self.ctx.is_main,
-                         resume_iter=self.iter if resumed else None)
+                         resume_iter=self.iter if resumed else None, board=board)
         trajectory = MetricsLog(os.path.join(self.out_dir, "arch_trajectory.jsonl"), enabled=self.ctx.is_main,
-                                resume_iter=self.iter if resumed else None)
+                                resume_iter=self.iter if resumed else None, board=board)
         progress = Progress(self.max_iter, self.iter, enabled=self.ctx.is_main, desc=self.desc)
         ckpt_period = int(self.cfg["train"]["checkpoint_period"])
         log_period = max(int(self.cfg["train"]["log_period"]), 1)
@@ -339,7 +368,9 @@ class Searcher:
                     at_epoch_end = self.iter % self.iters_per_epoch == 0
                     if at_epoch_end or (ckpt_period > 0 and self.iter % ckpt_period == 0):
                         self.save_checkpoint()
+                        self._board_heatmap(board)
             self.save_checkpoint()
+            self._board_heatmap(board)
             self.seconds = self.clock.total()  # the stage's search time, as logged
             if self.ctx.is_main:
                 log.write({"type": "time", "stage": self.stage, "iter": self.iter,
@@ -348,6 +379,7 @@ class Searcher:
                 print(format_decisiveness(self.stage, self.decisiveness()), flush=True)
         finally:
             progress.close()
+            board.close()
         return self.decode()
 
     def decode(self) -> Dict[str, Any]:
@@ -456,9 +488,7 @@ def search_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, 
         with open(os.path.join(stage_dir, "decisiveness.json"), "w") as f:
             json.dump(searcher.decisiveness(), f, indent=2)
     du.barrier()
-    neck_w, head_w = searcher.arch_weights()
-    return StageSearch(stage_geno[stage], (neck_w if stage == "neck" else head_w).detach().cpu(),
-                       searcher.seconds)
+    return StageSearch(stage_geno[stage], searcher.stage_weights(), searcher.seconds)
 
 
 def search_ensemble_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, Any]],

@@ -61,10 +61,28 @@ class TensorBoard:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
-    def figure(self, tag: str, figure, step: int) -> None:
-        """A matplotlib figure as an image (closed afterwards)."""
-        if self.writer is not None:
-            self.writer.add_figure(tag, figure, step, close=True)
+    def arch_weights(self, stage: str, weights, link_pairs, step: int) -> None:
+        """Every softmax weight of a search stage (``Tensor[layers or cells, rows, ops]``) as a
+        scalar: ``neck_weights/layer1/P3 -> P4/sep_conv_3x3``, ``head_weights/cell0/node 2 <- 0/...``."""
+        if self.writer is None:
+            return
+        from autofpn.models.operations import HEAD_OPS, NECK_OPS
+        from autofpn.viz.arch_heatmap import row_labels
+        ops = NECK_OPS if stage == "neck" else HEAD_OPS
+        group = "layer" if stage == "neck" else "cell"
+        labels = row_labels(stage, link_pairs)
+        self.scalars({f"{stage}_weights/{group}{g + (stage == 'neck')}/{labels[r]}/{op}": float(weights[g, r, k])
+                      for g in range(weights.shape[0]) for r in range(weights.shape[1])
+                      for k, op in enumerate(ops)}, step)
+
+    def arch_heatmap(self, stage: str, weights, link_pairs, step: int) -> None:
+        """The heat map of a search stage's weights (``autofpn.viz``) as image ``<stage>_heatmap``."""
+        if self.writer is None:
+            return
+        from autofpn.viz.arch_heatmap import arch_heatmap_figure
+        title = f"Auto-FPN {stage} search: weights at iteration {step} (red: argmax)"
+        self.writer.add_figure(f"{stage}_heatmap", arch_heatmap_figure(weights, stage, link_pairs, title=title),
+                               step, close=True)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -291,31 +291,16 @@ class Searcher:
         record.update(self.decisiveness())
         log.write(record)  # entropy, margin, parameter-free share also to TensorBoard (arch/...)
         if log.board is not None:
-            log.board.scalars(self._weight_scalars(), self.iter)
-
-    def _weight_scalars(self) -> Dict[str, float]:
-        """Every softmax weight as a TensorBoard tag: ``neck_weights/layer1/P3 -> P4/sep_conv_3x3``."""
-        from autofpn.viz.arch_heatmap import row_labels
-        weights = self.stage_weights()
-        ops = NECK_OPS if self.stage == "neck" else HEAD_OPS
-        group = "layer" if self.stage == "neck" else "cell"
-        labels = row_labels(self.stage, getattr(self.model.neck, "link_pairs", None))
-        return {f"{self.stage}_weights/{group}{g + (self.stage == 'neck')}/{labels[r]}/{op}": float(weights[g, r, k])
-                for g in range(weights.shape[0]) for r in range(weights.shape[1]) for k, op in enumerate(ops)}
+            log.board.arch_weights(self.stage, self.stage_weights(), self.link_pairs(), self.iter)
 
     def stage_weights(self) -> Tensor:
         """This stage's softmaxed weights ``Tensor[layers or cells, rows, ops]`` (detached, CPU)."""
         neck_w, head_w = self.arch_weights()
         return (neck_w if self.stage == "neck" else head_w).detach().cpu()
 
-    def _board_heatmap(self, board: TensorBoard) -> None:
-        """The heat map of the current weights, as an image at this iteration (each checkpoint)."""
-        if board.writer is None:
-            return
-        from autofpn.viz.arch_heatmap import arch_heatmap_figure
-        title = f"Auto-FPN {self.stage} search: weights at iteration {self.iter} (red: argmax)"
-        board.figure(f"{self.stage}_heatmap", arch_heatmap_figure(
-            self.stage_weights(), self.stage, getattr(self.model.neck, "link_pairs", None), title=title), self.iter)
+    def link_pairs(self) -> Optional[List[Tuple[int, int]]]:
+        """(source, target) level of each neck link, in weight order (None for the head stage)."""
+        return list(self.model.neck.link_pairs) if self.stage == "neck" else None
 
     def decisiveness(self) -> Dict[str, float]:
         """Entropy, best-second margin and parameter-free share of this stage's weights."""
@@ -368,9 +353,9 @@ class Searcher:
                     at_epoch_end = self.iter % self.iters_per_epoch == 0
                     if at_epoch_end or (ckpt_period > 0 and self.iter % ckpt_period == 0):
                         self.save_checkpoint()
-                        self._board_heatmap(board)
+                        board.arch_heatmap(self.stage, self.stage_weights(), self.link_pairs(), self.iter)
             self.save_checkpoint()
-            self._board_heatmap(board)
+            board.arch_heatmap(self.stage, self.stage_weights(), self.link_pairs(), self.iter)
             self.seconds = self.clock.total()  # the stage's search time, as logged
             if self.ctx.is_main:
                 log.write({"type": "time", "stage": self.stage, "iter": self.iter,

@@ -78,6 +78,19 @@ def test_single_process_losses_finite_and_falling(tmp_path, synthetic_root):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     final = load_checkpoint(os.path.join(out, "model_final.pth"))
     assert final["cfg"] == saved and "model" in final
+    # TensorBoard holds the same numbers (train.tensorboard, on by default)
+    board = _read_events(os.path.join(out, "tensorboard"))
+    for tag in ("train/loss", "train/loss_box", "train/lr", "train/images_per_s"):
+        assert [e.step for e in board.Scalars(tag)] == list(range(1, 13)), tag
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert [(e.step, e.value) for e in board.Scalars("eval/AP")] == [(12, pytest.approx(evals[0]["AP"]))]
+
+
+def _read_events(folder: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(folder, size_guidance={"scalars": 0})
+    board.Reload()
+    return board
 
 
 def test_nan_injection_stops_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, capsys):
@@ -133,6 +146,10 @@ def test_kill9_and_resume_gives_bit_identical_weights(tmp_path, synthetic_root):
     assert not different, different
     assert _train_losses(full_dir) == _train_losses(killed_dir)
     assert len(_train_losses(killed_dir)) == 10
+    # TensorBoard: the killed process's events past the checkpoint are purged on resume
+    board = _read_events(os.path.join(killed_dir, "tensorboard"))
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(1, 11))
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx(_train_losses(full_dir), rel=1e-6)
     # the run's training time counts the killed process too, not only the resumed one
     time_record = [r for r in read_metrics(os.path.join(killed_dir, "metrics.jsonl")) if r["type"] == "time"][-1]
     assert time_record["seconds"] > time_record["seconds_this_process"] > 0

@@ -28,7 +28,8 @@ from torch import nn
 from autofpn.engine import distributed as du
 from autofpn.engine.checkpoint import (CheckpointError, CheckpointManager, atomic_torch_save, capture_rng_state,
                                        load_checkpoint, restore_rng_state)
-from autofpn.engine.logging import MetricsLog, Progress, RunClock, read_metrics
+from autofpn.engine.logging import MetricsLog, Progress, RunClock, TensorBoard, read_metrics
+from autofpn.engine.runs import dataset_classes
 from autofpn.engine.solver import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -166,11 +167,13 @@ class Trainer:
         evaluate: ``evaluate(model, out_dir) -> summary dict`` (keys "AP", "AP50", ...), run on
             every rank (it gathers results itself), or None for no evaluation.
         genotype: stored in checkpoints so a checkpoint rebuilds its own detector.
+        val_dataset: the validation set; at the final evaluation the first ``eval.draw_images``
+            of its images are drawn with the detections (None: no pictures).
     """
 
     def __init__(self, cfg: Dict[str, Any], model: nn.Module, train_loader, ctx: du.DistContext,
                  evaluate: Optional[Callable[[nn.Module, str], Dict[str, float]]] = None,
-                 genotype: Optional[Dict[str, Any]] = None):
+                 genotype: Optional[Dict[str, Any]] = None, val_dataset=None):
         self.cfg = cfg
         self.ctx = ctx
         self.solver_cfg = cfg["solver"]
@@ -179,6 +182,9 @@ class Trainer:
         self.genotype = genotype
         self.evaluate_fn = evaluate
         self.train_loader = train_loader
+        self.val_dataset = val_dataset
+        # what the labels mean, kept with the weights (predictions name classes without the data)
+        self.classes = dataset_classes(getattr(train_loader, "dataset", None))
 
         model.to(ctx.device)
         self.optimizer = build_optimizer(self.solver_cfg, model)
@@ -232,6 +238,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "cfg": self.cfg,
             "genotype": self.genotype,
+            "classes": self.classes,
             "seconds": self.clock.total(),
         }
 
@@ -314,6 +321,20 @@ class Trainer:
                                        if isinstance(v, (int, float))}})
         return summary
 
+    def draw_detections(self) -> List[str]:
+        """The first ``eval.draw_images`` validation images with the model's detections drawn
+        (score >= 0.5), as the demo draws them: ``<output_dir>/detections/val_<i>.jpg``. Main
+        process only, and only for a run that evaluates. Returns the paths."""
+        count = int(self.cfg["eval"]["draw_images"])
+        if count <= 0 or self.val_dataset is None or self.evaluate_fn is None or not self.ctx.is_main:
+            return []
+        from autofpn.viz.detections import save_dataset_detections
+        written = save_dataset_detections(self.raw_model, self.val_dataset,
+                                          os.path.join(self.out_dir, "detections"), count, prefix="val")
+        logger.info("%d validation images with their detections drawn in %s (eval.draw_images)",
+                    len(written), os.path.join(self.out_dir, "detections"))
+        return written
+
     def precise_bn(self) -> None:
         """BatchNorm statistics at the current weights (``train.precise_bn_batches``), see
         ``recompute_bn_statistics``; once per iteration count."""
@@ -342,9 +363,14 @@ class Trainer:
         """Train from ``self.iter`` to ``self.max_iter``; final evaluation. Returns its summary."""
         self.raw_model.train()
         resumed = self.iter > 0 or self._pending_rng is not None
+        # TensorBoard (train.tensorboard): the same records' numbers: train/loss*, train/lr,
+        # train/images_per_s, eval/AP*
+        board = TensorBoard(os.path.join(self.out_dir, "tensorboard"),
+                            enabled=self.ctx.is_main and bool(self.train_cfg["tensorboard"]),
+                            resume_iter=self.iter if resumed else None)
         self.metrics_log = MetricsLog(os.path.join(self.out_dir, "metrics.jsonl"),
                                       enabled=self.ctx.is_main,
-                                      resume_iter=self.iter if resumed else None)
+                                      resume_iter=self.iter if resumed else None, board=board)
         progress = Progress(self.max_iter, self.iter, enabled=self.ctx.is_main)
         log_period = max(int(self.train_cfg["log_period"]), 1)
         ckpt_period = int(self.train_cfg["checkpoint_period"])
@@ -382,9 +408,10 @@ class Trainer:
             self.save_checkpoint()
             if self.ctx.is_main:
                 atomic_torch_save({"model": self.raw_model.state_dict(), "cfg": self.cfg,
-                                   "genotype": self.genotype},
+                                   "genotype": self.genotype, "classes": self.classes},
                                   os.path.join(self.out_dir, "model_final.pth"))
             summary = self.evaluate()
+            self.draw_detections()
             if self._update_best(summary):
                 self.save_checkpoint(is_best=True)
             if self.ctx.is_main:
@@ -395,6 +422,7 @@ class Trainer:
             return summary
         finally:
             progress.close()
+            board.close()
 
     def _update_best(self, summary: Optional[Dict[str, float]]) -> bool:
         if not summary or "AP" not in summary:

@@ -8,7 +8,8 @@
 written to ``<train.output_dir>/config.yaml``. A run restarts from the newest checkpoint of its
 output folder automatically (``train.auto_resume``); ``--resume`` insists on one (or names it).
 Outputs: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``model_final.pth``,
-``loss_curve.png``, ``map_curve.png``, ``eval/``.
+``loss_curve.png``, ``map_curve.png``, ``eval/``, ``detections/`` (``eval.draw_images`` validation
+images with the final model's detections drawn).
 """
 import argparse
 import os
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
                 import json
                 with open(os.path.join(out_dir, "genotype.json"), "w") as f:
                     json.dump(genotype, f, indent=2)
-        trainer = Trainer(cfg, model, train_loader, ctx, evaluate=evaluate, genotype=genotype)
+        trainer = Trainer(cfg, model, train_loader, ctx, evaluate=evaluate, genotype=genotype,
+                          val_dataset=val_set)
         if args.resume is not None:
             trainer.resume(args.resume or None, required=True)
         elif cfg["train"]["auto_resume"]:

@@ -51,24 +51,14 @@ def search_decisiveness(search_dir: str) -> str:
 
 
 def draw_examples(models: Dict[str, object], cfg: Dict, out_dir: str, count: int = 3) -> List[str]:
-    """A few validation images with each model's detections drawn."""
-    import torch
-
+    """A few validation images with each model's detections drawn (``detections_<run>_<i>.jpg``),
+    listed image by image."""
     from autofpn.data import build_dataset
-    from autofpn.viz.detections import save_detections
+    from autofpn.viz.detections import save_dataset_detections
     dataset = build_dataset(cfg, "val")
-    names = dataset.class_names
-    written = []
-    for i in range(count):
-        image, _ = dataset[i]
-        for method, model in models.items():
-            with torch.no_grad():
-                det = model([image])[0]
-            path = os.path.join(out_dir, f"detections_{method}_{i}.jpg")
-            save_detections(path, image, det["boxes"], det["labels"], det["scores"], class_names=names,
-                            score_thresh=0.5)
-            written.append(path)
-    return written
+    per_model = [save_dataset_detections(model, dataset, out_dir, count, prefix=f"detections_{method}")
+                 for method, model in models.items()]
+    return [path for same_image in zip(*per_model) for path in same_image]
 
 
 def table(rows: List[Dict]) -> str:

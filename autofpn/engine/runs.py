@@ -1,5 +1,6 @@
 """Run folders of train.py and search.py: who may write into one, and reading finished runs
-(final metrics, the trained detector, its backbone)."""
+(final metrics, the trained detector from a run or any of its checkpoints, its backbone, what
+its labels mean)."""
 import glob
 import json
 import os
@@ -14,7 +15,7 @@ from autofpn.engine.checkpoint import atomic_torch_save, load_checkpoint
 # resumed with other values of these
 RESULT_NEUTRAL_KEYS = ("train.output_dir", "search.output_dir", "train.log_period", "train.checkpoint_period",
                        "train.keep_checkpoints", "train.auto_resume", "train.device", "data.num_workers",
-                       "eval.images_per_batch", "eval.output_dir")
+                       "eval.images_per_batch", "eval.output_dir", "eval.draw_images")
 
 
 class FolderInUseError(RuntimeError):
@@ -82,16 +83,58 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
         return json.load(f)
 
 
+def dataset_classes(dataset) -> Optional[Dict[str, List]]:
+    """What a trained model's labels mean: ``{"names": [K names], "category_ids": [K ids]}``,
+    label k (1..K) being ``names[k - 1]`` with the dataset's own category id
+    ``category_ids[k - 1]``; read from a detection dataset (or a Subset of one, or the training
+    loader's wrapper), None for a dataset without class names. Training records it in its
+    checkpoints and ``model_final.pth`` (``"classes"``) so that predictions name their classes
+    and write the dataset's ids without the data at hand."""
+    from torch.utils.data import Subset
+    while isinstance(dataset, Subset) or hasattr(dataset, "base"):  # Subset, the loader's wrapper of one
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.base
+    names, ids = getattr(dataset, "class_names", None), getattr(dataset, "label_to_category_id", None)
+    if names is None or ids is None:
+        return None
+    return {"names": [str(n) for n in names[1:]], "category_ids": [int(c) for c in ids[1:]]}  # 0: background
+
+
+def load_trained_model(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], nn.Module]:
+    """(checkpoint, resolved config, detector in eval mode on the CPU) of a checkpoint holding
+    ``"cfg"`` and ``"model"``: a ``model_final.pth`` or any training checkpoint; a run folder
+    means its ``model_final.pth``. The detector is built as ``evaluate.py --ckpt`` builds it
+    without ``--cfg``: the saved config names the neck / head types it was trained with, the
+    saved genotype gives the searched parts, the backbone weights come from the file."""
+    from autofpn.config import complete_config
+    from autofpn.engine.checkpoint import CheckpointError
+    from autofpn.models.detector import build_detector, use_genotype
+    if os.path.isdir(path):
+        path = os.path.join(path, "model_final.pth")
+    state = load_checkpoint(path, "trained model")
+    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("cfg"), dict):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a training checkpoint with 'cfg' and 'model' entries (has {keys})")
+    cfg = complete_config(state["cfg"], ["model.backbone.weights=none"], where=f"{path} (its config)")
+    if cfg["model"]["num_classes"] is None:  # a config saved before the data filled it in
+        cls_score = state["model"].get("roi_heads.box_predictor.cls_score.weight")
+        if cls_score is not None:
+            cfg["model"]["num_classes"] = int(cls_score.shape[0])
+    genotype = state.get("genotype")
+    use_genotype(cfg, genotype, cfg["model"]["neck"]["type"], cfg["model"]["head"]["type"])
+    model = build_detector(cfg, genotype)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # a config / genotype that is not the one it was trained with
+        raise CheckpointError(f"{path}: its weights do not fit the model its config builds: "
+                              f"{str(e).splitlines()[0]}") from e
+    return state, cfg, model.eval()
+
+
 def load_final_model(run_dir: str) -> Tuple[Dict[str, int], nn.Module]:
     """(parameter breakdown, detector in eval mode) of a finished run's ``model_final.pth``."""
-    from autofpn.config import complete_config
-    from autofpn.models.detector import build_detector, parameter_breakdown
-    path = os.path.join(run_dir, "model_final.pth")
-    state = load_checkpoint(path, "trained model")
-    cfg = complete_config(state["cfg"], ["model.backbone.weights=none"], where=path)  # weights: from the file
-    model = build_detector(cfg, state.get("genotype"))
-    model.load_state_dict(state["model"])
-    return parameter_breakdown(model), model.eval()
+    from autofpn.models.detector import parameter_breakdown
+    _, _, model = load_trained_model(os.path.join(run_dir, "model_final.pth"))
+    return parameter_breakdown(model), model
 
 
 def export_backbone(run_dir: str, path: str) -> str:

@@ -88,14 +88,20 @@ def run_inference(model: torch.nn.Module, loader, label_to_category_id: Sequence
         for output, target in zip(outputs, targets):
             image_id = int(target["image_id"])
             image_ids.append(image_id)
-            boxes = output["boxes"].float().cpu()
-            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
-            for box, label, score in zip(boxes.tolist(), output["labels"].tolist(),
-                                         output["scores"].float().cpu().tolist()):
-                results.append({"image_id": image_id,
-                                "category_id": int(label_to_category_id[int(label)]),
-                                "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+            results.extend(coco_results(output, image_id, label_to_category_id))
     return results, image_ids
+
+
+def coco_results(output: Dict[str, torch.Tensor], image_id: int,
+                 label_to_category_id: Sequence[int]) -> List[Dict[str, Any]]:
+    """One image's detections ``{"boxes": [N, 4] xyxy, "labels": [N], "scores": [N]}`` as COCO
+    results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``."""
+    boxes = output["boxes"].detach().float().cpu().clone()
+    boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+    return [{"image_id": int(image_id), "category_id": int(label_to_category_id[int(label)]),
+             "bbox": [round(v, 3) for v in box], "score": round(score, 5)}
+            for box, label, score in zip(boxes.tolist(), output["labels"].tolist(),
+                                         output["scores"].detach().float().cpu().tolist())]
 
 
 def _gather(results: List[Dict], image_ids: List[int]) -> Tuple[List[Dict], List[int]]:

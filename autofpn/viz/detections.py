@@ -1,9 +1,11 @@
 """Detections (or ground truth) drawn on an image: boxes, class names and scores.
 
-``draw_detections`` returns a PIL image; ``save_detections`` writes PNG or JPEG (by suffix).
+``draw_detections`` returns a PIL image; ``save_detections`` writes PNG, JPEG or BMP (by
+suffix); ``save_dataset_detections`` draws a model's detections on the first images of a
+dataset (the demo's and a training run's pictures).
 """
 import os
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -64,11 +66,35 @@ def draw_detections(image, boxes, labels, scores=None,
 def save_detections(path: str, image, boxes, labels, scores=None,
                     class_names: Optional[Sequence[str]] = None,
                     score_thresh: float = 0.0) -> str:
-    """``draw_detections`` then save to ``path`` (.png, .jpg or .jpeg); returns the path."""
+    """``draw_detections`` then save to ``path`` (.png, .jpg, .jpeg or .bmp); returns the path."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in (".png", ".jpg", ".jpeg"):
-        raise ValueError(f"{path}: use a .png, .jpg or .jpeg file name")
+    if suffix not in (".png", ".jpg", ".jpeg", ".bmp"):
+        raise ValueError(f"{path}: use a .png, .jpg, .jpeg or .bmp file name")
     canvas = draw_detections(image, boxes, labels, scores, class_names, score_thresh)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path, quality=92) if suffix != ".png" else canvas.save(path)
+    canvas.save(path, quality=92) if suffix in (".jpg", ".jpeg") else canvas.save(path)
     return path
+
+
+def save_dataset_detections(model: torch.nn.Module, dataset, out_dir: str, count: int = 3,
+                            prefix: str = "detections", score_thresh: float = 0.5) -> List[str]:
+    """The first ``count`` images of ``dataset`` (``dataset[i] = (Tensor[3, H, W], target)``,
+    with ``class_names``) with ``model``'s detections scoring ``score_thresh`` or more drawn,
+    written as ``out_dir/{prefix}_{i}.jpg``. The model runs in eval mode on its own device
+    (its train / eval mode is restored). Returns the paths."""
+    device = next(model.parameters()).device
+    names = getattr(dataset, "class_names", None)
+    was_training = model.training
+    model.eval()
+    written = []
+    try:
+        for i in range(min(count, len(dataset))):
+            image, _ = dataset[i]
+            with torch.no_grad():
+                det = model([image.to(device)])[0]
+            written.append(save_detections(os.path.join(out_dir, f"{prefix}_{i}.jpg"), image, det["boxes"],
+                                           det["labels"], det["scores"], class_names=names,
+                                           score_thresh=score_thresh))
+    finally:
+        model.train(was_training)
+    return written

@@ -193,6 +193,17 @@ def _search_cmd(synthetic_root, out, mode="full"):
                                                "search.mode": mode})]
 
 
+def _kill9_at(cmd, env, target: str) -> None:
+    """Start ``cmd`` and kill -9 it as soon as the file ``target`` (a checkpoint) exists."""
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(target), "the run ended before the checkpoint to kill at"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.parametrize("mode", ["full", "gdas", "sampled_weights"])
 def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic_root, mode):
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -201,15 +212,8 @@ def test_kill9_and_resume_gives_identical_genotype_and_alpha(tmp_path, synthetic
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    proc = subprocess.Popen(_search_cmd(synthetic_root, killed, mode), cwd=str(REPO), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = os.path.join(killed, "head", "checkpoints", "ckpt_0000004.pth")  # the head stage, mid-way
-    deadline = time.time() + 400
-    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert os.path.exists(target), "the run ended before the checkpoint to kill at"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill9_at(_search_cmd(synthetic_root, killed, mode), env,
+              os.path.join(killed, "head", "checkpoints", "ckpt_0000004.pth"))  # the head stage, mid-way
     assert not os.path.exists(os.path.join(killed, "geno.json"))
     result = subprocess.run(_search_cmd(synthetic_root, killed, mode), cwd=str(REPO), env=env, capture_output=True,
                             text=True, timeout=600)
@@ -270,15 +274,8 @@ def test_ensemble_decodes_the_mean_of_lone_searches_and_resumes_after_kill9(tmp_
     assert times["neck"] == pytest.approx(sum(member_times))
 
     # kill -9 inside the second member: the rerun keeps the first, resumes the second, same result
-    proc = subprocess.Popen(_ensemble_cmd(synthetic_root, killed), cwd=str(REPO), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = os.path.join(killed, "neck", "seed_1", "checkpoints", "ckpt_0000004.pth")
-    deadline = time.time() + 400
-    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert os.path.exists(target), "the run ended before the checkpoint to kill at"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill9_at(_ensemble_cmd(synthetic_root, killed), env, os.path.join(killed, "neck", "seed_1", "checkpoints",
+                                                                       "ckpt_0000004.pth"))
     assert not os.path.exists(os.path.join(killed, "neck", "genotype.json"))
     result = subprocess.run(_ensemble_cmd(synthetic_root, killed), cwd=str(REPO), env=env, capture_output=True,
                             text=True, timeout=600)

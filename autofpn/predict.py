@@ -51,27 +51,6 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class ImageProgress(Progress):
-    """``Progress`` counted in images: images/s and the detections drawn so far in place of
-    training's loss terms and learning rate (a bar on a terminal, plain lines elsewhere)."""
-
-    def advance(self, done: int, images: int, drawn: int) -> None:
-        """``done`` images handled so far (skipped ones included), ``images`` run since the last call."""
-        now = time.perf_counter()
-        images_per_s = images / max(now - self._last_time, 1e-9)
-        self._last_time = now
-        before, self.n = self.n, done
-        if not self.enabled:
-            return
-        values = {"img_s": f"{images_per_s:.1f}", "drawn": str(drawn)}
-        if self._bar is not None:
-            self._bar.set_postfix(values, refresh=False)
-            self._bar.update(done - before)
-        elif ((done - self._first) // self._every > (before - self._first) // self._every or done == self.total
-              or now - self._last_line >= self.MAX_SECONDS_BETWEEN_LINES):
-            self._print_line(now, values)
-
-
 def list_images(paths: Sequence[str], folder: Optional[str]) -> List[str]:
     """The images to run: ``paths`` as given, then the image files of ``folder`` sorted by name.
     Two with the same file name would write the same picture: a ValueError naming them."""
@@ -214,9 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     image_ids: Dict[str, int] = {}
     skipped: List[Tuple[str, str]] = []
     drawn = 0
-    progress = ImageProgress(len(paths), desc="predict")
+    progress = Progress(len(paths), desc="predict")  # counted in images, skipped ones included
     try:
         for batch in read_batches(paths, args.batch_size, skipped):
+            started = time.perf_counter()
             with torch.inference_mode():
                 outputs = model([pil_to_tensor(image).to(device) for _, image in batch])
             for (path, image), output in zip(batch, outputs):
@@ -227,9 +207,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 save_detections(os.path.join(args.out, os.path.basename(path)), image, output["boxes"],
                                  output["labels"], output["scores"], class_names, score_thresh=args.score)
                 drawn += int((output["scores"] >= args.score).sum())
-            progress.advance(len(image_ids) + len(skipped), len(batch), drawn)
+            images_per_s = len(batch) / max(time.perf_counter() - started, 1e-9)
+            progress.advance(len(image_ids) + len(skipped) - progress.n,
+                             {"img_s": f"{images_per_s:.1f}", "drawn": str(drawn)})
         if progress.n < len(paths):  # the last files were skipped
-            progress.advance(len(paths), 0, drawn)
+            progress.advance(len(paths) - progress.n, {"drawn": str(drawn)})
     finally:
         progress.close()
     if not image_ids:

@@ -198,17 +198,23 @@ class Progress:
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
         images_per_s = images / elapsed
-        self.n += 1
-        if self.enabled:
-            short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}
-            short.update(lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            if self._bar is not None:
-                self._bar.set_postfix(short, refresh=False)
-                self._bar.update(1)
-            elif ((self.n - self._first) % self._every == 0 or self.n == self.total
-                  or now - self._last_line >= self.MAX_SECONDS_BETWEEN_LINES):
-                self._print_line(now, short)
+        short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}
+        short.update(lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+        self.advance(1, short, now)
         return images_per_s
+
+    def advance(self, steps: int, values: Dict[str, str], now: Optional[float] = None) -> None:
+        """Count ``steps`` more done and show ``values`` (name -> formatted value) beside the count."""
+        now = time.perf_counter() if now is None else now
+        before, self.n = self.n, self.n + steps
+        if not self.enabled or steps <= 0:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+            self._bar.update(steps)
+        elif ((self.n - self._first) // self._every > (before - self._first) // self._every
+              or self.n == self.total or now - self._last_line >= self.MAX_SECONDS_BETWEEN_LINES):
+            self._print_line(now, values)
 
     def _print_line(self, now: float, values: Dict[str, str]) -> None:
         self._last_line = now

@@ -412,6 +412,33 @@ def test_agreement_of_searches_is_the_correlation_of_their_weight_movements(tmp_
         weight_movement(str(tmp_path / "nothing"))
 
 
+def test_agreement_parts_separate_op_type_per_link_convolutions_and_identity_vs_none():
+    from autofpn.search.agreement import agreement_parts
+    g = torch.Generator().manual_seed(0)
+    rest = torch.randn(32, len(NECK_OPS), generator=g)
+    rest = rest - rest.mean(dim=0, keepdim=True)  # no op-type part
+    rest = rest - rest.mean(dim=1, keepdim=True)  # centred per link, as a movement is
+    rest = rest - rest.mean(dim=0, keepdim=True)
+    op_type = torch.zeros(32, len(NECK_OPS))
+    op_type[:, NECK_OPS.index("identity")], op_type[:, NECK_OPS.index("none")] = 3.0, -3.0  # identity rises
+    same = agreement_parts(rest, rest)
+    assert same["total"] == pytest.approx(1.0) and same["per_row"] == pytest.approx(1.0)
+    assert same["same_best_parametric"] == 1.0 and same["identity_vs_none"] == 1.0 and same["op_type"] < 1e-10
+    # the same op-type effect on both, opposite per-link choices: they agree overall, not per link
+    parts = agreement_parts(op_type + rest, op_type - rest)
+    assert parts["total"] > 0.3 and parts["per_row"] == pytest.approx(-1.0, abs=1e-5)
+    assert parts["op_type"] == pytest.approx(float((op_type ** 2).sum() / ((op_type + rest) ** 2).sum()), rel=1e-5)
+    # ... and opposite choices among the convolutions, though identity against none agrees
+    assert parts["among_parametric"] == pytest.approx(-1.0, abs=1e-5) and parts["same_best_parametric"] == 0.0
+    assert parts["identity_vs_none"] == 1.0
+    opposite = agreement_parts(rest, -rest)
+    assert opposite["same_best_parametric"] == 0.0 and opposite["identity_vs_none"] == 0.0
+    # a convolution favoured on every link by both is agreement on the choice among convolutions
+    favoured = torch.zeros(32, len(NECK_OPS))
+    favoured[:, NECK_OPS.index("sep_conv_3x3")] = 10.0
+    assert agreement_parts(favoured + rest, favoured - rest)["same_best_parametric"] == 1.0
+
+
 def test_cost_tables_count_flops_as_torch_flop_counter_does():
     """One FLOP convention everywhere: the search's cost tables (and the planner built on them)
     give a neck the FLOPs that torch's FlopCounterMode (count_flops: study, demo, evaluate.py)

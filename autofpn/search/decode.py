@@ -135,8 +135,10 @@ def format_decisiveness(stage: str, d: Dict[str, float]) -> str:
             f"({100 * d['none']:.0f} % none)")
     if d["margin"] < DECISIVE_MARGIN:
         text += (f"\nWARNING: mean margin {d['margin']:.3f} < {DECISIVE_MARGIN}: the architecture weights "
-                 f"barely left uniform, so the argmax decode is close to a random pick (more search "
-                 f"iterations or a higher search.arch_lr)")
+                 f"barely left uniform, so the argmax decode means something only if searches with other "
+                 f"seeds agree (python -m autofpn.search.agreement); on the demo they agreed after a long "
+                 f"weight-only warm-up (search.arch_start_epoch_fraction), not with more or larger "
+                 f"architecture steps (docs/STUDY.md, sections 1 and 8)")
     return text
 
 

@@ -689,5 +689,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from autofpn import study  # as imported, not as __main__: run_command knows that module's StudyError
     from autofpn.cli import run_command
-    sys.exit(run_command(main))
+    sys.exit(run_command(study.main))

@@ -201,6 +201,18 @@ def test_folder_of_another_config_is_refused(tmp_path):
         check_study_config(str(tmp_path), DEMO, [], 0, "fast", ["search.arch_lr=0.2"], ["small"])
 
 
+def test_refused_folder_is_one_error_line_from_the_command_line(tmp_path):
+    """``python -m autofpn.study`` runs the module as __main__; its StudyError must still be
+    reported as a user's mistake (one line, exit code 2), not a traceback."""
+    check_study_config(str(tmp_path), DEMO, [], 0, lambdas=["middle"])
+    result = subprocess.run([sys.executable, "-m", "autofpn.study", "--cfg", DEMO, "--out", str(tmp_path),
+                             "--opts", "solver.epochs=9", "--collect"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} holds a study made with another config")
+
+
 def test_shards_are_disjoint_and_cover_the_study(tmp_path):
     cfg = load_config(DEMO)
     args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False)

@@ -17,6 +17,7 @@ Architecture weights for the supernet: ``Tensor[layers, len(levels)**2, len(NECK
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -34,7 +35,9 @@ def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -
     if dst_level > src_level:
         factor = 2 ** (dst_level - src_level)
         out = F.max_pool2d(x, kernel_size=factor, stride=factor, ceil_mode=True)
-        if tuple(out.shape[-2:]) != tuple(size):  # odd input sizes not produced by a backbone
+        # odd input sizes not produced by a backbone (never when traced for ONNX export: the
+        # padded batch divides by every stride, and the comparison would freeze into the graph)
+        if not torch.jit.is_tracing() and tuple(out.shape[-2:]) != tuple(size):
             out = F.adaptive_max_pool2d(x, size)
         return out
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -47,7 +47,7 @@ class FasterRCNN(nn.Module):
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = [tuple(im.shape[-2:]) for im in images]  # ints (0-dim tensors when traced)
         batch, image_sizes, targets = self.transform(images, targets)
         features = self.backbone(batch)
         neck_weights, head_weights = self.arch.forward_weights() if self.arch is not None else (None, None)

@@ -4,9 +4,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_iou, remove_small_boxes
 
-from autofpn.ops.boxes import BoxCoder
+from autofpn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image
 from autofpn.ops.matcher import BalancedPositiveNegativeSampler, Matcher
 from autofpn.ops.roi_align import MultiLevelRoIAlign
 

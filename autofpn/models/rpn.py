@@ -4,9 +4,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_iou, remove_small_boxes
 
-from autofpn.ops.boxes import BoxCoder
+from autofpn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image
 from autofpn.ops.matcher import BalancedPositiveNegativeSampler, Matcher
 
 
@@ -41,7 +41,7 @@ class AnchorGenerator:
                       dtype: torch.dtype, device: torch.device) -> Tensor:
         """Tensor[H*W*A, 4] anchors of one level for a feature grid (H, W)."""
         key = (level, grid, stride, dtype, device)
-        if key not in self._cache:
+        if torch.jit.is_tracing() or key not in self._cache:  # traced: grid and stride are symbolic
             base = self.cell_anchors(self.sizes[level], dtype, device)
             shift_x = torch.arange(0, grid[1], dtype=torch.int32, device=device) * stride[1]
             shift_y = torch.arange(0, grid[0], dtype=torch.int32, device=device) * stride[0]
@@ -49,7 +49,10 @@ class AnchorGenerator:
             shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1).to(dtype)
             # (H*W, 1, 4) + (1, A, 4) -> (H*W*A, 4)
-            self._cache[key] = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)
+            anchors = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)
+            if torch.jit.is_tracing():
+                return anchors
+            self._cache[key] = anchors
         return self._cache[key]
 
     def __call__(self, batch_shape: Tuple[int, int], feature_shapes: List[Tuple[int, int]],
@@ -130,7 +133,8 @@ class RegionProposalNetwork(nn.Module):
         k = self.pre_nms_top_n[self.training]
         for count in num_per_level:
             level_scores = objectness[:, offset: offset + count]
-            _, idx = level_scores.topk(min(k, count), dim=1)
+            # traced, count is a 0-dim tensor and so is the k of the exported TopK
+            _, idx = level_scores.topk(count.clamp(max=k) if torch.jit.is_tracing() else min(k, count), dim=1)
             picked.append(idx + offset)
             offset += count
         return torch.cat(picked, dim=1)

@@ -7,10 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _float_tensor(size) -> Tensor:
+    """A side length (an int, or a 0-dim tensor when traced: kept as a graph value) as float32."""
+    return size.to(torch.float32) if isinstance(size, Tensor) else torch.tensor(size, dtype=torch.float32)
+
+
 def resize_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
     """Scale xyxy boxes Tensor[N, 4] from an image of ``from_size`` (H, W) to ``to_size``."""
-    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
-    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
+    ratio_h = _float_tensor(to_size[0]) / _float_tensor(from_size[0])
+    ratio_w = _float_tensor(to_size[1]) / _float_tensor(from_size[1])
     scale = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(boxes)
     return boxes * scale
 
@@ -42,6 +47,15 @@ class ImageTransform(nn.Module):
 
     def resize(self, image: Tensor, min_size: int) -> Tensor:
         h, w = image.shape[-2:]
+        if torch.jit.is_tracing():
+            # h, w are 0-dim tensors: the same arithmetic (in float64, as Python's floats
+            # below) as graph ops, so an exported model resizes every input size as eager does
+            # (tensor / tensor: the exporter would compute a Python number / tensor in float32)
+            size = torch.stack([h, w]).to(torch.float64)
+            limits = torch.tensor([min_size, self.max_size], dtype=torch.float64)
+            scale = (limits / torch.stack([size.min(), size.max()])).min()
+            out = (size * scale).floor().to(torch.int64)
+            return F.interpolate(image[None], size=(out[0], out[1]), mode="bilinear", align_corners=False)[0]
         scale = min(min_size / min(h, w), self.max_size / max(h, w))
         return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                              recompute_scale_factor=True, align_corners=False)[0]
@@ -64,11 +78,16 @@ class ImageTransform(nn.Module):
                 target = dict(targets[i])
                 target["boxes"] = resize_boxes(target["boxes"], size, image.shape[-2:])
                 out_targets.append(target)
-        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
+        image_sizes = [tuple(im.shape[-2:]) for im in resized]  # ints (0-dim tensors when traced)
         return self.batch(resized), image_sizes, out_targets
 
     def batch(self, images: List[Tensor]) -> Tensor:
         stride = self.size_divisible
+        if torch.jit.is_tracing():  # zero padding as graph ops of the (symbolic) image sizes
+            sizes = torch.stack([torch.stack(list(im.shape[-2:])) for im in images])
+            padded = (torch.ceil(sizes.amax(0).to(torch.float64) / stride) * stride).to(torch.int64)
+            return torch.stack([F.pad(im, (0, padded[1] - im.shape[-1], 0, padded[0] - im.shape[-2]))
+                                for im in images])
         max_h = int(math.ceil(max(im.shape[-2] for im in images) / stride) * stride)
         max_w = int(math.ceil(max(im.shape[-1] for im in images) / stride) * stride)
         batch = images[0].new_zeros((len(images), 3, max_h, max_w))

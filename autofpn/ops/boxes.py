@@ -3,6 +3,7 @@ import math
 from typing import Sequence, Tuple
 
 import torch
+import torchvision
 from torch import Tensor
 
 # Largest log-scale a decoded box may grow by: exp(clip) = 1000/16, as in Detectron.
@@ -58,3 +59,28 @@ class BoxCoder:
         half_h = 0.5 * torch.exp(dh) * heights[:, None]
         return torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h,
                             pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2)
+
+
+# torchvision's box operators, except when traced for ONNX export (``autofpn.export``): there
+# torchvision's versions freeze the image size of the trace into the graph (clipping) or assume
+# at least one box (its batched NMS), so these write the same arithmetic as graph operations.
+
+def clip_boxes_to_image(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Clamp xyxy boxes Tensor[..., 4] to an image of ``size`` (H, W: ints, or 0-dim tensors
+    when traced)."""
+    if not torch.jit.is_tracing():
+        return torchvision.ops.clip_boxes_to_image(boxes, size)
+    height, width = size
+    upper = torch.stack([width, height, width, height]).to(boxes.dtype)
+    return torch.min(boxes.clamp(min=0), upper)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each class ``idxs``: indices int64[K] of the kept boxes, by decreasing score."""
+    if not torch.jit.is_tracing():
+        return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    # the coordinate trick: boxes of different classes are moved apart so they never overlap;
+    # the extra 0 keeps max() defined when no box is left
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (max_coordinate + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)

@@ -55,7 +55,9 @@ def roi_align(input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial
               sampling_ratio: int, aligned: bool) -> Tensor:
     """torchvision.ops.roi_align's contract: input [N, C, H, W], rois [R, 5] (batch index, xyxy)
     -> [R, C, output_size[0], output_size[1]]."""
-    if _CPU_KERNEL and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64):
+    # traced for ONNX export: torchvision's op, which has an ONNX symbolic (RoiAlign)
+    if (_CPU_KERNEL and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+            and not torch.jit.is_tracing()):
         return torch.ops.autofpn.roi_align(input, rois.to(input.dtype), spatial_scale, output_size[0],
                                            output_size[1], sampling_ratio, aligned)
     return torchvision.ops.roi_align(input, rois, output_size, spatial_scale=spatial_scale,
@@ -123,5 +125,9 @@ class MultiLevelRoIAlign(nn.Module):
         out = feats[0].new_zeros((rois.shape[0], num_channels, self.output_size, self.output_size))
         for level, (feature, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.where(levels == level)[0]
-            out[idx] = self._pool(feature, rois[idx], scale).to(out.dtype)
+            pooled = self._pool(feature, rois[idx], scale).to(out.dtype)
+            if torch.jit.is_tracing():  # an exported index_put fails on a level with no RoI
+                out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(pooled), pooled)
+            else:
+                out[idx] = pooled
         return out

@@ -46,7 +46,7 @@ def test_export_command_on_a_trained_fpn_run(trained_run, tmp_path, capsys):  # 
 
     from autofpn.engine.runs import load_trained_model
     _, _, model = load_trained_model(str(run))
-    _assert_same_detections(export.check_with_onnxruntime(model, path, SIZES))
+    _assert_same_detections(export.check_with_onnxruntime(model, path, export.random_images(SIZES)))
 
 
 def _searched_detector(**opts):
@@ -66,7 +66,7 @@ def test_searched_neck_and_head_export_with_dynamic_sizes(tmp_path):
     model = _searched_detector()
     path = str(tmp_path / "searched.onnx")
     export.export_onnx(model, path, example_size=(128, 160))
-    _assert_same_detections(export.check_with_onnxruntime(model, path, SIZES))
+    _assert_same_detections(export.check_with_onnxruntime(model, path, export.random_images(SIZES)))
 
 
 def test_an_image_without_detections_runs(tmp_path):
@@ -74,7 +74,7 @@ def test_an_image_without_detections_runs(tmp_path):
     model = _searched_detector(**{"model.roi.score_thresh": 0.999})
     path = str(tmp_path / "empty.onnx")
     export.export_onnx(model, path, example_size=(128, 160))
-    for r in export.check_with_onnxruntime(model, path, SIZES[:2]):
+    for r in export.check_with_onnxruntime(model, path, export.random_images(SIZES[:2])):
         assert r["reference"] == r["other"] == 0 and r["ok"], r
 
 
@@ -83,3 +83,12 @@ def test_a_supernet_is_refused(tmp_path):
     with pytest.raises(ValueError, match="supernet"):
         export.export_onnx(build_detector(cfg, search=True), str(tmp_path / "x.onnx"))
     assert not os.listdir(tmp_path)
+
+
+def test_check_images_that_do_not_open_stop_before_writing(trained_run, tmp_path):  # noqa: F811
+    from autofpn.data.transforms import ImageLoadError
+    _, run = trained_run
+    path = tmp_path / "fpn.onnx"
+    with pytest.raises(ImageLoadError, match="missing.jpg"):
+        export.main(["--ckpt", str(run), "--out", str(path), "--images", str(tmp_path / "missing.jpg")])
+    assert not path.exists()

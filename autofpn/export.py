@@ -30,7 +30,6 @@ box); exit code 1 when they disagree beyond 1e-3 px / 1e-4 in score.
 """
 import argparse
 import json
-import logging
 import os
 import sys
 import warnings
@@ -38,8 +37,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 BOX_TOLERANCE = 1e-3  # pixels

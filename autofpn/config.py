@@ -149,7 +149,7 @@ DEFAULTS: Dict[str, Any] = {
         "ensemble": 1,
         "w_grad_clip": 10.0,  # gradient-norm clipping of the weight step (0 = off)
         "output_dir": "out/search",
-        "decode_rule": "argmax",  # argmax (paper: "none" may win and drops the link) | argmax_nonnone | top2 | argmax_head_noidentity
+        "decode_rule": "argmax",  # the paper's; the others in autofpn/search/decode.py
         "max_iters": 0,
     },
     "train": {
@@ -196,7 +196,8 @@ CHOICES: Dict[str, tuple] = {
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas", "sampled_weights"),
     "data.bad_images": ("stop", "skip"),
-    "search.decode_rule": ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity"),
+    "search.decode_rule": ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity",
+                           "argmax_head_dropidentity"),
     "solver.schedule": ("step", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
     "eval.metric": ("coco", "voc", "both"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from autofpn.search.cost import ResourceCost, count_cost, level_sizes
-from autofpn.search.decode import decode, decode_weights
+from autofpn.config import CHOICES
+from autofpn.search.decode import DECODE_RULES, decode, decode_weights
 from autofpn.models.genotype import GenotypeError, load_genotype, save_genotype, validate_genotype
 from autofpn.models.auto_head import EDGE_PAIRS, AutoHead
 from autofpn.models.auto_fusion import AutoFusionNeck
@@ -308,6 +309,7 @@ def test_decode_rules_treat_none_as_stated():
     assert all(len(edges) == 8 for edges in top2["head"]["cells"])  # 2 inputs x 4 nodes
     with pytest.raises(ValueError, match="unknown decode rule"):
         decode(arch, neck, head, rule="best")
+    assert CHOICES["search.decode_rule"] == DECODE_RULES  # the config accepts exactly these
 
     # argmax_head_noidentity: the neck as argmax (its identity link stays); in the head an edge
     # won by identity gets its next op, one whose runner-up is "none" is dropped
@@ -322,6 +324,22 @@ def test_decode_rules_treat_none_as_stated():
     cell0 = {(e["input"], e["node"]): e["op"] for e in no_identity["head"]["cells"][0]}
     assert "identity" not in cell0.values() and len(cell0) == 13
     assert cell0[EDGE_PAIRS[0]] == "conv_3x3" and EDGE_PAIRS[1] not in cell0
+
+    # argmax_head_dropidentity: the neck as argmax; in the head an edge won by identity is dropped
+    # like one won by "none"; a node whose every edge went keeps its strongest convolution edge
+    with torch.no_grad():
+        node2 = [i for i, (_, n) in enumerate(EDGE_PAIRS) if n == 2]
+        arch.beta[1, node2, HEAD_OPS.index("identity")] = 3.0  # node 2 of cell 1: identity on all
+        arch.beta[1, node2[1], HEAD_OPS.index("sep_conv_5x5")] = 2.0  # its strongest convolution
+    dropped = decode(arch, neck, head, rule="argmax_head_dropidentity")
+    assert dropped["neck"] == plain["neck"] and dropped["decode_rule"] == "argmax_head_dropidentity"
+    cell0 = {(e["input"], e["node"]): e["op"] for e in dropped["head"]["cells"][0]}
+    # edges 0 and 1 (node 2's only inputs) are dropped; node 2 keeps the first of its tied conv_3x3
+    assert set(cell0.values()) == {"conv_3x3"} and len(cell0) == 13
+    assert EDGE_PAIRS[0] in cell0 and EDGE_PAIRS[1] not in cell0
+    cell1 = {(e["input"], e["node"]): e["op"] for e in dropped["head"]["cells"][1]}
+    assert [(k, op) for (k, n), op in cell1.items() if n == 2] == [(EDGE_PAIRS[node2[1]][0], "sep_conv_5x5")]
+    assert len(cell1) == 14 - len(node2) + 1
 
 
 def test_decode_cli_from_checkpoint(tmp_path):

@@ -15,6 +15,11 @@ Rules (the op of a link/edge is always chosen by argmax of its softmax weights):
   left out of the choice (an edge whose argmax is identity gets its next op, or "none"). Against
   the parameter-free collapse of the head: the one "large" search of the study that lost to FPN
   had 14 identity edges of 28 where the winners had 1-3 (docs/STUDY.md, section 6).
+- ``"argmax_head_dropidentity"``: the neck by ``"argmax"``; in the head identity counts as
+  "none": an edge is kept only when a convolution wins its argmax (identity and "none" lose), with
+  that convolution; a node left without input keeps its strongest convolution edge. The same
+  guard against the collapse without replacing identity edges by convolutions, so the head stays
+  as small as argmax's (docs/STUDY.md, section 10).
 
     python -m autofpn.search.decode --checkpoint out/search/last.pth --out genotype.json [--rule argmax]
     python -m autofpn.viz.genotype_diagram genotype.json --out genotype   # then draw it
@@ -30,7 +35,9 @@ from autofpn.models.genotype import GENOTYPE_VERSION, save_genotype, validate_ge
 from autofpn.models.auto_head import EDGE_PAIRS
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
-DECODE_RULES = ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity")
+DECODE_RULES = ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity", "argmax_head_dropidentity")
+# rules that decode the neck with "argmax" and treat identity specially in the head only
+HEAD_IDENTITY_RULES = ("argmax_head_noidentity", "argmax_head_dropidentity")
 
 
 def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str],
@@ -38,9 +45,12 @@ def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str
     """weights: Tensor[len(pairs), len(ops)] (softmaxed) of one layer / cell; pairs (src, dst).
     Returns the kept [((src, dst), op), ...] in ``pairs`` order."""
     assert ops[0] == "none"
-    if rule == "argmax_head_noidentity":  # the head's rule (the neck is decoded with "argmax")
+    if rule in HEAD_IDENTITY_RULES:  # the head's rules (the neck is decoded with "argmax")
         weights = weights.clone()
-        weights[:, ops.index("identity")] = -1.0  # below any softmax weight: never chosen
+        identity = ops.index("identity")
+        if rule == "argmax_head_dropidentity":  # "none" wins wherever identity or "none" did
+            weights[:, 0] = torch.maximum(weights[:, 0], weights[:, identity])
+        weights[:, identity] = -1.0  # below any softmax weight: never chosen
         rule = "argmax"
     best_w, best_k = weights[:, 1:].max(dim=1)  # strongest non-none op per link
     best_k = best_k + 1
@@ -76,7 +86,7 @@ def decode_weights(neck_weights: Optional[Tensor], head_weights: Optional[Tensor
                              f"{levels} (expected [layers, {len(pairs)}, {len(NECK_OPS)}])")
         genotype["neck"] = {"levels": levels, "layers": [
             [{"from": s, "to": t, "op": op}
-             for (s, t), op in _choose(w, pairs, NECK_OPS, "argmax" if rule == "argmax_head_noidentity" else rule)]
+             for (s, t), op in _choose(w, pairs, NECK_OPS, "argmax" if rule in HEAD_IDENTITY_RULES else rule)]
             for w in neck_weights.detach().float().cpu()]}
     if head_weights is not None:
         if tuple(head_weights.shape[1:]) != (len(EDGE_PAIRS), len(HEAD_OPS)):

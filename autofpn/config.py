@@ -148,6 +148,15 @@ DEFAULTS: Dict[str, Any] = {
         # search.seed .. +K-1): the seed-specific part of the decisions averages out (docs/STUDY.md)
         "ensemble": 1,
         "w_grad_clip": 10.0,  # gradient-norm clipping of the weight step (0 = off)
+        # RoIs per image the head supernet trains on in the head stage (0: model.roi.batch_size_per_image,
+        # the retrained detector's); fewer make each head-stage iteration cheaper. The sampler keeps
+        # model.roi.positive_fraction; the resource penalty is still counted at the retrained RoI batch
+        "head_rois_per_image": 0,
+        # input sizes of both search stages (null: model.transform's, the retrain's). The paper
+        # searches at 400-800 px and retrains at 400-1300; a smaller search input makes every
+        # search iteration cheaper (the supernet's cost grows with the pixels)
+        "min_size": None,  # short side, one drawn per batch, like model.transform.min_size
+        "max_size": None,
         "output_dir": "out/search",
         "decode_rule": "argmax",  # the paper's; the others in autofpn/search/decode.py
         "max_iters": 0,

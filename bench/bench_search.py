@@ -6,10 +6,12 @@ On one config (default configs/demo.yaml) and the same batches, measures
   - head-search iteration (same, head supernet with an FPN neck),
   - the same two with ``search.mode=gdas`` (one Gumbel-sampled op per link/edge; a new path
     every iteration),
+  - with ``--head-rois K ...``: the head-search iteration with ``search.head_rois_per_image=K``
+    (the head supernet trains on K RoIs per image),
 interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
 iteration (bench/peak_memory.py; Linux only).
 
-    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--opts k=v ...]
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--opts k=v ...]
 """
 import argparse
 import os
@@ -27,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def build_variant(name: str, cfg) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "neck", "head", "neck_gdas",
-    "head_gdas") on fixed batches."""
+    "head_gdas", "head_rois<K>") on fixed batches."""
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
@@ -44,9 +46,11 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         return train_step_fn(model, optimizer, images, targets)
-    stage, _, mode = name.partition("_")
+    stage, _, variant = name.partition("_")
     stage_cfg = stage_config(cfg, stage, None)
-    stage_cfg["search"]["mode"] = mode or "full"
+    stage_cfg["search"]["mode"] = variant if variant in ("gdas", "sampled_weights") else "full"
+    if variant.startswith("rois"):
+        stage_cfg["search"]["head_rois_per_image"] = int(variant[len("rois"):])
     model = build_detector(stage_cfg, search=stage)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
     searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")
@@ -66,6 +70,8 @@ def main() -> None:
     parser.add_argument("--cfg", default=os.path.join(REPO, "configs", "demo.yaml"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--opts", nargs="*", default=[])
+    parser.add_argument("--head-rois", nargs="*", type=int, default=[],
+                        help="also time the head-search iteration at these search.head_rois_per_image")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one neck search iteration")
     args = parser.parse_args()
     cfg = load_config(args.cfg, args.opts)
@@ -73,7 +79,7 @@ def main() -> None:
     print(f"config {args.cfg}: {cfg['data']['images_per_batch']} images/batch, min_size {t['min_size']}, "
           f"neck {cfg['model']['neck']['channels']} ch, Auto-head {cfg['model']['head']['channels']} ch, "
           f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, threads {torch.get_num_threads()}")
-    variants = ("fpn", "neck", "head", "neck_gdas", "head_gdas")
+    variants = ("fpn", "neck", "head", "neck_gdas", "head_gdas") + tuple(f"head_rois{k}" for k in args.head_rois)
     steps: Dict[str, Callable[[], None]] = {name: build_variant(name, cfg) for name in variants}
     for step in steps.values():
         step()
@@ -89,7 +95,8 @@ def main() -> None:
         print(profile_table(steps["neck"]))
     memory = {name: peak_in_fresh_process(build_variant, name, cfg) for name in steps}
     labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
-              "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas"}
+              "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
+              **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois}}
     print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
     for name in steps:
         print(f"{labels[name]:<24}{median[name]:>10.3f}{median[name] / median['fpn']:>12.2f}"

@@ -7,6 +7,7 @@ VmRSS before it: the extra peak memory of that step alone. Run it in a fresh pro
 """
 import multiprocessing as mp
 import os
+from queue import Empty
 from typing import Any, Callable, Dict, Tuple
 
 
@@ -51,7 +52,14 @@ def peak_in_fresh_process(build_step: Callable[..., Callable[[], None]], *args: 
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(build_step, args, queue))
     proc.start()
-    value = queue.get()
+    while True:  # a worker that dies (killed, out of memory) never answers: fail, do not wait forever
+        try:
+            value = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the peak-memory process for {args} exited with code {proc.exitcode} "
+                                   "before reporting (its error, if any, is above)")
     proc.join()
     return value
 

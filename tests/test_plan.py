@@ -82,6 +82,31 @@ def test_plan_matches_built_models_and_cost_tables():
         assert stage in text
 
 
+def test_plan_counts_the_head_search_at_its_own_roi_batch():
+    """search.head_rois_per_image: the head stage is planned at that many RoIs (its FLOPs and
+    activations scale with them), the other stages at the retrained detector's."""
+    cfg = small_cfg()
+    genotype = representative_genotype(cfg)
+    full = plan_search(cfg, genotype)
+    cfg["search"]["head_rois_per_image"] = 16
+    sub = plan_search(cfg, genotype)
+    assert sub["stages"]["search: head"]["num_rois"] == 16 and sub["stages"]["decoded"]["num_rois"] == 64
+    assert sub["stages"]["search: head"]["flops"]["head"] == pytest.approx(
+        full["stages"]["search: head"]["flops"]["head"] / 4)
+    assert sub["stages"]["search: head"]["activation_bytes"]["head"] < full["stages"]["search: head"]["activation_bytes"]["head"] / 3
+    assert sub["stages"]["decoded"] == full["stages"]["decoded"]
+    assert "(16 in the head search)" in format_plan(sub)
+
+
+def test_plan_counts_the_search_stages_at_the_search_input_size():
+    cfg = small_cfg()
+    cfg["search"]["min_size"], cfg["search"]["max_size"] = [128, 160], 160
+    plan = plan_search(cfg, representative_genotype(cfg))
+    assert plan["stages"]["search: neck"]["image_size"] == plan["stages"]["search: head"]["image_size"] == (160, 160)
+    assert plan["stages"]["decoded"]["image_size"] == (IMAGE, IMAGE)
+    assert "(the decoded model: 256x256)" in format_plan(plan)
+
+
 def measure(stages, genotype_path: str) -> dict:
     """Run one fresh process per stage, concurrently (RSS is per process, so they do not disturb
     each other's figures; see the module docstring). Returns {stage: {"measured_bytes": peak

@@ -97,7 +97,7 @@ data:
   images_per_batch: 2
   num_workers: 0
 solver: {{epochs: 1, max_iters: 2, steps: [1], warmup_iters: 1, lr: 0.01}}
-search: {{epochs: 1, max_iters: 2}}
+search: {{epochs: 1, max_iters: 2, min_size: null, max_size: null}}  # search at the tiny training size
 train: {{device: cpu, log_period: 1, precise_bn_batches: 2}}
 eval: {{metric: both}}
 """)

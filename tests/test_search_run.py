@@ -108,6 +108,48 @@ def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synth
     assert all(torch.equal(after_arch[k], after_weights[k]) for k in after_arch if k.startswith("backbone."))
 
 
+def test_head_stage_trains_the_head_supernet_on_fewer_rois_and_keeps_the_penalty(tmp_path, synthetic_root):
+    """search.head_rois_per_image: each step's head supernet sees at most that many RoIs per image
+    (the retrained detector's 16 otherwise); the penalty stays the one at the retrained RoI batch."""
+    searchers = {}
+    for k in (0, 4):
+        cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                          tiny_opts(synthetic_root, str(tmp_path), **{"search.head_rois_per_image": k}))
+        searchers[k], loader_a, loader_b = _searcher(cfg, "head", str(tmp_path))
+    searcher = searchers[4]
+    assert searchers[0].model.roi_heads.sampler.batch_size_per_image == 16
+    assert torch.equal(searchers[0].cost.head_table, searcher.cost.head_table)
+    assert torch.equal(searchers[0].expected_cost(), searcher.expected_cost())
+    seen = []
+    hook = searcher.model.roi_heads.box_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    images_a, targets_a = next(iter(loader_a))
+    images_b, targets_b = next(iter(loader_b))
+    searcher.arch_step(images_b, targets_b)
+    searcher.weight_step(images_a, targets_a)
+    hook.remove()
+    assert len(seen) == 2 and all(0 < n <= 4 * len(images_a) for n in seen), seen
+
+
+def test_search_runs_at_its_own_input_sizes(tmp_path, synthetic_root):
+    """search.min_size / max_size: both stages' detectors resize to the search's sizes, not the
+    retrain's (model.transform); unset, they keep the retrain's."""
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), tiny_opts(synthetic_root, str(tmp_path)))
+    assert stage_config(cfg, "neck", None)["model"]["transform"] == cfg["model"]["transform"]
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                      tiny_opts(synthetic_root, str(tmp_path), **{"search.min_size": 64, "search.max_size": 96}))
+    for stage in ("neck", "head"):
+        searcher, loader_a, _ = _searcher(cfg, stage, str(tmp_path))
+        transform = searcher.model.transform
+        assert (transform.min_size, transform.max_size) == ([64], 96)
+        images, _ = next(iter(loader_a))
+        assert max(max(im.shape[-2:]) for im in images) == 128  # the data keep their size
+        _, sizes, _ = transform(images, None)
+        assert max(max(size) for size in sizes) <= 96
+    assert cfg["model"]["transform"]["min_size"] == [96, 128]  # the retrain's sizes are untouched
+    with pytest.raises(ValueError, match="search.min_size"):
+        stage_config(load_config(None, ["search.min_size=[0]"]), "neck", None)
+
+
 def test_resource_constraint_lowers_expected_cost(tmp_path, synthetic_root):
     costs = {}
     for lam in (0, "small"):

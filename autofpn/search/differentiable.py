@@ -93,6 +93,15 @@ def average_gradients(params: List[nn.Parameter], world_size: int) -> None:
         offset += n
 
 
+def head_stage_rois(cfg: Dict[str, Any]) -> int:
+    """RoIs per image the head supernet trains on: ``search.head_rois_per_image``, 0 = the
+    retrained detector's ``model.roi.batch_size_per_image``."""
+    k = int(cfg["search"]["head_rois_per_image"])
+    if k < 0:
+        raise ValueError(f"search.head_rois_per_image must be >= 0 (0: model.roi.batch_size_per_image), got {k}")
+    return k or int(cfg["model"]["roi"]["batch_size_per_image"])
+
+
 def search_image_size(cfg: Dict[str, Any]) -> Tuple[int, int]:
     """The largest training input (H, W) the supernet sees: short side max(min_size), long side
     capped by max_size (a square-ish image), used for the cost tables."""
@@ -123,6 +132,9 @@ class Searcher:
 
         if s["freeze_backbone"]:
             model.backbone.requires_grad_(False)
+        self.train_rois_per_image = head_stage_rois(cfg) if stage == "head" else None
+        if self.train_rois_per_image is not None:
+            model.roi_heads.sampler.batch_size_per_image = self.train_rois_per_image
         self.arch_params = model.arch_parameters()
         self.weight_params = [p for p in model.weight_parameters() if p.requires_grad]
         self.w_optimizer = torch.optim.SGD(self.weight_params, lr=s["w_lr"], momentum=s["w_momentum"],
@@ -376,11 +388,30 @@ class Searcher:
 
 # ----------------------------------------------------------------------------------- stages
 
+def search_transform(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``model.transform`` with the search's input sizes (``search.min_size`` / ``max_size``,
+    where set) in place of the training sizes."""
+    t = dict(cfg["model"]["transform"])
+    s = cfg["search"]
+    if s["min_size"] is not None:
+        sizes = s["min_size"] if isinstance(s["min_size"], (list, tuple)) else [s["min_size"]]
+        if not sizes or any(not isinstance(v, int) or v <= 0 for v in sizes):
+            raise ValueError(f"search.min_size must be a positive int or a list of them, got {s['min_size']!r}")
+        t["min_size"] = list(sizes)
+    if s["max_size"] is not None:
+        if not isinstance(s["max_size"], int) or s["max_size"] <= 0:
+            raise ValueError(f"search.max_size must be a positive int, got {s['max_size']!r}")
+        t["max_size"] = s["max_size"]
+    return t
+
+
 def stage_config(cfg: Dict[str, Any], stage: str, neck_genotype: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The config a stage builds its detector from: the neck stage keeps the standard 2-MLP head;
-    the head stage uses the searched neck (or FPN when ``head_with_searched_neck`` is off)."""
+    """The config a stage builds its detector from: the search's input sizes; the neck stage keeps
+    the standard 2-MLP head; the head stage uses the searched neck (or FPN when
+    ``head_with_searched_neck`` is off)."""
     import copy
     cfg = copy.deepcopy(cfg)
+    cfg["model"]["transform"] = search_transform(cfg)
     cfg["model"]["head"]["type"] = "mlp"
     if stage == "head":
         use_searched = cfg["search"]["head_with_searched_neck"] and neck_genotype is not None

@@ -17,8 +17,10 @@ How it is counted (everything on the ``meta`` device: shapes only, no memory, no
 paper size is planned in seconds on a laptop):
 
 - image: one image of the largest training size, short side ``max(model.transform.min_size)``,
-  long side ``model.transform.max_size``, padded to ``size_divisible``; the RoI head sees
-  ``model.roi.batch_size_per_image`` RoIs (its training batch).
+  long side ``model.transform.max_size`` (the search stages: ``search.min_size`` / ``max_size``
+  where set), padded to ``size_divisible``; the RoI head sees
+  ``model.roi.batch_size_per_image`` RoIs (its training batch; the head search
+  ``search.head_rois_per_image`` when set).
 - params: ``parameter_breakdown`` (backbone / neck / rpn / head = box head + predictor) plus the
   architecture parameters of a supernet.
 - FLOPs: forward FLOPs of convs and linears, a multiply-add = 2 FLOPs (as
@@ -140,8 +142,13 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
 
     Returns {"params": {part: int, "arch": int, "total": int}, "flops": {part: float, "total"},
     "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int}."""
-    image_size = image_size or training_image_size(cfg)
-    num_rois = num_rois or cfg["model"]["roi"]["batch_size_per_image"]
+    if image_size is None:  # the search stages at the search's input size, the decoded model at the training size
+        from .differentiable import search_transform
+        sized = cfg if stage == "decoded" else {**cfg, "model": {**cfg["model"], "transform": search_transform(cfg)}}
+        image_size = training_image_size(sized)
+    if not num_rois:
+        from .differentiable import head_stage_rois
+        num_rois = head_stage_rois(cfg) if stage == "search: head" else cfg["model"]["roi"]["batch_size_per_image"]
     model = build_stage_model(cfg, stage, genotype)
     divisor = cfg["model"]["transform"]["size_divisible"]
     padded = tuple(level_sizes(image_size, [0], divisor)[0])
@@ -222,7 +229,11 @@ def format_plan(plan: Dict) -> str:
     per image, saved activations per image (MiB / GiB)."""
     h, w = plan["image_size"]
     ph, pw = plan["padded_size"]
-    lines = [f"Search plan: one image {h}x{w} (padded {ph}x{pw}), {plan['num_rois']} RoIs/image; "
+    head_rois = plan["stages"]["search: head"]["num_rois"]
+    rois = f"{plan['num_rois']} RoIs/image" + (f" ({head_rois} in the head search)" if head_rois != plan["num_rois"] else "")
+    dh, dw = plan["stages"]["decoded"]["image_size"]
+    retrain = f" (the decoded model: {dh}x{dw})" if (dh, dw) != (h, w) else ""
+    lines = [f"Search plan: one image {h}x{w} (padded {ph}x{pw}){retrain}, {rois}; "
              f"decoded genotype: {plan['genotype']}",
              "params in M (backbone / neck / rpn / head / arch = total); GFLOPs = forward, a multiply-add = 2 FLOPs, "
              "per image in G; activations = bytes saved for backward per image", ""]

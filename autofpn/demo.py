@@ -108,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         search_opts.append(f"model.backbone.weights={export_backbone(fpn_dir, os.path.join(fpn_dir, 'backbone.pth'))}")
     run_stage("search", [py, "search.py", "--cfg", args.cfg, "--opts", *args.opts, *search_opts], times)
     geno = os.path.join(search_dir, "geno.json")
+    with open(os.path.join(search_dir, "search_times.json")) as f:
+        stage_seconds = json.load(f)  # the search's own clock per stage (no start-up, no decode)
     decided = search_decisiveness(search_dir)
     print("\n" + decided, flush=True)
     run_stage("train Auto-FPN", [py, "train.py", "--cfg", args.cfg, "--genotype", geno, "--opts", *args.opts,
@@ -128,7 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     text = [f"# Auto-FPN: search -> retrain -> evaluate ({os.path.relpath(args.cfg, REPO)})", "", table(rows), "",
             f"FLOPs: one forward at {cfg['model']['transform']['test_min_size']} px (a multiply-add = 2 FLOPs).", "",
-            "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), "",
+            "Stage times: " + ", ".join(f"{k} {v:.0f} s" + (" (" + ", ".join(f"{stage} stage {sec:.0f} s" for stage, sec
+                                                                        in stage_seconds.items()) + ")"
+                                                              if k == "search" else "")
+                                        for k, v in times.items()), "",
             "How decided the search was:", "", "    " + decided.replace("\n", "\n    "), "",
             f"Searched architecture: `{geno}` (diagram `geno.png`, weights `arch_heatmap_*.png`); "
             f"detections: {', '.join(os.path.basename(p) for p in pictures[:2])}, ..."]

@@ -3,7 +3,8 @@
 On one config (default configs/demo.yaml) and the same batches, measures
   - FPN training step (forward + backward + SGD) of the baseline detector,
   - neck-search iteration (architecture step on a batch of half B + weight step on half A),
-  - head-search iteration (same, head supernet with an FPN neck),
+  - head-search iteration (same, head supernet with an FPN neck, on the retrained detector's
+    RoI batch ``model.roi.batch_size_per_image``),
   - the same two with ``search.mode=gdas`` (one Gumbel-sampled op per link/edge; a new path
     every iteration),
   - with ``--head-rois K ...``: the head-search iteration with ``search.head_rois_per_image=K``
@@ -49,8 +50,8 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
     stage, _, variant = name.partition("_")
     stage_cfg = stage_config(cfg, stage, None)
     stage_cfg["search"]["mode"] = variant if variant in ("gdas", "sampled_weights") else "full"
-    if variant.startswith("rois"):
-        stage_cfg["search"]["head_rois_per_image"] = int(variant[len("rois"):])
+    # "head": the retrained detector's RoI batch (whatever the config's search uses); "head_rois<K>": K
+    stage_cfg["search"]["head_rois_per_image"] = int(variant[len("rois"):]) if variant.startswith("rois") else 0
     model = build_detector(stage_cfg, search=stage)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
     searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")

@@ -32,7 +32,7 @@ IMAGE = 256
 # a small CPU size: ResNet-18 from scratch, 256 px, 32-channel neck, 32-channel Auto-head, 64 RoIs
 SMALL_OPTS = ["model.backbone.weights=none", f"model.transform.min_size=[{IMAGE}]",
               f"model.transform.max_size={IMAGE}", "model.head.channels=32",
-              "model.roi.batch_size_per_image=64"]
+              "model.roi.batch_size_per_image=64", "search.head_rois_per_image=0"]  # the head search on all 64 too
 
 
 def small_cfg():

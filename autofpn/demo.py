@@ -110,6 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     geno = os.path.join(search_dir, "geno.json")
     with open(os.path.join(search_dir, "search_times.json")) as f:
         stage_seconds = json.load(f)  # the search's own clock per stage (no start-up, no decode)
+    search_split = " (" + ", ".join(f"{stage} stage {sec:.0f} s" for stage, sec in stage_seconds.items()) + ")"
     decided = search_decisiveness(search_dir)
     print("\n" + decided, flush=True)
     run_stage("train Auto-FPN", [py, "train.py", "--cfg", args.cfg, "--genotype", geno, "--opts", *args.opts,
@@ -130,9 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     text = [f"# Auto-FPN: search -> retrain -> evaluate ({os.path.relpath(args.cfg, REPO)})", "", table(rows), "",
             f"FLOPs: one forward at {cfg['model']['transform']['test_min_size']} px (a multiply-add = 2 FLOPs).", "",
-            "Stage times: " + ", ".join(f"{k} {v:.0f} s" + (" (" + ", ".join(f"{stage} stage {sec:.0f} s" for stage, sec
-                                                                        in stage_seconds.items()) + ")"
-                                                              if k == "search" else "")
+            "Stage times: " + ", ".join(f"{k} {v:.0f} s" + (search_split if k == "search" else "")
                                         for k, v in times.items()), "",
             "How decided the search was:", "", "    " + decided.replace("\n", "\n    "), "",
             f"Searched architecture: `{geno}` (diagram `geno.png`, weights `arch_heatmap_*.png`); "

@@ -132,9 +132,8 @@ class Searcher:
 
         if s["freeze_backbone"]:
             model.backbone.requires_grad_(False)
-        self.train_rois_per_image = head_stage_rois(cfg) if stage == "head" else None
-        if self.train_rois_per_image is not None:
-            model.roi_heads.sampler.batch_size_per_image = self.train_rois_per_image
+        if stage == "head":  # the head supernet's RoI batch; the cost below keeps the retrained one
+            model.roi_heads.sampler.batch_size_per_image = head_stage_rois(cfg)
         self.arch_params = model.arch_parameters()
         self.weight_params = [p for p in model.weight_parameters() if p.requires_grad]
         self.w_optimizer = torch.optim.SGD(self.weight_params, lr=s["w_lr"], momentum=s["w_momentum"],

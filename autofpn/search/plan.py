@@ -49,6 +49,7 @@ from autofpn.models.detector import build_detector, parameter_breakdown
 
 from .cost import Cost, count_cost, level_sizes
 from .decode import decode_weights
+from .differentiable import head_stage_rois, search_transform
 from autofpn.models.genotype import load_genotype
 from autofpn.models.architecture import Architecture
 
@@ -143,11 +144,9 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
     Returns {"params": {part: int, "arch": int, "total": int}, "flops": {part: float, "total"},
     "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int}."""
     if image_size is None:  # the search stages at the search's input size, the decoded model at the training size
-        from .differentiable import search_transform
         sized = cfg if stage == "decoded" else {**cfg, "model": {**cfg["model"], "transform": search_transform(cfg)}}
         image_size = training_image_size(sized)
     if not num_rois:
-        from .differentiable import head_stage_rois
         num_rois = head_stage_rois(cfg) if stage == "search: head" else cfg["model"]["roi"]["batch_size_per_image"]
     model = build_stage_model(cfg, stage, genotype)
     divisor = cfg["model"]["transform"]["size_divisible"]

@@ -21,6 +21,12 @@ import yaml
 DEFAULTS: Dict[str, Any] = {
     "model": {
         "detector": "faster_rcnn",  # autofpn.models.detector.DETECTORS
+        # layout of the feature maps (autofpn.ops.layout): auto = channels_last on the CPU for a
+        # detector with a searched neck or head (a neck search iteration 1.6x faster, a head
+        # search iteration 1.4x, a decoded Auto-FPN's training step 1.1x: docs/BENCHMARKS.md),
+        # contiguous (NCHW) for FPN and on CUDA until a GPU measures it | channels_last |
+        # contiguous. Same numbers up to rounding
+        "memory_format": "auto",
         # including background (label 0), as torchvision counts; null: the training data's
         # classes + 1 (train.py / search.py / evaluate.py fill it in and record it)
         "num_classes": None,
@@ -197,6 +203,7 @@ _MISSING = object()
 # The documented choices of string keys (parts built by name from a registry, such as
 # model.neck.type, name their choices when they are built).
 CHOICES: Dict[str, tuple] = {
+    "model.memory_format": ("auto", "channels_last", "contiguous"),
     "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2"),
     "model.backbone.norm": ("frozen_bn", "bn"),
     "model.neck.norm": ("none", "gn", "bn"),

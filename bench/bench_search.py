@@ -9,10 +9,15 @@ On one config (default configs/demo.yaml) and the same batches, measures
     every iteration),
   - with ``--head-rois K ...``: the head-search iteration with ``search.head_rois_per_image=K``
     (the head supernet trains on K RoIs per image),
+  - with ``--genotype G``: a training step of the detector decoded from G (what train.py
+    retrains after the search),
 interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
-iteration (bench/peak_memory.py; Linux only).
+iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channels_last`` every
+variant runs in each memory layout (``model.memory_format``) and the ratio of the two is printed;
+without it, in the config's.
 
-    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--opts k=v ...]
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32]
+                                 [--layouts contiguous channels_last] [--opts k=v ...]
 """
 import argparse
 import os
@@ -28,9 +33,10 @@ from peak_memory import peak_in_fresh_process, profile_table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_variant(name: str, cfg) -> Callable[[], None]:
-    """A closure running one iteration of ``name`` ("fpn", "neck", "head", "neck_gdas",
-    "head_gdas", "head_rois<K>") on fixed batches."""
+def build_variant(name: str, cfg, genotype_path: str = None) -> Callable[[], None]:
+    """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
+    detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
+    "head_rois<K>") on fixed batches."""
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
@@ -39,10 +45,17 @@ def build_variant(name: str, cfg) -> Callable[[], None]:
 
     torch.manual_seed(0)
     ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    if name == "fpn":
-        fpn_cfg = stage_config(cfg, "neck", None)
-        fpn_cfg["model"]["neck"]["type"] = "fpn"
-        model = build_detector(fpn_cfg).train()
+    if name in ("fpn", "decoded"):
+        fpn_cfg = stage_config(cfg, "neck", None)  # the training sizes, the search's data half
+        genotype = None
+        if name == "fpn":
+            fpn_cfg["model"]["neck"]["type"], fpn_cfg["model"]["head"]["type"] = "fpn", "mlp"
+        else:
+            from autofpn.models.detector import use_genotype
+            from autofpn.models.genotype import load_genotype
+            genotype = load_genotype(genotype_path)
+            fpn_cfg = use_genotype(fpn_cfg, genotype)
+        model = build_detector(fpn_cfg, genotype).train()
         images, targets = next(iter(build_loader(fpn_cfg, build_dataset(fpn_cfg, "train"), train=True)))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -74,34 +87,51 @@ def main() -> None:
     parser.add_argument("--head-rois", nargs="*", type=int, default=[],
                         help="also time the head-search iteration at these search.head_rois_per_image")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one neck search iteration")
+    parser.add_argument("--genotype", default=None, help="also time a training step of the detector decoded from it")
+    parser.add_argument("--layouts", nargs="*", choices=("contiguous", "channels_last"), default=[],
+                        help="run every variant in each of these memory layouts (default: the config's)")
     args = parser.parse_args()
     cfg = load_config(args.cfg, args.opts)
     t = cfg["model"]["transform"]
     print(f"config {args.cfg}: {cfg['data']['images_per_batch']} images/batch, min_size {t['min_size']}, "
           f"neck {cfg['model']['neck']['channels']} ch, Auto-head {cfg['model']['head']['channels']} ch, "
-          f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, threads {torch.get_num_threads()}")
-    variants = ("fpn", "neck", "head", "neck_gdas", "head_gdas") + tuple(f"head_rois{k}" for k in args.head_rois)
-    steps: Dict[str, Callable[[], None]] = {name: build_variant(name, cfg) for name in variants}
+          f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, layout {cfg['model']['memory_format']}, "
+          f"threads {torch.get_num_threads()}")
+    variants = (("fpn",) + (("decoded",) if args.genotype else ()) + ("neck", "head", "neck_gdas", "head_gdas")
+                + tuple(f"head_rois{k}" for k in args.head_rois))
+    layouts = args.layouts or [cfg["model"]["memory_format"]]
+    layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
+    runs = [(name, layout) for layout in layouts for name in variants]
+    steps: Dict[tuple, Callable[[], None]] = {run: build_variant(run[0], layout_cfgs[run[1]], args.genotype) for run in runs}
     for step in steps.values():
         step()
-    times = {name: [] for name in steps}
+    times = {run: [] for run in steps}
     for _ in range(args.reps):
-        for name, step in steps.items():
+        for run, step in steps.items():
             start = time.perf_counter()
             step()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(v) for name, v in times.items()}
+            times[run].append(time.perf_counter() - start)
+    median = {run: statistics.median(v) for run, v in times.items()}
     if args.profile:
         print("profile of one neck search iteration:")
-        print(profile_table(steps["neck"]))
-    memory = {name: peak_in_fresh_process(build_variant, name, cfg) for name in steps}
-    labels = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
+        print(profile_table(steps[("neck", layouts[0])]))
+    memory = {run: peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype) for run in steps}
+    labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
               **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois}}
-    print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
-    for name in steps:
-        print(f"{labels[name]:<24}{median[name]:>10.3f}{median[name] / median['fpn']:>12.2f}"
-              f"{memory[name]:>10.0f}{memory[name] / memory['fpn']:>8.2f}")
+    for layout in layouts:
+        if len(layouts) > 1:
+            print(f"layout {layout}:")
+        print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
+        for name in variants:
+            run, fpn = (name, layout), ("fpn", layout)
+            print(f"{labels[name]:<24}{median[run]:>10.3f}{median[run] / median[fpn]:>12.2f}"
+                  f"{memory[run]:>10.0f}{memory[run] / memory[fpn]:>8.2f}")
+    if len(layouts) > 1:
+        first, *others = layouts
+        for other in others:
+            print(f"time {first} / {other} (> 1: {other} is faster): " + ", ".join(
+                f"{name} {median[(name, first)] / median[(name, other)]:.2f}" for name in variants))
 
 
 if __name__ == "__main__":

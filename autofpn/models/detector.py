@@ -14,6 +14,7 @@ from autofpn.models.necks import FPN, PANet
 from autofpn.models.roi_heads import RoIHeads
 from autofpn.models.rpn import RegionProposalNetwork
 from autofpn.models.transform import ImageTransform
+from autofpn.ops.layout import resolve_memory_format
 from autofpn.ops.roi_align import MultiLevelRoIAlign
 
 
@@ -26,11 +27,19 @@ class FasterRCNN(nn.Module):
 
     In search mode ``arch`` holds the architecture parameters; their softmaxed weights are
     passed to the neck and/or head at every forward.
+
+    ``memory_format`` (``model.memory_format``): the layout the image batch is put in, which
+    the backbone, neck, RPN and RoI features then keep (autofpn.ops.layout; "auto" depends on
+    the device and on whether the neck or head is a searched one).
     """
 
     def __init__(self, transform: ImageTransform, backbone: nn.Module, neck: nn.Module,
-                 rpn: RegionProposalNetwork, roi_heads: RoIHeads, arch: Optional[nn.Module] = None):
+                 rpn: RegionProposalNetwork, roi_heads: RoIHeads, arch: Optional[nn.Module] = None,
+                 memory_format: str = "auto"):
         super().__init__()
+        resolve_memory_format(memory_format, "cpu")  # an unknown name fails here, not at the first batch
+        self.memory_format = memory_format
+        self.searched = isinstance(neck, AutoFusionNeck) or isinstance(roi_heads.box_head, AutoHead)
         self.transform = transform
         self.backbone = backbone
         self.neck = neck
@@ -49,6 +58,7 @@ class FasterRCNN(nn.Module):
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
         original_sizes = [tuple(im.shape[-2:]) for im in images]  # ints (0-dim tensors when traced)
         batch, image_sizes, targets = self.transform(images, targets)
+        batch = batch.contiguous(memory_format=resolve_memory_format(self.memory_format, batch.device, self.searched))
         features = self.backbone(batch)
         neck_weights, head_weights = self.arch.forward_weights() if self.arch is not None else (None, None)
         features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
@@ -176,7 +186,7 @@ def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, se
     if search_neck or search_head:
         arch = Architecture(neck.arch_shape if search_neck else None,
                             box_head.arch_shape if search_head else None)
-    return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch)
+    return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch, memory_format=model_cfg["memory_format"])
 
 
 # model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector (RetinaNet,

@@ -23,20 +23,14 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from autofpn.ops.layout import memory_format_of
+
 logger = logging.getLogger("autofpn")
 
 # Must match kMaxMixedInputs in cuda_ext/mixed_sum_math.h.
 MAX_MIXED_INPUTS = 16
 
 __all__ = ["mixed_sum", "backend_name", "reference_mixed_sum", "MAX_MIXED_INPUTS"]
-
-
-def _common_memory_format(x: Tensor) -> torch.memory_format:
-    """The layout the extension computes in: channels-last only for a genuinely channels-last
-    4-D tensor (same rule as common_memory_format in cuda_ext/mixed_sum.cpp)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _check_inputs(xs: Sequence[Tensor], w: Tensor, op_name: str = "mixed_sum") -> None:
@@ -113,13 +107,13 @@ def reference_mixed_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 def _fake_mixed_sum(xs: List[Tensor], w: Tensor) -> Tensor:
     _check_inputs(xs, w)
-    return torch.empty_like(xs[0], memory_format=_common_memory_format(xs[0]))
+    return torch.empty_like(xs[0], memory_format=memory_format_of(xs[0]))
 
 
 def _fake_mixed_sum_backward(grad_out: Tensor, xs: List[Tensor], w: Tensor, input_grads: bool,
                              weight_grad: bool) -> Tuple[List[Tensor], Tensor]:
     _check_inputs(xs, w, "mixed_sum_backward")
-    memory_format = _common_memory_format(xs[0])
+    memory_format = memory_format_of(xs[0])
     grad_xs = [torch.empty_like(xs[0], memory_format=memory_format) for _ in xs] if input_grads else []
     grad_w = torch.empty(len(xs) if weight_grad else 0, dtype=w.dtype, device=w.device)
     return grad_xs, grad_w

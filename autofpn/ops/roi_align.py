@@ -14,6 +14,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import box_area
 
+from autofpn.ops.layout import memory_format_of
+
 logger = logging.getLogger("autofpn")
 
 
@@ -112,9 +114,12 @@ class MultiLevelRoIAlign(nn.Module):
 
     def forward(self, features: Dict[str, Tensor], boxes: List[Tensor]) -> Tensor:
         """features: name -> Tensor[N, C, H, W]; boxes: per image Tensor[R_i, 4] in padded-image
-        pixels. Returns Tensor[sum R_i, C, S, S] in the order of ``boxes``."""
-        rois = boxes_to_rois(boxes)
+        pixels. Returns Tensor[sum R_i, C, S, S] in the order of ``boxes``, in the memory layout
+        of the features (the kernels return NCHW; a channels-last Auto-head wants NHWC)."""
         feats = [features[name] for name in self.level_names]
+        return self._pool_levels(feats, boxes_to_rois(boxes)).contiguous(memory_format=memory_format_of(feats[0]))
+
+    def _pool_levels(self, feats: List[Tensor], rois: Tensor) -> Tensor:
         if self.adaptive:
             pooled = [self._pool(f, rois, s) for f, s in zip(feats, self.scales)]
             return torch.stack(pooled, dim=0).amax(dim=0)

@@ -2,8 +2,9 @@
 
 Both detectors get the same backbone (ResNet-18-FPN or MobileNetV2-FPN with frozen BN, the same
 trainable stages), the same weights (copied from torchvision's model into ours), the same
-image size, proposal and sampling numbers. Repetitions are interleaved (ours, theirs, ours,
-...) and the median is reported. Peak memory is the extra peak resident memory of one train
+image size, proposal and sampling numbers. Ours runs as its config runs it (``model.memory_format:
+auto``: NCHW for this FPN detector), and once more in channels-last, whose time is printed beside
+(``ours CL``). Repetitions are interleaved (ours, theirs, ours, ...) and the median is reported. Peak memory is the extra peak resident memory of one train
 step (bench/peak_memory.py), in a fresh subprocess per detector.
 
     python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320] [--profile]
@@ -41,8 +42,9 @@ def torchvision_model(backbone: str, size: int) -> torch.nn.Module:
     return TVFasterRCNN(body, num_classes=NUM_CLASSES, min_size=size, max_size=int(size * 1333 / 800))
 
 
-def our_model(backbone: str, size: int, theirs: torch.nn.Module) -> torch.nn.Module:
-    cfg = load_config(None, [f"model.num_classes={NUM_CLASSES}", f"model.backbone.name={backbone}",
+def our_model(backbone: str, size: int, theirs: torch.nn.Module, memory_format: str = "auto") -> torch.nn.Module:
+    cfg = load_config(None, [f"model.memory_format={memory_format}",
+                             f"model.num_classes={NUM_CLASSES}", f"model.backbone.name={backbone}",
                              "model.backbone.weights=none", f"model.transform.min_size=[{size}]",
                              f"model.transform.test_min_size={size}",
                              f"model.transform.max_size={int(size * 1333 / 800)}"])
@@ -118,23 +120,31 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"{IMAGES_PER_BATCH} images/batch at min size {args.size}, median of {args.reps} interleaved reps")
-    header = f"{'backbone':<14}{'mode':<11}{'ours (s)':>10}{'torchvision (s)':>17}{'ratio':>8}"
+    header = (f"{'backbone':<14}{'mode':<11}{'ours (s)':>10}{'torchvision (s)':>17}{'ratio':>8}"
+              f"{'ours CL (s)':>13}{'CL / ours':>11}")
     rows = []
+    layout_ratio, cl_time = {}, {}
     for backbone in args.backbones:
         torch.manual_seed(0)
         theirs = torchvision_model(backbone, args.size)
         ours = our_model(backbone, args.size, theirs)
+        ours_cl = our_model(backbone, args.size, theirs, "channels_last")
         images, targets = make_batch(args.size)
-        for model in (ours, theirs):
+        for model in (ours, theirs, ours_cl):
             model.train()
         opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        opt_cl = torch.optim.SGD([p for p in ours_cl.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         train = interleaved_median({"ours": train_step_fn(ours, opt_ours, images, targets),
-                                    "torchvision": train_step_fn(theirs, opt_theirs, images, targets)}, args.reps)
-        for model in (ours, theirs):
+                                    "torchvision": train_step_fn(theirs, opt_theirs, images, targets),
+                                    "ours_cl": train_step_fn(ours_cl, opt_cl, images, targets)}, args.reps)
+        for model in (ours, theirs, ours_cl):
             model.eval()
-        infer = interleaved_median({"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images)},
-                                   args.reps)
+        infer = interleaved_median({"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images),
+                                    "ours_cl": infer_fn(ours_cl, images)}, args.reps)
+        layout_ratio[backbone] = {"train step": train["ours_cl"] / train["ours"],
+                                  "inference": infer["ours_cl"] / infer["ours"]}
+        cl_time[backbone] = {"train step": train["ours_cl"], "inference": infer["ours_cl"]}
         rows.append((backbone, "train step", train["ours"], train["torchvision"]))
         if args.profile:
             for name, model, opt in (("ours", ours, opt_ours), ("torchvision", theirs, opt_theirs)):
@@ -147,7 +157,9 @@ def main() -> None:
             rows.append((backbone, "peak MiB", mem["ours"], mem["torchvision"]))
     print(header)
     for backbone, mode, a, b in rows:
-        print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}")
+        cl = (f"{cl_time[backbone][mode]:>13.3f}{layout_ratio[backbone][mode]:>11.2f}"
+              if mode in layout_ratio[backbone] else "")
+        print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}{cl}")
 
 
 if __name__ == "__main__":

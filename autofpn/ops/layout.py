@@ -26,8 +26,8 @@ def resolve_memory_format(setting: str, device: torch.device, searched: bool = T
     with a searched part (``searched``: an Auto-fusion neck or Auto-head, supernet or decoded),
     whose depthwise and dilated convolutions' backward passes it makes faster (a neck search
     iteration 1.6x, a head search iteration 1.4x, the decoded detector's training step 1.1x), and
-    NCHW otherwise: the FPN detector's training step was 6 % slower in channels-last, its
-    inference about 5 %; on a GPU it is not measured yet (docs/BENCHMARKS.md)."""
+    NCHW otherwise: for the FPN detector channels-last gained nothing in training and lost 7-9 %
+    at inference; on a GPU it is not measured yet (docs/BENCHMARKS.md)."""
     if setting not in MEMORY_FORMATS:
         raise ValueError(f"model.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {setting!r}")
     if setting == "auto":

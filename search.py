@@ -30,6 +30,11 @@ def parse_args(argv=None):
                    help="the output folder holds a search of another config: move it aside and start anew")
     p.add_argument("--dry-run", action="store_true",
                    help="print params, FLOPs and activation memory per stage and for the decoded model")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="--dry-run: the training set's size (default: counted when the data is read), for the "
+                        "whole search's compute and GPU-days")
+    p.add_argument("--gpu-utilization", type=float, default=None,
+                   help="--dry-run: assumed fraction of a GPU's dense fp32 peak (default: autofpn.search.plan's)")
     return p.parse_args(argv)
 
 
@@ -67,8 +72,9 @@ def main(argv=None) -> int:
         resolve_num_classes(cfg, train_set)
 
     if args.dry_run:
-        from autofpn.search.plan import format_plan, plan_search
-        print(format_plan(plan_search(cfg, neck_genotype)))
+        from autofpn.search.plan import plan_report
+        train_images = args.train_images or (len(train_set) if train_set is not None else None)
+        print(plan_report(cfg, neck_genotype, train_images, args.gpu_utilization))
         return 0
 
     import torch

@@ -24,8 +24,8 @@ import torch
 from autofpn.config import load_config
 from autofpn.models.detector import parameter_breakdown
 from autofpn.search.cost import ResourceCost
-from autofpn.search.plan import (STAGES, build_stage_model, format_plan, plan_search,
-                                 representative_genotype, training_image_size)
+from autofpn.search.plan import (GPU_PEAK_FLOPS, STAGES, build_stage_model, format_plan, plan_search,
+                                 representative_genotype, search_compute, training_image_size)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = 256
@@ -185,3 +185,43 @@ def test_activation_estimate_within_25_percent_of_measured_peak(tmp_path):
 
 if __name__ == "__main__":  # the measuring subprocess: python tests/test_plan.py STAGE GENOTYPE
     print(json.dumps(_measure_in_this_process(sys.argv[1], sys.argv[2])))
+
+
+def test_search_compute_counts_weight_and_architecture_steps():
+    """By hand: per stage, epochs x N/2 weight steps (forward + 2x the trained part's forward)
+    and, after the warm-up, as many architecture steps (forward + 1x)."""
+    cfg = small_cfg()
+    plan = plan_search(cfg, representative_genotype(cfg))
+    compute = search_compute(cfg, plan, train_images=1000, utilization=0.5)
+    epochs, arch = cfg["search"]["epochs"], 1 - cfg["search"]["arch_start_epoch_fraction"]
+    expected = {}
+    for stage in ("search: neck", "search: head"):
+        f = plan["stages"][stage]["flops"]
+        trained = f["total"] - f["backbone"]  # the search freezes the backbone
+        expected[stage] = epochs * 500 * ((f["total"] + 2 * trained) + arch * (f["total"] + trained))
+        assert compute["flops"][stage] == pytest.approx(expected[stage])
+    assert compute["flops"]["total"] == pytest.approx(sum(expected.values()))
+    for gpu, peak in GPU_PEAK_FLOPS.items():
+        assert compute["gpu_days"][gpu] == pytest.approx(sum(expected.values()) / (peak * 0.5) / 86400)
+    # linear in the data, inverse in the utilisation
+    twice = search_compute(cfg, plan, train_images=2000, utilization=0.25)
+    assert twice["gpu_days"]["V100"] == pytest.approx(4 * compute["gpu_days"]["V100"])
+    # a neck-only search costs its stage only; a trained backbone adds its backward
+    neck_only = search_compute({**cfg, "search": {**cfg["search"], "stage": "neck"}}, plan, 1000, 0.5)
+    assert set(neck_only["images"]) == {"search: neck"}
+    assert neck_only["flops"]["total"] == pytest.approx(expected["search: neck"])
+    unfrozen = search_compute({**cfg, "search": {**cfg["search"], "freeze_backbone": False}}, plan, 1000, 0.5)
+    assert unfrozen["flops"]["total"] > compute["flops"]["total"]
+    with pytest.raises(ValueError, match="train_images"):
+        search_compute(cfg, plan, train_images=0)
+
+
+def test_dry_run_prints_the_whole_search_compute(tmp_path):
+    cmd = [sys.executable, str(REPO / "search.py"), "--cfg", str(REPO / "configs" / "demo.yaml"), "--dry-run",
+           "--train-images", "300", "--gpu-utilization", "0.5", "--opts", *SMALL_OPTS, "model.num_classes=11"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "Whole search over 300 training images" in out
+    assert "at an assumed 50 % of dense fp32 peak: V100" in out and "GPU-days" in out
+    # a sampled mode is planned as the full mixed op (its upper bound), and says so
+    out = subprocess.run(cmd + ["search.mode=gdas"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "an upper bound for search.mode gdas" in out

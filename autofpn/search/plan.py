@@ -34,7 +34,16 @@ paper size is planned in seconds on a laptop):
   params), the RPN/RoI losses and box bookkeeping (kilobytes), allocator overhead. The check
   against measured peak memory on CPU is in ``tests/test_plan.py`` and ``docs/SEARCH_PLAN.md``.
 
-``python -m autofpn.search.plan --cfg configs/coco.yaml [--genotype G] [--opts k=v ...]``
+Compute of a whole search (``search_compute``, printed when the training set's size is given):
+per search stage, weight steps on half A every epoch and, after the warm-up
+(``search.arch_start_epoch_fraction``), architecture steps on half B, i.e.
+``epochs x N/2 x (1 + (1 - arch_start_fraction))`` images. A weight step costs the forward plus
+twice the forward of what trains (the backbone is frozen: no backward in it); an architecture
+step (first order) the forward plus once that, since it needs the activations' gradients but
+not the weights'. GPU-days = that compute / (an assumed fraction of the GPU's dense fp32 peak),
+the supernet's depthwise and dilated convolutions not running on tensor cores.
+
+``python -m autofpn.search.plan --cfg configs/coco.yaml [--genotype G] [--train-images N] [--opts k=v ...]``
 """
 import argparse
 import sys
@@ -55,6 +64,11 @@ from autofpn.models.architecture import Architecture
 
 PARTS = ("backbone", "neck", "rpn", "head")
 STAGES = ("search: neck", "search: head", "decoded")
+# dense fp32 peak FLOP/s (datasheets: V100 SXM2 15.7 TFLOP/s, the paper's GPU; A100 SXM4 19.5)
+GPU_PEAK_FLOPS = {"V100": 15.7e12, "A100": 19.5e12}
+# the fraction of that peak a search step is assumed to sustain: an assumption, not a measurement
+# (no GPU has run this project's search yet); GPU-days scale with its inverse
+DEFAULT_GPU_UTILIZATION = 0.3
 
 
 def training_image_size(cfg: Dict) -> Tuple[int, int]:
@@ -86,6 +100,9 @@ def representative_genotype(cfg: Dict, seed: int = 0) -> Dict:
 def _stage_cfg(cfg: Dict, stage: str) -> Dict:
     cfg = copy.deepcopy(cfg)
     cfg["model"]["backbone"]["weights"] = "none"  # shapes only; no weight file needed
+    # the supernet with every op computed (a sampled mode's path is drawn from data at run time;
+    # its cost is at most this)
+    cfg["search"]["mode"] = "full"
     if stage in ("search: head", "decoded"):
         cfg["model"]["neck"]["type"] = "auto"
     if stage == "decoded":
@@ -223,6 +240,50 @@ def plan_search(cfg: Dict, genotype: Optional[Dict] = None, image_size: Tuple[in
             "padded_size": first["padded_size"], "num_rois": first["num_rois"], "stages": stages}
 
 
+def search_compute(cfg: Dict, plan: Dict, train_images: int,
+                   utilization: float = DEFAULT_GPU_UTILIZATION) -> Dict:
+    """FLOPs of a whole search over ``train_images`` training images, per stage, and the GPU-days
+    they take at ``utilization`` of each GPU_PEAK_FLOPS (see the module docstring for the model).
+
+    Returns {"images": {stage: images through a forward}, "flops": {stage: FLOPs, "total"},
+    "gpu_days": {gpu: days}, "utilization", "train_images", "epochs", "arch_fraction"}."""
+    if train_images <= 0:
+        raise ValueError(f"train_images must be positive, got {train_images}")
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+    s = cfg["search"]
+    stages = {"neck": ["search: neck"], "head": ["search: head"], "both": ["search: neck", "search: head"]}[s["stage"]]
+    epochs, arch_fraction = int(s["epochs"]), 1.0 - float(s["arch_start_epoch_fraction"])
+    half = train_images / 2
+    images, flops = {}, {}
+    for stage in stages:
+        f = plan["stages"][stage]["flops"]
+        trained = f["total"] - f["backbone"] if s["freeze_backbone"] else f["total"]
+        weight_step, arch_step = f["total"] + 2 * trained, f["total"] + trained
+        images[stage] = epochs * half * (1 + arch_fraction)
+        flops[stage] = epochs * half * (weight_step + arch_fraction * arch_step)
+    flops["total"] = sum(flops.values())
+    gpu_days = {gpu: flops["total"] / (peak * utilization) / 86400 for gpu, peak in GPU_PEAK_FLOPS.items()}
+    return {"images": images, "flops": flops, "gpu_days": gpu_days, "utilization": utilization,
+            "train_images": train_images, "epochs": epochs, "arch_fraction": arch_fraction, "mode": s["mode"]}
+
+
+def format_compute(compute: Dict) -> str:
+    """The whole search's compute and GPU-days, a few lines."""
+    n, c = compute["train_images"], compute
+    stages = ", ".join(f"{stage[len('search: '):]} stage {c['flops'][stage] / 1e18:.2f} EFLOP"
+                       for stage in c["images"])
+    gpus = ", ".join(f"{gpu} ({GPU_PEAK_FLOPS[gpu] / 1e12:.1f} TFLOP/s) {days:.1f} GPU-days"
+                     for gpu, days in c["gpu_days"].items())
+    return (f"Whole search over {n} training images (two halves of {n // 2}; {c['epochs']} epochs per stage, "
+            f"architecture steps in the last {100 * c['arch_fraction']:.0f} %): {stages}, total "
+            f"{c['flops']['total'] / 1e18:.2f} EFLOP\n"
+            f"at an assumed {100 * c['utilization']:.0f} % of dense fp32 peak: {gpus}"
+            + ("" if c["mode"] == "full" else
+               f"\n(counted with every op of the mixed op: an upper bound for search.mode {c['mode']}, "
+               "whose weight steps run one sampled op per link/edge)"))
+
+
 def format_plan(plan: Dict) -> str:
     """A readable table: one row per stage; params (M) per part, forward GFLOPs (a multiply-add = 2)
     per image, saved activations per image (MiB / GiB)."""
@@ -262,11 +323,32 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cfg", default=None, help="config YAML (default: the built-in defaults)")
     parser.add_argument("--genotype", default=None, help="genotype JSON of the decoded neck (+ head)")
+    add_compute_arguments(parser)
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides key.sub=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg, args.opts)
     genotype = load_genotype(args.genotype) if args.genotype else None
-    print(format_plan(plan_search(cfg, genotype)))
+    print(plan_report(cfg, genotype, args.train_images, args.gpu_utilization))
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """--train-images / --gpu-utilization, shared by this module and ``search.py --dry-run``."""
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="size of the training set: also print the whole search's compute and GPU-days")
+    parser.add_argument("--gpu-utilization", type=float, default=DEFAULT_GPU_UTILIZATION,
+                        help="assumed fraction of a GPU's dense fp32 peak a search step sustains")
+
+
+def plan_report(cfg: Dict, genotype: Optional[Dict], train_images: Optional[int],
+                utilization: Optional[float] = None) -> str:
+    """The plan table, and the whole search's compute when ``train_images`` is given
+    (``utilization`` None: DEFAULT_GPU_UTILIZATION)."""
+    plan = plan_search(cfg, genotype)
+    text = format_plan(plan)
+    if train_images:
+        utilization = DEFAULT_GPU_UTILIZATION if utilization is None else utilization
+        return text + "\n\n" + format_compute(search_compute(cfg, plan, train_images, utilization))
+    return text + "\n\n(--train-images N: the whole search's compute and GPU-days)"
 
 
 if __name__ == "__main__":

@@ -68,8 +68,12 @@ MixedInputs prepare_mixed_inputs(const std::vector<at::Tensor>& xs, const at::Te
   }
   TORCH_CHECK(w.device() == x0.device(), op_name, ": w is on ", w.device(), " but xs are on ",
               x0.device());
-  TORCH_CHECK(w.scalar_type() == x0.scalar_type(), op_name, ": w has dtype ", w.scalar_type(),
-              " but xs have dtype ", x0.scalar_type());
+  // float32 weights with half-precision inputs: what a mixed op gets under autocast (the softmax
+  // of alpha/beta stays float32 while the convolutions run in float16 / bfloat16)
+  const bool half_inputs = x0.scalar_type() == at::kHalf || x0.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(w.scalar_type() == x0.scalar_type() || (half_inputs && w.scalar_type() == at::kFloat), op_name,
+              ": w has dtype ", w.scalar_type(), " but xs have dtype ", x0.scalar_type(),
+              " (w may be float32 when xs are float16 / bfloat16)");
 
   MixedInputs inputs;
   inputs.memory_format = common_memory_format(x0);
@@ -77,7 +81,8 @@ MixedInputs prepare_mixed_inputs(const std::vector<at::Tensor>& xs, const at::Te
   for (const at::Tensor& x : xs) {
     inputs.xs.push_back(x.contiguous(inputs.memory_format));  // no copy when already dense
   }
-  inputs.w = w.contiguous();
+  // the kernels read the weights in the accumulation type (float, or double for double)
+  inputs.w = w.to(x0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   return inputs;
 }
 
@@ -112,7 +117,7 @@ void mixed_sum_forward_cpu_kernel(const MixedInputs& inputs, at::Tensor& out) {
   const int64_t numel = out.numel();
   std::array<const scalar_t*, kMaxMixedInputs> x_ptrs{};
   std::array<acc_t, kMaxMixedInputs> weights{};
-  const scalar_t* w_ptr = inputs.w.data_ptr<scalar_t>();
+  const acc_t* w_ptr = inputs.w.data_ptr<acc_t>();
   for (int64_t k = 0; k < K; ++k) {
     x_ptrs[k] = inputs.xs[k].data_ptr<scalar_t>();
     weights[k] = to_acc<acc_t>(w_ptr[k]);
@@ -176,7 +181,7 @@ void mixed_sum_backward_cpu_kernel(const at::Tensor& grad_out, const MixedInputs
   std::array<const scalar_t*, kMaxMixedInputs> x_ptrs{};
   std::array<scalar_t*, kMaxMixedInputs> grad_x_ptrs{};
   std::array<acc_t, kMaxMixedInputs> weights{};
-  const scalar_t* w_ptr = inputs.w.data_ptr<scalar_t>();
+  const acc_t* w_ptr = inputs.w.data_ptr<acc_t>();
   for (int64_t k = 0; k < K; ++k) {
     x_ptrs[k] = inputs.xs[k].data_ptr<scalar_t>();
     grad_x_ptrs[k] = want_input_grads ? grad_xs[k].data_ptr<scalar_t>() : nullptr;
@@ -222,13 +227,13 @@ void mixed_sum_backward_cpu_kernel(const at::Tensor& grad_out, const MixedInputs
   });
 
   if (want_weight_grad) {
-    scalar_t* grad_w_ptr = grad_w.data_ptr<scalar_t>();
+    acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();  // the accumulation type; the caller casts to w's
     for (int64_t k = 0; k < K; ++k) {
       double total = 0.0;  // few chunks: summing them in double is free and keeps float32 exact-ish
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
         total += static_cast<double>(partial_dots[chunk * K + k]);
       }
-      grad_w_ptr[k] = from_acc<scalar_t>(static_cast<acc_t>(total));
+      grad_w_ptr[k] = static_cast<acc_t>(total);
     }
   }
 }
@@ -255,12 +260,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cpu(
       grad_xs.push_back(at::empty_like(x, inputs.memory_format));
     }
   }
-  at::Tensor grad_w = at::empty({weight_grad ? w.size(0) : 0}, w.options());
+  at::Tensor grad_w = at::empty({weight_grad ? w.size(0) : 0}, inputs.w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "mixed_sum_backward_cpu", [&] {
     mixed_sum_backward_cpu_kernel<scalar_t>(grad, inputs, grad_xs, grad_w);
   });
-  return {grad_xs, grad_w};
+  return {grad_xs, grad_w.to(w.scalar_type())};
 }
 
 }  // namespace

@@ -12,11 +12,13 @@ namespace autofpn {
 // when xs[0] is a channels-last 4-D tensor, row-major otherwise), so kernels index them flat.
 struct MixedInputs {
   std::vector<at::Tensor> xs;  // K tensors, same shape / dtype / device / strides, dense
-  at::Tensor w;                // [K], contiguous, same dtype and device as xs
+  at::Tensor w;                // [K], contiguous, same device as xs, in the accumulation type
+                               // (float; double for double xs), whatever w's dtype was
   at::MemoryFormat memory_format;
 };
 
-// Checks xs / w (K in 1..kMaxMixedInputs, one shape, one dtype, one device, w of shape [K]) and
+// Checks xs / w (K in 1..kMaxMixedInputs, one shape, one dtype, one device, w of shape [K] and
+// of xs' dtype, or float32 with float16 / bfloat16 xs) and
 // raises a c10::Error naming the offending argument; returns them in a common dense layout.
 MixedInputs prepare_mixed_inputs(const std::vector<at::Tensor>& xs, const at::Tensor& w,
                                  const char* op_name);

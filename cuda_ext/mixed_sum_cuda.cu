@@ -37,7 +37,7 @@ struct GradPointers {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void mixed_sum_forward_kernel(InputPointers<scalar_t> xs, const scalar_t* __restrict__ w,
+__global__ void mixed_sum_forward_kernel(InputPointers<scalar_t> xs, const acc_t* __restrict__ w,
                                          int K, scalar_t* __restrict__ out, int64_t numel) {
   acc_t weights[kMaxMixedInputs];
 #pragma unroll
@@ -59,7 +59,7 @@ __global__ void mixed_sum_forward_kernel(InputPointers<scalar_t> xs, const scala
 
 template <typename scalar_t, typename acc_t>
 __global__ void mixed_sum_backward_kernel(const scalar_t* __restrict__ grad_out, InputPointers<scalar_t> xs,
-                                          const scalar_t* __restrict__ w, int K, GradPointers<scalar_t> grad_xs,
+                                          const acc_t* __restrict__ w, int K, GradPointers<scalar_t> grad_xs,
                                           bool input_grads, bool weight_grad, acc_t* __restrict__ block_dots,
                                           int64_t numel) {
   acc_t weights[kMaxMixedInputs];
@@ -134,7 +134,7 @@ at::Tensor mixed_sum_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& w
       x_ptrs.x[k] = inputs.xs[k].data_ptr<scalar_t>();
     }
     mixed_sum_forward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-        x_ptrs, inputs.w.data_ptr<scalar_t>(), K, out.data_ptr<scalar_t>(), numel);
+        x_ptrs, inputs.w.data_ptr<acc_t>(), K, out.data_ptr<scalar_t>(), numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -172,7 +172,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward_cuda(
     at::Tensor block_dots = weight_grad ? at::empty({blocks, K}, grad.options().dtype(acc_dtype))
                                         : at::empty({0}, grad.options().dtype(acc_dtype));
     mixed_sum_backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), x_ptrs, inputs.w.data_ptr<scalar_t>(), K, grad_x_ptrs, input_grads,
+        grad.data_ptr<scalar_t>(), x_ptrs, inputs.w.data_ptr<acc_t>(), K, grad_x_ptrs, input_grads,
         weight_grad, weight_grad ? block_dots.data_ptr<acc_t>() : nullptr, numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_w = weight_grad ? block_dots.sum(0).to(w.scalar_type()) : at::empty({0}, w.options());

@@ -217,6 +217,46 @@ def _direct_ops():
     return ops
 
 
+@pytest.mark.parametrize("fn", [mixed_sum, reference_mixed_sum], ids=["active backend", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_weights_with_half_inputs(fn, dtype):
+    """What a mixed op gets under autocast: half-precision op outputs, float32 softmax weights.
+    The output and input gradients keep the inputs' dtype, the weight gradient the weights'."""
+    for shape, channels_last in [((2, 3, 5, 7), False), ((2, 6, 9, 11), True), ((3, 50, 701), False)]:
+        xs, w, grad_out = make_inputs(shape, 4, dtype, seed=31)
+        w = torch.softmax(torch.randn(4, generator=torch.Generator().manual_seed(32)), 0)  # float32
+        if channels_last:
+            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        out, grad_xs, grad_w = run_forward_backward(fn, xs, w, grad_out)
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grad_xs) and grad_w.dtype == torch.float32
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        ref_out, ref_grad_xs, ref_grad_w = ground_truth(xs, w, grad_out)
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=tol)
+        for grad, ref in zip(grad_xs, ref_grad_xs):
+            torch.testing.assert_close(grad.double(), ref, rtol=0, atol=tol)
+        torch.testing.assert_close(grad_w.double(), ref_grad_w, rtol=tol, atol=tol * grad_out.numel() ** 0.5)
+    # the weights are used at float32 precision, not rounded to the inputs' dtype: weights
+    # 1e-4 apart (below bfloat16's spacing of 5e-4 at 0.125) still give their difference
+    ones = torch.ones(4, 8, dtype=dtype)
+    out = fn([ones, -ones], torch.tensor([0.1251, 0.1250]))
+    torch.testing.assert_close(out.float(), torch.full((4, 8), 1e-4), rtol=0.02, atol=0)
+
+
+def test_a_supernet_mixed_op_under_autocast_trains_alpha_in_float32():
+    from autofpn.models.operations import NECK_OPS, MixedOp
+    torch.manual_seed(0)
+    op = MixedOp(8, NECK_OPS)
+    alpha = torch.zeros(len(NECK_OPS), requires_grad=True)
+    x = torch.randn(2, 8, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = op(x, torch.softmax(alpha, 0))
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert alpha.grad.dtype == torch.float32 and torch.isfinite(alpha.grad).all() and alpha.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in op.parameters())
+
+
 @pytest.mark.parametrize("name,op", _direct_ops())
 def test_wrong_inputs_raise_clear_errors(name, op):
     x = torch.randn(2, 3, 4)
@@ -232,6 +272,8 @@ def test_wrong_inputs_raise_clear_errors(name, op):
         op([x, x.double()], w2)
     with pytest.raises(errors, match=r"w has dtype"):
         op([x, x], w2.double())
+    with pytest.raises(errors, match=r"w has dtype"):  # only float32 weights may differ from half xs
+        op([x.bfloat16(), x.bfloat16()], w2.half())
     with pytest.raises(errors, match=r"expected 1 to 16 input tensors in xs, got 0"):
         op([], torch.ones(0))
     with pytest.raises(errors, match=rf"expected 1 to {MAX_MIXED_INPUTS} input tensors in xs, got 17"):
@@ -290,6 +332,11 @@ def test_cuda_matches_ground_truth(dtype):
     xs, w, grad_out = make_inputs((2, 6, 9, 11), 4, dtype, device="cuda", seed=21)
     channels_last = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     assert_matches_ground_truth(mixed_sum, channels_last, w, grad_out)
+    if dtype in (torch.bfloat16, torch.float16):  # float32 weights, as under autocast
+        out, _, grad_w = run_forward_backward(mixed_sum, xs, w.float(), grad_out)
+        ref_out, _, ref_grad_w = ground_truth(xs, w.float(), grad_out)
+        assert out.dtype == dtype and grad_w.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=TOLERANCE[dtype])
 
 
 @needs_cuda

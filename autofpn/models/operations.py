@@ -18,6 +18,7 @@ Normalization is a switch (``norm``): ``"none"`` during search (the paper search
 BatchNorm); ``"gn"`` or ``"bn"`` when retraining a derived module. Without a norm layer the last
 conv of a block carries a bias; with one it does not (the norm's affine shift replaces it).
 """
+import functools
 from math import gcd
 from typing import List, Optional, Sequence
 
@@ -106,6 +107,19 @@ def build_op(name: str, channels: int, norm: str) -> nn.Module:
     raise ValueError(f"op '{name}' cannot be built (valid: {', '.join(sorted(set(NECK_OPS + HEAD_OPS) - {'none'}))})")
 
 
+def _one_dtype(outputs: List[Tensor]) -> List[Tensor]:
+    """The ops' outputs in one dtype. Under autocast the convolutions return the autocast dtype
+    (float16 / bfloat16) while identity returns its input's: those go to the autocast dtype, the
+    one the step computes in (``mixed_sum`` takes float32 weights with it)."""
+    dtypes = {o.dtype for o in outputs}
+    if len(dtypes) == 1:
+        return outputs
+    device = outputs[0].device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else functools.reduce(torch.promote_types, dtypes))
+    return [o.to(dtype) for o in outputs]
+
+
 class MixedOp(nn.Module):
     """The ops of one link/edge.
 
@@ -145,12 +159,12 @@ class MixedOp(nn.Module):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
         w = weights.index_select(0, self.op_index.to(weights.device))
         if not self.sampled:
-            return mixed_sum([op(x) for op in self.ops.values()], w)
+            return mixed_sum(_one_dtype([op(x) for op in self.ops.values()]), w)
         active = self.active(weights) if active is None else active
         if not active:
             return None
         ops = list(self.ops.values())
-        return mixed_sum([ops[i](x) for i in active], w[active])
+        return mixed_sum(_one_dtype([ops[i](x) for i in active]), w[active])
 
     def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""

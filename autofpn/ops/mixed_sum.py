@@ -29,6 +29,9 @@ logger = logging.getLogger("autofpn")
 
 # Must match kMaxMixedInputs in cuda_ext/mixed_sum_math.h.
 MAX_MIXED_INPUTS = 16
+# xs of these dtypes may come with float32 weights: a mixed op under autocast, whose convolutions
+# run in half precision while the softmax of alpha / beta stays float32
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 __all__ = ["mixed_sum", "backend_name", "reference_mixed_sum", "MAX_MIXED_INPUTS"]
 
@@ -59,8 +62,9 @@ def _check_inputs(xs: Sequence[Tensor], w: Tensor, op_name: str = "mixed_sum") -
                              f"{list(x.shape)} but xs[0] has shape {list(x0.shape)}")
     if w.device != x0.device:
         raise ValueError(f"{op_name}: w is on {w.device} but xs are on {x0.device}")
-    if w.dtype != x0.dtype:
-        raise ValueError(f"{op_name}: w has dtype {w.dtype} but xs have dtype {x0.dtype}")
+    if w.dtype != x0.dtype and not (w.dtype == torch.float32 and x0.dtype in HALF_DTYPES):
+        raise ValueError(f"{op_name}: w has dtype {w.dtype} but xs have dtype {x0.dtype} "
+                         f"(w may be float32 when xs are float16 / bfloat16)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,22 +81,24 @@ class _ReferenceMixedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, *xs: Tensor) -> Tensor:
         # float16 / bfloat16 accumulate in float32 like the kernels (no-op casts otherwise).
-        accumulate = _accumulation_dtype(w.dtype)
+        accumulate = _accumulation_dtype(xs[0].dtype)
         w_acc = w.to(accumulate)
         out = xs[0].to(accumulate) * w_acc[0]
         for k in range(1, len(xs)):
             out.addcmul_(xs[k].to(accumulate), w_acc[k])  # in place, no temporary per term
         ctx.save_for_backward(w, *xs)
-        return out.to(w.dtype)
+        return out.to(xs[0].dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         w, *xs = ctx.saved_tensors
+        accumulate = _accumulation_dtype(xs[0].dtype)
         grad_w = None
         if ctx.needs_input_grad[0]:
-            accumulate = _accumulation_dtype(w.dtype)
             grad_w = torch.stack([torch.sum(grad_out.to(accumulate) * x.to(accumulate)) for x in xs]).to(w.dtype)
-        grad_xs = [grad_out * w[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(xs))]
+        w_acc = w.to(accumulate)
+        grad_xs = [(grad_out.to(accumulate) * w_acc[k]).to(xs[k].dtype) if ctx.needs_input_grad[k + 1] else None
+                   for k in range(len(xs))]
         return (grad_w, *grad_xs)
 
 
@@ -198,7 +204,8 @@ def mixed_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
     Args:
         xs: K tensors (1 <= K <= 16) of one shape, dtype (float64/32/16, bfloat16) and device,
             e.g. the K candidate-op outputs of a mixed op, each [N, C, H, W].
-        w: Tensor[K], same dtype and device, e.g. softmaxed architecture weights.
+        w: Tensor[K], same dtype and device (or float32 with float16 / bfloat16 xs, as under
+            autocast), e.g. softmaxed architecture weights.
 
     Returns:
         Tensor of xs' shape: ``sum_k w[k] * xs[k]``, differentiable w.r.t. every xs[k] and w.

@@ -154,6 +154,10 @@ DEFAULTS: Dict[str, Any] = {
         # search.seed .. +K-1): the seed-specific part of the decisions averages out (docs/STUDY.md)
         "ensemble": 1,
         "w_grad_clip": 10.0,  # gradient-norm clipping of the weight step (0 = off)
+        # mixed precision of the search's forward passes: none | bfloat16 | float16 (autocast; the
+        # softmax weights and the resource penalty stay float32; float16 adds a gradient scaler per
+        # optimizer). bfloat16 needs no scaler (A100 / H100, and CPUs); float16 is the V100's
+        "amp": "none",
         # RoIs per image the head supernet trains on in the head stage (0: model.roi.batch_size_per_image,
         # the retrained detector's); fewer make each head-stage iteration cheaper. The sampler keeps
         # model.roi.positive_fraction; the resource penalty is still counted at the retrained RoI batch
@@ -211,6 +215,7 @@ CHOICES: Dict[str, tuple] = {
     "search.searched_norm": ("none", "gn", "bn"),
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas", "sampled_weights"),
+    "search.amp": ("none", "bfloat16", "float16"),
     "data.bad_images": ("stop", "skip"),
     "search.decode_rule": ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity",
                            "argmax_head_dropidentity"),

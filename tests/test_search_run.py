@@ -1,6 +1,7 @@
 """search.py end to end on the embedded data at tiny sizes (CPU): which step moves what, the
 resource constraint, search -> train.py, two processes keep alpha identical, kill -9 + resume."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -106,6 +107,36 @@ def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synth
     assert any(not torch.equal(after_arch[k], after_weights[k]) for k in after_arch if k.startswith(searched))
     # the backbone is frozen during the search (search.freeze_backbone)
     assert all(torch.equal(after_arch[k], after_weights[k]) for k in after_arch if k.startswith("backbone."))
+
+
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_a_mixed_precision_search_steps_and_keeps_its_scalers_in_the_checkpoint(tmp_path, synthetic_root, amp):
+    """search.amp: both steps run their forward under autocast (the supernet's convolutions in
+    half precision), alpha and the weights move and stay float32; float16 scales each
+    optimizer's loss and the scalers' state goes into the checkpoint."""
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), tiny_opts(synthetic_root, str(tmp_path), **{"search.amp": amp}))
+    searcher, loader_a, loader_b = _searcher(cfg, "neck", str(tmp_path))
+    dtypes = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
+             for m in searcher.model.neck.modules() if isinstance(m, torch.nn.Conv2d)]
+    alpha = searcher.model.arch.alpha.detach().clone()
+    conv = next(p for n, p in searcher.model.neck.named_parameters() if n.endswith("weight"))
+    weight = conv.detach().clone()
+    arch_out = searcher.arch_step(*next(iter(loader_b)))
+    weight_out = searcher.weight_step(*next(iter(loader_a)))
+    for h in hooks:
+        h.remove()
+    assert dtypes == {getattr(torch, amp)}
+    assert all(math.isfinite(v) for v in {**arch_out, **weight_out}.values())
+    assert searcher.model.arch.alpha.dtype == torch.float32 and not torch.equal(searcher.model.arch.alpha, alpha)
+    assert not torch.equal(conv, weight)
+    state = searcher.state_dict()
+    assert state["w_scaler"]["scale"] > 1 if amp == "float16" else state["w_scaler"] == {}
+    fresh, _, _ = _searcher(cfg, "neck", str(tmp_path))
+    torch.save(state, tmp_path / "state.pth")
+    assert fresh.resume(str(tmp_path / "state.pth"))
+    assert fresh.w_scaler.state_dict() == searcher.w_scaler.state_dict()
+    assert fresh.a_scaler.state_dict() == searcher.a_scaler.state_dict()
 
 
 def test_head_stage_trains_the_head_supernet_on_fewer_rois_and_keeps_the_penalty(tmp_path, synthetic_root):

@@ -44,6 +44,8 @@ from autofpn.models.operations import HEAD_OPS, NECK_OPS
 # on sampled paths, cheap; architecture gradients from the full mixed op, which are consistent
 # from batch to batch: docs/STUDY.md)
 SAMPLED_STEPS = {"full": (), "gdas": ("weight", "arch"), "sampled_weights": ("weight",)}
+# search.amp -> the autocast dtype of the forward passes (None: float32 throughout)
+AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # lambda presets of the paper (sec. 3.3): the "small" model gets the strongest constraint
 LAMBDA_PRESETS = {"small": 0.2, "middle": 0.02, "large": 0.002}
@@ -144,6 +146,11 @@ class Searcher:
         self.a_optimizer = torch.optim.Adam(self.arch_params, lr=s["arch_lr"], betas=(0.5, 0.999),
                                             weight_decay=s["arch_weight_decay"])
         self.lam = resource_lambda(s)
+        # search.amp: the forward passes under autocast; float16 scales each optimizer's loss
+        self.amp_dtype = AMP_DTYPES[s["amp"]]
+        scale = self.amp_dtype == torch.float16
+        self.w_scaler = torch.amp.GradScaler(ctx.device.type, enabled=scale)
+        self.a_scaler = torch.amp.GradScaler(ctx.device.type, enabled=scale)
         # which steps run on one sampled path per link/edge (SAMPLED_STEPS of search.mode)
         self.sampled_steps = SAMPLED_STEPS[s["mode"]]
         self.sampled = bool(self.sampled_steps)
@@ -183,7 +190,8 @@ class Searcher:
 
     def _losses(self, images, targets) -> Dict[str, Tensor]:
         images, targets = move_to_device(images, targets, self.ctx.device)
-        losses = self.model(images, targets)
+        with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = self.model(images, targets)
         losses = inject_nan_for_test(losses, self.iter, self.nan_hook)
         check_finite_losses(losses, self.iter, self.ctx.device)
         return losses
@@ -214,14 +222,15 @@ class Searcher:
             detection = sum(losses.values())
             cost = self.expected_cost()
             total = detection + self.lam * cost
-            grads = torch.autograd.grad(total, self.arch_params)
+            grads = torch.autograd.grad(self.a_scaler.scale(total), self.arch_params)
         finally:
             for p in self.weight_params:
                 p.requires_grad_(True)
         for p, g in zip(self.arch_params, grads):
             p.grad = g
         average_gradients(self.arch_params, self.ctx.world_size)
-        self.a_optimizer.step()
+        self.a_scaler.step(self.a_optimizer)  # unscales; skips a step whose gradient overflowed
+        self.a_scaler.update()
         self.a_optimizer.zero_grad(set_to_none=True)
         return {"arch_loss": float(detection.detach()), "cost": float(cost.detach())}
 
@@ -234,15 +243,17 @@ class Searcher:
                 losses = self._losses(images, targets)
             total = sum(losses.values())
             self.w_optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            self.w_scaler.scale(total).backward()
         finally:
             for p in self.arch_params:
                 p.requires_grad_(True)
         average_gradients(self.weight_params, self.ctx.world_size)
         clip = float(self.search_cfg["w_grad_clip"])
         if clip > 0:
+            self.w_scaler.unscale_(self.w_optimizer)
             nn.utils.clip_grad_norm_(self.weight_params, clip)
-        self.w_optimizer.step()
+        self.w_scaler.step(self.w_optimizer)
+        self.w_scaler.update()
         self.scheduler.step()
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["loss"] = float(total.detach())
@@ -253,6 +264,7 @@ class Searcher:
     def state_dict(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "w_optimizer": self.w_optimizer.state_dict(),
                 "a_optimizer": self.a_optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "w_scaler": self.w_scaler.state_dict(), "a_scaler": self.a_scaler.state_dict(),
                 "iter": self.iter, "stage": self.stage, "rng": du.all_gather_object(capture_rng_state()),
                 "world_size": self.ctx.world_size, "cfg": self.cfg, "seconds": self.clock.total()}
 
@@ -275,6 +287,9 @@ class Searcher:
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for name in ("w_scaler", "a_scaler"):  # absent from checkpoints written before search.amp
+            if state.get(name):
+                getattr(self, name).load_state_dict(state[name])
         self.iter = int(state["iter"])
         self.clock.before = float(state.get("seconds", 0.0))
         rng = state.get("rng") or []

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard cuda_ext/*)
 
-.PHONY: test demo install ext clean
+.PHONY: test demo install ext clean gpu-check
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install
 
 demo: install
 	$(PY) -m autofpn.demo --out out/demo
+
+# On a machine with a CUDA GPU: the CUDA tests, time per step and peak GPU memory (float32 and
+# search.amp), a short search and training on the device (bench/gpu_check.py)
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf build autofpn/_C*.so *.egg-info $(EXT_STAMP)

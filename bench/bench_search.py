@@ -33,10 +33,11 @@ from peak_memory import peak_in_fresh_process, profile_table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_variant(name: str, cfg, genotype_path: str = None) -> Callable[[], None]:
+def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu") -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
-    "head_rois<K>") on fixed batches."""
+    "head_rois<K>") on fixed batches, on ``device`` (the search variants with the config's
+    ``search.amp``)."""
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
@@ -44,7 +45,7 @@ def build_variant(name: str, cfg, genotype_path: str = None) -> Callable[[], Non
     from autofpn.models.detector import build_detector
 
     torch.manual_seed(0)
-    ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
     if name in ("fpn", "decoded"):
         fpn_cfg = stage_config(cfg, "neck", None)  # the training sizes, the search's data half
         genotype = None
@@ -55,8 +56,10 @@ def build_variant(name: str, cfg, genotype_path: str = None) -> Callable[[], Non
             from autofpn.models.genotype import load_genotype
             genotype = load_genotype(genotype_path)
             fpn_cfg = use_genotype(fpn_cfg, genotype)
-        model = build_detector(fpn_cfg, genotype).train()
+        from autofpn.engine.trainer import move_to_device
+        model = build_detector(fpn_cfg, genotype).to(device).train()
         images, targets = next(iter(build_loader(fpn_cfg, build_dataset(fpn_cfg, "train"), train=True)))
+        images, targets = move_to_device(images, targets, torch.device(device))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         return train_step_fn(model, optimizer, images, targets)

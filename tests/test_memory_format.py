@@ -109,6 +109,8 @@ def test_auto_is_channels_last_on_the_cpu_for_a_searched_detector_only():
     assert resolve_memory_format("auto", torch.device("cpu"), searched=False) == torch.contiguous_format
     assert resolve_memory_format("auto", torch.device("cuda"), searched=True) == torch.contiguous_format
     assert resolve_memory_format("channels_last", "cuda", searched=False) == torch.channels_last
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # search.amp on the CPU: see the docstring
+        assert resolve_memory_format("auto", torch.device("cpu"), searched=True) == torch.contiguous_format
 
 
 def test_a_tensor_contiguous_in_both_layouts_counts_as_nchw():

@@ -27,9 +27,12 @@ def resolve_memory_format(setting: str, device: torch.device, searched: bool = T
     whose depthwise and dilated convolutions' backward passes it makes faster (a neck search
     iteration 1.6x, a head search iteration 1.4x, the decoded detector's training step 1.1x), and
     NCHW otherwise: for the FPN detector channels-last gained nothing in training and lost 7-9 %
-    at inference; on a GPU it is not measured yet (docs/BENCHMARKS.md)."""
+    at inference; on a GPU it is not measured yet (docs/BENCHMARKS.md). Under CPU autocast
+    (``search.amp`` on the CPU) "auto" is NCHW too: there, with torch 2.14, a supernet's dilated
+    depthwise convolutions got non-finite weight gradients in channels-last (not in NCHW)."""
     if setting not in MEMORY_FORMATS:
         raise ValueError(f"model.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {setting!r}")
     if setting == "auto":
-        setting = "channels_last" if searched and torch.device(device).type == "cpu" else "contiguous"
+        cpu = torch.device(device).type == "cpu"
+        setting = "channels_last" if searched and cpu and not torch.is_autocast_enabled("cpu") else "contiguous"
     return torch.channels_last if setting == "channels_last" else torch.contiguous_format

@@ -246,7 +246,7 @@ def search_compute(cfg: Dict, plan: Dict, train_images: int,
     they take at ``utilization`` of each GPU_PEAK_FLOPS (see the module docstring for the model).
 
     Returns {"images": {stage: images through a forward}, "flops": {stage: FLOPs, "total"},
-    "gpu_days": {gpu: days}, "utilization", "train_images", "epochs", "arch_fraction"}."""
+    "gpu_days": {gpu: days}, "utilization", "train_images", "epochs", "arch_fraction", "mode"}."""
     if train_images <= 0:
         raise ValueError(f"train_images must be positive, got {train_images}")
     if not 0 < utilization <= 1:
@@ -323,20 +323,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cfg", default=None, help="config YAML (default: the built-in defaults)")
     parser.add_argument("--genotype", default=None, help="genotype JSON of the decoded neck (+ head)")
-    add_compute_arguments(parser)
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="size of the training set: also print the whole search's compute and GPU-days")
+    parser.add_argument("--gpu-utilization", type=float, default=DEFAULT_GPU_UTILIZATION,
+                        help="assumed fraction of a GPU's dense fp32 peak a search step sustains")
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides key.sub=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg, args.opts)
     genotype = load_genotype(args.genotype) if args.genotype else None
     print(plan_report(cfg, genotype, args.train_images, args.gpu_utilization))
-
-
-def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
-    """--train-images / --gpu-utilization, shared by this module and ``search.py --dry-run``."""
-    parser.add_argument("--train-images", type=int, default=None,
-                        help="size of the training set: also print the whole search's compute and GPU-days")
-    parser.add_argument("--gpu-utilization", type=float, default=DEFAULT_GPU_UTILIZATION,
-                        help="assumed fraction of a GPU's dense fp32 peak a search step sustains")
 
 
 def plan_report(cfg: Dict, genotype: Optional[Dict], train_images: Optional[int],

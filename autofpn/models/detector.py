@@ -14,7 +14,7 @@ from autofpn.models.necks import FPN, PANet
 from autofpn.models.roi_heads import RoIHeads
 from autofpn.models.rpn import RegionProposalNetwork
 from autofpn.models.transform import ImageTransform
-from autofpn.ops.layout import resolve_memory_format
+from autofpn.ops.layout import check_memory_format, resolve_memory_format
 from autofpn.ops.roi_align import MultiLevelRoIAlign
 
 
@@ -37,8 +37,7 @@ class FasterRCNN(nn.Module):
                  rpn: RegionProposalNetwork, roi_heads: RoIHeads, arch: Optional[nn.Module] = None,
                  memory_format: str = "auto"):
         super().__init__()
-        resolve_memory_format(memory_format, "cpu")  # an unknown name fails here, not at the first batch
-        self.memory_format = memory_format
+        self.memory_format = check_memory_format(memory_format)  # fails here, not at the first batch
         self.searched = isinstance(neck, AutoFusionNeck) or isinstance(roi_heads.box_head, AutoHead)
         self.transform = transform
         self.backbone = backbone

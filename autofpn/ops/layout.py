@@ -21,6 +21,13 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def check_memory_format(setting: str) -> str:
+    """``setting`` if it names a ``model.memory_format``, else a ValueError naming the key."""
+    if setting not in MEMORY_FORMATS:
+        raise ValueError(f"model.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {setting!r}")
+    return setting
+
+
 def resolve_memory_format(setting: str, device: torch.device, searched: bool = True) -> torch.memory_format:
     """``model.memory_format`` on ``device``. "auto" is channels-last on the CPU for a detector
     with a searched part (``searched``: an Auto-fusion neck or Auto-head, supernet or decoded),
@@ -30,8 +37,7 @@ def resolve_memory_format(setting: str, device: torch.device, searched: bool = T
     at inference; on a GPU it is not measured yet (docs/BENCHMARKS.md). Under CPU autocast
     (``search.amp`` on the CPU) "auto" is NCHW too: there, with torch 2.14, a supernet's dilated
     depthwise convolutions got non-finite weight gradients in channels-last (not in NCHW)."""
-    if setting not in MEMORY_FORMATS:
-        raise ValueError(f"model.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {setting!r}")
+    check_memory_format(setting)
     if setting == "auto":
         cpu = torch.device(device).type == "cpu"
         setting = "channels_last" if searched and cpu and not torch.is_autocast_enabled("cpu") else "contiguous"

@@ -240,3 +240,29 @@ def test_precise_bn_makes_eval_mode_of_a_retrained_derived_neck_agree_with_train
     # one (n / (n - 1) with n = 6 images x 3 x 3 at P5: ~1 % in the std)
     assert fresh < 0.03, fresh
     assert recompute_bn_statistics(nn.Sequential(nn.Conv2d(3, 3, 1)), loader, 4, torch.device("cpu")) == 0
+
+
+def test_collapsed_bn_layers_names_the_layers_fed_a_constant_input():
+    """The 0 AP of a BN neck over a saturated MobileNetV2 C5 (docs/STUDY.md, section 17): a BN
+    layer whose input is constant per channel ends with a running variance below eps and is
+    named; a live layer, one with a single constant channel of four, and frozen (ImageNet)
+    statistics are not."""
+    from torchvision.ops import FrozenBatchNorm2d
+    from autofpn.engine.trainer import collapsed_bn_layers
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"live": nn.BatchNorm2d(4), "dead": nn.BatchNorm2d(4), "one_dead": nn.BatchNorm2d(4),
+                           "frozen": FrozenBatchNorm2d(4)})
+    model.frozen.running_var.fill_(1e-7)
+    live = torch.randn(2, 4, 5, 5)
+    constant = torch.full((2, 4, 5, 5), 6.0) + 1e-4 * torch.randn(2, 4, 5, 5)  # a ReLU6 ceiling, rounding
+    one_dead = live.clone()
+    one_dead[:, 0] = 6.0
+    model.train()
+    for bn in (model.live, model.dead, model.one_dead):
+        bn.momentum = None  # running statistics = those of the batches seen, as precise BN sets them
+    model.live(live), model.dead(constant), model.one_dead(one_dead)
+    assert collapsed_bn_layers(model) == ["dead"]
+    model.dead.running_var[:2] = 1.0  # half of the channels still collapsed
+    assert collapsed_bn_layers(model) == ["dead"]
+    model.dead.running_var[2] = 1.0
+    assert collapsed_bn_layers(model) == []

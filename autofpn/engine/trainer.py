@@ -151,6 +151,18 @@ def recompute_bn_statistics(model: nn.Module, loader, num_batches: int, device: 
     return used
 
 
+def collapsed_bn_layers(model: nn.Module) -> List[str]:
+    """Names of the BatchNorm layers whose running variance is below their ``eps`` in at least
+    half of their channels: layers fed a (nearly) constant input. In evaluation mode such a layer
+    divides rounding noise by about sqrt(eps) and passes it on, at hundreds of times its training
+    scale. Seen on real data (docs/STUDY.md, section 17): a BN Auto-fusion neck let MobileNetV2's
+    C5 (ReLU6) saturate to one value per channel, and the detector found nothing in eval mode."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_var is not None
+            and (m.running_var < m.eps).float().mean().item() >= 0.5]
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -347,6 +359,13 @@ class Trainer:
         if used and self.ctx.is_main:
             logger.info("BatchNorm statistics recomputed at iteration %d over %d training batches "
                         "(train.precise_bn_batches)", self.iter, used)
+        collapsed = collapsed_bn_layers(self.raw_model)
+        if collapsed and self.ctx.is_main:
+            logger.warning("%d BatchNorm layer(s) normalise a constant input (running variance below eps in most "
+                           "channels), so evaluation will amplify rounding noise: %s. Usually a saturated or "
+                           "dead backbone level feeding a BN neck; model.neck.norm=gn avoids the feedback "
+                           "(docs/STUDY.md, section 17)", len(collapsed),
+                           ", ".join(collapsed[:4]) + (", ..." if len(collapsed) > 4 else ""))
 
     def _eval_due(self, epoch_done: int) -> bool:
         period = int(self.train_cfg["eval_period"])

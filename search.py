@@ -11,6 +11,8 @@ an interrupted stage resumes from its newest checkpoint. Outputs in ``search.out
 ``metrics.jsonl``, ``arch_trajectory.jsonl``), ``arch_heatmap_<stage>.png``, ``geno.png/.svg``,
 ``config.yaml``. With ``search.ensemble=K`` each stage is K searches (seeds search.seed ..
 +K-1) in ``<stage>/seed_<s>/``, decoded from their mean weights (``<stage>/ensemble.json``).
+``search.strategy=evolution`` runs regularized evolution instead: ``candidates/<i>/`` (genotype,
+training run, result), ``history.json``, ``geno.json`` (the fittest candidate); no heat maps.
 Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
 """
 import argparse
@@ -82,7 +84,10 @@ def main(argv=None) -> int:
     from autofpn.engine.runs import claim_folder
     from autofpn.engine.trainer import NonFiniteLossError
     from autofpn.search import get_strategy
-    run_search = get_strategy(cfg["search"]["strategy"]).run_search
+    strategy = get_strategy(cfg["search"]["strategy"])
+    if hasattr(strategy, "check_config"):  # a bad setting fails before the folder is claimed
+        strategy.check_config(cfg)
+    run_search = strategy.run_search
 
     ctx = du.init_distributed(cfg["train"]["device"])
     out_dir = cfg["search"]["output_dir"]

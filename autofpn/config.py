@@ -170,6 +170,17 @@ DEFAULTS: Dict[str, Any] = {
         "output_dir": "out/search",
         "decode_rule": "argmax",  # the paper's; the others in autofpn/search/decode.py
         "max_iters": 0,
+        # search.strategy: evolution (regularized / aging evolution, Real et al. 2019; the paper's
+        # Table 8 "evolutionary algorithm with early stopping"): each candidate is trained alone
+        # on training half A and scored on half B (COCO AP - lambda x cost), docs/SEARCH_SPACE.md
+        "evolution": {
+            "population": 10,  # members alive at once; the first ones are random valid genotypes
+            "sample_size": 3,  # tournament: members drawn per cycle, the fittest is mutated (<= population)
+            "candidates": 50,  # architectures trained in all, the initial population included (>= population)
+            "candidate_epochs": 6,  # early-stopped training of each candidate (paper: 6 on VOC, 4 on COCO)
+            "max_iters": 0,  # > 0 caps each candidate's training iterations (tests, smoke runs)
+            "seed": -1,  # initial population, tournaments and mutations; -1: search.seed (else train.seed)
+        },
     },
     "train": {
         "output_dir": "out/run",
@@ -226,6 +237,11 @@ CHOICES: Dict[str, tuple] = {
     "data.val.type": ("synthetic", "coco", "voc", "bdd"),
 }
 NULLABLE = ("model.backbone.weights",)  # null = "none"
+# the integer keys of search.evolution and their smallest value (the keys' relations, such as
+# sample_size <= population, are checked by autofpn.search.evolution.check_config)
+EVOLUTION_MINIMUMS = {"search.evolution.population": 1, "search.evolution.sample_size": 1,
+                      "search.evolution.candidates": 1, "search.evolution.candidate_epochs": 1,
+                      "search.evolution.max_iters": 0, "search.evolution.seed": -1}
 LAMBDA_PRESET_NAMES = ("small", "middle", "large")
 
 
@@ -249,6 +265,11 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return None
         return "expected an integer >= 1 (searches per stage; 1 = one search)"
+    if dotted in EVOLUTION_MINIMUMS:
+        low = EVOLUTION_MINIMUMS[dotted]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+            return None
+        return f"expected an integer >= {low}"
     if dotted == "search.tau":
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value):
             return None

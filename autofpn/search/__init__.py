@@ -7,13 +7,16 @@
 - one file per search strategy, each exposing
   ``run_search(cfg, ctx, out_dir, neck_genotype=None, dataset=None) -> SearchResult`` (``genotype``, and the
   final weights of the stages it ran for the pictures); ``search.strategy`` picks one:
-  ``differentiable`` (the paper's first-order alternating search on two data halves).
+  ``differentiable`` (the paper's first-order alternating search on two data halves),
+  ``evolution`` (regularized evolution: candidates trained on half A, scored on half B);
+  a strategy module may also expose ``check_config(cfg)``, run before the output folder is claimed.
 """
 import importlib
 from types import ModuleType
 
 STRATEGIES = {
     "differentiable": "autofpn.search.differentiable",
+    "evolution": "autofpn.search.evolution",
 }
 
 

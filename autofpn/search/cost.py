@@ -199,6 +199,47 @@ class ResourceCost:
             out["head"] = pre + Cost(*v.tolist())
         return out
 
+    def genotype_weights(self, genotype: dict) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """One-hot architecture weights ``(neck Tensor[layers, links, ops] or None, head
+        Tensor[cells, edges, ops] or None)`` (float64) of a decoded ``genotype``: 1 at each
+        link's / edge's op, 1 at "none" where the genotype has no link / edge. A part is None
+        when the genotype or the tables lack it."""
+        neck_w = head_w = None
+        if genotype.get("neck") is not None and self.neck_table is not None:
+            g = genotype["neck"]
+            if g["levels"] != self.neck_levels or len(g["layers"]) != self.neck_table.shape[0]:
+                raise ValueError("genotype neck does not match the neck the cost tables were built from")
+            neck_w = torch.zeros(self.neck_table.shape[:-1], dtype=torch.float64)
+            neck_w[..., NECK_OPS.index("none")] = 1.0
+            for k, links in enumerate(g["layers"]):
+                for l in links:
+                    idx = self.neck_pairs.index((l["from"], l["to"]))
+                    neck_w[k, idx] = 0.0
+                    neck_w[k, idx, NECK_OPS.index(l["op"])] = 1.0
+        if genotype.get("head") is not None and self.head_table is not None:
+            cells = genotype["head"]["cells"]
+            if len(cells) != self.head_table.shape[0]:
+                raise ValueError("genotype head does not match the head the cost tables were built from")
+            head_w = torch.zeros(self.head_table.shape[:-1], dtype=torch.float64)
+            head_w[..., HEAD_OPS.index("none")] = 1.0
+            for m, edges in enumerate(cells):
+                for e in edges:
+                    idx = EDGE_PAIRS.index((e["input"], e["node"]))
+                    head_w[m, idx] = 0.0
+                    head_w[m, idx, HEAD_OPS.index(e["op"])] = 1.0
+        return neck_w, head_w
+
+    def normalized_cost(self, genotype: dict) -> float:
+        """The penalty C of a decoded ``genotype``: ``expected_cost`` at its one-hot weights,
+        i.e. what the gradient search's penalty is worth once every link / edge has picked its
+        op (the sum over the parts held by both the genotype and the tables, each metric
+        normalised by the most expensive decodable module, constants left out: in [0, 3] per
+        part)."""
+        neck_w, head_w = self.genotype_weights(genotype)
+        if neck_w is None and head_w is None:
+            raise ValueError("normalized_cost: the genotype has no part these cost tables cover")
+        return float(self.expected_cost(neck_w, head_w))
+
     # ----- exact costs
     def total(self) -> Dict[str, Cost]:
         """Exact cost of the modules the tables were built from: a decoded module, or a supernet

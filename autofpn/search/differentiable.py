@@ -112,6 +112,16 @@ def search_image_size(cfg: Dict[str, Any]) -> Tuple[int, int]:
     return short, min(t["max_size"], int(round(short * 4 / 3)))
 
 
+def search_resource_cost(cfg: Dict[str, Any], neck: Optional[nn.Module], head: Optional[nn.Module]):
+    """The ``ResourceCost`` tables of the penalty C(alpha, beta) for a supernet ``neck`` and/or
+    ``head`` (None: that part is not counted), at the search's largest input
+    (``search_image_size``) and the retrained detector's RoI batch. The evolution strategy scores
+    its genotypes with the same tables (``ResourceCost.normalized_cost``)."""
+    from autofpn.search.cost import ResourceCost
+    return ResourceCost(neck, head, search_image_size(cfg), num_rois=cfg["model"]["roi"]["batch_size_per_image"],
+                        size_divisible=cfg["model"]["transform"]["size_divisible"])
+
+
 class Searcher:
     """Searches one stage ("neck" or "head") of ``model`` (built with ``search=stage``)."""
 
@@ -171,12 +181,9 @@ class Searcher:
             self.model.backbone.eval()
 
     def _build_cost(self):
-        from autofpn.search.cost import ResourceCost
         neck = self.model.neck if self.stage == "neck" else None
         head = self.model.roi_heads.box_head if self.stage == "head" else None
-        return ResourceCost(neck, head, search_image_size(self.cfg),
-                            num_rois=self.cfg["model"]["roi"]["batch_size_per_image"],
-                            size_divisible=self.cfg["model"]["transform"]["size_divisible"])
+        return search_resource_cost(self.cfg, neck, head)
 
     def arch_weights(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         arch = self.model.arch
@@ -435,20 +442,30 @@ def stage_config(cfg: Dict[str, Any], stage: str, neck_genotype: Optional[Dict[s
     return cfg
 
 
-def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None):
-    """Loaders over the two disjoint halves (A: weights, B: architecture) of the training set
-    (``dataset``, else built from the config)."""
+def search_halves(cfg: Dict[str, Any], dataset=None):
+    """``(Subset A, Subset B)``: the two disjoint halves of the training set (``dataset``, else
+    built from the config) split by ``search.split_seed``; fills ``model.num_classes`` in. Every
+    strategy searches on these (differentiable: A weights, B architecture; evolution: A trains
+    each candidate, B scores it), never on ``data.val``."""
     from torch.utils.data import Subset
 
-    from autofpn.data import build_dataset, build_loader, resolve_num_classes
+    from autofpn.data import build_dataset, resolve_num_classes
     if dataset is None:
         dataset = build_dataset(cfg, "train")
     resolve_num_classes(cfg, dataset)
     half_a, half_b = split_halves(len(dataset), int(cfg["search"]["split_seed"]))
+    return Subset(dataset, half_a), Subset(dataset, half_b)
+
+
+def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None):
+    """Loaders over the two disjoint halves (A: weights, B: architecture) of the training set
+    (``dataset``, else built from the config)."""
+    from autofpn.data import build_loader
+    half_a, half_b = search_halves(cfg, dataset)
     seed = search_seed(cfg)
-    loader_a = build_loader(cfg, Subset(dataset, half_a), train=True, seed=seed,
+    loader_a = build_loader(cfg, half_a, train=True, seed=seed,
                             rank=ctx.rank, world_size=ctx.world_size)
-    loader_b = build_loader(cfg, Subset(dataset, half_b), train=True, seed=seed + 1,
+    loader_b = build_loader(cfg, half_b, train=True, seed=seed + 1,
                             rank=ctx.rank, world_size=ctx.world_size)
     return loader_a, loader_b
 

@@ -1,0 +1,421 @@
+"""Regularized (aging) evolution over the Auto-FPN search space (Real et al. 2019).
+
+The paper's Table 8 compares its gradient search with an "evolutionary algorithm with early
+stopping" over the same space; this is that baseline (``search.strategy: evolution``):
+
+- population: the first ``population`` candidates are random valid genotypes of the searched
+  parts (``random_sample.random_genotype`` with the evolution's seed: the same draws as a
+  study's random baseline of that seed);
+- cycle: ``sample_size`` members of the population are drawn at random (a tournament), the
+  fittest is mutated (``mutate``: one link / edge changes its op or its input), the child is
+  trained and scored, joins the population, and the OLDEST member leaves. The population
+  before candidate i is therefore candidates i - population .. i - 1, whatever their fitness;
+- stop after ``candidates`` architectures in all (the initial population included);
+  ``geno.json`` is the fittest candidate ever trained.
+
+Fitness, without touching ``data.val``: each candidate is trained from its initial weights
+(seed ``search_seed``, the same for every candidate, so candidates differ by their architecture
+only) for ``candidate_epochs`` (the retrain's ``solver`` settings, lr steps scaled to the
+shorter schedule) on half A of the training set, and evaluated on half B (COCO AP) -- the two
+halves the differentiable search uses (``search.split_seed``). ``fitness = AP / 100 - lambda x C``
+with lambda = ``search.resource_lambda`` x ``resource_lambda_scale`` and C the gradient search's
+normalised penalty at the candidate's one-hot architecture (``ResourceCost.normalized_cost``),
+so lambda trades AP (as a fraction) against cost as the gradient search trades loss against it.
+
+Resume: ``OUT/candidates/<i>/genotype.json`` is written before candidate i trains, its training
+run (``train/``, the Trainer's auto-resume, one checkpoint kept) sits beside it and
+``result.json`` is written atomically when it is scored (then the checkpoints are deleted).
+Candidate i's random draws come from ``random.Random((seed, i))`` and the recorded results of
+candidates < i only, so a rerun after kill -9 skips the finished candidates, resumes the
+interrupted one, and breeds the same children.
+"""
+import copy
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from autofpn.engine import distributed as du
+from autofpn.models.genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
+from autofpn.models.operations import HEAD_OPS, NECK_OPS
+from autofpn.search.differentiable import (SearchResult, resource_lambda, search_halves, search_resource_cost,
+                                           search_seed, search_transform, stages_to_run)
+
+PARTS = ("neck", "head")
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    """The ``search.evolution`` section, checked (``seed`` resolved: never -1)."""
+    population: int
+    sample_size: int
+    candidates: int
+    candidate_epochs: int
+    max_iters: int
+    seed: int
+
+
+def evolution_settings(cfg: Dict[str, Any]) -> EvolutionSettings:
+    """``search.evolution`` of ``cfg``; ConfigError naming the key when two keys disagree (each
+    key's own type and range are checked when the config is loaded)."""
+    from autofpn.config import ConfigError
+    e = cfg["search"]["evolution"]
+    if e["sample_size"] > e["population"]:
+        raise ConfigError(f"'search.evolution.sample_size' = {e['sample_size']}: must be <= "
+                          f"search.evolution.population ({e['population']}), the tournament draws from the population")
+    if e["candidates"] < e["population"]:
+        raise ConfigError(f"'search.evolution.candidates' = {e['candidates']}: must be >= "
+                          f"search.evolution.population ({e['population']}), which counts the initial random members")
+    seed = int(e["seed"]) if int(e["seed"]) >= 0 else search_seed(cfg)
+    return EvolutionSettings(int(e["population"]), int(e["sample_size"]), int(e["candidates"]),
+                             int(e["candidate_epochs"]), int(e["max_iters"]), seed)
+
+
+def check_config(cfg: Dict[str, Any]) -> None:
+    """What ``search.py`` checks before it claims the output folder."""
+    evolution_settings(cfg)
+    searched_parts(cfg)
+
+
+def searched_parts(cfg: Dict[str, Any]) -> Tuple[str, ...]:
+    """The genotype parts the evolution searches: ``search.stage`` neck | head | both."""
+    from autofpn.config import ConfigError
+    try:
+        return tuple(stages_to_run(cfg))
+    except ValueError as e:
+        raise ConfigError(f"'search.stage' = {cfg['search']['stage']!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ mutation
+
+def _head_nodes() -> range:
+    return range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)
+
+
+def _part_slots(genotype: Dict[str, Any], part: str):
+    """``(groups, sources, ops, name)`` of one part: ``groups`` = per neck layer / head cell a
+    dict ``{(source, target): op}`` of its links / edges, ``sources(target)`` the possible
+    sources of a target (every level; the earlier nodes), ``ops`` the op table, "none" first."""
+    if part == "neck":
+        levels = list(genotype["neck"]["levels"])
+        groups = [{(l["from"], l["to"]): l["op"] for l in links} for links in genotype["neck"]["layers"]]
+        return groups, (lambda target: levels), NECK_OPS, levels
+    groups = [{(e["input"], e["node"]): e["op"] for e in edges} for edges in genotype["head"]["cells"]]
+    return groups, (lambda node: list(range(node))), HEAD_OPS, list(_head_nodes())
+
+
+def _rebuild_part(genotype: Dict[str, Any], part: str, groups: List[Dict[Tuple[int, int], str]]) -> Dict[str, Any]:
+    """The genotype part of ``groups``, links / edges in ``random_sample``'s order (by target,
+    then source), so equal architectures give equal JSON."""
+    if part == "neck":
+        levels = genotype["neck"]["levels"]
+        return {"levels": list(levels),
+                "layers": [[{"from": s, "to": t, "op": g[(s, t)]} for t in levels for s in levels if (s, t) in g]
+                           for g in groups]}
+    return {"cells": [[{"node": n, "input": k, "op": g[(k, n)]} for n in _head_nodes() for k in range(n)
+                       if (k, n) in g] for g in groups]}
+
+
+def _describe(part: str, group: int, source: int, target: int) -> str:
+    if part == "neck":
+        return f"neck layer {group + 1} P{source}->P{target}"
+    return f"head cell {group} node {target}<-{source}"
+
+
+def mutate(genotype: Dict[str, Any], rng: random.Random, parts: Sequence[str] = PARTS) -> Tuple[Dict[str, Any], str]:
+    """A child of ``genotype``: one neck link or head edge of ``parts`` changed. Returns
+    ``(child, what changed)``; ``genotype`` is left as it is.
+
+    Either the op of one link / edge slot changes to another op of its table, "none" included
+    (a link appears or disappears) unless the slot is its target's only input; or one existing
+    link / edge moves to another source (level / node) of the same target that had none. Every
+    target level / intermediate node keeps an input, and the child always differs from the
+    parent. A function of (genotype, rng state, parts) only."""
+    parts = [p for p in PARTS if p in parts and genotype.get(p) is not None]
+    if not parts:
+        raise ValueError(f"mutate: the genotype has none of the parts {list(PARTS)} to mutate")
+    part = rng.choice(parts)
+    groups, sources, ops, targets = _part_slots(genotype, part)
+    g = rng.randrange(len(groups))
+    chosen = dict(groups[g])
+    movable = sorted((s, t) for (s, t) in chosen if any((o, t) not in chosen for o in sources(t)))
+    if movable and rng.random() < 0.5:  # input mutation: a link / edge reads another source
+        source, target = rng.choice(movable)
+        new_source = rng.choice([o for o in sources(target) if (o, target) not in chosen])
+        op = chosen.pop((source, target))
+        chosen[(new_source, target)] = op
+        change = f"{_describe(part, g, source, target)} ({op}) moved to read {'P' if part == 'neck' else 'node '}{new_source}"
+    else:  # op mutation of one slot, present or absent
+        slots = [(s, t) for t in targets for s in sources(t)]
+        source, target = rng.choice(slots)
+        current = chosen.get((source, target), "none")
+        inputs = sum(1 for (_, t) in chosen if t == target)
+        choices = [o for o in ops if o != current and not (o == "none" and inputs == 1)]
+        new_op = rng.choice(choices)
+        if new_op == "none":
+            del chosen[(source, target)]
+        else:
+            chosen[(source, target)] = new_op
+        change = f"{_describe(part, g, source, target)} op {current} -> {new_op}"
+    child_groups = [dict(x) for x in groups]
+    child_groups[g] = chosen
+    child = copy.deepcopy(genotype)
+    child[part] = _rebuild_part(genotype, part, child_groups)
+    return validate_genotype(child), change
+
+
+# --------------------------------------------------------------------------------- candidates
+
+def fixed_neck(cfg: Dict[str, Any], parts: Sequence[str], neck_genotype: Optional[Dict[str, Any]]):
+    """The neck part a head-only evolution keeps: the given genotype's neck when
+    ``search.head_with_searched_neck`` (the differentiable head stage's rule), else None (FPN)."""
+    if "neck" in parts or neck_genotype is None or not cfg["search"]["head_with_searched_neck"]:
+        return None
+    return neck_genotype.get("neck")
+
+
+def random_member(cfg: Dict[str, Any], settings: EvolutionSettings, index: int, parts: Sequence[str],
+                  neck: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Initial member ``index``: the ``index``-th random genotype of the evolution's seed, its
+    unsearched parts replaced by the kept neck (or None: FPN / the 2-MLP head)."""
+    from autofpn.search.random_sample import random_genotype
+    m = cfg["model"]
+    g = random_genotype(settings.seed, index, m["neck"]["levels"], m["neck"]["layers"], m["head"]["cells"])
+    return {"version": GENOTYPE_VERSION,
+            "neck": g["neck"] if "neck" in parts else neck, "head": g["head"] if "head" in parts else None}
+
+
+def breed(settings: EvolutionSettings, index: int, history: List[Dict[str, Any]],
+          parts: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Candidate ``index`` >= population: tournament over the population (the last
+    ``population`` candidates of ``history``, their records in index order) and mutation of its
+    winner. Returns ``(genotype, origin record)``; the draws come from (seed, index) alone."""
+    rng = random.Random(f"autofpn-evolution-{settings.seed}-{index}")  # str seeds are stable across runs
+    population = history[index - settings.population: index]
+    contenders = rng.sample(population, settings.sample_size)
+    parent = max(contenders, key=lambda r: r["fitness"])  # a tie: the first drawn
+    child, change = mutate(parent["genotype"], rng, parts)
+    return child, {"origin": "mutation", "parent": parent["index"],
+                   "tournament": [r["index"] for r in contenders], "mutation": change}
+
+
+def candidate_config(cfg: Dict[str, Any], genotype: Dict[str, Any], settings: EvolutionSettings,
+                     run_dir: str) -> Dict[str, Any]:
+    """The config a candidate trains with: the retrain's model and solver (its norms, backbone,
+    lr) at the search's input sizes (``search.min_size`` / ``max_size``), the part not searched
+    being FPN / the 2-MLP head as in the differentiable search's stages; ``candidate_epochs``
+    epochs (lr steps scaled from ``solver.epochs``), capped by ``search.evolution.max_iters``;
+    one checkpoint kept; no pictures."""
+    c = copy.deepcopy(cfg)
+    c["model"]["transform"] = search_transform(cfg)
+    c["model"]["neck"]["type"] = "auto" if genotype["neck"] is not None else "fpn"
+    c["model"]["head"]["type"] = "auto" if genotype["head"] is not None else "mlp"
+    s = c["solver"]
+    scale = settings.candidate_epochs / max(int(s["epochs"]), 1)
+    s["steps"] = [float(e) * scale for e in s["steps"]]
+    s["epochs"] = settings.candidate_epochs
+    s["max_iters"] = settings.max_iters
+    t = c["train"]
+    t.update({"output_dir": run_dir, "seed": search_seed(cfg), "keep_checkpoints": 1, "eval_period": 0,
+              "auto_resume": True})
+    c["eval"]["draw_images"] = 0
+    return c
+
+
+def unaugmented(dataset):
+    """A view of ``dataset`` (a training set or a Subset of one) without the random flip, to
+    score candidates on: the same records, so the halves' indices stay valid."""
+    from torch.utils.data import Subset
+    if isinstance(dataset, Subset):
+        return Subset(unaugmented(dataset.dataset), dataset.indices)
+    view = copy.copy(dataset)
+    view.hflip_prob = 0.0
+    return view
+
+
+@dataclass
+class Candidate:
+    """What scoring a candidate needs: the two halves, the cost tables, lambda, the context."""
+    cfg: Dict[str, Any]
+    settings: EvolutionSettings
+    half_a: Any
+    half_b: Any
+    cost: Any
+    lam: float
+    ctx: du.DistContext
+
+
+def train_and_score(job: Candidate, genotype: Dict[str, Any], cand_dir: str) -> Dict[str, Any]:
+    """Train ``genotype`` on half A (resuming from ``cand_dir/train``'s checkpoint) and score it
+    on half B. Returns ``{"AP", "AP50", "cost", "fitness", "seconds", "iterations"}`` (+
+    ``"diverged"``: a candidate whose loss became NaN / Inf scores AP 0)."""
+    from autofpn.data import build_loader
+    from autofpn.engine.trainer import NonFiniteLossError, Trainer, seed_everything
+    from autofpn.eval import evaluate_model
+    from autofpn.models.detector import build_detector
+    ctx = job.ctx
+    ccfg = candidate_config(job.cfg, genotype, job.settings, os.path.join(cand_dir, "train"))
+    seed = int(ccfg["train"]["seed"])
+    seed_everything(seed)  # the same initial weights for every candidate (of the parts they share)
+    model = build_detector(ccfg, genotype)
+    seed_everything(seed + ctx.rank)
+    train_loader = build_loader(ccfg, job.half_a, train=True, seed=seed)
+    eval_loader = build_loader(ccfg, job.half_b, train=False)
+
+    def evaluate(net, eval_dir):
+        return evaluate_model(net, eval_loader, job.half_b, eval_dir, "coco", ctx.device, verbose=False)
+
+    trainer = Trainer(ccfg, model, train_loader, ctx, evaluate=evaluate, genotype=genotype)
+    trainer.resume()
+    diverged = None
+    try:
+        summary = trainer.train() or {}
+    except NonFiniteLossError as e:  # an architecture that cannot be trained is unfit, not a crash
+        summary, diverged = {}, str(e)
+    ap = summary.get("AP")
+    ap = float(ap) if isinstance(ap, (int, float)) and math.isfinite(ap) else 0.0
+    ap50 = summary.get("AP50")
+    cost = job.cost.normalized_cost(genotype)
+    result = {"AP": ap, "AP50": float(ap50) if isinstance(ap50, (int, float)) and math.isfinite(ap50) else None,
+              "cost": cost, "lambda": job.lam, "fitness": ap / 100.0 - job.lam * cost,
+              "seconds": trainer.clock.total(), "iterations": trainer.iter}
+    if diverged:
+        result["diverged"] = diverged
+    return result
+
+
+def clean_candidate(cand_dir: str) -> None:
+    """Delete what a scored candidate no longer needs: its checkpoints, final weights and
+    detections (kept: genotype, result, metrics.jsonl, curves, eval metrics.json)."""
+    run = os.path.join(cand_dir, "train")
+    shutil.rmtree(os.path.join(run, "checkpoints"), ignore_errors=True)
+    paths = [os.path.join(run, "model_final.pth")]
+    eval_root = os.path.join(run, "eval")
+    if os.path.isdir(eval_root):
+        for sub in os.listdir(eval_root):
+            paths += [os.path.join(eval_root, sub, n) for n in ("detections.json", "ground_truth.json")]
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _write_json(obj: Any, path: str) -> None:
+    """Atomically (temp file, fsync, rename): a kill leaves the old file or the new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def format_candidate(record: Dict[str, Any], total: int, best: Dict[str, Any]) -> str:
+    """The progress line of one scored candidate."""
+    origin = ("random" if record["origin"] == "random"
+              else f"child of {record['parent']}: {record['mutation']}")
+    return (f"evolution candidate {record['index']}/{total - 1}: fitness {record['fitness']:+.4f} = "
+            f"AP {record['AP']:.2f} / 100 - {record['lambda']:g} x cost {record['cost']:.3f}; "
+            f"{record['seconds']:.0f} s; {origin}; best so far {best['index']} ({best['fitness']:+.4f})")
+
+
+def check_manifest(out_dir: str, manifest: Dict[str, Any], is_main: bool) -> None:
+    """``OUT/evolution.json`` records what the folder's evolution searches (the kept neck
+    included, which the config does not hold); a folder of another evolution is refused."""
+    from autofpn.engine.runs import FolderInUseError
+    path = os.path.join(out_dir, "evolution.json")
+    if os.path.isfile(path):
+        saved = _read_json(path)
+        diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+        if diff:
+            raise FolderInUseError(f"{out_dir} holds an evolution of another setup ({', '.join(diff)} differ); "
+                                   f"use another search.output_dir, or --force to move that one aside")
+    elif is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(manifest, path)
+    du.barrier()
+
+
+def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
+               neck_genotype: Optional[Dict[str, Any]] = None, dataset=None) -> SearchResult:
+    """Run the evolution in ``out_dir`` (resuming what is there); writes ``geno.json`` (the
+    fittest candidate), ``history.json`` (every candidate in order: genotype, origin, AP, cost,
+    fitness, seconds) and ``search_times.json``. ``neck_genotype``: the neck a head-only
+    evolution keeps. ``dataset``: the training set when the caller has built it."""
+    from autofpn.engine.runs import FolderInUseError
+    from autofpn.models.detector import build_detector
+    from autofpn.models.genotype import load_genotype, save_genotype
+
+    settings = evolution_settings(cfg)
+    parts = searched_parts(cfg)
+    kept_neck = fixed_neck(cfg, parts, neck_genotype)
+    lam = resource_lambda(cfg["search"])
+    check_manifest(out_dir, {"parts": list(parts), "kept_neck": kept_neck, "settings": asdict(settings),
+                             "lambda": lam}, ctx.is_main)
+
+    half_a, half_b = search_halves(cfg, dataset)  # fills model.num_classes in
+    # the cost tables of the searched parts' supernets, as the gradient search builds them
+    table_cfg = copy.deepcopy(cfg)
+    table_cfg["model"]["transform"] = search_transform(cfg)
+    table_cfg["model"]["backbone"]["weights"] = "none"  # shapes only
+    supernet = build_detector(table_cfg, search=True)
+    cost = search_resource_cost(table_cfg, supernet.neck if "neck" in parts else None,
+                                supernet.roi_heads.box_head if "head" in parts else None)
+    del supernet
+    job = Candidate(cfg, settings, half_a, unaugmented(half_b), cost, lam, ctx)
+
+    history: List[Dict[str, Any]] = []
+    for index in range(settings.candidates):
+        cand_dir = os.path.join(out_dir, "candidates", f"{index:04d}")
+        if index < settings.population:
+            genotype, origin = random_member(cfg, settings, index, parts, kept_neck), {"origin": "random"}
+        else:
+            genotype, origin = breed(settings, index, history, parts)
+        genotype = validate_genotype({**genotype, "name": f"evolution_{index:04d}",
+                                      "description": ("random initial member" if origin["origin"] == "random"
+                                                      else f"mutation of candidate {origin['parent']}: "
+                                                           f"{origin['mutation']}")})
+        geno_path, result_path = os.path.join(cand_dir, "genotype.json"), os.path.join(cand_dir, "result.json")
+        if os.path.isfile(geno_path) and load_genotype(geno_path) != genotype:
+            raise FolderInUseError(f"{geno_path} is not the candidate this evolution breeds at index {index} "
+                                   f"(another seed, config or code); use another search.output_dir")
+        if os.path.isfile(result_path):
+            result = _read_json(result_path)
+            if ctx.is_main:
+                clean_candidate(cand_dir)  # a kill between result.json and the clean-up
+        else:
+            if ctx.is_main:
+                save_genotype(genotype, geno_path)  # before training: what the folder is training
+            du.barrier()
+            result = train_and_score(job, genotype, cand_dir)
+            if ctx.is_main:
+                _write_json(result, result_path)
+                clean_candidate(cand_dir)
+            du.barrier()
+        record = {"index": index, **origin, **result, "genotype": genotype}
+        history.append(record)
+        best = max(history, key=lambda r: r["fitness"])  # a tie: the earlier candidate
+        if ctx.is_main:
+            _write_json(history, os.path.join(out_dir, "history.json"))
+            print(format_candidate(record, settings.candidates, best), flush=True)
+
+    best = max(history, key=lambda r: r["fitness"])
+    found = validate_genotype({**best["genotype"], "name": "evolution",
+                               "description": f"searched by regularized evolution ({', '.join(parts)}): candidate "
+                                              f"{best['index']} of {settings.candidates}, fitness "
+                                              f"{best['fitness']:+.4f} (AP {best['AP']:.2f} on training half B, "
+                                              f"cost {best['cost']:.3f})"})
+    if ctx.is_main:
+        save_genotype(found, os.path.join(out_dir, "geno.json"))
+        _write_json({"evolution": sum(r["seconds"] for r in history)}, os.path.join(out_dir, "search_times.json"))
+        print(f"evolution: best candidate {best['index']} of {settings.candidates} (fitness {best['fitness']:+.4f}, "
+              f"AP {best['AP']:.2f}, cost {best['cost']:.3f})", flush=True)
+    du.barrier()
+    return SearchResult(genotype=found)

@@ -130,10 +130,14 @@ DEFAULTS: Dict[str, Any] = {
         "max_iters": 0,  # > 0 stops early (tests, smoke runs)
     },
     "search": {
-        "strategy": "differentiable",  # autofpn.search.STRATEGIES: the paper's first-order DARTS-style search
+        # autofpn.search.STRATEGIES: differentiable (the paper's first-order DARTS-style search) |
+        # evolution | snas (the differentiable search on soft Gumbel-softmax samples, search.mode full)
+        "strategy": "differentiable",
         "mode": "full",  # full: the paper's mixed op (every op runs) | gdas: one Gumbel-sampled op per link/edge
         # | sampled_weights: weight steps on a sampled op, architecture steps on the full mixed op
-        "tau": [10.0, 0.1],  # gdas: Gumbel-softmax temperature, annealed linearly from the first to the second
+        # Gumbel-softmax temperature [start, end]: gdas anneals it linearly, search.strategy=snas
+        # exponentially (SNAS starts at 1.0: search.tau=[1.0,0.03]; docs/SEARCH_SPACE.md)
+        "tau": [10.0, 0.1],
         "epochs": 24,
         "stage": "both",  # neck | head | both (neck first, then head with the searched neck)
         "w_lr": 0.02,

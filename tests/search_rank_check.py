@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_search_run.py: a neck search on 2 processes, checking after
+"""Run under torchrun by tests/test_search_run.py and tests/test_snas.py: a neck search
+(search.strategy differentiable or snas) on 2 processes, checking after
 every architecture and weight step that alpha and the weights are identical on all ranks
 (while each rank sees different images). Writes a JSON report on rank 0.
 
@@ -6,14 +7,17 @@ every architecture and weight step that alpha and the weights are identical on a
 """
 import json
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's autofpn, not an installed one
+import torch  # noqa: E402
 
-from autofpn.config import load_config
-from autofpn.engine import distributed as du
-from autofpn.search.differentiable import Searcher, build_search_loaders, stage_config
-from autofpn.engine.trainer import seed_everything
-from autofpn.models.detector import build_detector
+from autofpn.config import load_config  # noqa: E402
+from autofpn.engine import distributed as du  # noqa: E402
+from autofpn.search.differentiable import Searcher, build_search_loaders, stage_config  # noqa: E402
+from autofpn.search.snas import SNASSearcher  # noqa: E402
+from autofpn.engine.trainer import seed_everything  # noqa: E402
+from autofpn.models.detector import build_detector  # noqa: E402
 
 
 def main() -> None:
@@ -23,7 +27,8 @@ def main() -> None:
     seed_everything(int(cfg["train"]["seed"]))
     model = build_detector(cfg, search="neck")
     loader_a, loader_b = build_search_loaders(cfg, ctx)
-    searcher = Searcher(cfg, "neck", model, loader_a, loader_b, ctx, cfg["search"]["output_dir"])
+    searcher_class = SNASSearcher if cfg["search"]["strategy"] == "snas" else Searcher
+    searcher = searcher_class(cfg, "neck", model, loader_a, loader_b, ctx, cfg["search"]["output_dir"])
     alpha_start = model.arch.alpha.detach().clone()
     counts = {"steps": 0, "arch_steps": 0}
     identical = []
@@ -54,13 +59,14 @@ def main() -> None:
         check()
         return out
 
-    paths = []  # search.mode gdas: the one-hot path each forward drew (the same on every rank)
+    # search.mode gdas: the one-hot path each forward drew; snas: the soft sample (the same on every rank)
+    paths = []
     forward_weights = model.arch.forward_weights
 
     def recording_forward_weights():
         weights = forward_weights()
         if model.arch._sampling is not None:
-            paths.append(weights[0].detach().argmax(-1).tolist())
+            paths.append(weights[0].detach().tolist())
         return weights
 
     model.arch.forward_weights = recording_forward_weights

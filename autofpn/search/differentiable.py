@@ -208,16 +208,19 @@ class Searcher:
         start, end = (float(t) for t in self.search_cfg["tau"])
         return start + (end - start) * self.iter / max(self.max_iter - 1, 1)
 
+    def sample_seed(self, step: str) -> int:
+        """The seed of the Gumbel noise of ``step`` ("weight" or "arch") at this iteration, fixed
+        by (search seed, stage, iteration, step): ranks agree and a resumed run draws the same."""
+        return ((search_seed(self.cfg) * 2 + STAGES.index(self.stage)) * 10_000_019
+                + 2 * self.iter + (step == "arch"))
+
     def path(self, step: str):
         """The forwards of ``step`` ("weight" or "arch") run one sampled path per link/edge when
         search.mode samples that step (gdas: both; sampled_weights: the weight step), drawn from
-        a seed fixed by (train.seed, stage, iteration, step), so ranks agree and a resumed run
-        draws the same paths; otherwise (full) a no-op context: every op runs."""
+        ``sample_seed(step)``; otherwise (full) a no-op context: every op runs."""
         if step not in self.sampled_steps:
             return nullcontext()
-        seed = ((search_seed(self.cfg) * 2 + STAGES.index(self.stage)) * 10_000_019
-                + 2 * self.iter + (step == "arch"))
-        return self.model.arch.sampled(self.tau(), seed)
+        return self.model.arch.sampled(self.tau(), self.sample_seed(step))
 
     def arch_step(self, images, targets) -> Dict[str, float]:
         """One Adam step of alpha/beta on a batch of half B; weights get no gradient."""
@@ -369,7 +372,8 @@ class Searcher:
                 batches = zip(iter(self.loader_a), iter(self.loader_b))
                 self._restore_pending_rng()  # mid-epoch: after those draws, as in the first run
                 for (images_a, targets_a), (images_b, targets_b) in batches:
-                    record = {}
+                    # the temperature this iteration's samples use (logged after the increment below)
+                    record = {"tau": self.tau()} if self.sampled else {}
                     if self.iter >= self.arch_start_iter:
                         record.update(self.arch_step(images_b, targets_b))
                     record.update(self.weight_step(images_a, targets_a))
@@ -379,7 +383,7 @@ class Searcher:
                     self.iter += 1
                     if self.iter % log_period == 0 or self.iter == self.max_iter:
                         log.write({"type": "search", "stage": self.stage, "iter": self.iter, "epoch": epoch,
-                                   "lr": lr, **({"tau": self.tau()} if self.sampled else {}), **record})
+                                   "lr": lr, **record})
                         self._log_arch(trajectory, epoch)
                     if self.iter >= self.max_iter:
                         break
@@ -518,16 +522,17 @@ def final_weights(stage_dir: str, stage: str) -> Tensor:
 
 
 def search_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, Any]], ctx: du.DistContext,
-                 stage_dir: str, dataset, desc: Optional[str] = None) -> StageSearch:
+                 stage_dir: str, dataset, desc: Optional[str] = None, searcher_class: type = None) -> StageSearch:
     """One search of ``stage`` in ``stage_dir`` with the seed and data order of ``cfg``; resumes
-    from the newest checkpoint there. ``neck_part``: the searched neck the head stage builds on."""
+    from the newest checkpoint there. ``neck_part``: the searched neck the head stage builds on;
+    ``searcher_class``: ``Searcher`` (default) or a subclass with another relaxation (snas)."""
     from autofpn.models.detector import build_detector
     from autofpn.models.genotype import save_genotype
     loader_a, loader_b = build_search_loaders(cfg, ctx, dataset)
     stage_cfg = stage_config(cfg, stage, {"neck": neck_part} if neck_part else None)
     seed_everything(search_seed(cfg))  # same supernet and alpha on every rank
     model = build_detector(stage_cfg, genotype={"neck": neck_part, "head": None}, search=stage)
-    searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, stage_dir, desc=desc)
+    searcher = (searcher_class or Searcher)(stage_cfg, stage, model, loader_a, loader_b, ctx, stage_dir, desc=desc)
     searcher.resume()
     stage_geno = searcher.search()
     if ctx.is_main:
@@ -539,7 +544,8 @@ def search_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, 
 
 
 def search_ensemble_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[Dict[str, Any]],
-                          ctx: du.DistContext, stage_dir: str, dataset) -> Tuple[StageSearch, Dict[str, Any]]:
+                          ctx: du.DistContext, stage_dir: str, dataset,
+                          searcher_class: type = None) -> Tuple[StageSearch, Dict[str, Any]]:
     """``search.ensemble`` = K searches of ``stage``, seeds ``search_seed .. +K-1`` (each exactly
     the search that seed would run alone), in ``<stage_dir>/seed_<s>/``; the stage is decoded
     from the mean of their final softmaxed weights. Decisions that follow one supernet's
@@ -563,7 +569,8 @@ def search_ensemble_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[D
         member_cfg = copy.deepcopy(cfg)
         member_cfg["search"]["seed"] = seed
         members.append(search_stage(member_cfg, stage, neck_part, ctx, member_dir, dataset,
-                                    desc=f"search {stage} seed {seed} ({k + 1}/{count})"))
+                                    desc=f"search {stage} seed {seed} ({k + 1}/{count})",
+                                    searcher_class=searcher_class))
     mean = torch.stack([m.weights for m in members]).mean(dim=0)
     levels = cfg["model"]["neck"]["levels"]
     rule = cfg["search"]["decode_rule"]
@@ -604,11 +611,13 @@ def format_ensemble(stage: str, report: Dict[str, Any]) -> str:
 
 
 def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
-               neck_genotype: Optional[Dict[str, Any]] = None, dataset=None) -> SearchResult:
+               neck_genotype: Optional[Dict[str, Any]] = None, dataset=None,
+               searcher_class: type = None) -> SearchResult:
     """Run the configured stages; a finished stage (its ``<stage>/genotype.json`` exists) is not
     run again, an interrupted one resumes from its newest checkpoint. With ``search.ensemble`` > 1
     each stage is several searches (``search_ensemble_stage``). Writes ``geno.json`` and
-    ``search_times.json``. ``dataset``: the training set when the caller has built it."""
+    ``search_times.json``. ``dataset``: the training set when the caller has built it;
+    ``searcher_class``: the stages' ``Searcher`` (another strategy's subclass: snas)."""
     from autofpn.data import build_dataset
     from autofpn.models.genotype import GENOTYPE_VERSION, load_genotype, save_genotype, validate_genotype
     from autofpn.search.decode import decisiveness
@@ -633,7 +642,7 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
                 times[stage] = seconds
             continue
         if ensemble:
-            found, report = search_ensemble_stage(cfg, stage, parts["neck"], ctx, stage_dir, dataset)
+            found, report = search_ensemble_stage(cfg, stage, parts["neck"], ctx, stage_dir, dataset, searcher_class)
             result.ensemble[stage] = report
             if ctx.is_main:
                 with open(os.path.join(stage_dir, "ensemble.json"), "w") as f:
@@ -649,7 +658,7 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
                 print(format_ensemble(stage, report), flush=True)
             du.barrier()
         else:
-            found = search_stage(cfg, stage, parts["neck"], ctx, stage_dir, dataset)
+            found = search_stage(cfg, stage, parts["neck"], ctx, stage_dir, dataset, searcher_class=searcher_class)
         parts[stage] = found.part
         result.stage_weights[stage] = found.weights
         result.decisiveness[stage] = decisiveness(found.weights, NECK_OPS if stage == "neck" else HEAD_OPS)
@@ -660,6 +669,8 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
     result.genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
                                          "decode_rule": cfg["search"]["decode_rule"],
                                          "description": f"searched by search.py ({', '.join(stages_to_run(cfg))}"
+                                                        + (f", {cfg['search']['strategy']}"
+                                                           if cfg["search"]["strategy"] != "differentiable" else "")
                                                         + (f", ensemble of {cfg['search']['ensemble']} searches per stage"
                                                            if ensemble else "") + ")",
                                          "neck": parts["neck"], "head": parts["head"]})

@@ -13,6 +13,8 @@ an interrupted stage resumes from its newest checkpoint. Outputs in ``search.out
 +K-1) in ``<stage>/seed_<s>/``, decoded from their mean weights (``<stage>/ensemble.json``).
 ``search.strategy=evolution`` runs regularized evolution instead: ``candidates/<i>/`` (genotype,
 training run, result), ``history.json``, ``geno.json`` (the fittest candidate); no heat maps.
+``search.strategy=snas`` runs the same stages and outputs as the default, each op weighted by a
+soft Gumbel-softmax sample of alpha / beta (SNAS; ``search.tau=[1.0,0.03]`` is the paper's).
 Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
 """
 import argparse

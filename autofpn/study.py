@@ -21,7 +21,9 @@ search is a unit in ``DIR/searches/<preset>/``. Units run as subprocesses (``--j
 the CPU threads divided between them) that die with the study. Running the same command again
 skips finished units and resumes an interrupted one from its newest checkpoint (train.py and
 search.py resume by themselves), so a kill -9 loses at most a unit's progress since its last
-checkpoint. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
+checkpoint. Two invocations on one folder at once (a second ``--tag`` started while the first
+runs) never run a unit twice: each unit is claimed with a lock (``running.lock``), and a unit
+that another study process holds is left to it. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
 the others; it is retried only with ``--retry-failed``. ``DIR/study_config.json`` records the
 training config: a folder is never continued with another config.
 
@@ -37,6 +39,7 @@ and the aggregates) and ``pareto.png`` (AP against neck + head params).
 """
 import argparse
 import ctypes
+import fcntl
 import json
 import math
 import os
@@ -48,7 +51,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fpn", "panet", "ssd")
@@ -188,10 +191,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def claim_unit(unit: Unit) -> Optional[IO]:
+    """An exclusive lock on ``unit.folder/running.lock`` (``fcntl.flock``, non-blocking): the open
+    lock file while this process may run the unit, None when another study process on the same
+    folder runs it now. Two invocations whose unit lists overlap (another ``--tag`` started while
+    the first runs: every invocation runs all the folder's variants) would otherwise train one
+    unit twice into one run folder. The OS drops the lock when its process dies (kill -9
+    included), so a crashed study never leaves a unit claimed."""
+    os.makedirs(unit.folder, exist_ok=True)
+    lock = open(os.path.join(unit.folder, "running.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
 class Running:
-    def __init__(self, unit: Unit, env: Dict[str, str]):
+    def __init__(self, unit: Unit, env: Dict[str, str], lock: IO):
         self.unit = unit
-        os.makedirs(unit.folder, exist_ok=True)
+        self.lock = lock  # held until the unit ends (claim_unit)
         self.prior = _elapsed_before(unit)
         self.start = time.perf_counter()
         self.last_save = self.start
@@ -259,13 +279,21 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     say(f"study: {unit.key} not run: a unit it needs failed ({', '.join(unit.deps)})")
                 elif all(s == "done" for s in dep_states):
                     todo.remove(unit)
+                    lock = claim_unit(unit)
+                    if lock is None or unit.is_done():  # done: by the process that just let it go
+                        if lock is not None:
+                            lock.close()
+                        status[unit.key] = "done" if unit.is_done() else "waiting"
+                        say(f"study: {unit.key} " + ("was finished by another study process" if unit.is_done()
+                                                     else "runs in another study process: not run here"))
+                        continue
                     resumed = " (resuming)" if os.path.isfile(os.path.join(unit.folder, "log.txt")) else ""
                     say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
-                    running.append(Running(unit, env))
+                    running.append(Running(unit, env, lock))
             if not running:
                 for unit in todo:
                     status[unit.key] = "waiting"
-                    say(f"study: {unit.key} waits for {', '.join(unit.deps)} (another shard's unit)")
+                    say(f"study: {unit.key} waits for {', '.join(unit.deps)} (another shard's or study process's unit)")
                 break
             time.sleep(0.5)
             for run in list(running):
@@ -283,6 +311,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     try:
                         run.unit.finish(seconds)
                         status[run.unit.key] = "done"
+                        run.lock.close()  # after result.json: a process waiting on the lock sees it done
                         say(f"study: done  {run.unit.key} in {seconds:.0f} s  [{finished}/{total}]")
                         continue
                     except Exception as e:  # an unreadable result is a failed unit, not a dead study
@@ -292,6 +321,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                 status[run.unit.key] = "failed"
                 with open(run.unit.error_path, "w") as f:
                     f.write(f"{reason}\n{_log_tail(run.unit.folder)}\n")
+                run.lock.close()
                 say(f"study: FAILED {run.unit.key} ({reason}); log: {os.path.join(run.unit.folder, 'log.txt')}")
     finally:
         for run in running:  # interrupted (Ctrl-C): stop the children, keep their checkpoints
@@ -299,6 +329,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
             run.process.wait()
             run.save_elapsed()
             run.log.close()
+            run.lock.close()
     return status
 
 

@@ -2,6 +2,7 @@
 killed with kill -9 in the middle of a unit ends, once rerun, with the numbers (and weights) of
 one that was not interrupted; random genotypes are valid, reproducible and distinct; shards."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -237,3 +238,35 @@ def test_study_folder_made_before_a_config_key_was_added_still_resumes(tmp_path)
     del record["training"]["model"]["detector"], record["variants"][0]["search"]["strategy"]  # as written before
     path.write_text(json.dumps(record))
     assert [v.tag for v in check_study_config(str(tmp_path), DEMO, [], 0, lambdas=["middle"])] == [""]
+
+
+def test_a_unit_another_study_process_runs_is_not_run_twice(tmp_path):
+    """Two study invocations on one folder (a second --tag started while the first runs) list the
+    same units: a unit whose lock another process holds is left to it, and a unit that process
+    finished while this one waited for the lock counts as done; the lock of a finished unit is
+    released, so a later invocation may take it."""
+    from autofpn.study import Unit, claim_unit, run_units
+    marker = tmp_path / "ran.txt"
+
+    def unit(name):
+        folder = str(tmp_path / name)
+        return Unit(name, folder, lambda: [sys.executable, "-c",
+                                           f"open({str(marker)!r}, 'a').write({name!r} + '\\n')"],
+                    finish=lambda seconds, folder=folder: open(os.path.join(folder, "result.json"), "w").write("{}"))
+
+    busy, free, after_busy = unit("busy"), unit("free"), unit("after_busy")
+    after_busy.deps = ["busy"]
+    held = claim_unit(busy)  # "another study process" runs busy
+    assert held is not None and claim_unit(busy) is None
+    said = []
+    status = run_units([busy, free, after_busy], jobs=2, threads_per_job=1, say=said.append)
+    assert status == {"busy": "waiting", "free": "done", "after_busy": "waiting"}, (status, said)
+    assert marker.read_text().split() == ["free"]
+    assert any("busy runs in another study process" in line for line in said), said
+    held.close()
+    lock = claim_unit(free)  # released when its unit finished
+    assert lock is not None
+    lock.close()
+    status = run_units([busy, free, after_busy], jobs=1, threads_per_job=1, say=said.append)
+    assert status == {"busy": "done", "free": "done", "after_busy": "done"}, status
+    assert sorted(marker.read_text().split()) == ["after_busy", "busy", "free"]

@@ -304,3 +304,19 @@ def test_head_evolution_keeps_the_given_neck(tmp_path, synthetic_root):
     result = subprocess.run(cmd + ["--neck-genotype", str(other)], cwd=str(REPO), capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 2 and "kept_neck" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_candidate_trains_on_the_retrain_schedule_scaled_to_its_epochs():
+    """lr steps and warm-up shrink with the candidate's share of the retrain's epochs (the demo's
+    50 warm-up iterations would outlast a one-epoch candidate); the model and lr stay the retrain's."""
+    from autofpn.config import load_config
+    from autofpn.search.evolution import candidate_config, evolution_settings
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                      ["search.evolution.candidate_epochs=1", "search.evolution.population=2",
+                       "search.evolution.sample_size=2", "search.evolution.candidates=2"])
+    settings = evolution_settings(cfg)
+    c = candidate_config(cfg, _genotype(0, ("neck",)), settings, "/tmp/unused")
+    assert c["solver"]["epochs"] == 1 and c["solver"]["lr"] == cfg["solver"]["lr"]
+    assert c["solver"]["steps"] == [0.75]  # demo: step at epoch 3 of 4
+    assert c["solver"]["warmup_iters"] == 12  # demo: 50 of 4 epochs -> 12.5, rounded to even
+    assert c["model"]["neck"]["type"] == "auto" and c["model"]["head"]["type"] == "mlp"

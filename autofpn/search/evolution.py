@@ -207,7 +207,7 @@ def candidate_config(cfg: Dict[str, Any], genotype: Dict[str, Any], settings: Ev
     """The config a candidate trains with: the retrain's model and solver (its norms, backbone,
     lr) at the search's input sizes (``search.min_size`` / ``max_size``), the part not searched
     being FPN / the 2-MLP head as in the differentiable search's stages; ``candidate_epochs``
-    epochs (lr steps scaled from ``solver.epochs``), capped by ``search.evolution.max_iters``;
+    epochs (lr steps and warm-up scaled from ``solver.epochs``), capped by ``search.evolution.max_iters``;
     one checkpoint kept; no pictures."""
     c = copy.deepcopy(cfg)
     c["model"]["transform"] = search_transform(cfg)
@@ -216,6 +216,9 @@ def candidate_config(cfg: Dict[str, Any], genotype: Dict[str, Any], settings: Ev
     s = c["solver"]
     scale = settings.candidate_epochs / max(int(s["epochs"]), 1)
     s["steps"] = [float(e) * scale for e in s["steps"]]
+    # the warm-up shrinks with the schedule: unscaled, the demo's 50 iterations outlast a
+    # one-epoch candidate (38 iterations on half A), which never trains at the full lr
+    s["warmup_iters"] = int(round(int(s["warmup_iters"]) * min(scale, 1.0)))
     s["epochs"] = settings.candidate_epochs
     s["max_iters"] = settings.max_iters
     t = c["train"]

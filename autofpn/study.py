@@ -53,6 +53,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
+from autofpn.engine.checkpoint import atomic_write_json as write_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fpn", "panet", "ssd")
 LAMBDA_PRESETS = ("small", "middle", "large")
@@ -159,17 +161,6 @@ class Unit:
 
     def has_failed(self) -> bool:
         return os.path.isfile(self.error_path)
-
-
-def write_json(obj: Any, path: str) -> None:
-    """Atomic JSON write (temp file, fsync, rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> Any:

@@ -13,6 +13,7 @@ fsynced after the rename. A SIGKILL at any point therefore leaves either the old
 never a truncated one, and ``last_checkpoint`` is only updated after the file is in place.
 """
 import glob
+import json
 import os
 import random
 import re
@@ -59,6 +60,13 @@ def _atomic_write_text(text: str, path: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file, fsync, rename; the folder
+    is created): a kill leaves the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write_text(json.dumps(obj, indent=2), path)
 
 
 class CheckpointError(RuntimeError):

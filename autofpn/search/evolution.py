@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from autofpn.engine import distributed as du
+from autofpn.engine.checkpoint import atomic_write_json
 from autofpn.models.genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
 from autofpn.search.differentiable import (SearchResult, resource_lambda, search_halves, search_resource_cost,
@@ -305,16 +306,6 @@ def clean_candidate(cand_dir: str) -> None:
             os.remove(path)
 
 
-def _write_json(obj: Any, path: str) -> None:
-    """Atomically (temp file, fsync, rename): a kill leaves the old file or the new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -342,7 +333,7 @@ def check_manifest(out_dir: str, manifest: Dict[str, Any], is_main: bool) -> Non
                                    f"use another search.output_dir, or --force to move that one aside")
     elif is_main:
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(manifest, path)
+        atomic_write_json(manifest, path)
     du.barrier()
 
 
@@ -399,14 +390,14 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
             du.barrier()
             result = train_and_score(job, genotype, cand_dir)
             if ctx.is_main:
-                _write_json(result, result_path)
+                atomic_write_json(result, result_path)
                 clean_candidate(cand_dir)
             du.barrier()
         record = {"index": index, **origin, **result, "genotype": genotype}
         history.append(record)
         best = max(history, key=lambda r: r["fitness"])  # a tie: the earlier candidate
         if ctx.is_main:
-            _write_json(history, os.path.join(out_dir, "history.json"))
+            atomic_write_json(history, os.path.join(out_dir, "history.json"))
             print(format_candidate(record, settings.candidates, best), flush=True)
 
     best = max(history, key=lambda r: r["fitness"])
@@ -417,7 +408,7 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
                                               f"cost {best['cost']:.3f})"})
     if ctx.is_main:
         save_genotype(found, os.path.join(out_dir, "geno.json"))
-        _write_json({"evolution": sum(r["seconds"] for r in history)}, os.path.join(out_dir, "search_times.json"))
+        atomic_write_json({"evolution": sum(r["seconds"] for r in history)}, os.path.join(out_dir, "search_times.json"))
         print(f"evolution: best candidate {best['index']} of {settings.candidates} (fitness {best['fitness']:+.4f}, "
               f"AP {best['AP']:.2f}, cost {best['cost']:.3f})", flush=True)
     du.barrier()

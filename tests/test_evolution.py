@@ -3,10 +3,8 @@ search -> train.py, kill -9 + resume to the same children, the folder guard, con
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_run import tiny_opts  # noqa: E402
+from test_search_run import _kill9_at, tiny_opts  # noqa: E402
 
 from autofpn.config import ConfigError, load_config  # noqa: E402
 from autofpn.models.genotype import load_genotype, validate_genotype  # noqa: E402
@@ -249,15 +247,8 @@ def test_kill9_resumes_without_retraining_and_breeds_the_same_children(finished,
     first_result = os.path.join(killed, "candidates", "0000", "result.json")
     # checkpoints every iteration, so the kill lands in candidate 1's training, after a checkpoint
     cmd = _search_cmd(synthetic_root, killed, **{"train.checkpoint_period": 1})
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(killed, "candidates", "0001", "train", "checkpoints", "ckpt_0000001.pth")
-    deadline = time.time() + 300
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert os.path.exists(ckpt), "the run ended before candidate 1's first checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill9_at(cmd, dict(os.environ, OMP_NUM_THREADS="1"),
+              os.path.join(killed, "candidates", "0001", "train", "checkpoints", "ckpt_0000001.pth"))
     assert os.path.isfile(first_result) and not os.path.exists(os.path.join(killed, "geno.json"))
     assert not os.path.exists(os.path.join(killed, "candidates", "0001", "result.json"))
     mtime = os.stat(first_result).st_mtime_ns

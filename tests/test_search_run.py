@@ -52,13 +52,15 @@ def synthetic_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
 
 
-def _searcher(cfg, stage="neck", out_dir="/tmp/unused"):
+def _searcher(cfg, stage="neck", out_dir="/tmp/unused", searcher_class=Searcher):
+    """A ``searcher_class`` of ``stage`` built from seed 0 (the same supernet and alpha for any
+    class), with the loaders of its two data halves."""
     ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     torch.manual_seed(0)
     stage_cfg = stage_config(cfg, stage, None)
     model = build_detector(stage_cfg, search=stage)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
-    return Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir), loader_a, loader_b
+    return searcher_class(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir), loader_a, loader_b
 
 
 def test_search_seed_defaults_to_the_training_seed_and_sets_the_data_order(synthetic_root, tmp_path):

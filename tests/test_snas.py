@@ -14,17 +14,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_run import tiny_opts  # noqa: E402
+from test_search_run import _searcher, tiny_opts  # noqa: E402
 
 import search as search_script  # noqa: E402
 from autofpn.config import ConfigError, load_config  # noqa: E402
-from autofpn.engine import distributed as du  # noqa: E402
 from autofpn.engine.checkpoint import load_checkpoint  # noqa: E402
 from autofpn.engine.logging import read_metrics  # noqa: E402
-from autofpn.models.detector import build_detector  # noqa: E402
 from autofpn.models.genotype import load_genotype  # noqa: E402
 from autofpn.search import get_strategy  # noqa: E402
-from autofpn.search.differentiable import Searcher, build_search_loaders, stage_config  # noqa: E402
 from autofpn.search.snas import SNASSearcher, check_config, snas_tau  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -34,16 +31,6 @@ SNAS = {"search.strategy": "snas", "search.tau": "[1.0,0.03]", "train.tensorboar
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
-
-
-def _searcher(cfg, searcher_class, stage="neck", out_dir="/tmp/unused"):
-    """A searcher of ``stage`` built from seed 0 (the same supernet and alpha for any class)."""
-    ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    torch.manual_seed(0)
-    stage_cfg = stage_config(cfg, stage, None)
-    model = build_detector(stage_cfg, search=stage)
-    loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
-    return searcher_class(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir), loader_a, loader_b
 
 
 def _arch_step_gradient(searcher, images, targets):
@@ -63,9 +50,8 @@ def test_the_architecture_step_differentiates_through_the_soft_sample(tmp_path, 
     non-zero gradient that is not the deterministic softmax search's (same supernet, same
     batch): the noise is used; every op ran, each weighted by a strictly positive sample."""
     cfg = load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **SNAS))
-    snas, _, loader_b = _searcher(cfg, SNASSearcher, stage, str(tmp_path))
-    plain, _, _ = _searcher(load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path))), Searcher, stage,
-                            str(tmp_path))
+    snas, _, loader_b = _searcher(cfg, stage, str(tmp_path), SNASSearcher)
+    plain, _, _ = _searcher(load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path))), stage, str(tmp_path))
     assert torch.equal(snas.arch_params[0], plain.arch_params[0])
     images, targets = next(iter(loader_b))
 
@@ -92,7 +78,7 @@ def test_the_architecture_step_differentiates_through_the_soft_sample(tmp_path, 
 def test_temperature_anneals_exponentially_from_the_first_to_the_last_iteration(tmp_path, synthetic_root):
     """(b) tau(i) = start x (end / start) ^ (i / (max_iter - 1)), and the step's sample uses it."""
     cfg = load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **SNAS))
-    searcher, _, _ = _searcher(cfg, SNASSearcher, "neck", str(tmp_path))
+    searcher, _, _ = _searcher(cfg, "neck", str(tmp_path), SNASSearcher)
     searcher.max_iter = 101
     for i, expected in ((0, 1.0), (50, math.sqrt(0.03)), (25, 0.03 ** 0.25), (100, 0.03)):
         searcher.iter = i
@@ -112,7 +98,7 @@ def test_the_sample_is_seeded_by_iteration_and_step_and_uses_the_log_probabiliti
     """(c) Same seed and iteration -> the same soft sample; another iteration or step -> another;
     the sample is softmax((log softmax(alpha) + g) / tau) with g from the seed's generator."""
     cfg = load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **SNAS))
-    searcher, _, _ = _searcher(cfg, SNASSearcher, "neck", str(tmp_path))
+    searcher, _, _ = _searcher(cfg, "neck", str(tmp_path), SNASSearcher)
     arch = searcher.model.arch
 
     def sample(iteration, step):
@@ -124,7 +110,7 @@ def test_the_sample_is_seeded_by_iteration_and_step_and_uses_the_log_probabiliti
     assert torch.equal(first, sample(3, "arch"))
     assert not torch.equal(first, sample(4, "arch")) and not torch.equal(first, sample(3, "weight"))
     # a second searcher of the same config (another process, a resumed run) draws the same
-    other, _, _ = _searcher(cfg, SNASSearcher, "neck", str(tmp_path))
+    other, _, _ = _searcher(cfg, "neck", str(tmp_path), SNASSearcher)
     other.iter = 3
     with other.path("arch"):
         assert torch.equal(other.model.arch.forward_weights()[0].detach(), first)

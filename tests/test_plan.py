@@ -24,8 +24,9 @@ import torch
 from autofpn.config import load_config
 from autofpn.models.detector import parameter_breakdown
 from autofpn.search.cost import ResourceCost
-from autofpn.search.plan import (GPU_PEAK_FLOPS, STAGES, build_stage_model, format_plan, plan_search,
-                                 representative_genotype, search_compute, training_image_size)
+from autofpn.search.plan import (GPU_PEAK_FLOPS, STAGES, build_stage_model, evolution_candidate, format_compute,
+                                 format_plan, main, plan_search, random_search_compute, representative_genotype,
+                                 search_compute, training_image_size)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = 256
@@ -225,3 +226,144 @@ def test_dry_run_prints_the_whole_search_compute(tmp_path):
     # a sampled mode is planned as the full mixed op (its upper bound), and says so
     out = subprocess.run(cmd + ["search.mode=gdas"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert "an upper bound for search.mode gdas" in out
+
+
+# the strategies of the paper's Table 8: one plan of the small size, an evolution candidate
+# included, the backbone's stem and first stage frozen as the retrain freezes them
+@pytest.fixture(scope="module")
+def evolution_plan():
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                      SMALL_OPTS + ["search.strategy=evolution", "model.backbone.frozen_stages=1"])
+    return cfg, plan_search(cfg)
+
+
+def updated(cfg, sections):
+    """A copy of ``cfg`` with each dotted section of ``sections`` ({"search.evolution": {...}}) updated."""
+    import copy
+    cfg = copy.deepcopy(cfg)
+    for path, values in sections.items():
+        node = cfg
+        for key in path.split("."):
+            node = node[key]
+        node.update(values)
+    return cfg
+
+
+def step_by_hand(stage_plan):
+    """forward + 2 x the forward of all but the frozen stem and first backbone stage."""
+    f = stage_plan["flops"]
+    return f["total"] + 2 * (f["total"] - stage_plan["frozen_backbone_flops"])
+
+
+def test_frozen_backbone_flops_are_the_frozen_stages_forward(evolution_plan):
+    """model.backbone.frozen_stages=1: the stem conv and layer1 (no backward through them), counted
+    by hand; a search stage freezes the whole backbone."""
+    from autofpn.search.cost import count_cost
+    cfg, plan = evolution_plan
+    model = build_stage_model(cfg, "decoded", representative_genotype(cfg))
+    body = model.backbone.body
+    stem = 2 * 64 * (IMAGE // 2) ** 2 * 3 * 7 * 7  # conv1: 64 x 128 x 128 outputs of a 3 x 7 x 7 kernel
+    layer1 = count_cost(body.layer1, torch.empty(1, 64, IMAGE // 4, IMAGE // 4, device="meta")).flops
+    for p in (plan["stages"]["decoded"], plan["candidate"]):  # both train as the retrain does
+        assert p["frozen_backbone_flops"] == pytest.approx(stem + layer1)
+        assert 0 < p["frozen_backbone_flops"] < p["flops"]["backbone"]
+    for stage in ("search: neck", "search: head"):
+        p = plan["stages"][stage]
+        assert p["frozen_backbone_flops"] == pytest.approx(p["flops"]["backbone"])
+
+
+def test_evolution_compute_is_candidates_times_training_and_evaluation(evolution_plan):
+    """By hand: candidates x (candidate_epochs x |half A| training steps + |half B| forwards) of the
+    planned candidate; linear in candidates and candidate_epochs; max_iters caps the training."""
+    cfg, plan = evolution_plan
+    e = cfg["search"]["evolution"]
+    candidate = plan["candidate"]
+    assert candidate["image_size"] == (IMAGE, IMAGE)
+    assert (candidate["neck_type"], candidate["head_type"]) == ("auto", "auto")
+    half = 500
+    one_candidate = e["candidate_epochs"] * half * step_by_hand(candidate) + half * candidate["flops"]["total"]
+    compute = search_compute(cfg, plan, train_images=2 * half, utilization=0.5)
+    assert compute["strategy"] == "evolution" and compute["architectures"] == e["candidates"]
+    assert compute["flops"]["total"] == pytest.approx(e["candidates"] * one_candidate)
+    for gpu, peak in GPU_PEAK_FLOPS.items():
+        assert compute["gpu_days"][gpu] == pytest.approx(e["candidates"] * one_candidate / (peak * 0.5) / 86400)
+    more = search_compute(updated(cfg, {"search.evolution": {"candidates": 3 * e["candidates"]}}),
+                          plan, 2 * half, 0.5)
+    assert more["flops"]["total"] == pytest.approx(3 * compute["flops"]["total"])
+    longer = search_compute(updated(cfg, {"search.evolution": {"candidate_epochs": 2 * e["candidate_epochs"]}}),
+                            plan, 2 * half, 0.5)
+    assert longer["flops"]["train"] == pytest.approx(2 * compute["flops"]["train"])
+    assert longer["flops"]["evaluate"] == pytest.approx(compute["flops"]["evaluate"])
+    # max_iters x images_per_batch images per candidate, below the epochs' 6 x 500
+    capped_cfg = updated(cfg, {"search.evolution": {"max_iters": 10}, "data": {"images_per_batch": 4}})
+    capped = search_compute(capped_cfg, plan, 2 * half, 0.5)
+    assert capped["images_per_candidate"] == 40
+    assert capped["flops"]["total"] == pytest.approx(
+        e["candidates"] * (40 * step_by_hand(candidate) + half * candidate["flops"]["total"]))
+    assert "capped at max_iters 10 x 4 images = 40 images" in format_compute(capped)
+    # an odd training set: half A = N // 2 trains, half B = the rest evaluates
+    odd = search_compute(cfg, plan, 2 * half + 1, 0.5)
+    assert (odd["half_a"], odd["half_b"]) == (half, half + 1)
+    with pytest.raises(ValueError, match="no evolution candidate"):
+        search_compute(cfg, {k: v for k, v in plan.items() if k != "candidate"}, 2 * half)
+
+
+def test_evolution_candidate_is_what_the_evolution_trains(evolution_plan):
+    """The part an evolution does not search is FPN / the given neck / the 2-MLP head; the
+    candidate trains at the search's input size."""
+    cfg, _ = evolution_plan
+    genotype = representative_genotype(cfg)
+    fpn = json.loads((REPO / "configs" / "genotypes" / "fpn.json").read_text())
+    for stage, given, neck, head in (("both", None, "auto", "auto"), ("neck", None, "auto", "mlp"),
+                                     ("head", None, "fpn", "auto"), ("head", fpn, "auto", "auto")):
+        ccfg, candidate = evolution_candidate(updated(cfg, {"search": {"stage": stage}}), genotype, given)
+        assert (ccfg["model"]["neck"]["type"], ccfg["model"]["head"]["type"]) == (neck, head), stage
+        assert (candidate["neck"] is None) == (neck == "fpn") and (candidate["head"] is None) == (head == "mlp")
+        if given is not None:
+            assert candidate["neck"] == fpn["neck"]
+    ccfg, _ = evolution_candidate(updated(cfg, {"search": {"min_size": [128], "max_size": 160}}), genotype, None)
+    assert training_image_size(ccfg) == (128, 160)
+
+
+def test_gradient_and_snas_searches_cost_the_same(evolution_plan):
+    cfg, plan = evolution_plan
+    gradient = search_compute(updated(cfg, {"search": {"strategy": "differentiable"}}), plan, 1000, 0.5)
+    snas = search_compute(updated(cfg, {"search": {"strategy": "snas"}}), plan, 1000, 0.5)
+    assert (gradient["strategy"], snas["strategy"]) == ("differentiable", "snas")
+    assert gradient["architectures"] == snas["architectures"] == 1
+    assert snas["flops"] == gradient["flops"] and snas["gpu_days"] == gradient["gpu_days"]
+    assert format_compute(snas).startswith("SNAS: ") and format_compute(snas).endswith(format_compute(gradient))
+    with pytest.raises(ValueError, match="search.strategy 'grid'"):
+        search_compute(updated(cfg, {"search": {"strategy": "grid"}}), plan, 1000)
+
+
+def test_random_search_is_k_retrains(evolution_plan):
+    """One retrain: solver.epochs x N training steps of the decoded model (at the training size);
+    K architectures: K of them; solver.max_iters caps each."""
+    cfg, plan = evolution_plan
+    decoded = plan["stages"]["decoded"]
+    one = random_search_compute(cfg, plan, train_images=300, utilization=0.5)
+    assert one["strategy"] == "random" and one["architectures"] == 1
+    assert one["flops"]["total"] == pytest.approx(cfg["solver"]["epochs"] * 300 * step_by_hand(decoded))
+    ten = random_search_compute(cfg, plan, 300, architectures=10, utilization=0.5)
+    assert ten["flops"]["total"] == pytest.approx(10 * one["flops"]["total"])
+    assert ten["gpu_days"]["V100"] == pytest.approx(10 * one["gpu_days"]["V100"])
+    capped_cfg = updated(cfg, {"solver": {"max_iters": 5}, "data": {"images_per_batch": 2}})
+    capped = random_search_compute(capped_cfg, plan, 300, architectures=2, utilization=0.5)
+    assert capped["flops"]["total"] == pytest.approx(2 * 10 * step_by_hand(decoded))
+    assert "(capped at max_iters 5 x 2 images = 10 images; the decoded model" in format_compute(capped)
+    assert "Random search of 10 architectures" in format_compute(ten)
+    with pytest.raises(ValueError, match="architectures"):
+        random_search_compute(cfg, plan, 300, architectures=0)
+
+
+def test_cli_prints_the_evolution_and_random_search_compute():
+    cmd = [sys.executable, "-m", "autofpn.search.plan", "--cfg", str(REPO / "configs" / "demo.yaml"),
+           "--train-images", "300", "--random-architectures", "4", "--gpu-utilization", "0.5",
+           "--opts", *SMALL_OPTS, "search.strategy=evolution"]
+    out = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, check=True).stdout
+    assert "Evolution over 300 training images: 50 candidates x 6 epochs on half A (150 images)" in out
+    assert "Random search of 4 architectures, each retrained" in out
+    assert out.count("at an assumed 50 % of dense fp32 peak: V100") == 2
+    with pytest.raises(SystemExit):
+        main(["--random-architectures", "4"])  # needs --train-images

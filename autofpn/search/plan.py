@@ -8,10 +8,14 @@ Stages (as ``search.py`` runs them):
   ``genotype`` + head supernet.
 - ``decoded``      = ``build_detector(cfg, genotype)`` with ``model.neck.type = auto`` and
   ``model.head.type = auto``: the model that is retrained.
+- ``evolution candidate`` (``plan["candidate"]``, only when ``search.strategy`` is evolution) =
+  ``build_detector(evolution.candidate_config(cfg, candidate), candidate)``: what each evolution
+  candidate trains, the searched parts (``search.stage``) decoded, the other part the one the
+  evolution keeps (FPN or the given neck; the 2-MLP head), at the search's input size.
 
 In both search stages the backbone is frozen when ``search.freeze_backbone`` (its parameters do
-not require grad, so autograd saves nothing inside it); the decoded model freezes
-``model.backbone.frozen_stages`` as in training.
+not require grad, so autograd saves nothing inside it); the decoded model and an evolution
+candidate freeze ``model.backbone.frozen_stages`` as in training.
 
 How it is counted (everything on the ``meta`` device: shapes only, no memory, no compute, so the
 paper size is planned in seconds on a laptop):
@@ -34,16 +38,30 @@ paper size is planned in seconds on a laptop):
   params), the RPN/RoI losses and box bookkeeping (kilobytes), allocator overhead. The check
   against measured peak memory on CPU is in ``tests/test_plan.py`` and ``docs/SEARCH_PLAN.md``.
 
-Compute of a whole search (``search_compute``, printed when the training set's size is given):
-per search stage, weight steps on half A every epoch and, after the warm-up
-(``search.arch_start_epoch_fraction``), architecture steps on half B, i.e.
-``epochs x N/2 x (1 + (1 - arch_start_fraction))`` images. A weight step costs the forward plus
-twice the forward of what trains (the backbone is frozen: no backward in it); an architecture
-step (first order) the forward plus once that, since it needs the activations' gradients but
-not the weights'. GPU-days = that compute / (an assumed fraction of the GPU's dense fp32 peak),
-the supernet's depthwise and dilated convolutions not running on tensor cores.
+Compute of a whole search (``search_compute``, printed when the training set's size is given),
+by ``search.strategy`` (the paper's Table 8 compares these at their search cost):
 
-``python -m autofpn.search.plan --cfg configs/coco.yaml [--genotype G] [--train-images N] [--opts k=v ...]``
+- ``differentiable`` (``gradient_search_compute``): per search stage, weight steps on half A
+  every epoch and, after the warm-up (``search.arch_start_epoch_fraction``), architecture steps
+  on half B, i.e. ``epochs x N/2 x (1 + (1 - arch_start_fraction))`` images. A weight step costs
+  the forward plus twice the forward of what trains (the backbone is frozen: no backward in it);
+  an architecture step (first order) the forward plus once that, since it needs the activations'
+  gradients but not the weights'. ``snas``: the same stages and alternation over the full mixed
+  op, each op weighted by a soft Gumbel-softmax sample instead of the softmax: the same compute.
+- ``evolution`` (``evolution_compute``): ``search.evolution.candidates`` candidates, each
+  trained ``candidate_epochs`` epochs on half A (capped at ``search.evolution.max_iters`` x
+  ``data.images_per_batch`` images when max_iters > 0) and evaluated once on half B.
+- random search (``random_search_compute``, ``--random-architectures K``; not a
+  ``search.strategy``): K architectures, each trained as the retrain trains the decoded model.
+
+A training step of a fixed detector (``training_step_flops``) costs its forward plus twice the
+forward of what trains: everything but the leading backbone stages that ``model.backbone.frozen_stages``
+freezes (no backward runs through them; their forward FLOPs are counted exactly, per stage).
+GPU-days = the compute / (an assumed fraction of the GPU's dense fp32 peak), the supernet's
+depthwise and dilated convolutions not running on tensor cores.
+
+``python -m autofpn.search.plan --cfg configs/coco.yaml [--genotype G] [--train-images N]
+[--random-architectures K] [--opts k=v ...]``
 """
 import argparse
 import sys
@@ -59,11 +77,15 @@ from autofpn.models.detector import build_detector, parameter_breakdown
 from .cost import Cost, count_cost, level_sizes
 from .decode import decode_weights
 from .differentiable import head_stage_rois, search_transform
+from .evolution import candidate_config, evolution_settings, fixed_neck, searched_parts
 from autofpn.models.genotype import load_genotype
 from autofpn.models.architecture import Architecture
 
 PARTS = ("backbone", "neck", "rpn", "head")
 STAGES = ("search: neck", "search: head", "decoded")
+SEARCH_STAGES = STAGES[:2]  # the stages that train a supernet (backbone frozen by search.freeze_backbone)
+CANDIDATE = "evolution candidate"  # planned with its own config: evolution.candidate_config
+GRADIENT_STRATEGIES = ("differentiable", "snas")  # the same alternating supernet training
 # dense fp32 peak FLOP/s (datasheets: V100 SXM2 15.7 TFLOP/s, the paper's GPU; A100 SXM4 19.5)
 GPU_PEAK_FLOPS = {"V100": 15.7e12, "A100": 19.5e12}
 # the fraction of that peak a search step is assumed to sustain: an assumption, not a measurement
@@ -111,12 +133,13 @@ def _stage_cfg(cfg: Dict, stage: str) -> Dict:
 
 
 def build_stage_model(cfg: Dict, stage: str, genotype: Dict, device="meta") -> nn.Module:
-    """The detector of ``stage`` in train mode, backbone frozen as the stage trains it."""
+    """The detector of ``stage`` (STAGES, or CANDIDATE with the candidate's config) in train mode,
+    backbone frozen as the stage trains it."""
     stage_cfg = _stage_cfg(cfg, stage)
-    search = {"search: neck": "neck", "search: head": "head", "decoded": False}[stage]
+    search = {"search: neck": "neck", "search: head": "head", "decoded": False, CANDIDATE: False}[stage]
     with torch.device(device):
         model = build_detector(stage_cfg, genotype if stage != "search: neck" else None, search=search)
-    if stage != "decoded" and cfg["search"]["freeze_backbone"]:
+    if stage in SEARCH_STAGES and cfg["search"]["freeze_backbone"]:
         model.backbone.requires_grad_(False)
     return model.train()
 
@@ -154,13 +177,37 @@ def _head_cost(model: nn.Module, roi_feats: Tensor, head_weights: Optional[Tenso
     return cost + count_cost(model.roi_heads.box_predictor, d)
 
 
+def frozen_backbone_flops(backbone: nn.Module, batch: Tensor) -> float:
+    """Forward FLOPs (a multiply-add = 2) of ``backbone(batch)`` spent in its leading stages (stem
+    first, ``backbone.stages()``) whose parameters are all frozen: nothing before them trains, so
+    no backward runs through them. The whole backbone's when it is frozen (a search stage)."""
+    frozen_leaves = []
+    for stage in backbone.stages():
+        if any(p.requires_grad for p in stage.parameters()):
+            break
+        frozen_leaves += [m for m in stage.modules() if not list(m.children())]
+    calls = []  # (leaf, its inputs) of one forward, counted afterwards with count_cost
+    handles = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args))) for m in frozen_leaves]
+    try:
+        with torch.no_grad():
+            backbone(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(count_cost(mod, *args).flops for mod, args in calls)
+
+
 def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int] = None,
                num_rois: int = None) -> Dict:
     """Params, forward FLOPs (a multiply-add = 2) and saved-activation bytes of one image for one stage.
 
+    ``stage``: one of STAGES, or CANDIDATE with ``cfg`` = the candidate's config.
+
     Returns {"params": {part: int, "arch": int, "total": int}, "flops": {part: float, "total"},
+    "frozen_backbone_flops": float (``frozen_backbone_flops``: no backward through them),
     "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int}."""
-    if image_size is None:  # the search stages at the search's input size, the decoded model at the training size
+    if image_size is None:  # the search stages and an evolution candidate at the search's input size
+        # (a candidate's own config holds it already), the decoded model at the training size
         sized = cfg if stage == "decoded" else {**cfg, "model": {**cfg["model"], "transform": search_transform(cfg)}}
         image_size = training_image_size(sized)
     if not num_rois:
@@ -189,6 +236,7 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
     roi_feats = torch.empty(num_rois, model.neck.out_channels, pooler, pooler, device="meta")
     flops["head"] = _head_cost(model, roi_feats, None if head_weights is None else head_weights.detach()).flops
     flops["total"] = sum(flops[p] for p in PARTS)
+    frozen_flops = frozen_backbone_flops(model.backbone, batch)
 
     # saved activations of one training forward, part by part (grad flows as in training)
     act = {}
@@ -209,7 +257,7 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
         model.roi_heads.box_predictor(x)
     act["head"] = meter.nbytes
     act["total"] = sum(act[p] for p in PARTS)
-    return {"params": params, "flops": flops, "activation_bytes": act,
+    return {"params": params, "flops": flops, "frozen_backbone_flops": frozen_flops, "activation_bytes": act,
             "image_size": tuple(image_size), "padded_size": padded, "num_rois": num_rois}
 
 
@@ -225,8 +273,10 @@ def plan_search(cfg: Dict, genotype: Optional[Dict] = None, image_size: Tuple[in
         image_size: (H, W) override of the training size; num_rois: override of RoIs/image.
     Returns:
         {"genotype": name, "image_size", "padded_size", "num_rois",
-         "stages": {stage: plan_stage(...)}}.
+         "stages": {stage: plan_stage(...)}}, and when ``search.strategy`` is evolution
+        "candidate": plan_stage(...) of an evolution candidate + its "neck_type", "head_type".
     """
+    given = genotype
     rep = representative_genotype(cfg)
     if genotype is None:
         genotype = rep
@@ -236,21 +286,55 @@ def plan_search(cfg: Dict, genotype: Optional[Dict] = None, image_size: Tuple[in
                             f"{'head' if genotype.get('head') is None else 'neck'})"}
     stages = {s: plan_stage(cfg, s, genotype, image_size, num_rois) for s in STAGES}
     first = stages[STAGES[0]]
-    return {"genotype": genotype.get("name", "given genotype"), "image_size": first["image_size"],
+    plan = {"genotype": genotype.get("name", "given genotype"), "image_size": first["image_size"],
             "padded_size": first["padded_size"], "num_rois": first["num_rois"], "stages": stages}
+    if cfg["search"]["strategy"] == "evolution":
+        candidate_cfg, candidate = evolution_candidate(cfg, genotype, given)
+        plan["candidate"] = {**plan_stage(candidate_cfg, CANDIDATE, candidate, image_size, num_rois),
+                             "neck_type": candidate_cfg["model"]["neck"]["type"],
+                             "head_type": candidate_cfg["model"]["head"]["type"]}
+    return plan
+
+
+def evolution_candidate(cfg: Dict, genotype: Dict, given: Optional[Dict]) -> Tuple[Dict, Dict]:
+    """(config, genotype) of a typical evolution candidate: its searched parts (``search.stage``)
+    ``genotype``'s, the part it does not search the one the evolution keeps (``evolution.fixed_neck``
+    of the ``given`` genotype: its neck under ``search.head_with_searched_neck``, else None = FPN;
+    None = the 2-MLP head), and the config ``evolution.candidate_config`` trains it with (the
+    retrain's model at the search's input sizes)."""
+    parts = searched_parts(cfg)
+    candidate = {**genotype, "neck": genotype["neck"] if "neck" in parts else fixed_neck(cfg, parts, given),
+                 "head": genotype["head"] if "head" in parts else None}
+    return candidate_config(cfg, candidate, evolution_settings(cfg), run_dir=""), candidate
 
 
 def search_compute(cfg: Dict, plan: Dict, train_images: int,
                    utilization: float = DEFAULT_GPU_UTILIZATION) -> Dict:
-    """FLOPs of a whole search over ``train_images`` training images, per stage, and the GPU-days
-    they take at ``utilization`` of each GPU_PEAK_FLOPS (see the module docstring for the model).
+    """FLOPs of a whole search of ``search.strategy`` over ``train_images`` training images and
+    the GPU-days they take at ``utilization`` of each GPU_PEAK_FLOPS (the module docstring):
+    ``gradient_search_compute`` for differentiable and snas, ``evolution_compute`` for evolution.
+    Every result has "strategy", "architectures" (how many are trained), "flops" {..., "total"},
+    "gpu_days" {gpu: days}, "utilization" and "train_images"."""
+    strategy = cfg["search"]["strategy"]
+    if strategy in GRADIENT_STRATEGIES:
+        return gradient_search_compute(cfg, plan, train_images, utilization)
+    if strategy == "evolution":
+        return evolution_compute(cfg, plan, train_images, utilization)
+    raise ValueError(f"search.strategy {strategy!r}: no compute model (expected one of "
+                     f"{', '.join(GRADIENT_STRATEGIES + ('evolution',))})")
 
-    Returns {"images": {stage: images through a forward}, "flops": {stage: FLOPs, "total"},
-    "gpu_days": {gpu: days}, "utilization", "train_images", "epochs", "arch_fraction", "mode"}."""
-    if train_images <= 0:
-        raise ValueError(f"train_images must be positive, got {train_images}")
-    if not 0 < utilization <= 1:
-        raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+
+def gradient_search_compute(cfg: Dict, plan: Dict, train_images: int,
+                            utilization: float = DEFAULT_GPU_UTILIZATION) -> Dict:
+    """The differentiable search's FLOPs per stage (and SNAS's: the same stages, the same
+    alternation over the full mixed op, the op weights a soft Gumbel-softmax sample instead of
+    the softmax, so the same compute): one supernet per stage, weight steps on half A, architecture
+    steps on half B after the warm-up.
+
+    Returns {"strategy": differentiable | snas, "architectures": 1, "images": {stage: images
+    through a forward}, "flops": {stage: FLOPs, "total"}, "gpu_days": {gpu: days}, "utilization",
+    "train_images", "epochs", "arch_fraction", "mode"}."""
+    _check_compute_inputs(train_images, utilization)
     s = cfg["search"]
     stages = {"neck": ["search: neck"], "head": ["search: head"], "both": ["search: neck", "search: head"]}[s["stage"]]
     epochs, arch_fraction = int(s["epochs"]), 1.0 - float(s["arch_start_epoch_fraction"])
@@ -263,25 +347,177 @@ def search_compute(cfg: Dict, plan: Dict, train_images: int,
         images[stage] = epochs * half * (1 + arch_fraction)
         flops[stage] = epochs * half * (weight_step + arch_fraction * arch_step)
     flops["total"] = sum(flops.values())
-    gpu_days = {gpu: flops["total"] / (peak * utilization) / 86400 for gpu, peak in GPU_PEAK_FLOPS.items()}
-    return {"images": images, "flops": flops, "gpu_days": gpu_days, "utilization": utilization,
+    return {"strategy": s["strategy"], "architectures": 1, "images": images, "flops": flops,
+            "gpu_days": _gpu_days(flops["total"], utilization), "utilization": utilization,
             "train_images": train_images, "epochs": epochs, "arch_fraction": arch_fraction, "mode": s["mode"]}
 
 
+def evolution_compute(cfg: Dict, plan: Dict, train_images: int,
+                      utilization: float = DEFAULT_GPU_UTILIZATION) -> Dict:
+    """The evolution's FLOPs: ``search.evolution.candidates`` candidates (``plan["candidate"]``
+    for each), each trained ``candidate_epochs`` epochs on half A (N // 2 images, as
+    ``differentiable.split_halves`` splits; at most ``max_iters`` x ``data.images_per_batch``
+    images when max_iters > 0, per process) at ``training_step_flops`` per image, then evaluated
+    once on half B (N - N // 2 images) at one forward per image.
+
+    Approximations: every candidate costs what the plan's typical candidate costs (its searched
+    parts decoded from DARTS-init weights, or the given genotype's); each image is counted at the
+    largest search size (``search.min_size`` / ``max_size``), as the search stages are; the
+    evaluation forward is counted as a training forward (``model.roi.batch_size_per_image`` RoIs
+    in the box head), while evaluation runs at ``model.transform.test_min_size`` with up to
+    ``model.rpn.post_nms_top_n_test`` proposals per image.
+
+    Returns {"strategy": "evolution", "architectures": candidates, "images": {"train",
+    "evaluate": images over all candidates}, "flops": {"train", "evaluate", "total"}, "gpu_days",
+    "utilization", "train_images", "epochs": candidate_epochs, "half_a", "half_b",
+    "images_per_candidate": training images of one candidate, "max_iters", "images_per_batch",
+    "candidate": {"image_size": (H, W), "neck_type", "head_type", "forward_flops", "step_flops"}}."""
+    _check_compute_inputs(train_images, utilization)
+    if train_images < 2:
+        raise ValueError(f"the evolution splits the training set in two halves: train_images must be >= 2, "
+                         f"got {train_images}")
+    if "candidate" not in plan:
+        raise ValueError("the plan has no evolution candidate: plan_search with search.strategy=evolution")
+    settings = evolution_settings(cfg)
+    half_a = train_images // 2
+    half_b = train_images - half_a
+    images_per_batch = int(cfg["data"]["images_per_batch"])
+    per_candidate = _training_images(settings.candidate_epochs, half_a, settings.max_iters, images_per_batch)
+    candidate = plan["candidate"]
+    forward, step = candidate["flops"]["total"], training_step_flops(candidate)
+    images = {"train": settings.candidates * per_candidate, "evaluate": settings.candidates * half_b}
+    flops = {"train": images["train"] * step, "evaluate": images["evaluate"] * forward}
+    flops["total"] = flops["train"] + flops["evaluate"]
+    return {"strategy": "evolution", "architectures": settings.candidates, "images": images, "flops": flops,
+            "gpu_days": _gpu_days(flops["total"], utilization), "utilization": utilization,
+            "train_images": train_images, "epochs": settings.candidate_epochs, "half_a": half_a, "half_b": half_b,
+            "images_per_candidate": per_candidate, "max_iters": settings.max_iters,
+            "images_per_batch": images_per_batch,
+            "candidate": {"image_size": candidate["image_size"], "neck_type": candidate["neck_type"],
+                          "head_type": candidate["head_type"], "forward_flops": forward, "step_flops": step}}
+
+
+def random_search_compute(cfg: Dict, plan: Dict, train_images: int, architectures: int = 1,
+                          utilization: float = DEFAULT_GPU_UTILIZATION) -> Dict:
+    """FLOPs of training ``architectures`` decoded architectures as the retrain trains one:
+    ``solver.epochs`` over all ``train_images`` (at most ``solver.max_iters`` x
+    ``data.images_per_batch`` images when max_iters > 0, per process), ``training_step_flops``
+    of ``plan["stages"]["decoded"]`` per image (at the largest training size: an upper bound
+    under multi-scale training). ``architectures`` = 1: the retrain of a searched architecture;
+    K: a random search of K architectures, each trained fully (the evaluation that picks the
+    best, one forward per validation image each, is not counted).
+
+    Returns {"strategy": "random", "architectures", "images": {"train": over all architectures},
+    "flops": {"train", "total"}, "gpu_days", "utilization", "train_images", "epochs",
+    "images_per_architecture": training images of one, "max_iters", "images_per_batch",
+    "image_size": (H, W), "forward_flops", "step_flops"}."""
+    _check_compute_inputs(train_images, utilization)
+    if architectures < 1:
+        raise ValueError(f"architectures must be >= 1, got {architectures}")
+    epochs, max_iters = int(cfg["solver"]["epochs"]), int(cfg["solver"]["max_iters"])
+    images_per_batch = int(cfg["data"]["images_per_batch"])
+    per_architecture = _training_images(epochs, train_images, max_iters, images_per_batch)
+    decoded = plan["stages"]["decoded"]
+    step = training_step_flops(decoded)
+    images = {"train": architectures * per_architecture}
+    flops = {"train": images["train"] * step}
+    flops["total"] = flops["train"]
+    return {"strategy": "random", "architectures": architectures, "images": images, "flops": flops,
+            "gpu_days": _gpu_days(flops["total"], utilization), "utilization": utilization,
+            "train_images": train_images, "epochs": epochs, "images_per_architecture": per_architecture,
+            "max_iters": max_iters, "images_per_batch": images_per_batch, "image_size": decoded["image_size"],
+            "forward_flops": decoded["flops"]["total"], "step_flops": step}
+
+
+def training_step_flops(stage_plan: Dict) -> float:
+    """FLOPs of one image's training step of a fixed detector planned by ``plan_stage``: the
+    forward plus twice the forward of what trains (all but its frozen leading backbone stages)."""
+    total = stage_plan["flops"]["total"]
+    return total + 2 * (total - stage_plan["frozen_backbone_flops"])
+
+
+def _training_images(epochs: int, images: int, max_iters: int, images_per_batch: int) -> int:
+    """Images a training run of ``epochs`` epochs over ``images`` steps on: capped at
+    ``max_iters`` batches of ``images_per_batch`` when max_iters > 0 (the Trainer's cap)."""
+    seen = epochs * images
+    return min(seen, max_iters * images_per_batch) if max_iters > 0 else seen
+
+
+def _check_compute_inputs(train_images: int, utilization: float) -> None:
+    if train_images <= 0:
+        raise ValueError(f"train_images must be positive, got {train_images}")
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+
+
+def _gpu_days(flops: float, utilization: float) -> Dict[str, float]:
+    """Days per GPU of GPU_PEAK_FLOPS that ``flops`` take at ``utilization`` of its peak."""
+    return {gpu: flops / (peak * utilization) / 86400 for gpu, peak in GPU_PEAK_FLOPS.items()}
+
+
 def format_compute(compute: Dict) -> str:
-    """The whole search's compute and GPU-days, a few lines."""
-    n, c = compute["train_images"], compute
+    """The compute and GPU-days of ``search_compute`` (any strategy) or ``random_search_compute``,
+    a few lines."""
+    strategy = compute["strategy"]
+    if strategy == "evolution":
+        return _format_evolution(compute)
+    if strategy == "random":
+        return _format_random_search(compute)
+    text = _format_gradient_search(compute)
+    if strategy == "snas":
+        return ("SNAS: the gradient search's stages and alternation over the full mixed op, each op weighted "
+                "by a soft Gumbel-softmax sample: the same compute\n" + text)
+    return text
+
+
+def _format_gradient_search(c: Dict) -> str:
+    n = c["train_images"]
     stages = ", ".join(f"{stage[len('search: '):]} stage {c['flops'][stage] / 1e18:.2f} EFLOP"
                        for stage in c["images"])
-    gpus = ", ".join(f"{gpu} ({GPU_PEAK_FLOPS[gpu] / 1e12:.1f} TFLOP/s) {days:.1f} GPU-days"
-                     for gpu, days in c["gpu_days"].items())
     return (f"Whole search over {n} training images (two halves of {n // 2}; {c['epochs']} epochs per stage, "
             f"architecture steps in the last {100 * c['arch_fraction']:.0f} %): {stages}, total "
             f"{c['flops']['total'] / 1e18:.2f} EFLOP\n"
-            f"at an assumed {100 * c['utilization']:.0f} % of dense fp32 peak: {gpus}"
+            + _format_gpu_days(c)
             + ("" if c["mode"] == "full" else
                f"\n(counted with every op of the mixed op: an upper bound for search.mode {c['mode']}, "
                "whose weight steps run one sampled op per link/edge)"))
+
+
+def _format_evolution(c: Dict) -> str:
+    h, w = c["candidate"]["image_size"]
+    cap = _format_cap(c, c["images_per_candidate"], c["epochs"] * c["half_a"])
+    cap = f"; {cap}" if cap else ""
+    return (f"Evolution over {c['train_images']} training images: {c['architectures']} candidates x "
+            f"{c['epochs']} epochs on half A ({c['half_a']} images{cap}) + one evaluation of half B "
+            f"({c['half_b']} images) each; a candidate = {c['candidate']['neck_type']} neck + "
+            f"{c['candidate']['head_type']} head at {h}x{w}, {c['candidate']['forward_flops'] / 1e9:.2f} GFLOPs "
+            f"forward per image: training {c['flops']['train'] / 1e18:.2f} EFLOP, evaluation "
+            f"{c['flops']['evaluate'] / 1e18:.2f} EFLOP, total {c['flops']['total'] / 1e18:.2f} EFLOP\n"
+            + _format_gpu_days(c))
+
+
+def _format_random_search(c: Dict) -> str:
+    h, w = c["image_size"]
+    k = c["architectures"]
+    cap = _format_cap(c, c["images_per_architecture"], c["epochs"] * c["train_images"])
+    return (f"Random search of {k} architecture{'s' if k != 1 else ''}, each retrained {c['epochs']} epochs "
+            f"on all {c['train_images']} training images ({cap + '; ' if cap else ''}the decoded "
+            f"model at {h}x{w}, {c['forward_flops'] / 1e9:.2f} GFLOPs forward per image): "
+            f"{c['flops']['total'] / k / 1e18:.2f} EFLOP per architecture, total "
+            f"{c['flops']['total'] / 1e18:.2f} EFLOP\n" + _format_gpu_days(c))
+
+
+def _format_cap(c: Dict, images: int, uncapped: int) -> str:
+    """"capped at ..." when max_iters cut a training run of ``uncapped`` images to ``images``."""
+    if images == uncapped:
+        return ""
+    return f"capped at max_iters {c['max_iters']} x {c['images_per_batch']} images = {images} images"
+
+
+def _format_gpu_days(c: Dict) -> str:
+    gpus = ", ".join(f"{gpu} ({GPU_PEAK_FLOPS[gpu] / 1e12:.1f} TFLOP/s) {days:.1f} GPU-days"
+                     for gpu, days in c["gpu_days"].items())
+    return f"at an assumed {100 * c['utilization']:.0f} % of dense fp32 peak: {gpus}"
 
 
 def format_plan(plan: Dict) -> str:
@@ -325,25 +561,37 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--genotype", default=None, help="genotype JSON of the decoded neck (+ head)")
     parser.add_argument("--train-images", type=int, default=None,
                         help="size of the training set: also print the whole search's compute and GPU-days")
+    parser.add_argument("--random-architectures", type=int, default=0, metavar="K",
+                        help="with --train-images: also print a random search's compute, K architectures "
+                             "each retrained like the decoded model")
     parser.add_argument("--gpu-utilization", type=float, default=DEFAULT_GPU_UTILIZATION,
                         help="assumed fraction of a GPU's dense fp32 peak a search step sustains")
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides key.sub=value")
     args = parser.parse_args(argv)
+    if args.random_architectures and not args.train_images:
+        parser.error("--random-architectures needs --train-images")
+    if args.random_architectures < 0:
+        parser.error(f"--random-architectures must be >= 0, got {args.random_architectures}")
     cfg = load_config(args.cfg, args.opts)
     genotype = load_genotype(args.genotype) if args.genotype else None
-    print(plan_report(cfg, genotype, args.train_images, args.gpu_utilization))
+    print(plan_report(cfg, genotype, args.train_images, args.gpu_utilization, args.random_architectures))
 
 
 def plan_report(cfg: Dict, genotype: Optional[Dict], train_images: Optional[int],
-                utilization: Optional[float] = None) -> str:
-    """The plan table, and the whole search's compute when ``train_images`` is given
+                utilization: Optional[float] = None, random_architectures: int = 0) -> str:
+    """The plan table, and the whole search's compute (``search.strategy``'s) when ``train_images``
+    is given, then a random search's of ``random_architectures`` architectures when > 0
     (``utilization`` None: DEFAULT_GPU_UTILIZATION)."""
     plan = plan_search(cfg, genotype)
     text = format_plan(plan)
-    if train_images:
-        utilization = DEFAULT_GPU_UTILIZATION if utilization is None else utilization
-        return text + "\n\n" + format_compute(search_compute(cfg, plan, train_images, utilization))
-    return text + "\n\n(--train-images N: the whole search's compute and GPU-days)"
+    if not train_images:
+        return text + "\n\n(--train-images N: the whole search's compute and GPU-days)"
+    utilization = DEFAULT_GPU_UTILIZATION if utilization is None else utilization
+    text += "\n\n" + format_compute(search_compute(cfg, plan, train_images, utilization))
+    if random_architectures:
+        text += "\n" + format_compute(random_search_compute(cfg, plan, train_images, random_architectures,
+                                                             utilization))
+    return text
 
 
 if __name__ == "__main__":

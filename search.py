@@ -12,7 +12,9 @@ an interrupted stage resumes from its newest checkpoint. Outputs in ``search.out
 ``config.yaml``. With ``search.ensemble=K`` each stage is K searches (seeds search.seed ..
 +K-1) in ``<stage>/seed_<s>/``, decoded from their mean weights (``<stage>/ensemble.json``).
 ``search.strategy=evolution`` runs regularized evolution instead: ``candidates/<i>/`` (genotype,
-training run, result), ``history.json``, ``geno.json`` (the fittest candidate); no heat maps.
+training run, result), ``history.json``, ``geno.json`` (the fittest candidate); no heat maps;
+``--jobs J`` trains up to J candidates of a round at once (``search.evolution.round_size``) and
+``--shard i/n`` shares the candidates between invocations on one folder (several machines).
 ``search.strategy=snas`` runs the same stages and outputs as the default, each op weighted by a
 soft Gumbel-softmax sample of alpha / beta (SNAS; ``search.tau=[1.0,0.03]`` is the paper's).
 Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
@@ -37,9 +39,32 @@ def parse_args(argv=None):
     p.add_argument("--train-images", type=int, default=None,
                    help="--dry-run: the training set's size (default: counted when the data is read), for the "
                         "whole search's compute and GPU-days")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="search.strategy=evolution: candidates trained at once, each in its own process "
+                        "(at most search.evolution.round_size children of a round)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="search.strategy=evolution: train only the candidates whose index is I modulo N, "
+                        "waiting for the other shards' results in the shared output folder")
     p.add_argument("--gpu-utilization", type=float, default=None,
                    help="--dry-run: assumed fraction of a GPU's dense fp32 peak (default: autofpn.search.plan's)")
     return p.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def _shard(text: str):
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be in 0..N-1")
+    return i, n
 
 
 def draw_search(result, out_dir: str) -> None:
@@ -90,6 +115,17 @@ def main(argv=None) -> int:
     if hasattr(strategy, "check_config"):  # a bad setting fails before the folder is claimed
         strategy.check_config(cfg)
     run_search = strategy.run_search
+    options = {}
+    if args.jobs > 1 or args.shard:
+        from autofpn.config import ConfigError
+        if cfg["search"]["strategy"] != "evolution":
+            raise ConfigError(f"--jobs / --shard: search.strategy {cfg['search']['strategy']!r} trains one supernet; "
+                              "only search.strategy=evolution trains candidates apart")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--jobs / --shard: under torchrun every rank trains each candidate together; "
+                              "use torchrun or --jobs / --shard, not both")
+        shard, shards = args.shard or (0, 1)
+        options["parallel"] = strategy.Parallel(args.jobs, shard, shards)
 
     ctx = du.init_distributed(cfg["train"]["device"])
     out_dir = cfg["search"]["output_dir"]
@@ -100,7 +136,7 @@ def main(argv=None) -> int:
         if ctx.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
         try:
-            result = run_search(cfg, ctx, out_dir, neck_genotype, dataset=train_set)
+            result = run_search(cfg, ctx, out_dir, neck_genotype, dataset=train_set, **options)
         except NonFiniteLossError as e:
             if ctx.is_main:
                 print(f"ERROR: {e}", file=sys.stderr, flush=True)

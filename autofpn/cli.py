@@ -22,6 +22,7 @@ USER_ERRORS = (
     ("autofpn.engine.checkpoint", "CheckpointError"),
     ("autofpn.study", "StudyError"),
     ("autofpn.engine.runs", "FolderInUseError"),
+    ("autofpn.search.evolution", "EvolutionError"),
 )
 
 

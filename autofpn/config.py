@@ -184,6 +184,9 @@ DEFAULTS: Dict[str, Any] = {
             "candidate_epochs": 6,  # early-stopped training of each candidate (paper: 6 on VOC, 4 on COCO)
             "max_iters": 0,  # > 0 caps each candidate's training iterations (tests, smoke runs)
             "seed": -1,  # initial population, tournaments and mutations; -1: search.seed (else train.seed)
+            # children bred at a time from the population before their round: a round's candidates
+            # may train at once (search.py --jobs / --shard); 1 = strictly sequential aging evolution
+            "round_size": 1,
         },
     },
     "train": {
@@ -245,7 +248,8 @@ NULLABLE = ("model.backbone.weights",)  # null = "none"
 # sample_size <= population, are checked by autofpn.search.evolution.check_config)
 EVOLUTION_MINIMUMS = {"search.evolution.population": 1, "search.evolution.sample_size": 1,
                       "search.evolution.candidates": 1, "search.evolution.candidate_epochs": 1,
-                      "search.evolution.max_iters": 0, "search.evolution.seed": -1}
+                      "search.evolution.max_iters": 0, "search.evolution.seed": -1,
+                      "search.evolution.round_size": 1}
 LAMBDA_PRESET_NAMES = ("small", "middle", "large")
 
 
@@ -409,7 +413,7 @@ def complete_config(saved: Dict[str, Any], overrides: Iterable[str] = (),
 def save_config(cfg: Dict[str, Any], path: str) -> None:
     """Write the resolved config as YAML (atomically: temp file then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers of one file (shards) never share a temp file
     with open(tmp, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
         f.flush()

@@ -38,15 +38,12 @@ AP, AP50, AP75, APs/m/l, training and search time, and the verdict), ``study.jso
 and the aggregates) and ``pareto.png`` (AP against neck + head params).
 """
 import argparse
-import ctypes
-import fcntl
 import json
 import math
 import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -54,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
 from autofpn.engine.checkpoint import atomic_write_json as write_json
+from autofpn.engine.runs import die_with_parent, lock_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fpn", "panet", "ssd")
@@ -147,6 +145,7 @@ class Unit:
     command: Callable[[], List[str]]  # built when the unit starts (its dependencies are done then)
     deps: List[str] = field(default_factory=list)
     finish: Callable[[float], None] = lambda seconds: None  # after exit code 0
+    slots: int = 1  # of the study's --jobs it occupies (an evolution search trains candidates at once)
 
     @property
     def result_path(self) -> str:
@@ -173,36 +172,10 @@ def _elapsed_before(unit: Unit) -> float:
     return float(read_json(path)["seconds"]) if os.path.isfile(path) else 0.0
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the study process dies (Linux), so a
-    killed study leaves no orphan training runs writing into its folders."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def claim_unit(unit: Unit) -> Optional[IO]:
-    """An exclusive lock on ``unit.folder/running.lock`` (``fcntl.flock``, non-blocking): the open
-    lock file while this process may run the unit, None when another study process on the same
-    folder runs it now. Two invocations whose unit lists overlap (another ``--tag`` started while
-    the first runs: every invocation runs all the folder's variants) would otherwise train one
-    unit twice into one run folder. The OS drops the lock when its process dies (kill -9
-    included), so a crashed study never leaves a unit claimed."""
-    os.makedirs(unit.folder, exist_ok=True)
-    lock = open(os.path.join(unit.folder, "running.lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        return None
-    return lock
-
-
 class Running:
     def __init__(self, unit: Unit, env: Dict[str, str], lock: IO):
         self.unit = unit
-        self.lock = lock  # held until the unit ends (claim_unit)
+        self.lock = lock  # held until the unit ends (lock_folder)
         self.prior = _elapsed_before(unit)
         self.start = time.perf_counter()
         self.last_save = self.start
@@ -212,7 +185,7 @@ class Running:
         self.log.flush()
         self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL,
-                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
 
     def seconds(self) -> float:
         return self.prior + time.perf_counter() - self.start
@@ -260,7 +233,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
     try:
         while todo or running:
             for unit in list(todo):
-                if len(running) >= jobs:
+                if sum(r.unit.slots for r in running) + unit.slots > jobs:
                     break
                 dep_states = [status.get(d) if d in by_key else ("done" if done_elsewhere(d) else "waiting")
                               for d in unit.deps]
@@ -270,7 +243,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     say(f"study: {unit.key} not run: a unit it needs failed ({', '.join(unit.deps)})")
                 elif all(s == "done" for s in dep_states):
                     todo.remove(unit)
-                    lock = claim_unit(unit)
+                    lock = lock_folder(unit.folder)
                     if lock is None or unit.is_done():  # done: by the process that just let it go
                         if lock is not None:
                             lock.close()
@@ -334,6 +307,7 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
     """Every unit of the study in the order they are started: the FPN run that lends the
     searches its backbone (when the config has no pretrained one), the searches, then the
     training runs seed by seed (a partial study holds whole seeds)."""
+    from autofpn.config import load_config
     from autofpn.engine.runs import export_backbone, final_metrics
     out, py = args.out, sys.executable
     launcher = shlex.split(args.launcher) if args.launcher else [py]
@@ -373,7 +347,8 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
                 if not os.path.isfile(path):
                     export_backbone(os.path.join(unit_folder(out, "fpn", seeds[0]), "run"), path)
                 opts.append(f"model.backbone.weights={path}")
-            return [*launcher, os.path.join(REPO, "search.py"), "--cfg", args.cfg, "--opts", *opts]
+            return [*launcher, os.path.join(REPO, "search.py"), "--cfg", args.cfg, "--opts", *opts,
+                    *(["--jobs", str(slots)] if slots > 1 else [])]
 
         def finish(seconds: float) -> None:
             if not os.path.isfile(os.path.join(folder, "geno.json")):
@@ -381,8 +356,11 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
             write_json({"search": preset, "tag": variant.tag, "search_opts": variant.search_opts,
                         "search_seconds": seconds}, os.path.join(folder, "result.json"))
 
+        # an evolution trains the candidates of a round at once: up to round_size of the study's jobs
+        searching = load_config(args.cfg, [*args.opts, *variant.search_opts])["search"]
+        slots = min(args.jobs, searching["evolution"]["round_size"]) if searching["strategy"] == "evolution" else 1
         deps = [backbone_unit] if needs_backbone else []
-        return Unit(variant.unit_key(preset), folder, command, deps, finish)
+        return Unit(variant.unit_key(preset), folder, command, deps, finish, slots)
 
     fpn = next((e for e in entries if e.name == "fpn"), None)
     searches = [(e.search, e.preset) for e in entries if e.search]

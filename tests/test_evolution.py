@@ -311,3 +311,97 @@ def test_a_candidate_trains_on_the_retrain_schedule_scaled_to_its_epochs():
     assert c["solver"]["steps"] == [0.75]  # demo: step at epoch 3 of 4
     assert c["solver"]["warmup_iters"] == 12  # demo: 50 of 4 epochs -> 12.5, rounded to even
     assert c["model"]["neck"]["type"] == "auto" and c["model"]["head"]["type"] == "mlp"
+
+
+# ------------------------------------------------------------------------- rounds, --jobs, --shard
+
+def test_rounds_cover_every_candidate_once_the_initial_population_first():
+    from autofpn.search.evolution import candidate_round, rounds
+    cfg = load_config(DEMO, ["search.evolution.population=3", "search.evolution.sample_size=2",
+                             "search.evolution.candidates=10", "search.evolution.round_size=3"])
+    settings = evolution_settings(cfg)
+    assert [list(r) for r in rounds(settings)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert all(index in candidate_round(settings, index) for index in range(10))
+    one = evolution_settings(load_config(DEMO, ["search.evolution.population=3", "search.evolution.sample_size=2",
+                                                 "search.evolution.candidates=5"]))
+    assert [list(r) for r in rounds(one)] == [[0, 1, 2], [3], [4]]  # round_size 1: one child at a time
+
+
+def test_a_round_is_bred_from_the_population_before_it():
+    """Children of one round never see each other: their tournaments draw from the `population`
+    candidates before the round, so they can train at once; with round_size 1 that is the
+    `population` candidates before each child (plain aging evolution)."""
+    cfg = load_config(DEMO, ["search.evolution.population=3", "search.evolution.sample_size=3",
+                             "search.evolution.candidates=9", "search.evolution.round_size=3"])
+    settings = evolution_settings(cfg)
+    history = [{"index": i, "fitness": float(i % 4), "genotype": _genotype(i, ("neck", "head"))} for i in range(9)]
+    for index in (3, 4, 5):
+        _, origin = breed(settings, index, history[:3], ("neck", "head"))
+        assert sorted(origin["tournament"]) == [0, 1, 2] and origin["parent"] == 2
+    for index in (6, 7, 8):  # the records of round 3-5 exist, of 6-8 not yet: the full history changes nothing
+        assert breed(settings, index, history[:6], ("neck", "head")) == breed(settings, index, history, ("neck", "head"))
+        assert sorted(breed(settings, index, history, ("neck", "head"))[1]["tournament"]) == [3, 4, 5]
+    sequential = evolution_settings(load_config(DEMO, ["search.evolution.population=3", "search.evolution.sample_size=3",
+                                                       "search.evolution.candidates=9"]))
+    assert sorted(breed(sequential, 5, history[:5], ("neck", "head"))[1]["tournament"]) == [2, 3, 4]
+
+
+def _history(out: str) -> list:
+    return json.load(open(os.path.join(out, "history.json")))
+
+
+def _popen(cmd, log: Path):
+    """Start ``cmd`` with its output in ``log`` (pipes could fill and block a shard that the other waits for)."""
+    return subprocess.Popen(cmd, cwd=str(REPO), stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_jobs_and_shards_train_each_candidate_once_and_find_what_one_process_finds(synthetic_root, tmp_path):
+    """The same evolution (rounds of 2 children) run in one process, with --jobs 2 (worker
+    subprocesses, a log per candidate) and as two shards started at once on one folder: the same
+    candidates, tournaments, scores and genotype; every candidate trained exactly once."""
+    rounds2 = {"search.evolution.round_size": 2}
+    alone = str(tmp_path / "alone")
+    _run(_search_cmd(synthetic_root, alone, **rounds2))
+    reference = _history(alone)
+    assert [r["origin"] for r in reference] == ["random", "random", "mutation", "mutation"]
+    assert sorted(reference[2]["tournament"]) == sorted(reference[3]["tournament"]) == [0, 1]
+
+    jobs = str(tmp_path / "jobs")
+    stdout = _run(_search_cmd(synthetic_root, jobs, **rounds2) + ["--jobs", "2"]).stdout
+    assert "2 at a time" in stdout
+    sharded = str(tmp_path / "shards")
+    logs = [tmp_path / f"shard_{i}.log" for i in range(2)]
+    processes = [_popen(_search_cmd(synthetic_root, sharded, **rounds2) + ["--shard", f"{i}/2"], logs[i])
+                 for i in range(2)]
+    codes = [p.wait(timeout=300) for p in processes]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], [out[-2000:] for out in outputs]
+
+    for out in (jobs, sharded):
+        history = _history(out)
+        assert [(r["genotype"], r.get("tournament"), r.get("parent")) for r in history] == \
+            [(r["genotype"], r.get("tournament"), r.get("parent")) for r in reference]
+        assert [r["AP"] for r in history] == pytest.approx([r["AP"] for r in reference])
+        assert load_genotype(os.path.join(out, "geno.json")) == load_genotype(os.path.join(alone, "geno.json"))
+        for r in history:  # trained once: 2 iterations logged, not 4
+            metrics = os.path.join(out, "candidates", f"{r['index']:04d}", "train", "metrics.jsonl")
+            iterations = [r["iter"] for r in map(json.loads, open(metrics)) if r["type"] == "train"]
+            assert iterations == [1, 2], (out, r["index"], iterations)
+    for index in range(4):  # the workers' output went to the candidates' logs
+        assert os.path.getsize(os.path.join(jobs, "candidates", f"{index:04d}", "log.txt")) > 0
+    # each shard trained its own candidates (index modulo 2) and waited for the other's
+    for shard, output in enumerate(outputs):
+        assert output.count("evolution candidate") == 4
+
+
+def test_jobs_are_refused_for_a_strategy_that_trains_one_supernet(synthetic_root, tmp_path):
+    result = subprocess.run([sys.executable, "search.py", "--cfg", DEMO, "--jobs", "2", "--opts",
+                             *tiny_opts(synthetic_root, str(tmp_path / "x"))], cwd=str(REPO), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "--jobs" in lines[0] and "evolution" in lines[0]
+    result = subprocess.run([sys.executable, "search.py", "--cfg", DEMO, "--shard", "2/2"], cwd=str(REPO),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "I must be in 0..N-1" in result.stderr

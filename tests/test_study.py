@@ -216,7 +216,7 @@ def test_refused_folder_is_one_error_line_from_the_command_line(tmp_path):
 
 def test_shards_are_disjoint_and_cover_the_study(tmp_path):
     cfg = load_config(DEMO)
-    args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False)
+    args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False, jobs=1)
     entries = plan_entries(str(tmp_path), ["fpn", "panet"], 3, [SearchVariant("", [], ["small", "large"])], 0, cfg)
     units = make_units(args, entries, [0, 1], cfg)
     keys = [u.key for u in units]
@@ -229,6 +229,39 @@ def test_shards_are_disjoint_and_cover_the_study(tmp_path):
         shard_units(units, "3/3")
     searched = [u for u in units if u.key == "searched_small/seed_1"][0]
     assert searched.deps == ["search/small"]
+
+
+def test_an_evolution_search_unit_takes_round_size_of_the_jobs(tmp_path):
+    """An evolution with rounds of 2 children runs as a search unit with --jobs 2 that occupies 2
+    of the study's jobs: it does not start beside another unit at --jobs 2."""
+    from autofpn.study import Unit, run_units
+    cfg = load_config(DEMO)
+    args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False, jobs=2)
+    evolution = SearchVariant("evo", ["search.strategy=evolution", "search.evolution.round_size=2"], ["large"])
+    entries = plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("", [], ["large"]), evolution], 0, cfg)
+    (tmp_path / "searches").mkdir()
+    (tmp_path / "searches" / "backbone.pth").write_bytes(b"")  # as if exported: command() does not export
+    units = {u.key: u for u in make_units(args, entries, [0], cfg)}
+    assert units["search/large"].slots == 1 and "--jobs" not in units["search/large"].command()
+    search = units["search/evo/large"]
+    assert search.slots == 2 and search.command()[-2:] == ["--jobs", "2"]
+    args.jobs = 1  # never more than the study's jobs
+    assert {u.key: u for u in make_units(args, entries, [0], cfg)}["search/evo/large"].slots == 1
+
+    log = tmp_path / "order.txt"
+
+    def unit(name, slots):
+        folder = str(tmp_path / name)
+        script = (f"import time; open({str(log)!r}, 'a').write('start {name}\\n'); time.sleep(0.5); "
+                  f"open({str(log)!r}, 'a').write('end {name}\\n')")
+        return Unit(name, folder, lambda: [sys.executable, "-c", script], slots=slots,
+                    finish=lambda seconds, folder=folder: open(os.path.join(folder, "result.json"), "w").write("{}"))
+
+    status = run_units([unit("one", 1), unit("two", 2), unit("three", 1)], jobs=2, threads_per_job=1, say=lambda _: None)
+    assert set(status.values()) == {"done"}
+    order = log.read_text().split("\n")[:-1]
+    # "two" waits for "one" and runs alone; "three" waits for "two" (the scan keeps the study's order)
+    assert order.index("start two") > order.index("end one") and order.index("start three") > order.index("end two")
 
 
 def test_study_folder_made_before_a_config_key_was_added_still_resumes(tmp_path):
@@ -245,7 +278,8 @@ def test_a_unit_another_study_process_runs_is_not_run_twice(tmp_path):
     same units: a unit whose lock another process holds is left to it, and a unit that process
     finished while this one waited for the lock counts as done; the lock of a finished unit is
     released, so a later invocation may take it."""
-    from autofpn.study import Unit, claim_unit, run_units
+    from autofpn.engine.runs import lock_folder
+    from autofpn.study import Unit, run_units
     marker = tmp_path / "ran.txt"
 
     def unit(name):
@@ -256,15 +290,15 @@ def test_a_unit_another_study_process_runs_is_not_run_twice(tmp_path):
 
     busy, free, after_busy = unit("busy"), unit("free"), unit("after_busy")
     after_busy.deps = ["busy"]
-    held = claim_unit(busy)  # "another study process" runs busy
-    assert held is not None and claim_unit(busy) is None
+    held = lock_folder(busy.folder)  # "another study process" runs busy
+    assert held is not None and lock_folder(busy.folder) is None
     said = []
     status = run_units([busy, free, after_busy], jobs=2, threads_per_job=1, say=said.append)
     assert status == {"busy": "waiting", "free": "done", "after_busy": "waiting"}, (status, said)
     assert marker.read_text().split() == ["free"]
     assert any("busy runs in another study process" in line for line in said), said
     held.close()
-    lock = claim_unit(free)  # released when its unit finished
+    lock = lock_folder(free.folder)  # released when its unit finished
     assert lock is not None
     lock.close()
     status = run_units([busy, free, after_busy], jobs=1, threads_per_job=1, say=said.append)

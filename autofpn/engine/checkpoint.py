@@ -8,7 +8,7 @@ Files in the checkpoint folder:
   ``ckpt_<iter:07d>.pth``  periodic / epoch-end checkpoints, the newest ``keep`` kept;
   ``best.pth``            a copy of the checkpoint with the best validation metric;
   ``last_checkpoint``     a text file naming the newest complete checkpoint.
-A write goes to ``<name>.tmp``, is fsynced, then renamed over the final name; the folder is
+A write goes to ``<name>.<pid>.tmp``, is fsynced, then renamed over the final name; the folder is
 fsynced after the rename. A SIGKILL at any point therefore leaves either the old or the new file,
 never a truncated one, and ``last_checkpoint`` is only updated after the file is in place.
 """
@@ -43,7 +43,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` via temp file + fsync + rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers of one file (shards) never share a temp file
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -53,7 +53,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def _atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers of one file (shards) never share a temp file
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

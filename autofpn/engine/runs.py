@@ -1,10 +1,13 @@
 """Run folders of train.py and search.py: who may write into one, and reading finished runs
 (final metrics, the trained detector from a run or any of its checkpoints, its backbone, what
 its labels mean)."""
+import ctypes
+import fcntl
 import glob
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+import signal
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -72,6 +75,32 @@ def claim_folder(folder: str, cfg: Dict[str, Any], genotype: Optional[Dict[str, 
         print(f"--force: moved the previous {what} in {folder} to {aside}", flush=True)
     du.barrier()
     return aside
+
+
+def lock_folder(folder: str) -> Optional[IO]:
+    """An exclusive lock on ``folder/running.lock`` (``fcntl.flock``, non-blocking): the open
+    lock file while this process may work in ``folder`` (close it to let go), None when another
+    process holds it now. The study's units and the evolution's candidates use it so that two
+    processes on one folder never train the same run twice into it. The OS drops the lock when its
+    process dies (kill -9 included), so a crash never leaves a folder claimed."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, "running.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a worker subprocess (runs in the child before exec): SIGKILL it when its
+    parent dies (Linux), so a killed study or evolution leaves no orphan training runs writing
+    into its folders."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def final_metrics(run_dir: str) -> Dict[str, float]:

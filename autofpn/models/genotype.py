@@ -223,7 +223,7 @@ def save_genotype(genotype: Dict[str, Any], path: str) -> None:
     """Validate and write ``genotype`` as JSON (atomically: temp file then rename)."""
     validate_genotype(genotype)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers of one file (shards) never share a temp file
     with open(tmp, "w") as f:
         f.write(_dump(genotype))
         f.flush()

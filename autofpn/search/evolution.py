@@ -13,6 +13,18 @@ stopping" over the same space; this is that baseline (``search.strategy: evoluti
 - stop after ``candidates`` architectures in all (the initial population included);
   ``geno.json`` is the fittest candidate ever trained.
 
+Rounds (``search.evolution.round_size`` = R): the children are bred R at a time, each from the
+population as it stood before its round (candidates s - population .. s - 1 for a round starting
+at s), so a round's candidates are independent and may train at once; R = 1 is the strictly
+sequential evolution above, a larger R the batched form of the paper's asynchronous workers. The
+initial population is one round. ``search.py --jobs J`` trains up to J candidates of a round at
+once (worker subprocesses, ``python -m autofpn.search.evolution --candidate DIR``, each with its
+log in ``candidates/<i>/log.txt``), and ``--shard i/n`` makes this invocation train only the
+candidates whose index is i modulo n, waiting for the other shards' results on the shared folder.
+What is bred and its fitness do not depend on J or n: they only say who trains what. Each
+candidate is claimed with a lock (``candidates/<i>/running.lock``), so two invocations on one
+folder never train a candidate twice.
+
 Fitness, without touching ``data.val``: each candidate is trained from its initial weights
 (seed ``search_seed``, the same for every candidate, so candidates differ by their architecture
 only) for ``candidate_epochs`` (the retrain's ``solver`` settings, lr steps scaled to the
@@ -57,6 +69,7 @@ class EvolutionSettings:
     candidate_epochs: int
     max_iters: int
     seed: int
+    round_size: int
 
 
 def evolution_settings(cfg: Dict[str, Any]) -> EvolutionSettings:
@@ -72,7 +85,7 @@ def evolution_settings(cfg: Dict[str, Any]) -> EvolutionSettings:
                           f"search.evolution.population ({e['population']}), which counts the initial random members")
     seed = int(e["seed"]) if int(e["seed"]) >= 0 else search_seed(cfg)
     return EvolutionSettings(int(e["population"]), int(e["sample_size"]), int(e["candidates"]),
-                             int(e["candidate_epochs"]), int(e["max_iters"]), seed)
+                             int(e["candidate_epochs"]), int(e["max_iters"]), seed, int(e["round_size"]))
 
 
 def check_config(cfg: Dict[str, Any]) -> None:
@@ -189,13 +202,33 @@ def random_member(cfg: Dict[str, Any], settings: EvolutionSettings, index: int, 
             "neck": g["neck"] if "neck" in parts else neck, "head": g["head"] if "head" in parts else None}
 
 
+def candidate_round(settings: EvolutionSettings, index: int) -> range:
+    """The candidates bred together with candidate ``index``: the initial population, or the
+    round of ``round_size`` children that holds it (the last one may be shorter)."""
+    if index < settings.population:
+        return range(0, settings.population)
+    start = index - (index - settings.population) % settings.round_size
+    return range(start, min(start + settings.round_size, settings.candidates))
+
+
+def rounds(settings: EvolutionSettings) -> List[range]:
+    """Every round of the evolution, in order (``candidate_round``)."""
+    out, index = [], 0
+    while index < settings.candidates:
+        out.append(candidate_round(settings, index))
+        index = out[-1].stop
+    return out
+
+
 def breed(settings: EvolutionSettings, index: int, history: List[Dict[str, Any]],
           parts: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Candidate ``index`` >= population: tournament over the population (the last
-    ``population`` candidates of ``history``, their records in index order) and mutation of its
-    winner. Returns ``(genotype, origin record)``; the draws come from (seed, index) alone."""
+    """Candidate ``index`` >= population: tournament over the population before its round (the
+    ``population`` candidates before the round's first, records of ``history`` in index order)
+    and mutation of its winner. Returns ``(genotype, origin record)``; the draws come from
+    (seed, index) alone."""
     rng = random.Random(f"autofpn-evolution-{settings.seed}-{index}")  # str seeds are stable across runs
-    population = history[index - settings.population: index]
+    start = candidate_round(settings, index).start
+    population = history[start - settings.population: start]
     contenders = rng.sample(population, settings.sample_size)
     parent = max(contenders, key=lambda r: r["fitness"])  # a tie: the first drawn
     child, change = mutate(parent["genotype"], rng, parts)
@@ -327,6 +360,7 @@ def check_manifest(out_dir: str, manifest: Dict[str, Any], is_main: bool) -> Non
     path = os.path.join(out_dir, "evolution.json")
     if os.path.isfile(path):
         saved = _read_json(path)
+        saved["settings"].setdefault("round_size", 1)  # written before rounds existed: one child at a time
         diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
         if diff:
             raise FolderInUseError(f"{out_dir} holds an evolution of another setup ({', '.join(diff)} differ); "
@@ -337,68 +371,198 @@ def check_manifest(out_dir: str, manifest: Dict[str, Any], is_main: bool) -> Non
     du.barrier()
 
 
-def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
-               neck_genotype: Optional[Dict[str, Any]] = None, dataset=None) -> SearchResult:
-    """Run the evolution in ``out_dir`` (resuming what is there); writes ``geno.json`` (the
-    fittest candidate), ``history.json`` (every candidate in order: genotype, origin, AP, cost,
-    fitness, seconds) and ``search_times.json``. ``neck_genotype``: the neck a head-only
-    evolution keeps. ``dataset``: the training set when the caller has built it."""
-    from autofpn.engine.runs import FolderInUseError
+def candidate_job(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None) -> Candidate:
+    """What scoring any candidate of ``cfg``'s evolution needs (the halves, the searched parts'
+    cost tables as the gradient search builds them, lambda); the same in a worker subprocess."""
     from autofpn.models.detector import build_detector
-    from autofpn.models.genotype import load_genotype, save_genotype
-
-    settings = evolution_settings(cfg)
     parts = searched_parts(cfg)
-    kept_neck = fixed_neck(cfg, parts, neck_genotype)
-    lam = resource_lambda(cfg["search"])
-    check_manifest(out_dir, {"parts": list(parts), "kept_neck": kept_neck, "settings": asdict(settings),
-                             "lambda": lam}, ctx.is_main)
-
     half_a, half_b = search_halves(cfg, dataset)  # fills model.num_classes in
-    # the cost tables of the searched parts' supernets, as the gradient search builds them
     table_cfg = copy.deepcopy(cfg)
     table_cfg["model"]["transform"] = search_transform(cfg)
     table_cfg["model"]["backbone"]["weights"] = "none"  # shapes only
     supernet = build_detector(table_cfg, search=True)
     cost = search_resource_cost(table_cfg, supernet.neck if "neck" in parts else None,
                                 supernet.roi_heads.box_head if "head" in parts else None)
-    del supernet
-    job = Candidate(cfg, settings, half_a, unaugmented(half_b), cost, lam, ctx)
+    return Candidate(cfg, evolution_settings(cfg), half_a, unaugmented(half_b), cost,
+                     resource_lambda(cfg["search"]), ctx)
+
+
+def _candidate_dir(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "candidates", f"{index:04d}")
+
+
+def _is_scored(out_dir: str, index: int) -> bool:
+    return os.path.isfile(os.path.join(_candidate_dir(out_dir, index), "result.json"))
+
+
+def score_candidate(job: Candidate, cand_dir: str) -> None:
+    """Train and score the candidate of ``cand_dir/genotype.json``; ``result.json`` written
+    atomically (the mark of a finished candidate)."""
+    from autofpn.models.genotype import load_genotype
+    result = train_and_score(job, load_genotype(os.path.join(cand_dir, "genotype.json")), cand_dir)
+    if job.ctx.is_main:
+        atomic_write_json(result, os.path.join(cand_dir, "result.json"))
+
+
+@dataclass
+class Parallel:
+    """Who trains which candidates: ``jobs`` worker subprocesses at once (1: in this process),
+    this invocation's ``shard`` of ``shards`` (candidate i is shard i mod shards')."""
+    jobs: int = 1
+    shard: int = 0
+    shards: int = 1
+
+
+class EvolutionError(RuntimeError):
+    """A candidate's worker subprocess failed (not a diverged candidate: that one scores 0)."""
+
+
+WAIT_POLL_SECONDS = 2.0
+
+
+def _worker(job: Candidate, out_dir: str, index: int, threads: int):
+    """Start the worker subprocess of candidate ``index``: (process, its log file)."""
+    import subprocess
+    import sys
+    from autofpn.engine.runs import die_with_parent
+    cand_dir = _candidate_dir(out_dir, index)
+    log = open(os.path.join(cand_dir, "log.txt"), "a")
+    cmd = [sys.executable, "-m", "autofpn.search.evolution", "--candidate", cand_dir,
+           "--cfg", os.path.join(out_dir, "config.yaml")]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    process = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    return process, log
+
+
+def _log_tail(path: str, lines: int = 12) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def train_round(job: Candidate, out_dir: str, members: Sequence[int], parallel: Parallel) -> None:
+    """Return once every candidate of ``members`` is scored (``result.json``): this invocation
+    trains the unscored ones of its shard (in this process, or ``parallel.jobs`` workers at once),
+    each under its lock, and waits for the others (another shard, or another process holding a
+    candidate's lock: should that process die, its candidate is taken over here)."""
+    import time
+    from autofpn.engine.runs import lock_folder
+    pending = [i for i in members if not _is_scored(out_dir, i)]
+    if job.ctx.world_size > 1:  # torchrun: every rank trains each candidate together, in order
+        for index in pending:
+            score_candidate(job, _candidate_dir(out_dir, index))
+            du.barrier()
+        return
+    mine = [i for i in pending if i % parallel.shards == parallel.shard]
+    threads = max(1, (os.cpu_count() or 1) // parallel.jobs)
+    if parallel.jobs > 1 and mine:
+        print(f"evolution: candidates {members[0]}-{members[-1]}: {len(mine)} to train here, {parallel.jobs} at a "
+              f"time ({threads} thread(s) each; logs in {os.path.join(out_dir, 'candidates', '<i>', 'log.txt')})",
+              flush=True)
+    workers: Dict[int, Any] = {}  # index -> (process, log, lock)
+    said_waiting = False
+    try:
+        while True:
+            for index, (process, log, lock) in list(workers.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                log.close()
+                lock.close()
+                del workers[index]
+                if code != 0 or not _is_scored(out_dir, index):
+                    path = os.path.join(_candidate_dir(out_dir, index), "log.txt")
+                    raise EvolutionError(f"evolution candidate {index} failed (exit code {code}); its log "
+                                         f"{path} ends:\n{_log_tail(path)}")
+            left = [i for i in pending if not _is_scored(out_dir, i)]
+            if not left and not workers:
+                return
+            for index in left:
+                if index not in mine or index in workers or len(workers) >= parallel.jobs:
+                    continue
+                lock = lock_folder(_candidate_dir(out_dir, index))
+                if lock is None:
+                    continue  # another process trains it
+                if _is_scored(out_dir, index):  # finished by the process that just let it go
+                    lock.close()
+                elif parallel.jobs == 1:
+                    try:
+                        score_candidate(job, _candidate_dir(out_dir, index))
+                    finally:
+                        lock.close()
+                else:
+                    workers[index] = (*_worker(job, out_dir, index, threads), lock)
+            if not workers and any(not _is_scored(out_dir, i) for i in left):
+                if not said_waiting:
+                    others = [i for i in left if not _is_scored(out_dir, i)]
+                    print(f"evolution: waiting for candidates {', '.join(map(str, others))} "
+                          f"(trained by another shard or process)", flush=True)
+                    said_waiting = True
+                time.sleep(WAIT_POLL_SECONDS)
+            elif workers:
+                time.sleep(0.5)
+    finally:
+        for process, log, lock in workers.values():  # an error or a signal here: stop the others too
+            process.kill()
+            process.wait()
+            log.close()
+            lock.close()
+
+
+def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
+               neck_genotype: Optional[Dict[str, Any]] = None, dataset=None,
+               parallel: Optional[Parallel] = None) -> SearchResult:
+    """Run the evolution in ``out_dir`` (resuming what is there); writes ``geno.json`` (the
+    fittest candidate), ``history.json`` (every candidate in order: genotype, origin, AP, cost,
+    fitness, seconds) and ``search_times.json``. ``neck_genotype``: the neck a head-only
+    evolution keeps. ``dataset``: the training set when the caller has built it. ``parallel``:
+    who trains what (``Parallel``; default: every candidate here, one at a time)."""
+    from autofpn.engine.runs import FolderInUseError
+    from autofpn.models.genotype import load_genotype, save_genotype
+
+    parallel = parallel or Parallel()
+    settings = evolution_settings(cfg)
+    parts = searched_parts(cfg)
+    kept_neck = fixed_neck(cfg, parts, neck_genotype)
+    check_manifest(out_dir, {"parts": list(parts), "kept_neck": kept_neck, "settings": asdict(settings),
+                             "lambda": resource_lambda(cfg["search"])}, ctx.is_main)
+    job = candidate_job(cfg, ctx, dataset)
 
     history: List[Dict[str, Any]] = []
-    for index in range(settings.candidates):
-        cand_dir = os.path.join(out_dir, "candidates", f"{index:04d}")
-        if index < settings.population:
-            genotype, origin = random_member(cfg, settings, index, parts, kept_neck), {"origin": "random"}
-        else:
-            genotype, origin = breed(settings, index, history, parts)
-        genotype = validate_genotype({**genotype, "name": f"evolution_{index:04d}",
-                                      "description": ("random initial member" if origin["origin"] == "random"
-                                                      else f"mutation of candidate {origin['parent']}: "
-                                                           f"{origin['mutation']}")})
-        geno_path, result_path = os.path.join(cand_dir, "genotype.json"), os.path.join(cand_dir, "result.json")
-        if os.path.isfile(geno_path) and load_genotype(geno_path) != genotype:
-            raise FolderInUseError(f"{geno_path} is not the candidate this evolution breeds at index {index} "
-                                   f"(another seed, config or code); use another search.output_dir")
-        if os.path.isfile(result_path):
-            result = _read_json(result_path)
-            if ctx.is_main:
-                clean_candidate(cand_dir)  # a kill between result.json and the clean-up
-        else:
-            if ctx.is_main:
+    for members in rounds(settings):
+        origins = {}
+        for index in members:  # bred from the records before the round
+            cand_dir = _candidate_dir(out_dir, index)
+            if index < settings.population:
+                genotype, origin = random_member(cfg, settings, index, parts, kept_neck), {"origin": "random"}
+            else:
+                genotype, origin = breed(settings, index, history, parts)
+            genotype = validate_genotype({**genotype, "name": f"evolution_{index:04d}",
+                                          "description": ("random initial member" if origin["origin"] == "random"
+                                                          else f"mutation of candidate {origin['parent']}: "
+                                                               f"{origin['mutation']}")})
+            geno_path = os.path.join(cand_dir, "genotype.json")
+            if os.path.isfile(geno_path) and load_genotype(geno_path) != genotype:
+                raise FolderInUseError(f"{geno_path} is not the candidate this evolution breeds at index {index} "
+                                       f"(another seed, config or code); use another search.output_dir")
+            if ctx.is_main and not os.path.isfile(geno_path):
                 save_genotype(genotype, geno_path)  # before training: what the folder is training
-            du.barrier()
-            result = train_and_score(job, genotype, cand_dir)
+            origins[index] = (origin, genotype)
+        du.barrier()
+        train_round(job, out_dir, members, parallel)
+        du.barrier()
+        for index in members:
+            origin, genotype = origins[index]
+            result = _read_json(os.path.join(_candidate_dir(out_dir, index), "result.json"))
             if ctx.is_main:
-                atomic_write_json(result, result_path)
-                clean_candidate(cand_dir)
-            du.barrier()
-        record = {"index": index, **origin, **result, "genotype": genotype}
-        history.append(record)
-        best = max(history, key=lambda r: r["fitness"])  # a tie: the earlier candidate
+                clean_candidate(_candidate_dir(out_dir, index))
+            history.append({"index": index, **origin, **result, "genotype": genotype})
+            best = max(history, key=lambda r: r["fitness"])  # a tie: the earlier candidate
+            if ctx.is_main:
+                print(format_candidate(history[-1], settings.candidates, best), flush=True)
         if ctx.is_main:
             atomic_write_json(history, os.path.join(out_dir, "history.json"))
-            print(format_candidate(record, settings.candidates, best), flush=True)
 
     best = max(history, key=lambda r: r["fitness"])
     found = validate_genotype({**best["genotype"], "name": "evolution",
@@ -413,3 +577,27 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
               f"AP {best['AP']:.2f}, cost {best['cost']:.3f})", flush=True)
     du.barrier()
     return SearchResult(genotype=found)
+
+
+def candidate_main(argv: Optional[List[str]] = None) -> int:
+    """A worker: ``python -m autofpn.search.evolution --candidate DIR --cfg OUT/config.yaml``
+    trains and scores the candidate of ``DIR/genotype.json`` (resuming its ``DIR/train``)."""
+    import argparse
+    from autofpn.config import load_config
+    p = argparse.ArgumentParser(description="train and score one evolution candidate (a worker of search.py --jobs)")
+    p.add_argument("--candidate", required=True, help="the candidate's folder (holds genotype.json)")
+    p.add_argument("--cfg", required=True, help="the evolution's config.yaml (written by search.py)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.cfg)
+    ctx = du.init_distributed(cfg["train"]["device"])
+    try:
+        score_candidate(candidate_job(cfg, ctx), args.candidate)
+    finally:
+        du.cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    from autofpn.cli import run_command
+    sys.exit(run_command(candidate_main))

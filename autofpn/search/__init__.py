@@ -8,7 +8,8 @@
   ``run_search(cfg, ctx, out_dir, neck_genotype=None, dataset=None) -> SearchResult`` (``genotype``, and the
   final weights of the stages it ran for the pictures); ``search.strategy`` picks one:
   ``differentiable`` (the paper's first-order alternating search on two data halves),
-  ``evolution`` (regularized evolution: candidates trained on half A, scored on half B),
+  ``evolution`` (regularized evolution: candidates trained on half A, scored on half B; its
+  ``run_search`` also takes ``parallel``: who trains which candidates, search.py --jobs / --shard),
   ``snas`` (SNAS: the differentiable search with soft Gumbel-softmax samples of the op weights);
   a strategy module may also expose ``check_config(cfg)``, run before the output folder is claimed.
 """

@@ -367,3 +367,11 @@ def test_cli_prints_the_evolution_and_random_search_compute():
     assert out.count("at an assumed 50 % of dense fp32 peak: V100") == 2
     with pytest.raises(SystemExit):
         main(["--random-architectures", "4"])  # needs --train-images
+
+
+def test_small_computes_are_printed_in_readable_units():
+    """A CPU-sized search (~1e13 FLOPs) must not print as 0.00 EFLOP and 0.0 GPU-days."""
+    from autofpn.search.plan import _flops, _gpu_time
+    assert _flops(21.13e18) == "21.13 EFLOP" and _flops(2.5e15) == "2.50 PFLOP" and _flops(1.371e13) == "13.71 TFLOP"
+    assert _gpu_time(51.94) == "51.9 GPU-days"
+    assert _gpu_time(0.5) == "0.5 GPU-days (12 GPU-hours)"

@@ -472,11 +472,11 @@ def format_compute(compute: Dict) -> str:
 
 def _format_gradient_search(c: Dict) -> str:
     n = c["train_images"]
-    stages = ", ".join(f"{stage[len('search: '):]} stage {c['flops'][stage] / 1e18:.2f} EFLOP"
+    stages = ", ".join(f"{stage[len('search: '):]} stage {_flops(c['flops'][stage])}"
                        for stage in c["images"])
     return (f"Whole search over {n} training images (two halves of {n // 2}; {c['epochs']} epochs per stage, "
             f"architecture steps in the last {100 * c['arch_fraction']:.0f} %): {stages}, total "
-            f"{c['flops']['total'] / 1e18:.2f} EFLOP\n"
+            f"{_flops(c['flops']['total'])}\n"
             + _format_gpu_days(c)
             + ("" if c["mode"] == "full" else
                f"\n(counted with every op of the mixed op: an upper bound for search.mode {c['mode']}, "
@@ -491,8 +491,8 @@ def _format_evolution(c: Dict) -> str:
             f"{c['epochs']} epochs on half A ({c['half_a']} images{cap}) + one evaluation of half B "
             f"({c['half_b']} images) each; a candidate = {c['candidate']['neck_type']} neck + "
             f"{c['candidate']['head_type']} head at {h}x{w}, {c['candidate']['forward_flops'] / 1e9:.2f} GFLOPs "
-            f"forward per image: training {c['flops']['train'] / 1e18:.2f} EFLOP, evaluation "
-            f"{c['flops']['evaluate'] / 1e18:.2f} EFLOP, total {c['flops']['total'] / 1e18:.2f} EFLOP\n"
+            f"forward per image: training {_flops(c['flops']['train'])}, evaluation "
+            f"{_flops(c['flops']['evaluate'])}, total {_flops(c['flops']['total'])}\n"
             + _format_gpu_days(c))
 
 
@@ -503,8 +503,8 @@ def _format_random_search(c: Dict) -> str:
     return (f"Random search of {k} architecture{'s' if k != 1 else ''}, each retrained {c['epochs']} epochs "
             f"on all {c['train_images']} training images ({cap + '; ' if cap else ''}the decoded "
             f"model at {h}x{w}, {c['forward_flops'] / 1e9:.2f} GFLOPs forward per image): "
-            f"{c['flops']['total'] / k / 1e18:.2f} EFLOP per architecture, total "
-            f"{c['flops']['total'] / 1e18:.2f} EFLOP\n" + _format_gpu_days(c))
+            f"{_flops(c['flops']['total'] / k)} per architecture, total "
+            f"{_flops(c['flops']['total'])}\n" + _format_gpu_days(c))
 
 
 def _format_cap(c: Dict, images: int, uncapped: int) -> str:
@@ -514,8 +514,21 @@ def _format_cap(c: Dict, images: int, uncapped: int) -> str:
     return f"capped at max_iters {c['max_iters']} x {c['images_per_batch']} images = {images} images"
 
 
+def _flops(flops: float) -> str:
+    """FLOPs in EFLOP down to 0.01 EFLOP, else in PFLOP or TFLOP (a CPU-sized search is ~1e13)."""
+    for low, scale, unit in ((1e16, 1e18, "EFLOP"), (1e15, 1e15, "PFLOP")):
+        if flops >= low:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops / 1e12:.2f} TFLOP"
+
+
+def _gpu_time(days: float) -> str:
+    """GPU-days, and GPU-hours beside a figure under one day."""
+    return f"{days:.1f} GPU-days" if days >= 1 else f"{days:.2g} GPU-days ({24 * days:.2g} GPU-hours)"
+
+
 def _format_gpu_days(c: Dict) -> str:
-    gpus = ", ".join(f"{gpu} ({GPU_PEAK_FLOPS[gpu] / 1e12:.1f} TFLOP/s) {days:.1f} GPU-days"
+    gpus = ", ".join(f"{gpu} ({GPU_PEAK_FLOPS[gpu] / 1e12:.1f} TFLOP/s) {_gpu_time(days)}"
                      for gpu, days in c["gpu_days"].items())
     return f"at an assumed {100 * c['utilization']:.0f} % of dense fp32 peak: {gpus}"
 

@@ -92,6 +92,27 @@ DEFAULTS: Dict[str, Any] = {
             "canonical_level": 4,
             "adaptive_pooling": False,  # PANet adaptive feature pooling: RoIs pooled from every level
         },
+        # model.detector: retinanet (autofpn/models/retinanet.py); torchvision's retinanet_resnet50_fpn
+        # defaults. The neck (model.neck: type, levels, channels; extra_pool_level false) gives
+        # P3..P5, these extra_levels convolutions P6, P7. The classifier has model.num_classes - 1
+        # sigmoid outputs: no background column, label k is output k - 1
+        "retinanet": {
+            "anchor_sizes": [32, 64, 128, 256, 512],  # one base size per level, P3..P7
+            "scales_per_octave": 3,  # sizes: base x 2^(i/3), i = 0..2, truncated to integers
+            "aspect_ratios": [0.5, 1.0, 2.0],
+            "extra_levels": 2,  # stride-2 3x3 convs on the neck's top level (P6, P7)
+            "subnet_convs": 4,  # 3x3 conv + ReLU layers of the class and box subnets
+            "prior_probability": 0.01,  # classifier bias init: sigmoid = this at the start
+            "fg_iou_thresh": 0.5,
+            "bg_iou_thresh": 0.4,  # anchors in between are ignored
+            "focal_alpha": 0.25,
+            "focal_gamma": 2.0,
+            "box_loss": "l1",  # l1 | smooth_l1 (beta 1), on the encoded boxes
+            "score_thresh": 0.05,
+            "topk_candidates": 1000,  # per level, before NMS
+            "nms_thresh": 0.5,
+            "detections_per_img": 300,
+        },
     },
     "data": {
         # voc also reads a folder of XML files: {type: voc, annotations: DIR, images: DIR}
@@ -225,6 +246,8 @@ _MISSING = object()
 # The documented choices of string keys (parts built by name from a registry, such as
 # model.neck.type, name their choices when they are built).
 CHOICES: Dict[str, tuple] = {
+    "model.detector": ("faster_rcnn", "retinanet"),
+    "model.retinanet.box_loss": ("l1", "smooth_l1"),
     "model.memory_format": ("auto", "channels_last", "contiguous"),
     "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2"),
     "model.backbone.norm": ("frozen_bn", "bn"),
@@ -251,6 +274,13 @@ EVOLUTION_MINIMUMS = {"search.evolution.population": 1, "search.evolution.sample
                       "search.evolution.max_iters": 0, "search.evolution.seed": -1,
                       "search.evolution.round_size": 1}
 LAMBDA_PRESET_NAMES = ("small", "middle", "large")
+# model.retinanet keys with a range: integers with their smallest value, numbers in [low, high]
+RETINANET_INT_MINIMUMS = {"model.retinanet.scales_per_octave": 1, "model.retinanet.extra_levels": 0,
+                          "model.retinanet.subnet_convs": 0, "model.retinanet.topk_candidates": 1,
+                          "model.retinanet.detections_per_img": 1}
+RETINANET_RANGES = {"model.retinanet.fg_iou_thresh": (0.0, 1.0),
+                    "model.retinanet.bg_iou_thresh": (0.0, 1.0), "model.retinanet.focal_alpha": (0.0, 1.0),
+                    "model.retinanet.score_thresh": (0.0, 1.0), "model.retinanet.nms_thresh": (0.0, 1.0)}
 
 
 def _is_number(value: Any) -> bool:
@@ -273,6 +303,18 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return None
         return "expected an integer >= 1 (searches per stage; 1 = one search)"
+    if dotted in RETINANET_INT_MINIMUMS:
+        low = RETINANET_INT_MINIMUMS[dotted]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+            return None
+        return f"expected an integer >= {low}"
+    if dotted == "model.retinanet.prior_probability":  # the bias init is -log((1 - p) / p)
+        return None if _is_number(value) and 0 < value < 1 else "expected a number in (0, 1)"
+    if dotted in RETINANET_RANGES:
+        low, high = RETINANET_RANGES[dotted]
+        if _is_number(value) and low <= value <= high:
+            return None
+        return f"expected a number in [{low}, {high}]"
     if dotted in EVOLUTION_MINIMUMS:
         low = EVOLUTION_MINIMUMS[dotted]
         if isinstance(value, int) and not isinstance(value, bool) and value >= low:

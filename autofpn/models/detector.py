@@ -10,9 +10,10 @@ from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.auto_head import AutoHead
 from autofpn.models.backbone import build_backbone
 from autofpn.models.heads import BoxPredictor, TwoMLPHead
-from autofpn.models.necks import FPN, PANet
+from autofpn.models.necks import FPN, ConvExtraLevels, PANet
+from autofpn.models.retinanet import RetinaNet, RetinaNetHead, retinanet_anchor_sizes
 from autofpn.models.roi_heads import RoIHeads
-from autofpn.models.rpn import RegionProposalNetwork
+from autofpn.models.rpn import AnchorGenerator, RegionProposalNetwork
 from autofpn.models.transform import ImageTransform
 from autofpn.ops.layout import check_memory_format, resolve_memory_format
 from autofpn.ops.roi_align import MultiLevelRoIAlign
@@ -32,6 +33,10 @@ class FasterRCNN(nn.Module):
     the backbone, neck, RPN and RoI features then keep (autofpn.ops.layout; "auto" depends on
     the device and on whether the neck or head is a searched one).
     """
+
+    # parameter_breakdown / count_flops: part -> submodules (the architecture parameters are none)
+    PARTS = {"backbone": ("backbone",), "neck": ("neck",), "rpn": ("rpn",),
+             "head": ("roi_heads.box_head", "roi_heads.box_predictor")}
 
     def __init__(self, transform: ImageTransform, backbone: nn.Module, neck: nn.Module,
                  rpn: RegionProposalNetwork, roi_heads: RoIHeads, arch: Optional[nn.Module] = None,
@@ -156,18 +161,25 @@ def use_genotype(cfg: Dict, genotype: Optional[Dict], neck: Optional[str] = None
     return cfg
 
 
-def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> FasterRCNN:
-    model_cfg = cfg["model"]
+def _check_num_classes(model_cfg: Dict) -> None:
     if model_cfg["num_classes"] is None:
-        from autofpn.config import ConfigError
         raise ConfigError("model.num_classes is not set: train.py, search.py and evaluate.py take it from the "
                           "data; set it (classes + background) to build a model without data")
+
+
+def _build_transform(model_cfg: Dict) -> ImageTransform:
+    t = model_cfg["transform"]
+    return ImageTransform(t["min_size"], t["max_size"], t["test_min_size"], t["image_mean"],
+                          t["image_std"], t["size_divisible"])
+
+
+def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> FasterRCNN:
+    model_cfg = cfg["model"]
+    _check_num_classes(model_cfg)
     backbone = build_backbone(model_cfg["backbone"])
     neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
     neck = _lookup(NECKS, "model.neck.type", neck_type)(cfg, backbone, genotype, search_neck)
-    t = model_cfg["transform"]
-    transform = ImageTransform(t["min_size"], t["max_size"], t["test_min_size"], t["image_mean"],
-                               t["image_std"], t["size_divisible"])
+    transform = _build_transform(model_cfg)
     num_levels = len(neck.strides)
     if len(model_cfg["rpn"]["anchor_sizes"]) != num_levels:
         raise ValueError(f"model.rpn.anchor_sizes has {len(model_cfg['rpn']['anchor_sizes'])} sizes but the "
@@ -188,10 +200,43 @@ def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, se
     return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch, memory_format=model_cfg["memory_format"])
 
 
-# model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector (RetinaNet,
-# SSD) is one module plus one line here; necks and heads come from NECKS / HEADS.
+def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> RetinaNet:
+    """RetinaNet (autofpn/models/retinanet.py): the neck of ``model.neck`` (FPN by default) over
+    ``model.neck.levels`` (P3..P5), ``model.retinanet.extra_levels`` convolution levels above it
+    (P6, P7), class and box subnets; ``model.head`` is Faster R-CNN's and not used."""
+    model_cfg = cfg["model"]
+    r = model_cfg["retinanet"]
+    if search_neck or search_head:
+        raise ConfigError("model.detector is 'retinanet': the search covers Faster R-CNN's neck and head only; "
+                          "search with model.detector=faster_rcnn")
+    _check_num_classes(model_cfg)
+    if model_cfg["neck"]["extra_pool_level"]:
+        raise ConfigError("model.neck.extra_pool_level is true: RetinaNet's extra levels are convolutions "
+                          "(model.retinanet.extra_levels); set model.neck.extra_pool_level=false")
+    if r["bg_iou_thresh"] > r["fg_iou_thresh"]:
+        raise ConfigError(f"model.retinanet.bg_iou_thresh ({r['bg_iou_thresh']}) is above "
+                          f"model.retinanet.fg_iou_thresh ({r['fg_iou_thresh']})")
+    backbone = build_backbone(model_cfg["backbone"])
+    base = _lookup(NECKS, "model.neck.type", model_cfg["neck"]["type"])(cfg, backbone, genotype, False)
+    neck = ConvExtraLevels(base, r["extra_levels"])
+    levels = sorted(neck.strides, key=lambda n: int(n[1:]))
+    if len(r["anchor_sizes"]) != len(levels):
+        raise ConfigError(f"model.retinanet.anchor_sizes has {len(r['anchor_sizes'])} sizes but the neck outputs "
+                          f"{len(levels)} levels {levels} (model.neck.levels + model.retinanet.extra_levels)")
+    anchor_generator = AnchorGenerator(retinanet_anchor_sizes(r["anchor_sizes"], r["scales_per_octave"]),
+                                       r["aspect_ratios"])
+    # no background output: label k is output k - 1 (model.num_classes counts the background)
+    head = RetinaNetHead(neck.out_channels, anchor_generator.num_anchors_per_location, model_cfg["num_classes"] - 1,
+                         r["subnet_convs"], r["prior_probability"])
+    return RetinaNet(_build_transform(model_cfg), backbone, neck, head, anchor_generator, r,
+                     memory_format=model_cfg["memory_format"])
+
+
+# model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector (SSD) is
+# one module plus one line here; necks and heads come from NECKS / HEADS.
 DETECTORS: Dict[str, Callable[..., nn.Module]] = {
     "faster_rcnn": build_faster_rcnn,
+    "retinanet": build_retinanet,
 }
 
 
@@ -213,24 +258,22 @@ def count_parameters(module: Optional[nn.Module]) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def parameter_breakdown(model: FasterRCNN) -> Dict[str, int]:
-    """Parameters of backbone / neck / RPN / head (box head + predictor) / total; the
-    architecture parameters of a supernet are not counted."""
-    parts = {
-        "backbone": count_parameters(model.backbone),
-        "neck": count_parameters(model.neck),
-        "rpn": count_parameters(model.rpn),
-        "head": count_parameters(model.roi_heads.box_head) + count_parameters(model.roi_heads.box_predictor),
-    }
+def parameter_breakdown(model: nn.Module) -> Dict[str, int]:
+    """Parameters per part of a detector (its ``PARTS``: backbone / neck / RPN / head = box
+    head + predictor for Faster R-CNN; backbone / neck (P6, P7 included) / head = both subnets
+    for RetinaNet) and the total; the architecture parameters of a supernet are not counted."""
+    parts = {part: sum(count_parameters(model.get_submodule(path)) for path in paths)
+             for part, paths in model.PARTS.items()}
     parts["total"] = sum(parts.values())
     return parts
 
 
 def count_flops(model, height: int, width: int):
-    """FLOPs of one eval forward on a ``[3, height, width]`` image, total and per part.
+    """FLOPs of one eval forward on a ``[3, height, width]`` image, total and per part (the
+    model's ``PARTS``).
 
     Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs;
-    convolutions, matmuls and RoIAlign-free ops it knows); parts are the model's children.
+    convolutions, matmuls and RoIAlign-free ops it knows).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -244,11 +287,10 @@ def count_flops(model, height: int, width: int):
     counts = counter.get_flop_counts()  # keys: "Global", "FasterRCNN", "FasterRCNN.backbone" ...
     root = type(model).__name__
 
-    def part(child: str) -> int:
-        return int(sum(counts.get(f"{root}.{child}", {}).values()))
+    def part(paths) -> int:
+        return int(sum(sum(counts.get(f"{root}.{path}", {}).values()) for path in paths))
 
-    return {"total": int(counter.get_total_flops()), "backbone": part("backbone"),
-            "neck": part("neck"), "rpn": part("rpn"), "head": part("roi_heads")}
+    return {"total": int(counter.get_total_flops()), **{name: part(paths) for name, paths in model.PARTS.items()}}
 
 
 def torchvision_state_dict_to_ours(state: Dict[str, Tensor], levels=(2, 3, 4, 5)) -> Dict[str, Tensor]:

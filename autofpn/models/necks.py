@@ -79,3 +79,34 @@ def add_pool_level(feats: Dict[str, Tensor], levels: Sequence[int], enabled: boo
         top = levels[-1]
         feats[f"p{top + 1}"] = F.max_pool2d(feats[f"p{top}"], kernel_size=1, stride=2)
     return feats
+
+
+class ConvExtraLevels(nn.Module):
+    """A neck plus ``count`` coarser levels made by stride-2 3x3 convolutions, RetinaNet's P6 and
+    P7: P_{top+1} = conv(P_top), then P_{k+1} = conv(ReLU(P_k)). P6 reads the neck's top output
+    (not C5), as torchvision's ``LastLevelP6P7`` does when its in and out channels are equal
+    (``retinanet_resnet50_fpn``, v1).
+
+    forward(feats {"c3": ..., "c5": ...}) -> {"p3": [N, C, H/8, W/8], ..., "p7": [N, C, H/128, W/128]}
+    """
+
+    def __init__(self, neck: nn.Module, count: int = 2):
+        super().__init__()
+        if getattr(neck, "extra_pool_level", False):
+            raise ValueError("the wrapped neck already adds a max-pooled level")
+        self.base = neck
+        self.out_channels = neck.out_channels
+        self.strides = dict(neck.strides)
+        top = max(int(name[1:]) for name in self.strides)
+        self.new_levels = [top + 1 + i for i in range(count)]
+        self.extra = nn.ModuleDict()
+        for level in self.new_levels:
+            self.extra[f"p{level}"] = _conv(self.out_channels, self.out_channels, 3, stride=2)
+            self.strides[f"p{level}"] = 2 * self.strides[f"p{level - 1}"]
+
+    def forward(self, feats: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        out = self.base(feats)
+        for i, level in enumerate(self.new_levels):
+            previous = out[f"p{level - 1}"]
+            out[f"p{level}"] = self.extra[f"p{level}"](previous if i == 0 else F.relu(previous))
+        return out

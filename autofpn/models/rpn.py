@@ -1,5 +1,5 @@
 """Anchors and the Region Proposal Network."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,30 +11,36 @@ from autofpn.ops.matcher import BalancedPositiveNegativeSampler, Matcher
 
 
 class AnchorGenerator:
-    """One anchor size per feature level, several aspect ratios (h / w) each.
+    """Anchors of one or several sizes per feature level, times several aspect ratios (h / w).
 
-    Cell anchors are centred on 0 and rounded to integers; a level with stride s places
-    them at (x*s, y*s) for every feature-map cell (x, y). Anchors of one level are ordered
-    cell-major then anchor: index = (y * W + x) * A + a.
+    ``sizes[l]`` is one size (Faster R-CNN's RPN: one per level) or a list of sizes (RetinaNet:
+    3 scales per octave); every level has the same number of them. Cell anchors are centred on 0
+    and rounded to integers, ordered ratio-major then size (torchvision's order); a level with
+    stride s places them at (x*s, y*s) for every feature-map cell (x, y). Anchors of one level
+    are ordered cell-major then anchor: index = (y * W + x) * A + a.
     """
 
-    def __init__(self, sizes: Sequence[int], aspect_ratios: Sequence[float]):
-        self.sizes = list(sizes)
+    def __init__(self, sizes: Sequence[Union[float, Sequence[float]]], aspect_ratios: Sequence[float]):
+        self.sizes = [list(s) if isinstance(s, (list, tuple)) else [s] for s in sizes]
+        if len({len(s) for s in self.sizes}) > 1:
+            raise ValueError(f"every level needs the same number of anchor sizes, got {self.sizes}")
         self.aspect_ratios = list(aspect_ratios)
         self._cache: Dict[Tuple, Tensor] = {}
 
     @property
     def num_anchors_per_location(self) -> int:
-        return len(self.aspect_ratios)
+        return len(self.sizes[0]) * len(self.aspect_ratios)
 
-    def cell_anchors(self, size: int, dtype: torch.dtype = torch.float32,
+    def cell_anchors(self, sizes: Union[float, Sequence[float]], dtype: torch.dtype = torch.float32,
                      device: torch.device = torch.device("cpu")) -> Tensor:
-        """Tensor[A, 4] xyxy anchors of area size^2 centred on (0, 0)."""
+        """Tensor[R*S, 4] xyxy anchors of area size^2 centred on (0, 0), for R aspect ratios and
+        S sizes (index = ratio * S + size)."""
+        scales = torch.as_tensor(sizes, dtype=dtype, device=device).reshape(-1)
         ratios = torch.as_tensor(self.aspect_ratios, dtype=dtype, device=device)
         h_ratios = torch.sqrt(ratios)
         w_ratios = 1 / h_ratios
-        ws = w_ratios * size
-        hs = h_ratios * size
+        ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)  # (R, S) -> (R*S)
+        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
         return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
     def level_anchors(self, level: int, grid: Tuple[int, int], stride: Tuple[int, int],

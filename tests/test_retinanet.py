@@ -1,0 +1,246 @@
+"""RetinaNet (autofpn/models/retinanet.py): parity with torchvision's ``retinanet_resnet50_fpn``
+when it carries its weights (detections in eval mode, both losses in train mode), and unit tests
+of the parts written here (anchors, focal-loss normalisation, label mapping, config errors)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from autofpn.config import ConfigError, load_config
+from autofpn.models.detector import build_detector, count_flops, parameter_breakdown
+from autofpn.models.retinanet import retinanet_anchor_sizes, torchvision_retinanet_state_dict_to_ours
+from autofpn.ops.matcher import Matcher
+
+NUM_CLASSES = 5  # 4 classes + background
+MIN_SIZE, MAX_SIZE = 256, 320
+
+
+def _images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(3, 240, 320, generator=g), torch.rand(3, 300, 220, generator=g)]
+
+
+def _targets():
+    return [{"boxes": torch.tensor([[20.0, 30.0, 120.0, 110.0], [150.0, 60.0, 300.0, 230.0], [40.0, 150.0, 90.0, 200.0]]),
+             "labels": torch.tensor([1, 4, 2])},
+            {"boxes": torch.tensor([[10.0, 10.0, 200.0, 280.0], [120.0, 40.0, 160.0, 90.0]]),
+             "labels": torch.tensor([3, 3])}]
+
+
+def _rescale_conv(conv, inputs, std, mean=None):
+    """Scale ``conv``'s weight so its outputs on ``inputs`` have this std, and (``mean``) set
+    its bias so each output channel averages ``mean``. A random RetinaNet's subnets shrink
+    their input ~300x, so every anchor scores the prior (0.01) and every box is its anchor:
+    nothing for a parity test to compare."""
+    out = torch.cat([F.conv2d(x, conv.weight, None, padding=1).flatten(2) for x in inputs], dim=2)
+    scale = std / out.std()
+    conv.weight.mul_(scale)
+    if mean is not None:
+        conv.bias.copy_(mean - out.mean(dim=(0, 2)) * scale)
+
+
+def _spread_outputs(model):
+    """Class logits ~ N(-2.5, 2) per output (a score above 0.05 for ~20% of the (anchor, class)
+    pairs, labels varying between anchors), box deltas of std 0.2; torchvision's background
+    column 0 silenced (-1e4: sigmoid 0, focal loss 0), as training makes it."""
+    head = model.head
+    cls_in, box_in = [], []
+    hooks = [head.classification_head.conv.register_forward_hook(lambda m, i, o: cls_in.append(o)),
+             head.regression_head.conv.register_forward_hook(lambda m, i, o: box_in.append(o))]
+    with torch.no_grad():
+        model(_images())
+        for h in hooks:
+            h.remove()
+        _rescale_conv(head.classification_head.cls_logits, cls_in, std=2.0, mean=-2.5)
+        _rescale_conv(head.regression_head.bbox_reg, box_in, std=0.2)
+        background = torch.arange(0, head.classification_head.cls_logits.bias.numel(), NUM_CLASSES)
+        head.classification_head.cls_logits.weight[background] = 0.0
+        head.classification_head.cls_logits.bias[background] = -1e4
+
+
+def _pair():
+    torch.manual_seed(0)
+    theirs = torchvision.models.detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=MIN_SIZE, max_size=MAX_SIZE)
+    theirs.eval()
+    _spread_outputs(theirs)
+    # NCHW as torchvision (see tests/test_parity_torchvision.py); BatchNorm as torchvision's
+    # backbone without ImageNet weights (all layers trainable, batch statistics in training)
+    cfg = load_config(None, [
+        "model.detector=retinanet", "model.memory_format=contiguous", f"model.num_classes={NUM_CLASSES}",
+        "model.backbone.weights=none", "model.backbone.norm=bn", "model.backbone.frozen_stages=-1",
+        "model.neck.levels=[3,4,5]", "model.neck.extra_pool_level=false",
+        f"model.transform.min_size=[{MIN_SIZE}]", f"model.transform.test_min_size={MIN_SIZE}",
+        f"model.transform.max_size={MAX_SIZE}"])
+    ours = build_detector(cfg)
+    ours.load_state_dict(torchvision_retinanet_state_dict_to_ours(theirs.state_dict()), strict=True)
+    ours.eval()
+    return theirs, ours
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _pair()
+
+
+def test_detections_equal(models):
+    theirs, ours = models
+    images = _images()
+    with torch.no_grad():
+        expected = theirs(images)
+        got = ours(images)
+    for e, g in zip(expected, got):
+        assert e["boxes"].shape[0] > 100 and len(e["labels"].unique()) > 2, "fixture too easy"
+        assert int(e["labels"].min()) >= 1  # torchvision's background column stayed silent
+        assert torch.equal(e["labels"], g["labels"])
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("box_loss", ["l1", "smooth_l1"])
+def test_losses_equal(models, box_loss):
+    theirs, ours = models
+    theirs.head.regression_head._loss_type = box_loss
+    ours.box_loss = box_loss
+    theirs.train()
+    ours.train()
+    try:
+        with torch.no_grad():
+            expected = theirs(_images(), _targets())
+            got = ours(_images(), _targets())
+    finally:
+        theirs.head.regression_head._loss_type = "l1"
+        ours.box_loss = "l1"
+        theirs.eval()
+        ours.eval()
+    assert float(expected["classification"]) > 0.1 and float(expected["bbox_regression"]) > 0.01
+    torch.testing.assert_close(got["loss_cls"], expected["classification"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["loss_box"], expected["bbox_regression"], rtol=1e-5, atol=0)
+
+
+# ---- small models: units -------------------------------------------------------------------------
+
+def tiny_cfg(*extra):
+    return load_config(None, [
+        "model.detector=retinanet", f"model.num_classes={NUM_CLASSES}", "model.backbone.name=resnet18",
+        "model.backbone.weights=none", "model.backbone.norm=bn", "model.backbone.frozen_stages=-1",
+        "model.neck.channels=32", "model.neck.levels=[3,4,5]", "model.neck.extra_pool_level=false",
+        "model.transform.min_size=[128]", "model.transform.test_min_size=128", "model.transform.max_size=160",
+        *extra])
+
+
+def test_anchors_per_level_match_torchvision():
+    torch.manual_seed(0)
+    model = build_detector(tiny_cfg()).eval()
+    batch_shape = (128, 160)
+    feats = model.neck(model.backbone(torch.rand(1, 3, *batch_shape)))
+    levels = [feats[f"p{l}"] for l in range(3, 8)]
+    ours = model.anchor_generator(batch_shape, [tuple(f.shape[-2:]) for f in levels], torch.float32,
+                                  torch.device("cpu"))
+    for level, anchors in zip(levels, ours):
+        assert anchors.shape == (level.shape[-2] * level.shape[-1] * 9, 4)
+    default_sizes = load_config(None)["model"]["retinanet"]["anchor_sizes"]
+    sizes = retinanet_anchor_sizes(default_sizes, 3)
+    assert sizes[0] == [32, 40, 50] and sizes[-1] == [512, 645, 812]
+    theirs = TorchvisionAnchorGenerator(tuple(tuple(s) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+    expected = theirs(ImageList(torch.zeros(1, 3, *batch_shape), [batch_shape]), levels)[0]
+    assert torch.equal(torch.cat(ours), expected)
+
+
+def test_focal_loss_normalised_per_image_by_foreground_anchors():
+    """Logits 0 (p = 0.5): a positive (anchor, class) costs alpha * 0.5^2 * log 2, a negative
+    (1 - alpha) * 0.5^2 * log 2; ignored anchors cost nothing; each image's sum is divided by its
+    foreground count (at least 1), then the images are averaged."""
+    model = build_detector(tiny_cfg())
+    k = NUM_CLASSES - 1
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 4)
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    fg, bg, ignored = 0, Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
+    matched = [torch.tensor([fg, bg, ignored, fg]), torch.tensor([bg, bg, bg, bg])]
+    losses = model.losses(torch.zeros(2, 4, k), torch.zeros(2, 4, 4), anchors, matched, targets)
+    unit = 0.25 * math.log(2.0)
+    positive, negative = 0.25 * unit, 0.75 * unit
+    # image 1: 2 fg anchors x (1 positive + 3 negative classes) + 1 bg anchor x 4 negatives, / 2
+    image1 = (2 * (positive + (k - 1) * negative) + k * negative) / 2
+    image2 = 4 * k * negative / 1
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor((image1 + image2) / 2))
+    assert float(losses["loss_box"]) == 0.0  # the deltas are the targets: boxes equal the anchors
+
+    # label 3 is output 2: its logit alone raised on the fg anchors lowers the loss
+    logits = torch.zeros(2, 4, k)
+    logits[0, [0, 3], 2] = 5.0
+    assert float(model.losses(logits, torch.zeros(2, 4, 4), anchors, matched, targets)["loss_cls"]) < \
+        float(losses["loss_cls"])
+
+
+def test_background_label_rejected():
+    model = build_detector(tiny_cfg())
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([0])}]
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    with pytest.raises(ValueError, match=r"labels must be 1\.\.4"):
+        model.losses(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), anchors, [torch.tensor([0])], targets)
+
+
+def test_train_steps_lower_the_loss_and_eval_contract():
+    torch.manual_seed(0)
+    model = build_detector(tiny_cfg()).train()
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 128, 160, generator=g), torch.rand(3, 140, 120, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0], [80.0, 30.0, 150.0, 120.0]]),
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 110.0]]), "labels": torch.tensor([4])}]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    history = []
+    for _ in range(8):
+        losses = model(images, targets)
+        assert set(losses) == {"loss_cls", "loss_box"}
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    # the focal loss moves slowly from its prior-probability start (1.129 -> 1.123 here), the
+    # box loss fast (0.66 -> 0.53)
+    first, last = history[0], history[-1]
+    assert last["loss_cls"] < first["loss_cls"] and last["loss_box"] < first["loss_box"], history
+    assert sum(last.values()) < 0.95 * sum(first.values()), history
+
+    model.eval()
+    model.score_thresh = 0.0
+    with torch.no_grad():
+        out = model(images)
+    for det, image in zip(out, images):
+        assert det["boxes"].shape[0] == det["scores"].shape[0] == det["labels"].shape[0] > 0
+        assert det["boxes"].shape[0] <= 300 and det["labels"].dtype == torch.int64
+        assert 1 <= int(det["labels"].min()) and int(det["labels"].max()) <= NUM_CLASSES - 1
+        assert float(det["boxes"][:, 2].max()) <= image.shape[-1] and float(det["boxes"][:, 3].max()) <= image.shape[-2]
+
+
+def test_parameter_and_flop_breakdown():
+    model = build_detector(tiny_cfg())
+    params = parameter_breakdown(model)
+    assert set(params) == {"backbone", "neck", "head", "total"}
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    assert params["neck"] == sum(p.numel() for p in model.neck.parameters())  # P6 / P7 included
+    flops = count_flops(model, 96, 96)
+    assert min(flops[part] for part in ("backbone", "neck", "head")) > 0
+    assert flops["total"] == flops["backbone"] + flops["neck"] + flops["head"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.neck.extra_pool_level=true"], "model.neck.extra_pool_level"),
+    (["model.retinanet.extra_levels=1"], "model.retinanet.anchor_sizes has 5 sizes but the neck outputs 4"),
+    (["model.retinanet.bg_iou_thresh=0.6"], "model.retinanet.bg_iou_thresh"),
+])
+def test_config_errors_name_the_key(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        build_detector(tiny_cfg(*extra))
+
+
+def test_search_is_refused():
+    with pytest.raises(ConfigError, match="model.detector is 'retinanet'"):
+        build_detector(tiny_cfg(), search="neck")

@@ -183,6 +183,10 @@ DEFAULTS: Dict[str, Any] = {
         # softmax weights and the resource penalty stay float32; float16 adds a gradient scaler per
         # optimizer). bfloat16 needs no scaler (A100 / H100, and CPUs); float16 is the V100's
         "amp": "none",
+        # recompute each mixed op's ops in the backward pass instead of keeping their activations
+        # (torch.utils.checkpoint per link / edge): the same gradients, a fraction of the supernet's
+        # activation memory, about one more forward of the ops in time (docs/SEARCH_PLAN.md)
+        "recompute": False,
         # RoIs per image the head supernet trains on in the head stage (0: model.roi.batch_size_per_image,
         # the retrained detector's); fewer make each head-stage iteration cheaper. The sampler keeps
         # model.roi.positive_fraction; the resource penalty is still counted at the retrained RoI batch

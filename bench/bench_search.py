@@ -9,6 +9,8 @@ On one config (default configs/demo.yaml) and the same batches, measures
     every iteration),
   - with ``--head-rois K ...``: the head-search iteration with ``search.head_rois_per_image=K``
     (the head supernet trains on K RoIs per image),
+  - with ``--recompute``: both search iterations with ``search.recompute`` (every mixed op
+    recomputed in the backward pass instead of keeping its ops' activations),
   - with ``--genotype G``: a training step of the detector decoded from G (what train.py
     retrains after the search),
 interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
@@ -16,7 +18,7 @@ iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channe
 variant runs in each memory layout (``model.memory_format``) and the ratio of the two is printed;
 without it, in the config's.
 
-    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32]
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute]
                                  [--layouts contiguous channels_last] [--opts k=v ...]
 """
 import argparse
@@ -36,8 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu") -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
-    "head_rois<K>") on fixed batches, on ``device`` (the search variants with the config's
-    ``search.amp``)."""
+    "head_rois<K>", "neck_recompute", "head_recompute") on fixed batches, on ``device`` (the
+    search variants with the config's ``search.amp``)."""
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
@@ -68,6 +70,7 @@ def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu"
     stage_cfg["search"]["mode"] = variant if variant in ("gdas", "sampled_weights") else "full"
     # "head": the retrained detector's RoI batch (whatever the config's search uses); "head_rois<K>": K
     stage_cfg["search"]["head_rois_per_image"] = int(variant[len("rois"):]) if variant.startswith("rois") else 0
+    stage_cfg["search"]["recompute"] = variant == "recompute"
     model = build_detector(stage_cfg, search=stage)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
     searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")
@@ -89,6 +92,8 @@ def main() -> None:
     parser.add_argument("--opts", nargs="*", default=[])
     parser.add_argument("--head-rois", nargs="*", type=int, default=[],
                         help="also time the head-search iteration at these search.head_rois_per_image")
+    parser.add_argument("--recompute", action="store_true",
+                        help="also time both search iterations with search.recompute (ops recomputed in the backward)")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one neck search iteration")
     parser.add_argument("--genotype", default=None, help="also time a training step of the detector decoded from it")
     parser.add_argument("--layouts", nargs="*", choices=("contiguous", "channels_last"), default=[],
@@ -101,7 +106,8 @@ def main() -> None:
           f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, layout {cfg['model']['memory_format']}, "
           f"threads {torch.get_num_threads()}")
     variants = (("fpn",) + (("decoded",) if args.genotype else ()) + ("neck", "head", "neck_gdas", "head_gdas")
-                + tuple(f"head_rois{k}" for k in args.head_rois))
+                + tuple(f"head_rois{k}" for k in args.head_rois)
+                + (("neck_recompute", "head_recompute") if args.recompute else ()))
     layouts = args.layouts or [cfg["model"]["memory_format"]]
     layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
     runs = [(name, layout) for layout in layouts for name in variants]
@@ -121,7 +127,8 @@ def main() -> None:
     memory = {run: peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype) for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
-              **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois}}
+              **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois},
+              "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute"}
     for layout in layouts:
         if len(layouts) > 1:
             print(f"layout {layout}:")

@@ -24,10 +24,13 @@ def proc_status_kib() -> Dict[str, int]:
 
 def peak_growth_mib(step: Callable[[], None]) -> float:
     """Extra peak resident MiB while ``step()`` runs."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM := VmRSS
-    before = proc_status_kib()
-    if before["VmHWM"] != before["VmRSS"]:
+    for _ in range(20):  # another thread (allocator, torch's pool) may move RSS between reset and read
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # VmHWM := VmRSS
+        before = proc_status_kib()
+        if before["VmHWM"] == before["VmRSS"]:
+            break
+    else:
         raise RuntimeError(f"could not reset the RSS high-water mark: {before}")
     step()
     return (proc_status_kib()["VmHWM"] - before["VmRSS"]) / 1024.0

@@ -120,6 +120,24 @@ def _one_dtype(outputs: List[Tensor]) -> List[Tensor]:
     return [o.to(dtype) for o in outputs]
 
 
+def _weighted_sum(ops: Sequence[nn.Module], x: Tensor, w: Tensor) -> Tensor:
+    """sum_k w[k] * ops[k](x) (the fused ``mixed_sum``); x: Tensor[N, C, H, W], w: Tensor[len(ops)]."""
+    return mixed_sum(_one_dtype([op(x) for op in ops]), w)
+
+
+def set_recompute(model: nn.Module, enabled: bool = True) -> int:
+    """Turn recomputation (``MixedOp.recompute``) on or off in every mixed op of ``model`` holding
+    more than one op (a supernet's); returns how many. ValueError when such an op holds a
+    BatchNorm (recomputing would update its running statistics twice)."""
+    mixed = [m for m in model.modules() if isinstance(m, MixedOp) and len(m.ops) > 1]
+    if enabled and any(isinstance(b, nn.modules.batchnorm._BatchNorm) for m in mixed for b in m.modules()):
+        raise ValueError("recomputing the supernet's ops needs search.searched_norm none or gn: a BatchNorm "
+                         "would update its running statistics in both forward passes")
+    for m in mixed:
+        m.recompute = enabled
+    return len(mixed)
+
+
 class MixedOp(nn.Module):
     """The ops of one link/edge.
 
@@ -132,12 +150,20 @@ class MixedOp(nn.Module):
     whose weight is exactly 0 are not computed (their term of the sum is 0), so a one-hot sample
     costs one op; ``forward`` returns None when no op is active (the sampled op is "none").
     Their weights get no gradient, the straight-through estimate of GDAS.
+
+    ``recompute`` (a supernet searched with ``search.recompute``, set by ``set_recompute``): the
+    weighted sum is run under ``torch.utils.checkpoint``, so autograd keeps only the link's input
+    and weights instead of every op's intermediate activations, and the ops run a second time in
+    the backward pass: the same values and gradients, less memory, about one more forward of the
+    ops in time. Not with BatchNorm inside the ops: the second forward would update its running
+    statistics twice (``set_recompute`` refuses it).
     """
 
     def __init__(self, channels: int, op_table: Sequence[str], norm: str = "none",
                  chosen: Sequence[str] = None, sampled: bool = False):
         super().__init__()
         self.sampled = sampled
+        self.recompute = False
         names = [n for n in (op_table if chosen is None else chosen) if n != "none"]
         for n in names:
             if n not in op_table:
@@ -158,13 +184,16 @@ class MixedOp(nn.Module):
         if weights.shape != (len(self.op_table),):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
         w = weights.index_select(0, self.op_index.to(weights.device))
-        if not self.sampled:
-            return mixed_sum(_one_dtype([op(x) for op in self.ops.values()]), w)
-        active = self.active(weights) if active is None else active
-        if not active:
-            return None
         ops = list(self.ops.values())
-        return mixed_sum(_one_dtype([ops[i](x) for i in active]), w[active])
+        if self.sampled:
+            active = self.active(weights) if active is None else active
+            if not active:
+                return None
+            ops, w = [ops[i] for i in active], w[active]
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(_weighted_sum, ops, x, w, use_reentrant=False)
+        return _weighted_sum(ops, x, w)
 
     def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""

@@ -146,6 +146,13 @@ class Searcher:
             model.backbone.requires_grad_(False)
         if stage == "head":  # the head supernet's RoI batch; the cost below keeps the retrained one
             model.roi_heads.sampler.batch_size_per_image = head_stage_rois(cfg)
+        if s["recompute"]:  # the mixed ops keep their inputs only and run again in the backward pass
+            from autofpn.config import ConfigError
+            from autofpn.models.operations import set_recompute
+            try:
+                set_recompute(model)
+            except ValueError as e:
+                raise ConfigError(f"'search.recompute' = true: {e}") from None
         self.arch_params = model.arch_parameters()
         self.weight_params = [p for p in model.weight_parameters() if p.requires_grad]
         self.w_optimizer = torch.optim.SGD(self.weight_params, lr=s["w_lr"], momentum=s["w_momentum"],

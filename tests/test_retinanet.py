@@ -241,6 +241,8 @@ def test_config_errors_name_the_key(extra, message):
         build_detector(tiny_cfg(*extra))
 
 
-def test_search_is_refused():
-    with pytest.raises(ConfigError, match="model.detector is 'retinanet'"):
-        build_detector(tiny_cfg(), search="neck")
+def test_only_the_neck_is_searchable():
+    """No RoI head: a head supernet is refused; the neck search is tests/test_retinanet_search.py's."""
+    with pytest.raises(ConfigError, match="search.stage: model.detector 'retinanet' has no RoI head"):
+        build_detector(tiny_cfg(), search="head")
+    assert build_detector(tiny_cfg(), search="neck").arch.beta is None

@@ -203,12 +203,17 @@ def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, se
 def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> RetinaNet:
     """RetinaNet (autofpn/models/retinanet.py): the neck of ``model.neck`` (FPN by default) over
     ``model.neck.levels`` (P3..P5), ``model.retinanet.extra_levels`` convolution levels above it
-    (P6, P7), class and box subnets; ``model.head`` is Faster R-CNN's and not used."""
+    (P6, P7), class and box subnets; ``model.head`` is Faster R-CNN's and not used.
+
+    ``search_neck``: the neck over ``model.neck.levels`` is the Auto-fusion supernet (alpha in
+    ``model.arch``), the extra levels stay fixed convolutions of its top output. There is no RoI
+    head: ``search=True`` (every searchable part, as search.stage=both) is the neck supernet, the
+    head alone (``search="head"``) is refused."""
     model_cfg = cfg["model"]
     r = model_cfg["retinanet"]
-    if search_neck or search_head:
-        raise ConfigError("model.detector is 'retinanet': the search covers Faster R-CNN's neck and head only; "
-                          "search with model.detector=faster_rcnn")
+    if search_head and not search_neck:
+        raise ConfigError("search.stage: model.detector 'retinanet' has no RoI head to search; "
+                          "set search.stage=neck (or both, which searches its neck only)")
     _check_num_classes(model_cfg)
     if model_cfg["neck"]["extra_pool_level"]:
         raise ConfigError("model.neck.extra_pool_level is true: RetinaNet's extra levels are convolutions "
@@ -217,7 +222,8 @@ def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, sear
         raise ConfigError(f"model.retinanet.bg_iou_thresh ({r['bg_iou_thresh']}) is above "
                           f"model.retinanet.fg_iou_thresh ({r['fg_iou_thresh']})")
     backbone = build_backbone(model_cfg["backbone"])
-    base = _lookup(NECKS, "model.neck.type", model_cfg["neck"]["type"])(cfg, backbone, genotype, False)
+    neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
+    base = _lookup(NECKS, "model.neck.type", neck_type)(cfg, backbone, genotype, search_neck)
     neck = ConvExtraLevels(base, r["extra_levels"])
     levels = sorted(neck.strides, key=lambda n: int(n[1:]))
     if len(r["anchor_sizes"]) != len(levels):
@@ -228,8 +234,9 @@ def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, sear
     # no background output: label k is output k - 1 (model.num_classes counts the background)
     head = RetinaNetHead(neck.out_channels, anchor_generator.num_anchors_per_location, model_cfg["num_classes"] - 1,
                          r["subnet_convs"], r["prior_probability"])
+    arch = Architecture(base.arch_shape, None) if search_neck else None
     return RetinaNet(_build_transform(model_cfg), backbone, neck, head, anchor_generator, r,
-                     memory_format=model_cfg["memory_format"])
+                     memory_format=model_cfg["memory_format"], arch=arch)
 
 
 # model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector (SSD) is

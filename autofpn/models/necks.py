@@ -1,7 +1,7 @@
 """Handcrafted necks: FPN (Lin et al. 2017) and PANet (Liu et al. 2018), the baselines Auto-FPN
 is compared with. Both map backbone features {"c2".."c5"} to {"p2".."p6"}; P6 (max pool of
 the top level, stride 2) feeds the RPN only."""
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,7 +87,9 @@ class ConvExtraLevels(nn.Module):
     (not C5), as torchvision's ``LastLevelP6P7`` does when its in and out channels are equal
     (``retinanet_resnet50_fpn``, v1).
 
-    forward(feats {"c3": ..., "c5": ...}) -> {"p3": [N, C, H/8, W/8], ..., "p7": [N, C, H/128, W/128]}
+    forward(feats {"c3": ..., "c5": ...}, weights=None) -> {"p3": [N, C, H/8, W/8], ..., "p7": [N, C, H/128,
+    W/128]}; ``weights`` (the softmaxed alpha ``Tensor[neck.arch_shape]``) go to a wrapped Auto-fusion
+    supernet, which is the searched part: P6 / P7 stay fixed convolutions of its top output.
     """
 
     def __init__(self, neck: nn.Module, count: int = 2):
@@ -104,8 +106,8 @@ class ConvExtraLevels(nn.Module):
             self.extra[f"p{level}"] = _conv(self.out_channels, self.out_channels, 3, stride=2)
             self.strides[f"p{level}"] = 2 * self.strides[f"p{level - 1}"]
 
-    def forward(self, feats: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        out = self.base(feats)
+    def forward(self, feats: Dict[str, Tensor], weights: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        out = self.base(feats) if weights is None else self.base(feats, weights)
         for i, level in enumerate(self.new_levels):
             previous = out[f"p{level - 1}"]
             out[f"p{level}"] = self.extra[f"p{level}"](previous if i == 0 else F.relu(previous))

@@ -93,13 +93,18 @@ class RetinaNet(nn.Module):
     the coordinates of the input images.
 
     ``cfg`` is ``cfg["model"]["retinanet"]`` (matching thresholds, focal loss, post-processing).
+
+    In search mode (``build_detector(cfg, search="neck")``) ``neck`` is ``ConvExtraLevels`` around
+    an Auto-fusion supernet and ``arch`` holds alpha, as in ``FasterRCNN``: the softmaxed weights
+    go to the supernet at every forward; the P6 / P7 convolutions and the subnets are not searched.
     """
 
     # parameter_breakdown / count_flops: part -> submodules
     PARTS = {"backbone": ("backbone",), "neck": ("neck",), "head": ("head",)}
 
     def __init__(self, transform: ImageTransform, backbone: nn.Module, neck: nn.Module, head: RetinaNetHead,
-                 anchor_generator: AnchorGenerator, cfg: Dict, memory_format: str = "auto"):
+                 anchor_generator: AnchorGenerator, cfg: Dict, memory_format: str = "auto",
+                 arch: Optional[nn.Module] = None):
         super().__init__()
         self.memory_format = check_memory_format(memory_format)  # fails here, not at the first batch
         self.searched = isinstance(getattr(neck, "base", neck), AutoFusionNeck)
@@ -108,6 +113,7 @@ class RetinaNet(nn.Module):
         self.neck = neck
         self.head = head
         self.anchor_generator = anchor_generator
+        self.arch = arch
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         # low-quality matches: every gt keeps its best anchors even below fg_iou_thresh
         self.matcher = Matcher(cfg["fg_iou_thresh"], cfg["bg_iou_thresh"], allow_low_quality_matches=True)
@@ -118,6 +124,13 @@ class RetinaNet(nn.Module):
         self.topk_candidates = cfg["topk_candidates"]
         self.nms_thresh = cfg["nms_thresh"]
         self.detections_per_img = cfg["detections_per_img"]
+
+    def arch_parameters(self) -> List[nn.Parameter]:
+        return list(self.arch.parameters()) if self.arch is not None else []
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        arch_ids = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch_ids]
 
     def assign_targets(self, anchors: Tensor, targets: List[Dict[str, Tensor]]) -> List[Tensor]:
         """anchors: Tensor[A_total, 4] -> per image int64[A_total]: the matched gt index,
@@ -193,7 +206,9 @@ class RetinaNet(nn.Module):
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         batch, image_sizes, targets = self.transform(images, targets)
         batch = batch.contiguous(memory_format=resolve_memory_format(self.memory_format, batch.device, self.searched))
-        features = self.neck(self.backbone(batch))
+        features = self.backbone(batch)
+        neck_weights = self.arch.forward_weights()[0] if self.arch is not None else None
+        features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
         levels = [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
         class_logits, deltas = self.head(levels)
         level_anchors = self.anchor_generator(tuple(batch.shape[-2:]), [tuple(f.shape[-2:]) for f in levels],

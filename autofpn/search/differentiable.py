@@ -20,7 +20,10 @@ One search stage (neck or head) runs ``Searcher.search``:
   a resumed stage continues bit for bit on the CPU.
 
 ``run_search`` chains the stages: the neck first with the standard head, then the head with the
-searched neck (``search.head_with_searched_neck``) or FPN, and writes ``geno.json``.
+searched neck (``search.head_with_searched_neck``) or FPN, and writes ``geno.json``. A RetinaNet
+(``model.detector: retinanet``) has no RoI head: only its neck stage runs (``DETECTOR_STAGES``),
+the Auto-fusion supernet over ``model.neck.levels`` inside ``ConvExtraLevels``, whose P6 / P7
+convolutions are trained but neither searched nor counted in the resource penalty.
 """
 import json
 import math
@@ -37,6 +40,7 @@ from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load
 from autofpn.engine.logging import MetricsLog, Progress, RunClock, TensorBoard, read_metrics
 from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
+from autofpn.models.necks import ConvExtraLevels
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
 # search.mode -> the steps that run on one Gumbel-sampled path per link/edge (the others mix
@@ -50,6 +54,8 @@ AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16
 # lambda presets of the paper (sec. 3.3): the "small" model gets the strongest constraint
 LAMBDA_PRESETS = {"small": 0.2, "middle": 0.02, "large": 0.002}
 STAGES = ("neck", "head")
+# model.detector -> the stages its search can run: a one-stage detector has no RoI head
+DETECTOR_STAGES = {"faster_rcnn": STAGES, "retinanet": ("neck",)}
 
 
 def resource_lambda(search_cfg: Dict[str, Any]) -> float:
@@ -116,10 +122,21 @@ def search_resource_cost(cfg: Dict[str, Any], neck: Optional[nn.Module], head: O
     """The ``ResourceCost`` tables of the penalty C(alpha, beta) for a supernet ``neck`` and/or
     ``head`` (None: that part is not counted), at the search's largest input
     (``search_image_size``) and the retrained detector's RoI batch. The evolution strategy scores
-    its genotypes with the same tables (``ResourceCost.normalized_cost``)."""
+    its genotypes with the same tables (``ResourceCost.normalized_cost``). A RetinaNet's neck
+    (``ConvExtraLevels``) is counted without its P6 / P7 convolutions: they are the same for every
+    alpha, a constant without gradient, as the neck's input projections are."""
     from autofpn.search.cost import ResourceCost
+    if isinstance(neck, ConvExtraLevels):
+        neck = neck.base
     return ResourceCost(neck, head, search_image_size(cfg), num_rois=cfg["model"]["roi"]["batch_size_per_image"],
                         size_divisible=cfg["model"]["transform"]["size_divisible"])
+
+
+def searched_neck(model: nn.Module) -> nn.Module:
+    """The Auto-fusion supernet of a detector built with ``search="neck"``: its ``neck``, or the
+    neck RetinaNet's ``ConvExtraLevels`` adds its fixed P6 / P7 convolutions to. The cost tables,
+    the link pairs and the decode read this module (alpha's shape is its ``arch_shape``)."""
+    return model.neck.base if isinstance(model.neck, ConvExtraLevels) else model.neck
 
 
 class Searcher:
@@ -188,7 +205,7 @@ class Searcher:
             self.model.backbone.eval()
 
     def _build_cost(self):
-        neck = self.model.neck if self.stage == "neck" else None
+        neck = searched_neck(self.model) if self.stage == "neck" else None
         head = self.model.roi_heads.box_head if self.stage == "head" else None
         return search_resource_cost(self.cfg, neck, head)
 
@@ -343,7 +360,7 @@ class Searcher:
 
     def link_pairs(self) -> Optional[List[Tuple[int, int]]]:
         """(source, target) level of each neck link, in weight order (None for the head stage)."""
-        return list(self.model.neck.link_pairs) if self.stage == "neck" else None
+        return list(searched_neck(self.model).link_pairs) if self.stage == "neck" else None
 
     def decisiveness(self) -> Dict[str, float]:
         """Entropy, best-second margin and parameter-free share of this stage's weights."""
@@ -413,7 +430,7 @@ class Searcher:
 
     def decode(self) -> Dict[str, Any]:
         from autofpn.search.decode import decode
-        neck = self.model.neck if self.stage == "neck" else None
+        neck = searched_neck(self.model) if self.stage == "neck" else None
         head = self.model.roi_heads.box_head if self.stage == "head" else None
         return decode(self.model.arch, neck, head, rule=self.search_cfg["decode_rule"])
 
@@ -482,12 +499,27 @@ def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None)
 
 
 def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
+    """The stages ``search.stage`` runs on ``model.detector``: ``both`` is every stage the
+    detector has (a RetinaNet's neck only); a stage it lacks is a ConfigError."""
+    from autofpn.config import ConfigError
     stage = cfg["search"]["stage"]
-    if stage == "both":
-        return list(STAGES)
-    if stage not in STAGES:
+    if stage != "both" and stage not in STAGES:
         raise ValueError(f"search.stage must be neck, head or both, got {stage!r}")
+    detector = cfg["model"]["detector"]
+    if detector not in DETECTOR_STAGES:
+        raise ConfigError(f"'model.detector' = {detector!r}: the search covers {', '.join(DETECTOR_STAGES)}")
+    available = DETECTOR_STAGES[detector]
+    if stage == "both":
+        return list(available)
+    if stage not in available:
+        raise ConfigError(f"'search.stage' = {stage!r}: model.detector {detector!r} has no RoI head to search; "
+                          f"set search.stage to {' or '.join(available)} (or both)")
     return [stage]
+
+
+def check_config(cfg: Dict[str, Any]) -> None:
+    """A stage the detector lacks fails before search.py claims the output folder."""
+    stages_to_run(cfg)
 
 
 @dataclass
@@ -637,7 +669,11 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
     times = {}
     result = SearchResult(genotype={})
     ensemble = int(cfg["search"]["ensemble"]) > 1
-    for stage in stages_to_run(cfg):
+    stages = stages_to_run(cfg)
+    if ctx.is_main and cfg["search"]["stage"] == "both" and stages != list(STAGES):
+        print(f"search: model.detector {cfg['model']['detector']!r} has no RoI head: search.stage=both searches "
+              f"the {' and '.join(stages)} only", flush=True)
+    for stage in stages:
         stage_dir = os.path.join(out_dir, stage)
         geno_path = os.path.join(stage_dir, "genotype.json")
         if os.path.isfile(geno_path):
@@ -675,7 +711,7 @@ def run_search(cfg: Dict[str, Any], ctx: du.DistContext, out_dir: str,
         times[stage] = found.seconds  # every process of the stage, resumes included
     result.genotype = validate_genotype({"version": GENOTYPE_VERSION, "name": "auto-fpn",
                                          "decode_rule": cfg["search"]["decode_rule"],
-                                         "description": f"searched by search.py ({', '.join(stages_to_run(cfg))}"
+                                         "description": f"searched by search.py ({', '.join(stages)}"
                                                         + (f", {cfg['search']['strategy']}"
                                                            if cfg["search"]["strategy"] != "differentiable" else "")
                                                         + (f", ensemble of {cfg['search']['ensemble']} searches per stage"

@@ -8,6 +8,9 @@ Stages (as ``search.py`` runs them):
   ``genotype`` + head supernet.
 - ``decoded``      = ``build_detector(cfg, genotype)`` with ``model.neck.type = auto`` and
   ``model.head.type = auto``: the model that is retrained.
+- a RetinaNet (``model.detector: retinanet``) has no RoI head: its plan has the neck stage
+  (the Auto-fusion supernet inside ``ConvExtraLevels``) and the decoded model only, whose "rpn"
+  part is 0 and whose "head" is the class and box subnets over every level (no RoIs);
 - ``evolution candidate`` (``plan["candidate"]``, only when ``search.strategy`` is evolution) =
   ``build_detector(evolution.candidate_config(cfg, candidate), candidate)``: what each evolution
   candidate trains, the searched parts (``search.stage``) decoded, the other part the one the
@@ -76,7 +79,7 @@ from autofpn.models.detector import build_detector, parameter_breakdown
 
 from .cost import Cost, count_cost, level_sizes
 from .decode import decode_weights
-from .differentiable import head_stage_rois, search_transform
+from .differentiable import head_stage_rois, search_transform, stages_to_run
 from .evolution import candidate_config, evolution_settings, fixed_neck, searched_parts
 from autofpn.models.genotype import load_genotype
 from autofpn.models.architecture import Architecture
@@ -91,6 +94,13 @@ GPU_PEAK_FLOPS = {"V100": 15.7e12, "A100": 19.5e12}
 # the fraction of that peak a search step is assumed to sustain: an assumption, not a measurement
 # (no GPU has run this project's search yet); GPU-days scale with its inverse
 DEFAULT_GPU_UTILIZATION = 0.3
+
+
+def detector_stages(cfg: Dict) -> Tuple[str, ...]:
+    """The STAGES of ``model.detector``: without a RoI head (RetinaNet) no "search: head"."""
+    if cfg["model"]["detector"] == "retinanet":
+        return ("search: neck", "decoded")
+    return STAGES
 
 
 def training_image_size(cfg: Dict) -> Tuple[int, int]:
@@ -205,14 +215,18 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
 
     Returns {"params": {part: int, "arch": int, "total": int}, "flops": {part: float, "total"},
     "frozen_backbone_flops": float (``frozen_backbone_flops``: no backward through them),
-    "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int}."""
+    "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int (0 for
+    RetinaNet, whose head runs on every level: "rpn" is 0 and "head" its subnets)}."""
     if image_size is None:  # the search stages and an evolution candidate at the search's input size
         # (a candidate's own config holds it already), the decoded model at the training size
         sized = cfg if stage == "decoded" else {**cfg, "model": {**cfg["model"], "transform": search_transform(cfg)}}
         image_size = training_image_size(sized)
-    if not num_rois:
-        num_rois = head_stage_rois(cfg) if stage == "search: head" else cfg["model"]["roi"]["batch_size_per_image"]
     model = build_stage_model(cfg, stage, genotype)
+    dense = not hasattr(model, "roi_heads")  # RetinaNet: subnets on every level, no RPN, no RoIs
+    if dense:
+        num_rois = 0
+    elif not num_rois:
+        num_rois = head_stage_rois(cfg) if stage == "search: head" else cfg["model"]["roi"]["batch_size_per_image"]
     divisor = cfg["model"]["transform"]["size_divisible"]
     padded = tuple(level_sizes(image_size, [0], divisor)[0])
     batch = torch.empty(1, 3, *padded, device="meta")
@@ -221,6 +235,7 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
     pooler = cfg["model"]["roi"]["pooler_size"]
 
     params = parameter_breakdown(model)
+    params.setdefault("rpn", 0)
     params["arch"] = sum(p.numel() for p in model.arch_parameters())
     params["total"] += params["arch"]
 
@@ -231,10 +246,13 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
     flops["neck"] = count_cost(model.neck, feats, *nw).flops
     with torch.no_grad():
         levels = model.neck(feats, *nw)
-    rpn_in = [levels[k] for k in sorted(levels, key=lambda n: int(n[1:]))]
-    flops["rpn"] = count_cost(model.rpn.head, rpn_in).flops
-    roi_feats = torch.empty(num_rois, model.neck.out_channels, pooler, pooler, device="meta")
-    flops["head"] = _head_cost(model, roi_feats, None if head_weights is None else head_weights.detach()).flops
+    ordered = [levels[k] for k in sorted(levels, key=lambda n: int(n[1:]))]
+    if dense:
+        flops["rpn"], flops["head"] = 0.0, count_cost(model.head, ordered).flops
+    else:
+        flops["rpn"] = count_cost(model.rpn.head, ordered).flops
+        roi_feats = torch.empty(num_rois, model.neck.out_channels, pooler, pooler, device="meta")
+        flops["head"] = _head_cost(model, roi_feats, None if head_weights is None else head_weights.detach()).flops
     flops["total"] = sum(flops[p] for p in PARTS)
     frozen_flops = frozen_backbone_flops(model.backbone, batch)
 
@@ -246,16 +264,22 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
     with SavedTensorMeter(model.parameters()) as meter:
         levels = model.neck(feats, *(() if neck_weights is None else (neck_weights,)))
     act["neck"] = meter.nbytes
-    with SavedTensorMeter(model.parameters()) as meter:
-        model.rpn.head([levels[k] for k in sorted(levels, key=lambda n: int(n[1:]))])
-    act["rpn"] = meter.nbytes
-    neck_trains = any(p.requires_grad for p in model.neck.parameters())
-    roi_feats = torch.empty(num_rois, model.neck.out_channels, pooler, pooler, device="meta",
-                            requires_grad=neck_trains)  # RoIAlign output; it saves only the boxes
-    with SavedTensorMeter(model.parameters()) as meter:
-        x = model.roi_heads.box_head(roi_feats, *(() if head_weights is None else (head_weights,)))
-        model.roi_heads.box_predictor(x)
-    act["head"] = meter.nbytes
+    ordered = [levels[k] for k in sorted(levels, key=lambda n: int(n[1:]))]
+    if dense:
+        with SavedTensorMeter(model.parameters()) as meter:
+            model.head(ordered)
+        act["rpn"], act["head"] = 0, meter.nbytes
+    else:
+        with SavedTensorMeter(model.parameters()) as meter:
+            model.rpn.head(ordered)
+        act["rpn"] = meter.nbytes
+        neck_trains = any(p.requires_grad for p in model.neck.parameters())
+        roi_feats = torch.empty(num_rois, model.neck.out_channels, pooler, pooler, device="meta",
+                                requires_grad=neck_trains)  # RoIAlign output; it saves only the boxes
+        with SavedTensorMeter(model.parameters()) as meter:
+            x = model.roi_heads.box_head(roi_feats, *(() if head_weights is None else (head_weights,)))
+            model.roi_heads.box_predictor(x)
+        act["head"] = meter.nbytes
     act["total"] = sum(act[p] for p in PARTS)
     return {"params": params, "flops": flops, "frozen_backbone_flops": frozen_flops, "activation_bytes": act,
             "image_size": tuple(image_size), "padded_size": padded, "num_rois": num_rois}
@@ -273,19 +297,25 @@ def plan_search(cfg: Dict, genotype: Optional[Dict] = None, image_size: Tuple[in
         image_size: (H, W) override of the training size; num_rois: override of RoIs/image.
     Returns:
         {"genotype": name, "image_size", "padded_size", "num_rois",
-         "stages": {stage: plan_stage(...)}}, and when ``search.strategy`` is evolution
+         "stages": {stage: plan_stage(...)} over ``detector_stages``}, and when ``search.strategy`` is evolution
         "candidate": plan_stage(...) of an evolution candidate + its "neck_type", "head_type".
     """
+    stages_to_run(cfg)  # a search.stage the detector lacks fails here as in search.py
     given = genotype
+    stage_names = detector_stages(cfg)
     rep = representative_genotype(cfg)
+    parts = ("neck", "head") if "search: head" in stage_names else ("neck",)
+    if "head" not in parts:  # a RetinaNet's genotype has no head part
+        rep["head"] = None
+        genotype = None if genotype is None else {**genotype, "head": None}
     if genotype is None:
         genotype = rep
-    elif genotype.get("head") is None or genotype.get("neck") is None:
+    elif any(genotype.get(part) is None for part in parts):
         genotype = {**rep, **{k: v for k, v in genotype.items() if v is not None},
                     "name": f"{genotype.get('name', 'given')} (+ representative "
                             f"{'head' if genotype.get('head') is None else 'neck'})"}
-    stages = {s: plan_stage(cfg, s, genotype, image_size, num_rois) for s in STAGES}
-    first = stages[STAGES[0]]
+    stages = {s: plan_stage(cfg, s, genotype, image_size, num_rois) for s in stage_names}
+    first = stages[stage_names[0]]
     plan = {"genotype": genotype.get("name", "given genotype"), "image_size": first["image_size"],
             "padded_size": first["padded_size"], "num_rois": first["num_rois"], "stages": stages}
     if cfg["search"]["strategy"] == "evolution":
@@ -336,7 +366,7 @@ def gradient_search_compute(cfg: Dict, plan: Dict, train_images: int,
     "train_images", "epochs", "arch_fraction", "mode"}."""
     _check_compute_inputs(train_images, utilization)
     s = cfg["search"]
-    stages = {"neck": ["search: neck"], "head": ["search: head"], "both": ["search: neck", "search: head"]}[s["stage"]]
+    stages = [f"search: {stage}" for stage in stages_to_run(cfg)]  # a RetinaNet's "both" is its neck
     epochs, arch_fraction = int(s["epochs"]), 1.0 - float(s["arch_start_epoch_fraction"])
     half = train_images / 2
     images, flops = {}, {}
@@ -538,8 +568,12 @@ def format_plan(plan: Dict) -> str:
     per image, saved activations per image (MiB / GiB)."""
     h, w = plan["image_size"]
     ph, pw = plan["padded_size"]
-    head_rois = plan["stages"]["search: head"]["num_rois"]
-    rois = f"{plan['num_rois']} RoIs/image" + (f" ({head_rois} in the head search)" if head_rois != plan["num_rois"] else "")
+    if "search: head" not in plan["stages"]:  # RetinaNet
+        rois = "a dense head on every level (no RPN, no RoIs)"
+    else:
+        head_rois = plan["stages"]["search: head"]["num_rois"]
+        rois = f"{plan['num_rois']} RoIs/image" + (f" ({head_rois} in the head search)"
+                                                   if head_rois != plan["num_rois"] else "")
     dh, dw = plan["stages"]["decoded"]["image_size"]
     retrain = f" (the decoded model: {dh}x{dw})" if (dh, dw) != (h, w) else ""
     lines = [f"Search plan: one image {h}x{w} (padded {ph}x{pw}){retrain}, {rois}; "

@@ -83,6 +83,7 @@ from .differentiable import head_stage_rois, search_transform, stages_to_run
 from .evolution import candidate_config, evolution_settings, fixed_neck, searched_parts
 from autofpn.models.genotype import load_genotype
 from autofpn.models.architecture import Architecture
+from autofpn.models.operations import MixedOp, set_recompute
 
 PARTS = ("backbone", "neck", "rpn", "head")
 STAGES = ("search: neck", "search: head", "decoded")
@@ -151,18 +152,31 @@ def build_stage_model(cfg: Dict, stage: str, genotype: Dict, device="meta") -> n
         model = build_detector(stage_cfg, genotype if stage != "search: neck" else None, search=search)
     if stage in SEARCH_STAGES and cfg["search"]["freeze_backbone"]:
         model.backbone.requires_grad_(False)
+    if stage in SEARCH_STAGES and cfg["search"]["recompute"]:
+        set_recompute(model)  # as the Searcher does: the mixed ops keep their inputs only
     return model.train()
 
 
 class SavedTensorMeter:
     """Context manager summing the bytes of distinct storages autograd saves for backward,
-    ignoring the given parameters' storages (``nbytes``, ``count`` after the block)."""
+    ignoring the given parameters' storages (``nbytes``, ``count`` after the block).
 
-    def __init__(self, parameters=()):
+    A recomputed mixed op (``search.recompute``) saves nothing through autograd's hooks: its
+    checkpoint holds the op's input itself, which is counted here (once per storage, like the
+    saved tensors) by a pre-hook on every recomputed ``MixedOp`` of ``model``; and its backward
+    runs the op again, holding that op's own activations for a moment: ``recompute_transient`` is
+    the largest of these over the block's recomputed ops (the peak adds it once)."""
+
+    def __init__(self, parameters=(), model: Optional[nn.Module] = None):
         self._param_storages = {p.untyped_storage()._cdata for p in parameters}
         self._seen = set()
         self.nbytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+        self._recomputed = [m for m in (model.modules() if model is not None else ())
+                            if isinstance(m, MixedOp) and m.recompute]
+        self._handles = []
+        self._recomputed_calls = []  # (mixed op, its input, its weights) of the block
+        self.recompute_transient = 0
 
     def _pack(self, t: Tensor) -> Tensor:
         storage = t.untyped_storage()
@@ -174,10 +188,26 @@ class SavedTensorMeter:
 
     def __enter__(self):
         self._hooks.__enter__()
+        self._handles = [m.register_forward_pre_hook(self._count_checkpoint_input) for m in self._recomputed]
         return self
 
+    def _count_checkpoint_input(self, module: nn.Module, args: tuple) -> None:
+        self._pack(args[0])  # returns None: the op's inputs stay as they are
+        self._recomputed_calls.append((module, args[0], args[1]))
+
     def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
         self._hooks.__exit__(*exc)
+        for module, x, weights in self._recomputed_calls:  # what each one holds while it is recomputed
+            module.recompute = False
+            try:
+                with SavedTensorMeter(module.parameters()) as inner:
+                    inner._seen.add(x.untyped_storage()._cdata)  # the input: counted above already
+                    module(x, weights)
+            finally:
+                module.recompute = True
+            self.recompute_transient = max(self.recompute_transient, inner.nbytes)
 
 
 def _head_cost(model: nn.Module, roi_feats: Tensor, head_weights: Optional[Tensor]) -> Cost:
@@ -258,28 +288,28 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
 
     # saved activations of one training forward, part by part (grad flows as in training)
     act = {}
-    with SavedTensorMeter(model.parameters()) as meter:
+    with SavedTensorMeter(model.parameters(), model) as meter:
         feats = model.backbone(batch)
     act["backbone"] = meter.nbytes
-    with SavedTensorMeter(model.parameters()) as meter:
+    with SavedTensorMeter(model.parameters(), model) as meter:
         levels = model.neck(feats, *(() if neck_weights is None else (neck_weights,)))
-    act["neck"] = meter.nbytes
+    act["neck"] = meter.nbytes + meter.recompute_transient
     ordered = [levels[k] for k in sorted(levels, key=lambda n: int(n[1:]))]
     if dense:
-        with SavedTensorMeter(model.parameters()) as meter:
+        with SavedTensorMeter(model.parameters(), model) as meter:
             model.head(ordered)
         act["rpn"], act["head"] = 0, meter.nbytes
     else:
-        with SavedTensorMeter(model.parameters()) as meter:
+        with SavedTensorMeter(model.parameters(), model) as meter:
             model.rpn.head(ordered)
         act["rpn"] = meter.nbytes
         neck_trains = any(p.requires_grad for p in model.neck.parameters())
         roi_feats = torch.empty(num_rois, model.neck.out_channels, pooler, pooler, device="meta",
                                 requires_grad=neck_trains)  # RoIAlign output; it saves only the boxes
-        with SavedTensorMeter(model.parameters()) as meter:
+        with SavedTensorMeter(model.parameters(), model) as meter:
             x = model.roi_heads.box_head(roi_feats, *(() if head_weights is None else (head_weights,)))
             model.roi_heads.box_predictor(x)
-        act["head"] = meter.nbytes
+        act["head"] = meter.nbytes + meter.recompute_transient
     act["total"] = sum(act[p] for p in PARTS)
     return {"params": params, "flops": flops, "frozen_backbone_flops": frozen_flops, "activation_bytes": act,
             "image_size": tuple(image_size), "padded_size": padded, "num_rois": num_rois}

@@ -12,7 +12,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search as search_script  # noqa: E402
+from test_search_run import tiny_opts as search_run_tiny_opts  # noqa: E402
 
 from autofpn.config import ConfigError, load_config  # noqa: E402
 from autofpn.engine import distributed as du  # noqa: E402
@@ -31,21 +33,9 @@ LEVELS = (3, 4, 5)
 
 
 def tiny_opts(synthetic_root: str, out_dir: str, **extra) -> list:
-    """A CPU-fast RetinaNet search: 96-128 px synthetic images, 8 train images (2 halves of 4), 2
-    per batch, an 8-channel neck."""
-    opts = {
-        "search.output_dir": out_dir, "train.output_dir": out_dir + "_train", "train.device": "cpu",
-        "train.log_period": 1, "train.checkpoint_period": 0, "train.eval_period": 0,
-        "data.synthetic.root": synthetic_root, "data.synthetic.num_train": 8,
-        "data.synthetic.num_val": 4, "data.synthetic.image_size": 128,
-        "data.images_per_batch": 2, "data.num_workers": 0,
-        "model.transform.min_size": "[96,128]", "model.transform.max_size": 128,
-        "model.transform.test_min_size": 128, "model.neck.channels": 8,
-        "search.epochs": 2, "search.max_iters": 0, "search.arch_start_epoch_fraction": 0.25,
-        "solver.epochs": 1, "solver.warmup_iters": 1, "solver.steps": "[1]",
-    }
-    opts.update(extra)
-    return [f"{k}={v}" for k, v in opts.items()]
+    """test_search_run's CPU-fast search (96-128 px synthetic images, 8 train images in 2 halves
+    of 4, 2 per batch, an 8-channel neck) at a 128 px long side."""
+    return search_run_tiny_opts(synthetic_root, out_dir, **{"model.transform.max_size": 128, **extra})
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.auto_head import AutoHead
 from autofpn.models.backbone import build_backbone
 from autofpn.models.heads import BoxPredictor, TwoMLPHead
-from autofpn.models.necks import FPN, ConvExtraLevels, PANet
+from autofpn.models.necks import FPN, ConvExtraLevels, PANet, torchvision_fpn_key
 from autofpn.models.retinanet import RetinaNet, RetinaNetHead, retinanet_anchor_sizes
 from autofpn.models.roi_heads import RoIHeads
 from autofpn.models.rpn import AnchorGenerator, RegionProposalNetwork
@@ -318,14 +318,8 @@ def torchvision_state_dict_to_ours(state: Dict[str, Tensor], levels=(2, 3, 4, 5)
     """
     out = {}
     for key, value in state.items():
-        parts = key.split(".")
-        if key.startswith("backbone.fpn.inner_blocks."):
-            new = f"neck.lateral.c{levels[int(parts[3])]}.{parts[-1]}"
-        elif key.startswith("backbone.fpn.layer_blocks."):
-            new = f"neck.output.p{levels[int(parts[3])]}.{parts[-1]}"
-        elif key.startswith("rpn.head.conv."):
-            new = f"rpn.head.conv.{parts[-1]}"
-        else:
-            new = key
+        new = torchvision_fpn_key(key, levels)
+        if new is None:
+            new = f"rpn.head.conv.{key.split('.')[-1]}" if key.startswith("rpn.head.conv.") else key
         out[new] = value
     return out

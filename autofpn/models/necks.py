@@ -112,3 +112,17 @@ class ConvExtraLevels(nn.Module):
             previous = out[f"p{level - 1}"]
             out[f"p{level}"] = self.extra[f"p{level}"](previous if i == 0 else F.relu(previous))
         return out
+
+
+def torchvision_fpn_key(key: str, levels: Sequence[int], prefix: str = "neck.") -> Optional[str]:
+    """Our key of a torchvision FPN parameter (``backbone.fpn.inner_blocks.{i}.0.<p>`` ->
+    ``<prefix>lateral.c{levels[i]}.<p>``, ``backbone.fpn.layer_blocks.{i}.0.<p>`` ->
+    ``<prefix>output.p{levels[i]}.<p>``), or None for a key outside those blocks. Shared by the
+    Faster R-CNN and RetinaNet key mappings."""
+    parts = key.split(".")
+    if key.startswith("backbone.fpn.inner_blocks."):
+        return f"{prefix}lateral.c{levels[int(parts[3])]}.{parts[-1]}"
+    if key.startswith("backbone.fpn.layer_blocks."):
+        return f"{prefix}output.p{levels[int(parts[3])]}.{parts[-1]}"
+    return None
+

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from autofpn.models.auto_fusion import AutoFusionNeck
+from autofpn.models.necks import torchvision_fpn_key
 from autofpn.models.rpn import AnchorGenerator
 from autofpn.models.transform import ImageTransform
 from autofpn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image
@@ -249,10 +250,9 @@ def torchvision_retinanet_state_dict_to_ours(state: Dict[str, Tensor], levels: S
     out = {}
     for key, value in state.items():
         parts = key.split(".")
-        if key.startswith("backbone.fpn.inner_blocks."):
-            new = f"neck.base.lateral.c{levels[int(parts[3])]}.{parts[-1]}"
-        elif key.startswith("backbone.fpn.layer_blocks."):
-            new = f"neck.base.output.p{levels[int(parts[3])]}.{parts[-1]}"
+        fpn_key = torchvision_fpn_key(key, levels, prefix="neck.base.")
+        if fpn_key is not None:
+            new = fpn_key
         elif key.startswith("backbone.fpn.extra_blocks."):
             new = f"neck.extra.{parts[3]}.{parts[-1]}"
         elif key.startswith("head.classification_head.conv."):

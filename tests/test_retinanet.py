@@ -246,3 +246,22 @@ def test_only_the_neck_is_searchable():
     with pytest.raises(ConfigError, match="search.stage: model.detector 'retinanet' has no RoI head"):
         build_detector(tiny_cfg(), search="head")
     assert build_detector(tiny_cfg(), search="neck").arch.beta is None
+
+
+def test_subnet_initialisation_keeps_its_signal_at_any_width():
+    """torchvision's N(0, 0.01) at 256 channels, rescaled with the width: a 32-channel head's
+    class logits start as strong as a 256-channel one's (with 0.01 they were ~200x weaker and a
+    demo RetinaNet never left its prior)."""
+    from autofpn.models.retinanet import RetinaNetHead
+
+    def logit_std(channels):
+        torch.manual_seed(0)
+        head = RetinaNetHead(channels, 9, 10)
+        x = torch.randn(1, channels, 16, 16)
+        with torch.no_grad():
+            for conv in head.cls_convs:
+                x = torch.relu(conv(x))
+            return (head.cls_logits(x) - head.cls_logits.bias.view(1, -1, 1, 1)).std().item()
+    narrow, wide = logit_std(32), logit_std(256)
+    assert 0.5 < narrow / wide < 2, (narrow, wide)
+    assert RetinaNetHead(256, 9, 10).cls_convs[0].weight.std().item() == pytest.approx(0.01, rel=0.05)

@@ -58,14 +58,12 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str):
-    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    """``"i/n"`` -> (i, n) with 0 <= i < n (argparse's error on anything else)."""
+    from autofpn.engine.runs import parse_shard
     try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"{text!r}: I must be in 0..N-1")
-    return i, n
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def draw_search(result, out_dir: str) -> None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
 from autofpn.engine.checkpoint import atomic_write_json as write_json
-from autofpn.engine.runs import die_with_parent, lock_folder
+from autofpn.engine.runs import die_with_parent, lock_folder, log_tail, parse_shard, threads_per_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fpn", "panet", "ssd")
@@ -195,15 +195,6 @@ class Running:
         self.last_save = time.perf_counter()
 
 
-def _log_tail(folder: str, lines: int = 15) -> str:
-    try:
-        with open(os.path.join(folder, "log.txt"), errors="replace") as f:
-            text = f.read().replace("\r", "\n")
-    except OSError:
-        return ""
-    return "\n".join([l for l in text.splitlines() if l.strip()][-lines:])
-
-
 def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: bool = False,
               done_elsewhere: Callable[[str], bool] = lambda key: False,
               say: Callable[[str], None] = print) -> Dict[str, str]:
@@ -284,7 +275,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     reason = f"exit code {code}"
                 status[run.unit.key] = "failed"
                 with open(run.unit.error_path, "w") as f:
-                    f.write(f"{reason}\n{_log_tail(run.unit.folder)}\n")
+                    f.write(f"{reason}\n{log_tail(os.path.join(run.unit.folder, 'log.txt'))}\n")
                 run.lock.close()
                 say(f"study: FAILED {run.unit.key} ({reason}); log: {os.path.join(run.unit.folder, 'log.txt')}")
     finally:
@@ -381,11 +372,9 @@ def shard_units(units: List[Unit], shard: Optional[str]) -> List[Unit]:
     if not shard:
         return units
     try:
-        i, n = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise StudyError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise StudyError(f"--shard {shard!r}: i must be in 0..n-1")
+        i, n = parse_shard(shard)
+    except ValueError as e:
+        raise StudyError(f"--shard {e}") from None
     return units[i::n]
 
 
@@ -578,10 +567,6 @@ def write_outputs(study: Dict[str, Any], out: str, command: str, wall_seconds: O
 
 
 # ----------------------------------------------------------------------------------- main
-
-def threads_per_job(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
-
 
 SEARCH_KEYS_SET_PER_UNIT = ("output_dir", "resource_lambda")
 

@@ -93,6 +93,33 @@ def lock_folder(folder: str) -> Optional[IO]:
     return lock
 
 
+def threads_per_job(jobs: int) -> int:
+    """CPU threads for each of ``jobs`` worker processes run at once (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; ValueError saying what is wrong."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"{text!r}: I must be in 0..N-1")
+    return i, n
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    """The last ``lines`` non-empty lines of a worker's log (progress bars' carriage returns as
+    line breaks); "" when it cannot be read."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().replace("\r", "\n")
+    except OSError:
+        return ""
+    return "\n".join([l for l in text.splitlines() if l.strip()][-lines:])
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` of a worker subprocess (runs in the child before exec): SIGKILL it when its
     parent dies (Linux), so a killed study or evolution leaves no orphan training runs writing

@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
 
@@ -191,7 +192,6 @@ class MixedOp(nn.Module):
                 return None
             ops, w = [ops[i] for i in active], w[active]
         if self.recompute and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
             return checkpoint(_weighted_sum, ops, x, w, use_reentrant=False)
         return _weighted_sum(ops, x, w)
 

@@ -436,18 +436,13 @@ def _worker(job: Candidate, out_dir: str, index: int, threads: int):
     return process, log
 
 
-def _log_tail(path: str, lines: int = 12) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])
-
-
 def train_round(job: Candidate, out_dir: str, members: Sequence[int], parallel: Parallel) -> None:
     """Return once every candidate of ``members`` is scored (``result.json``): this invocation
     trains the unscored ones of its shard (in this process, or ``parallel.jobs`` workers at once),
     each under its lock, and waits for the others (another shard, or another process holding a
     candidate's lock: should that process die, its candidate is taken over here)."""
     import time
-    from autofpn.engine.runs import lock_folder
+    from autofpn.engine.runs import lock_folder, log_tail, threads_per_job
     pending = [i for i in members if not _is_scored(out_dir, i)]
     if job.ctx.world_size > 1:  # torchrun: every rank trains each candidate together, in order
         for index in pending:
@@ -455,7 +450,7 @@ def train_round(job: Candidate, out_dir: str, members: Sequence[int], parallel: 
             du.barrier()
         return
     mine = [i for i in pending if i % parallel.shards == parallel.shard]
-    threads = max(1, (os.cpu_count() or 1) // parallel.jobs)
+    threads = threads_per_job(parallel.jobs)
     if parallel.jobs > 1 and mine:
         print(f"evolution: candidates {members[0]}-{members[-1]}: {len(mine)} to train here, {parallel.jobs} at a "
               f"time ({threads} thread(s) each; logs in {os.path.join(out_dir, 'candidates', '<i>', 'log.txt')})",
@@ -474,7 +469,7 @@ def train_round(job: Candidate, out_dir: str, members: Sequence[int], parallel: 
                 if code != 0 or not _is_scored(out_dir, index):
                     path = os.path.join(_candidate_dir(out_dir, index), "log.txt")
                     raise EvolutionError(f"evolution candidate {index} failed (exit code {code}); its log "
-                                         f"{path} ends:\n{_log_tail(path)}")
+                                         f"{path} ends:\n{log_tail(path, 12)}")
             left = [i for i in pending if not _is_scored(out_dir, i)]
             if not left and not workers:
                 return

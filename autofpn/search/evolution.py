@@ -335,8 +335,10 @@ def clean_candidate(cand_dir: str) -> None:
         for sub in os.listdir(eval_root):
             paths += [os.path.join(eval_root, sub, n) for n in ("detections.json", "ground_truth.json")]
     for path in paths:
-        if os.path.exists(path):
+        try:
             os.remove(path)
+        except FileNotFoundError:  # never written, or cleaned by another shard of the same evolution
+            pass
 
 
 def _read_json(path: str) -> Any:

@@ -28,7 +28,8 @@ the others; it is retried only with ``--retry-failed``. ``DIR/study_config.json`
 training config: a folder is never continued with another config.
 
 Search variants. ``--search-opts search.k=v ... --tag NAME`` adds a way of searching to a study
-folder: its entries are ``searched_<preset>_<NAME>``, searched with those overrides. Training
+folder: its entries are ``searched_<preset>_<NAME>``, searched with those overrides (with
+``search.stage=neck``, the searched neck retrained with FPN's 2-MLP head). Training
 does not read ``search.*``, so the folder's baselines and random architectures serve every
 variant: trying an idea costs its searches and their retraining, and the table compares all
 the variants the folder holds.
@@ -129,10 +130,24 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
         save_genotype(genotype, path)
         entries.append(Entry(genotype["name"], "random", "auto", "auto", path))
     for variant in variants:
+        # a neck-only search (search.stage=neck) decodes no head: its detector keeps FPN's 2-MLP head
+        head = "mlp" if variant_stage(cfg, variant) == "neck" else "auto"
         for preset in variant.lambdas:
-            entries.append(Entry(variant.entry_name(preset), "searched", "auto", "auto",
+            entries.append(Entry(variant.entry_name(preset), "searched", "auto", head,
                                  os.path.join(variant.folder(out, preset), "geno.json"), variant, preset))
     return entries
+
+
+def variant_stage(cfg: Dict[str, Any], variant: SearchVariant) -> str:
+    """``search.stage`` of ``variant``: the config's, or its ``--search-opts`` override."""
+    from autofpn.config import parse_override
+    stage = cfg["search"]["stage"]
+    for item in variant.search_opts:
+        stage = parse_override(item).get("search", {}).get("stage", stage)
+    if stage == "head":
+        raise StudyError(f"search variant '{variant.tag}': search.stage=head needs the neck of another search "
+                         f"(search.py --neck-genotype); the study searches 'both' or 'neck'")
+    return stage
 
 
 # ----------------------------------------------------------------------------------- units

@@ -231,6 +231,19 @@ def test_shards_are_disjoint_and_cover_the_study(tmp_path):
     assert searched.deps == ["search/small"]
 
 
+def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):
+    """search.stage=neck decodes no head: its entry trains the searched neck with FPN's 2-MLP
+    head (an Auto-head without a genotype would not build); a head-only variant is refused."""
+    cfg = load_config(DEMO)
+    variants = [SearchVariant("", [], ["large"]), SearchVariant("neck", ["search.stage=neck"], ["large"])]
+    entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn"], 0, variants, 0, cfg)}
+    assert entries["searched_large"].train_args()[:4] == ["--neck", "auto", "--head", "auto"]
+    neck_only = entries["searched_large_neck"].train_args()
+    assert neck_only[:4] == ["--neck", "auto", "--head", "mlp"] and neck_only[-1].endswith("neck/large/geno.json")
+    with pytest.raises(StudyError, match="search.stage=head"):
+        plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("h", ["search.stage=head"], ["large"])], 0, cfg)
+
+
 def test_an_evolution_search_unit_takes_round_size_of_the_jobs(tmp_path):
     """An evolution with rounds of 2 children runs as a search unit with --jobs 2 that occupies 2
     of the study's jobs: it does not start beside another unit at --jobs 2."""

@@ -244,6 +244,19 @@ def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):
         plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("h", ["search.stage=head"], ["large"])], 0, cfg)
 
 
+def test_a_neck_only_variant_searches_and_retrains(finished_study, synthetic_root):
+    """End to end: the neck-only search writes a genotype without a head, and its entry's run
+    retrains that neck with the 2-MLP head (FPN's head parameters, not an Auto-head's)."""
+    out, _ = finished_study
+    run_study(out, synthetic_root, "--random", "2", "--lambdas", "middle", "--tag", "neckonly",
+              "--search-opts", "search.stage=neck")
+    genotype = json.loads((out / "searches" / "neckonly" / "middle" / "geno.json").read_text())
+    assert genotype["neck"] and not genotype.get("head")
+    study = {e["name"]: e for e in json.loads((out / "study.json").read_text())["entries"]}
+    neck_only, fpn = study["searched_middle_neckonly"], study["fpn"]
+    assert len(neck_only["runs"]) == 1 and neck_only["params"]["head"] == fpn["params"]["head"]
+
+
 def test_an_evolution_search_unit_takes_round_size_of_the_jobs(tmp_path):
     """An evolution with rounds of 2 children runs as a search unit with --jobs 2 that occupies 2
     of the study's jobs: it does not start beside another unit at --jobs 2."""

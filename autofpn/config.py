@@ -31,13 +31,18 @@ DEFAULTS: Dict[str, Any] = {
         # classes + 1 (train.py / search.py / evaluate.py fill it in and record it)
         "num_classes": None,
         "backbone": {
-            "name": "resnet50",  # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2
+            # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2 | vgg16 (SSD's only: no norm
+            # layers, model.backbone.norm unused; imagenet = torchvision's VGG16_Weights.IMAGENET1K_FEATURES)
+            "name": "resnet50",
             "weights": "imagenet",  # none | imagenet | path to a state dict
-            "frozen_stages": 1,  # stem + this many stages are frozen (0..4); -1 = nothing frozen
+            # stem + this many stages are frozen (0..4); -1 = nothing frozen. VGG16: stem conv1_x, stages
+            # conv2_x .. conv5_x (1: conv1_x and conv2_x frozen, as the SSD paper's Caffe model)
+            "frozen_stages": 1,
             "norm": "frozen_bn",  # frozen_bn | bn
         },
         "neck": {
-            "type": "fpn",  # fpn | panet | auto (from a genotype) ; search builds the supernet
+            # fpn | panet | auto (from a genotype) | none (SSD only: its levels as they are); search builds the supernet
+            "type": "fpn",
             "channels": 256,
             "levels": [2, 3, 4, 5],  # backbone levels fused by the neck (C2..C5 -> P2..P5)
             "extra_pool_level": True,  # P6 = max pool of the top level, for the RPN
@@ -112,6 +117,39 @@ DEFAULTS: Dict[str, Any] = {
             "topk_candidates": 1000,  # per level, before NMS
             "nms_thresh": 0.5,
             "detections_per_img": 300,
+        },
+        # model.detector: ssd (autofpn/models/ssd.py), SSD512 of the SSD paper (Liu et al. 2016, VOC
+        # settings) by default, trained and post-processed as torchvision's ssd300_vgg16. Backbone:
+        # model.backbone.name vgg16 (conv1_1..conv5_3, ceil-mode pool3); conv4_3 L2-normalised, pool5
+        # 3x3/1, fc6 (3x3 dilation 6) and fc7 (1x1) of 1024 channels, then extra_layers. Levels: c3 =
+        # conv4_3, c4 = fc7, c5.. = one per extra layer; model.neck (type none: plain SSD; fpn /
+        # panet / auto over model.neck.levels, the others passed on as they are, extra_pool_level
+        # false). Input: each image warped to a square of side model.transform.min_size (training,
+        # one drawn per batch) / test_min_size (eval); max_size is not used. The classifier has
+        # model.num_classes outputs, column 0 the background (softmax)
+        "ssd": {
+            # one level each: [1x1 conv channels, kxk conv channels, k, stride, padding], each conv + ReLU.
+            # SSD512: conv8_2 .. conv12_2; SSD300 (torchvision): [[256, 512, 3, 2, 1], [128, 256, 3, 2, 1],
+            # [128, 256, 3, 1, 0], [128, 256, 3, 1, 0]]
+            "extra_layers": [[256, 512, 3, 2, 1], [128, 256, 3, 2, 1], [128, 256, 3, 2, 1],
+                             [128, 256, 3, 2, 1], [128, 256, 4, 1, 1]],
+            "l2norm_scale": 20.0,  # initial (learnt) scale of the L2-normalised conv4_3
+            # default boxes: s_k of each level plus one more (the extra square box of level k is
+            # sqrt(s_k s_k+1)), as fractions of the image side. SSD512 on VOC: 0.07 on conv4_3, then
+            # s_min 0.15 .. 0.9 (the paper's COCO SSD512: 0.04, then 0.1 .. 0.9: configs/ssd512_coco.yaml)
+            "scales": [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
+            # per level: boxes of ratio 1 (s_k and s'_k) and of each ratio r and 1/r
+            "aspect_ratios": [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],
+            # box centres (i + 0.5) x step px per level; null: (i + 0.5) / cells of the level
+            "steps": [8, 16, 32, 64, 128, 256, 512],
+            "clip": True,  # box widths / heights clipped to the image (torchvision's DefaultBoxGenerator)
+            "iou_thresh": 0.5,  # foreground at IoU >= this, plus each gt's best default box
+            "neg_to_pos_ratio": 3.0,  # hard negative mining: the highest-loss negatives, 3 per positive
+            "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],  # box coding (the paper's variances 0.1, 0.2)
+            "score_thresh": 0.01,
+            "topk_candidates": 400,  # per class, before NMS
+            "nms_thresh": 0.45,
+            "detections_per_img": 200,
         },
     },
     "data": {
@@ -250,10 +288,10 @@ _MISSING = object()
 # The documented choices of string keys (parts built by name from a registry, such as
 # model.neck.type, name their choices when they are built).
 CHOICES: Dict[str, tuple] = {
-    "model.detector": ("faster_rcnn", "retinanet"),
+    "model.detector": ("faster_rcnn", "retinanet", "ssd"),
     "model.retinanet.box_loss": ("l1", "smooth_l1"),
     "model.memory_format": ("auto", "channels_last", "contiguous"),
-    "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2"),
+    "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2", "vgg16"),
     "model.backbone.norm": ("frozen_bn", "bn"),
     "model.neck.norm": ("none", "gn", "bn"),
     "model.head.norm": ("none", "gn", "bn"),
@@ -270,7 +308,7 @@ CHOICES: Dict[str, tuple] = {
     "data.train.type": ("synthetic", "coco", "voc", "bdd"),
     "data.val.type": ("synthetic", "coco", "voc", "bdd"),
 }
-NULLABLE = ("model.backbone.weights",)  # null = "none"
+NULLABLE = ("model.backbone.weights", "model.ssd.steps")  # null = "none"; steps null = from the grid
 # the integer keys of search.evolution and their smallest value (the keys' relations, such as
 # sample_size <= population, are checked by autofpn.search.evolution.check_config)
 EVOLUTION_MINIMUMS = {"search.evolution.population": 1, "search.evolution.sample_size": 1,
@@ -285,6 +323,10 @@ RETINANET_INT_MINIMUMS = {"model.retinanet.scales_per_octave": 1, "model.retinan
 RETINANET_RANGES = {"model.retinanet.fg_iou_thresh": (0.0, 1.0),
                     "model.retinanet.bg_iou_thresh": (0.0, 1.0), "model.retinanet.focal_alpha": (0.0, 1.0),
                     "model.retinanet.score_thresh": (0.0, 1.0), "model.retinanet.nms_thresh": (0.0, 1.0)}
+# model.ssd keys with a range (their list keys' lengths are checked when the SSD is built)
+SSD_INT_MINIMUMS = {"model.ssd.topk_candidates": 1, "model.ssd.detections_per_img": 1}
+SSD_RANGES = {"model.ssd.iou_thresh": (0.0, 1.0), "model.ssd.score_thresh": (0.0, 1.0),
+              "model.ssd.nms_thresh": (0.0, 1.0)}
 
 
 def _is_number(value: Any) -> bool:
@@ -319,6 +361,27 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if _is_number(value) and low <= value <= high:
             return None
         return f"expected a number in [{low}, {high}]"
+    if dotted in SSD_INT_MINIMUMS:
+        low = SSD_INT_MINIMUMS[dotted]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+            return None
+        return f"expected an integer >= {low}"
+    if dotted in SSD_RANGES:
+        low, high = SSD_RANGES[dotted]
+        if _is_number(value) and low <= value <= high:
+            return None
+        return f"expected a number in [{low}, {high}]"
+    if dotted in ("model.ssd.neg_to_pos_ratio", "model.ssd.l2norm_scale"):
+        return None if _is_number(value) and value > 0 else "expected a number > 0"
+    if dotted in ("model.ssd.extra_layers", "model.ssd.aspect_ratios"):
+        inner = 5 if dotted == "model.ssd.extra_layers" else None
+        what = ("a list of [1x1 channels, kxk channels, k, stride, padding] lists (integers)" if inner
+                else "a list of lists of aspect ratios (numbers > 0), one list per level")
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (list, tuple)) and (inner is None or len(v) == inner)
+            and all((isinstance(x, int) and not isinstance(x, bool)) if inner else (_is_number(x) and x > 0)
+                    for x in v) for v in value)
+        return None if ok else f"expected {what}"
     if dotted in EVOLUTION_MINIMUMS:
         low = EVOLUTION_MINIMUMS[dotted]
         if isinstance(value, int) and not isinstance(value, bool) and value >= low:

@@ -31,17 +31,17 @@ class BackboneWeightsError(RuntimeError):
     """Weights that cannot be loaded into a backbone; the message names the file and keys."""
 
 
-def _imagenet_state_dict(weights_enum_name: str) -> Dict[str, Tensor]:
-    """ImageNet weights through torchvision's weights API: a file already in
-    ``$TORCH_HOME/hub/checkpoints`` is used without network access."""
-    weights = getattr(torchvision.models, weights_enum_name).IMAGENET1K_V1
+def _imagenet_state_dict(weights_enum_name: str, variant: str = "IMAGENET1K_V1") -> Dict[str, Tensor]:
+    """ImageNet weights through torchvision's weights API (``<weights_enum_name>.<variant>``): a
+    file already in ``$TORCH_HOME/hub/checkpoints`` is used without network access."""
+    weights = getattr(getattr(torchvision.models, weights_enum_name), variant)
     cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
     file_name = os.path.basename(weights.url)
     try:
         return weights.get_state_dict(progress=False, check_hash=False)
     except Exception as e:  # URLError, HTTPError, corrupt file ...
         raise BackboneWeightsError(
-            f"cannot load ImageNet weights {weights_enum_name}.IMAGENET1K_V1: expected the file "
+            f"cannot load ImageNet weights {weights_enum_name}.{variant}: expected the file "
             f"{os.path.join(cache_dir, file_name)} (or network access to download it): {e}") from e
 
 
@@ -171,6 +171,10 @@ def _last_out_channels(block: nn.Module) -> int:
 
 def build_backbone(cfg_backbone: Dict) -> Backbone:
     """From ``cfg["model"]["backbone"]``: name, weights, frozen_stages, norm."""
+    if cfg_backbone["name"] == "vgg16":  # autofpn/models/ssd.py builds it (VGG16Trunk)
+        from autofpn.config import ConfigError
+        raise ConfigError("model.backbone.name 'vgg16' is SSD's backbone (model.detector: ssd); "
+                          f"choose one of {', '.join(BACKBONE_NAMES)} for this detector")
     return Backbone(cfg_backbone["name"], cfg_backbone["weights"], cfg_backbone["frozen_stages"],
                     cfg_backbone["norm"])
 

@@ -13,6 +13,8 @@ from autofpn.models.heads import BoxPredictor, TwoMLPHead
 from autofpn.models.necks import FPN, ConvExtraLevels, PANet, torchvision_fpn_key
 from autofpn.models.retinanet import RetinaNet, RetinaNetHead, retinanet_anchor_sizes
 from autofpn.models.roi_heads import RoIHeads
+from autofpn.models.ssd import (SSD, DefaultBoxGenerator, SSDExtraLayers, SSDHead, SSDNeck, SquareTransform,
+                                VGG16Trunk)
 from autofpn.models.rpn import AnchorGenerator, RegionProposalNetwork
 from autofpn.models.transform import ImageTransform
 from autofpn.ops.layout import check_memory_format, resolve_memory_format
@@ -239,11 +241,87 @@ def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, sear
                      memory_format=model_cfg["memory_format"], arch=arch)
 
 
-# model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector (SSD) is
-# one module plus one line here; necks and heads come from NECKS / HEADS.
+def _check_ssd_config(model_cfg: Dict, levels: int) -> None:
+    """The list keys of ``model.ssd`` against the number of SSD levels (2 + extra layers)."""
+    r = model_cfg["ssd"]
+    for index, (mid, out, kernel, stride, padding) in enumerate(r["extra_layers"]):
+        if min(mid, out, kernel, stride) < 1 or padding < 0:
+            raise ConfigError(f"model.ssd.extra_layers[{index}] = {[mid, out, kernel, stride, padding]}: channels, "
+                              f"kernel and stride must be >= 1, padding >= 0")
+    expected = {"model.ssd.aspect_ratios": (r["aspect_ratios"], levels),
+                "model.ssd.scales": (r["scales"], levels + 1)}
+    if r["steps"] is not None:
+        expected["model.ssd.steps"] = (r["steps"], levels)
+    for key, (value, count) in expected.items():
+        if len(value) != count:
+            raise ConfigError(f"{key} has {len(value)} entries but the SSD has {levels} levels (conv4_3, fc7 and "
+                              f"{levels - 2} model.ssd.extra_layers): expected {count}"
+                              + (" (one per level plus one)" if key == "model.ssd.scales" else ""))
+    if any(s <= 0 for s in r["scales"]) or (r["steps"] is not None and any(s <= 0 for s in r["steps"])):
+        raise ConfigError("model.ssd.scales and model.ssd.steps must be > 0")
+    if any(ratio < 1 for ratios in r["aspect_ratios"] for ratio in ratios):
+        raise ConfigError(f"model.ssd.aspect_ratios = {r['aspect_ratios']}: each ratio r >= 1 gives the boxes r and 1/r")
+    if len(r["bbox_reg_weights"]) != 4:
+        raise ConfigError("model.ssd.bbox_reg_weights: expected 4 numbers (x, y, w, h)")
+
+
+def build_ssd(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> SSD:
+    """SSD (autofpn/models/ssd.py) from ``model.ssd``: the VGG16 trunk of ``model.backbone`` (name
+    vgg16), SSD's levels (conv4_3, fc7, one per ``model.ssd.extra_layers``), the neck of
+    ``model.neck`` over ``model.neck.levels`` (type none: plain SSD; fpn / panet / auto fuse those
+    levels into ``model.neck.channels`` channels, the other levels stay SSD's), the per-level
+    predictors; ``model.head`` is Faster R-CNN's and not used. Images are warped to squares of
+    side ``model.transform.min_size`` / ``test_min_size``.
+
+    ``search_neck``: the neck over ``model.neck.levels`` is the Auto-fusion supernet (alpha in
+    ``model.arch``); SSD's extra layers and the predictors are trained, not searched. No RoI head:
+    ``search=True`` is the neck supernet, the head alone is refused."""
+    model_cfg = cfg["model"]
+    r = model_cfg["ssd"]
+    if search_head and not search_neck:
+        raise ConfigError("search.stage: model.detector 'ssd' has no RoI head to search; "
+                          "set search.stage=neck (or both, which searches its neck only)")
+    _check_num_classes(model_cfg)
+    b = model_cfg["backbone"]
+    if b["name"] != "vgg16":
+        raise ConfigError(f"model.backbone.name = {b['name']!r}: model.detector 'ssd' is built on vgg16; "
+                          f"set model.backbone.name=vgg16")
+    levels = 2 + len(r["extra_layers"])
+    _check_ssd_config(model_cfg, levels)
+    neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
+    _lookup({"none": None, **NECKS}, "model.neck.type", neck_type)
+    n = model_cfg["neck"]
+    if neck_type != "none":
+        available = list(range(3, 3 + levels))
+        if not set(n["levels"]) <= set(available):
+            raise ConfigError(f"model.neck.levels = {n['levels']}: the SSD's levels are {available} (3 = conv4_3, "
+                              f"4 = fc7, 5.. = model.ssd.extra_layers)")
+        if n["extra_pool_level"]:
+            raise ConfigError("model.neck.extra_pool_level is true: an SSD's levels are its own; set "
+                              "model.neck.extra_pool_level=false")
+    t = model_cfg["transform"]
+    backbone = VGG16Trunk(b["weights"], b["frozen_stages"])
+    extra = SSDExtraLayers(r["extra_layers"], r["l2norm_scale"], backbone.out_channels["c4"])
+    # the fusion neck reads SSD's levels as another detector's neck reads its backbone's
+    base = None if neck_type == "none" else _lookup(NECKS, "model.neck.type", neck_type)(
+        cfg, extra, genotype, search_neck)
+    neck = SSDNeck(extra, base)
+    names = sorted(neck.out_channels, key=lambda name: int(name[1:]))
+    default_boxes = DefaultBoxGenerator(r["aspect_ratios"], r["scales"], r["steps"], r["clip"])
+    head = SSDHead([neck.out_channels[name] for name in names], default_boxes.num_anchors_per_location(),
+                   model_cfg["num_classes"])
+    transform = SquareTransform(t["min_size"], t["max_size"], t["test_min_size"], t["image_mean"], t["image_std"],
+                                t["size_divisible"])
+    arch = Architecture(base.arch_shape, None) if search_neck else None
+    return SSD(transform, backbone, neck, head, default_boxes, r, memory_format=model_cfg["memory_format"], arch=arch)
+
+
+# model.detector -> builder(cfg, genotype, search_neck, search_head). A new detector is one
+# module plus one line here; necks and heads come from NECKS / HEADS.
 DETECTORS: Dict[str, Callable[..., nn.Module]] = {
     "faster_rcnn": build_faster_rcnn,
     "retinanet": build_retinanet,
+    "ssd": build_ssd,
 }
 
 
@@ -268,7 +346,8 @@ def count_parameters(module: Optional[nn.Module]) -> int:
 def parameter_breakdown(model: nn.Module) -> Dict[str, int]:
     """Parameters per part of a detector (its ``PARTS``: backbone / neck / RPN / head = box
     head + predictor for Faster R-CNN; backbone / neck (P6, P7 included) / head = both subnets
-    for RetinaNet) and the total; the architecture parameters of a supernet are not counted."""
+    for RetinaNet; VGG16 trunk / neck (L2Norm, fc6, fc7, extra layers, fusion neck) / predictors
+    for SSD) and the total; the architecture parameters of a supernet are not counted."""
     parts = {part: sum(count_parameters(model.get_submodule(path)) for path in paths)
              for part, paths in model.PARTS.items()}
     parts["total"] = sum(parts.values())

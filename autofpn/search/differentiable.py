@@ -23,7 +23,9 @@ One search stage (neck or head) runs ``Searcher.search``:
 searched neck (``search.head_with_searched_neck``) or FPN, and writes ``geno.json``. A RetinaNet
 (``model.detector: retinanet``) has no RoI head: only its neck stage runs (``DETECTOR_STAGES``),
 the Auto-fusion supernet over ``model.neck.levels`` inside ``ConvExtraLevels``, whose P6 / P7
-convolutions are trained but neither searched nor counted in the resource penalty.
+convolutions are trained but neither searched nor counted in the resource penalty. An SSD
+(``model.detector: ssd``) likewise: the supernet over ``model.neck.levels`` of its levels inside
+``SSDNeck``, whose fc6 / fc7 and extra layers are trained, not searched, not counted.
 """
 import json
 import math
@@ -41,6 +43,7 @@ from autofpn.engine.logging import MetricsLog, Progress, RunClock, TensorBoard, 
 from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
 from autofpn.models.necks import ConvExtraLevels
+from autofpn.models.ssd import SSDNeck
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
 
 # search.mode -> the steps that run on one Gumbel-sampled path per link/edge (the others mix
@@ -55,7 +58,10 @@ AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16
 LAMBDA_PRESETS = {"small": 0.2, "middle": 0.02, "large": 0.002}
 STAGES = ("neck", "head")
 # model.detector -> the stages its search can run: a one-stage detector has no RoI head
-DETECTOR_STAGES = {"faster_rcnn": STAGES, "retinanet": ("neck",)}
+DETECTOR_STAGES = {"faster_rcnn": STAGES, "retinanet": ("neck",), "ssd": ("neck",)}
+# necks that wrap the searched neck in ``.base`` with fixed layers of their own (not searched, not
+# in the resource penalty): RetinaNet's P6 / P7, SSD's fc6 / fc7 and extra layers
+WRAPPING_NECKS = (ConvExtraLevels, SSDNeck)
 
 
 def resource_lambda(search_cfg: Dict[str, Any]) -> float:
@@ -112,9 +118,12 @@ def head_stage_rois(cfg: Dict[str, Any]) -> int:
 
 def search_image_size(cfg: Dict[str, Any]) -> Tuple[int, int]:
     """The largest training input (H, W) the supernet sees: short side max(min_size), long side
-    capped by max_size (a square-ish image), used for the cost tables."""
+    capped by max_size (a square-ish image), used for the cost tables; an SSD's square of side
+    max(min_size), every image warped to it."""
     t = cfg["model"]["transform"]
     short = max(t["min_size"])
+    if cfg["model"]["detector"] == "ssd":
+        return short, short
     return short, min(t["max_size"], int(round(short * 4 / 3)))
 
 
@@ -124,9 +133,10 @@ def search_resource_cost(cfg: Dict[str, Any], neck: Optional[nn.Module], head: O
     (``search_image_size``) and the retrained detector's RoI batch. The evolution strategy scores
     its genotypes with the same tables (``ResourceCost.normalized_cost``). A RetinaNet's neck
     (``ConvExtraLevels``) is counted without its P6 / P7 convolutions: they are the same for every
-    alpha, a constant without gradient, as the neck's input projections are."""
+    alpha, a constant without gradient, as the neck's input projections are; an SSD's (``SSDNeck``)
+    without its fc6 / fc7 and extra layers, for the same reason."""
     from autofpn.search.cost import ResourceCost
-    if isinstance(neck, ConvExtraLevels):
+    if isinstance(neck, WRAPPING_NECKS):
         neck = neck.base
     return ResourceCost(neck, head, search_image_size(cfg), num_rois=cfg["model"]["roi"]["batch_size_per_image"],
                         size_divisible=cfg["model"]["transform"]["size_divisible"])
@@ -134,9 +144,10 @@ def search_resource_cost(cfg: Dict[str, Any], neck: Optional[nn.Module], head: O
 
 def searched_neck(model: nn.Module) -> nn.Module:
     """The Auto-fusion supernet of a detector built with ``search="neck"``: its ``neck``, or the
-    neck RetinaNet's ``ConvExtraLevels`` adds its fixed P6 / P7 convolutions to. The cost tables,
-    the link pairs and the decode read this module (alpha's shape is its ``arch_shape``)."""
-    return model.neck.base if isinstance(model.neck, ConvExtraLevels) else model.neck
+    neck RetinaNet's ``ConvExtraLevels`` adds its fixed P6 / P7 convolutions to, or the neck SSD's
+    ``SSDNeck`` fuses some of its levels with. The cost tables, the link pairs and the decode read
+    this module (alpha's shape is its ``arch_shape``)."""
+    return model.neck.base if isinstance(model.neck, WRAPPING_NECKS) else model.neck
 
 
 class Searcher:
@@ -500,7 +511,7 @@ def build_search_loaders(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None)
 
 def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
     """The stages ``search.stage`` runs on ``model.detector``: ``both`` is every stage the
-    detector has (a RetinaNet's neck only); a stage it lacks is a ConfigError."""
+    detector has (a RetinaNet's or an SSD's neck only); a stage it lacks is a ConfigError."""
     from autofpn.config import ConfigError
     stage = cfg["search"]["stage"]
     if stage != "both" and stage not in STAGES:

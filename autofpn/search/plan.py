@@ -10,7 +10,10 @@ Stages (as ``search.py`` runs them):
   ``model.head.type = auto``: the model that is retrained.
 - a RetinaNet (``model.detector: retinanet``) has no RoI head: its plan has the neck stage
   (the Auto-fusion supernet inside ``ConvExtraLevels``) and the decoded model only, whose "rpn"
-  part is 0 and whose "head" is the class and box subnets over every level (no RoIs);
+  part is 0 and whose "head" is the class and box subnets over every level (no RoIs); an SSD
+  (``model.detector: ssd``) alike, its "neck" SSD's fc6 / fc7 and extra layers around the searched
+  neck (``SSDNeck``), its "head" the per-level predictors, its image the square of side
+  ``max(model.transform.min_size)``;
 - ``evolution candidate`` (``plan["candidate"]``, only when ``search.strategy`` is evolution) =
   ``build_detector(evolution.candidate_config(cfg, candidate), candidate)``: what each evolution
   candidate trains, the searched parts (``search.stage``) decoded, the other part the one the
@@ -79,7 +82,7 @@ from autofpn.models.detector import build_detector, parameter_breakdown
 
 from .cost import Cost, count_cost, level_sizes
 from .decode import decode_weights
-from .differentiable import head_stage_rois, search_transform, stages_to_run
+from .differentiable import DETECTOR_STAGES, head_stage_rois, search_transform, stages_to_run
 from .evolution import candidate_config, evolution_settings, fixed_neck, searched_parts
 from autofpn.models.genotype import load_genotype
 from autofpn.models.architecture import Architecture
@@ -98,15 +101,18 @@ DEFAULT_GPU_UTILIZATION = 0.3
 
 
 def detector_stages(cfg: Dict) -> Tuple[str, ...]:
-    """The STAGES of ``model.detector``: without a RoI head (RetinaNet) no "search: head"."""
-    if cfg["model"]["detector"] == "retinanet":
+    """The STAGES of ``model.detector``: without a RoI head (RetinaNet, SSD) no "search: head"."""
+    if "head" not in DETECTOR_STAGES.get(cfg["model"]["detector"], ("neck", "head")):
         return ("search: neck", "decoded")
     return STAGES
 
 
 def training_image_size(cfg: Dict) -> Tuple[int, int]:
-    """(H, W) of the largest training image: short side max(min_size), long side max_size."""
+    """(H, W) of the largest training image: short side max(min_size), long side max_size (an
+    SSD: the square of side max(min_size) every image is warped to)."""
     t = cfg["model"]["transform"]
+    if cfg["model"]["detector"] == "ssd":
+        return int(max(t["min_size"])), int(max(t["min_size"]))
     long_side = int(t["max_size"])
     return min(int(max(t["min_size"])), long_side), long_side
 

@@ -130,6 +130,24 @@ def test_ssd512_default_layout():
     assert all(p.requires_grad for p in model.backbone.body[10:].parameters())
 
 
+@pytest.mark.parametrize("name, classes, conv4_3_scale, s_min", [("voc", 21, 0.07, 0.15), ("coco", 81, 0.04, 0.1)])
+def test_paper_configs_build_ssd512(name, classes, conv4_3_scale, s_min):
+    """configs/ssd512_{voc,coco}.yaml: the paper's SSD512 (its VOC / COCO default-box scales), a batch of
+    32 at lr 1e-3, momentum 0.9, weight decay 5e-4; the search at the 512 px square."""
+    from pathlib import Path
+    from autofpn.search.differentiable import search_image_size, search_transform
+    path = Path(__file__).resolve().parents[1] / "configs" / f"ssd512_{name}.yaml"
+    cfg = load_config(str(path), ["model.backbone.weights=none"])
+    s = cfg["solver"]
+    assert (s["lr"], s["momentum"], s["weight_decay"], cfg["data"]["images_per_batch"]) == (0.001, 0.9, 0.0005, 32)
+    assert cfg["model"]["num_classes"] == classes
+    assert search_image_size({**cfg, "model": {**cfg["model"], "transform": search_transform(cfg)}}) == (512, 512)
+    with torch.device("meta"):
+        model = build_detector(cfg)
+    assert model.default_boxes.scales[:2] == [conv4_3_scale, s_min] and model.default_boxes.scales[-2] == 0.9
+    assert len(model.head.cls_logits) == 7 and model.head.cls_logits[0].out_channels == 4 * classes
+
+
 # ---- units: hand-computed values --------------------------------------------------------------
 
 def test_default_boxes_hand_computed():

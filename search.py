@@ -5,8 +5,8 @@
     python search.py --cfg configs/coco.yaml --dry-run      # params / FLOPs / memory plan only
 
 Stages (``search.stage``: neck | head | both): the neck first with the standard 2-MLP head, then
-the head with the searched neck (a RetinaNet, ``model.detector: retinanet``, has no RoI head:
-``both`` searches its neck only). A run restarts where it stopped: finished stages are kept,
+the head with the searched neck (a RetinaNet or an SSD, ``model.detector: retinanet | ssd``, has no
+RoI head: ``both`` searches its neck only). A run restarts where it stopped: finished stages are kept,
 an interrupted stage resumes from its newest checkpoint. Outputs in ``search.output_dir``:
 ``geno.json`` (neck + head), ``neck/`` and ``head/`` (stage genotype, checkpoints,
 ``metrics.jsonl``, ``arch_trajectory.jsonl``), ``arch_heatmap_<stage>.png``, ``geno.png/.svg``,

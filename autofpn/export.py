@@ -179,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     images = [pil_to_tensor(load_image(path)) for path in args.images]  # a bad file stops us before writing
     images = images or random_images(check_sizes(args.check, tuple(args.size)))
     state, cfg, model = load_trained_model(args.ckpt)
-    if cfg["model"]["detector"] != "faster_rcnn":  # RetinaNet's top-k / NMS are not written for tracing yet
+    if cfg["model"]["detector"] != "faster_rcnn":  # RetinaNet's / SSD's top-k / NMS are not written for tracing yet
         from autofpn.config import ConfigError
         raise ConfigError(f"{args.ckpt}: model.detector is {cfg['model']['detector']!r}; the ONNX export covers "
                           f"faster_rcnn only")

@@ -480,9 +480,10 @@ class SSD(nn.Module):
         features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
         levels = [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
         class_logits, deltas = self.head(levels)
+        # float32 whatever the features' dtype (autocast): the matching and box coding read pixels
         anchors = torch.cat(self.default_boxes(tuple(batch.shape[-2:]), [tuple(f.shape[-2:]) for f in levels],
-                                               levels[0].dtype, levels[0].device))
-        class_logits, deltas = torch.cat(class_logits, dim=1), torch.cat(deltas, dim=1)
+                                               torch.float32, levels[0].device))
+        class_logits, deltas = torch.cat(class_logits, dim=1), torch.cat(deltas, dim=1).float()
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")

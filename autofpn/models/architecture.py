@@ -22,7 +22,7 @@ The two samples draw their noise with ``gumbel_noise`` from ``seed`` alone, so e
 sample and a resumed run draws what the first one drew.
 """
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -105,3 +105,18 @@ class Architecture(nn.Module):
     def extra_repr(self) -> str:
         shape = lambda p: None if p is None else tuple(p.shape)
         return f"alpha={shape(self.alpha)}, beta={shape(self.beta)}"
+
+
+class SearchableDetector(nn.Module):
+    """A detector whose supernet keeps its architecture parameters in ``self.arch`` (an
+    ``Architecture``, or None for a fixed detector): the two parameter sets the search's two
+    optimizers take, disjoint."""
+
+    arch: Optional[Architecture]
+
+    def arch_parameters(self) -> List[nn.Parameter]:
+        return list(self.arch.parameters()) if self.arch is not None else []
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        arch_ids = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch_ids]

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from autofpn.config import ConfigError
-from autofpn.models.architecture import Architecture
+from autofpn.models.architecture import Architecture, SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.auto_head import AutoHead
 from autofpn.models.backbone import build_backbone
@@ -21,7 +21,7 @@ from autofpn.ops.layout import check_memory_format, resolve_memory_format
 from autofpn.ops.roi_align import MultiLevelRoIAlign
 
 
-class FasterRCNN(nn.Module):
+class FasterRCNN(SearchableDetector):
     """transform -> backbone -> neck -> RPN -> RoI heads (torchvision's contract).
 
     train: ``model(images, targets) -> {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}``
@@ -52,13 +52,6 @@ class FasterRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.arch = arch
-
-    def arch_parameters(self) -> List[nn.Parameter]:
-        return list(self.arch.parameters()) if self.arch is not None else []
-
-    def weight_parameters(self) -> List[nn.Parameter]:
-        arch_ids = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch_ids]
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
+from autofpn.models.architecture import SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.necks import torchvision_fpn_key
 from autofpn.models.rpn import AnchorGenerator
@@ -88,7 +89,7 @@ class RetinaNetHead(nn.Module):
         return class_logits, deltas
 
 
-class RetinaNet(nn.Module):
+class RetinaNet(SearchableDetector):
     """transform -> backbone -> neck (P3..P7) -> class / box subnets on every anchor.
 
     train: ``model(images, targets) -> {"loss_cls", "loss_box"}``: the sigmoid focal loss
@@ -130,13 +131,6 @@ class RetinaNet(nn.Module):
         self.topk_candidates = cfg["topk_candidates"]
         self.nms_thresh = cfg["nms_thresh"]
         self.detections_per_img = cfg["detections_per_img"]
-
-    def arch_parameters(self) -> List[nn.Parameter]:
-        return list(self.arch.parameters()) if self.arch is not None else []
-
-    def weight_parameters(self) -> List[nn.Parameter]:
-        arch_ids = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch_ids]
 
     def assign_targets(self, anchors: Tensor, targets: List[Dict[str, Tensor]]) -> List[Tensor]:
         """anchors: Tensor[A_total, 4] -> per image int64[A_total]: the matched gt index,

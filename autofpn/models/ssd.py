@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torchvision.models.vgg import cfgs as vgg_cfgs, make_layers
 from torchvision.ops import box_iou
 
+from autofpn.models.architecture import SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.backbone import _file_state_dict, _imagenet_state_dict, load_backbone_state
 from autofpn.models.retinanet import per_anchor
@@ -355,7 +356,7 @@ class SquareTransform(ImageTransform):
         return F.interpolate(image[None], size=(min_size, min_size), mode="bilinear", align_corners=False)[0]
 
 
-class SSD(nn.Module):
+class SSD(SearchableDetector):
     """transform (warp to S x S) -> VGG16 trunk -> SSD's levels and fusion neck -> head on every
     default box.
 
@@ -391,13 +392,6 @@ class SSD(nn.Module):
         self.topk_candidates = cfg["topk_candidates"]
         self.nms_thresh = cfg["nms_thresh"]
         self.detections_per_img = cfg["detections_per_img"]
-
-    def arch_parameters(self) -> List[nn.Parameter]:
-        return list(self.arch.parameters()) if self.arch is not None else []
-
-    def weight_parameters(self) -> List[nn.Parameter]:
-        arch_ids = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch_ids]
 
     def assign_targets(self, anchors: Tensor, targets: List[Dict[str, Tensor]]) -> List[Tensor]:
         """anchors: Tensor[A, 4] -> per image int64[A]: the matched gt index or -1 (background).

@@ -89,7 +89,22 @@ class RetinaNetHead(nn.Module):
         return class_logits, deltas
 
 
-class RetinaNet(SearchableDetector):
+class OneStageDetector(SearchableDetector):
+    """What RetinaNet and SSD share before their heads: the input transform, the backbone and the
+    neck (a supernet's with its softmaxed alpha)."""
+
+    def neck_levels(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]):
+        """-> (batch Tensor[N, 3, H, W], image sizes, transformed targets, neck outputs
+        List[Tensor[N, C_l, H_l, W_l]] from the finest level to the coarsest)."""
+        batch, image_sizes, targets = self.transform(images, targets)
+        batch = batch.contiguous(memory_format=resolve_memory_format(self.memory_format, batch.device, self.searched))
+        features = self.backbone(batch)
+        neck_weights = self.arch.forward_weights()[0] if self.arch is not None else None
+        features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
+        return batch, image_sizes, targets, [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
+
+
+class RetinaNet(OneStageDetector):
     """transform -> backbone -> neck (P3..P7) -> class / box subnets on every anchor.
 
     train: ``model(images, targets) -> {"loss_cls", "loss_box"}``: the sigmoid focal loss
@@ -204,12 +219,7 @@ class RetinaNet(SearchableDetector):
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
         original_sizes = [tuple(im.shape[-2:]) for im in images]
-        batch, image_sizes, targets = self.transform(images, targets)
-        batch = batch.contiguous(memory_format=resolve_memory_format(self.memory_format, batch.device, self.searched))
-        features = self.backbone(batch)
-        neck_weights = self.arch.forward_weights()[0] if self.arch is not None else None
-        features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
-        levels = [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
+        batch, image_sizes, targets, levels = self.neck_levels(images, targets)
         class_logits, deltas = self.head(levels)
         level_anchors = self.anchor_generator(tuple(batch.shape[-2:]), [tuple(f.shape[-2:]) for f in levels],
                                               levels[0].dtype, levels[0].device)

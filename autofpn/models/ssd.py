@@ -42,13 +42,12 @@ from torch import Tensor, nn
 from torchvision.models.vgg import cfgs as vgg_cfgs, make_layers
 from torchvision.ops import box_iou
 
-from autofpn.models.architecture import SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.backbone import _file_state_dict, _imagenet_state_dict, load_backbone_state
-from autofpn.models.retinanet import per_anchor
+from autofpn.models.retinanet import OneStageDetector, per_anchor
 from autofpn.models.transform import ImageTransform
 from autofpn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image
-from autofpn.ops.layout import check_memory_format, resolve_memory_format
+from autofpn.ops.layout import check_memory_format
 from autofpn.ops.matcher import Matcher
 
 # beta of the box loss: torchvision's SSD calls smooth_l1_loss with its default (the paper's smooth L1)
@@ -356,7 +355,7 @@ class SquareTransform(ImageTransform):
         return F.interpolate(image[None], size=(min_size, min_size), mode="bilinear", align_corners=False)[0]
 
 
-class SSD(SearchableDetector):
+class SSD(OneStageDetector):
     """transform (warp to S x S) -> VGG16 trunk -> SSD's levels and fusion neck -> head on every
     default box.
 
@@ -467,12 +466,7 @@ class SSD(SearchableDetector):
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
         original_sizes = [tuple(im.shape[-2:]) for im in images]
-        batch, image_sizes, targets = self.transform(images, targets)
-        batch = batch.contiguous(memory_format=resolve_memory_format(self.memory_format, batch.device, self.searched))
-        features = self.backbone(batch)
-        neck_weights = self.arch.forward_weights()[0] if self.arch is not None else None
-        features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
-        levels = [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
+        batch, image_sizes, targets, levels = self.neck_levels(images, targets)
         class_logits, deltas = self.head(levels)
         # float32 whatever the features' dtype (autocast): the matching and box coding read pixels
         anchors = torch.cat(self.default_boxes(tuple(batch.shape[-2:]), [tuple(f.shape[-2:]) for f in levels],

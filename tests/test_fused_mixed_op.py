@@ -370,18 +370,20 @@ def test_concat_pointwise_equals_conv_of_concat(parts, layout):
     assert torch.autograd.gradcheck(fused, tuple(tensors))
 
 
-def test_concat_pointwise_under_autocast_keeps_the_residual_weight_gradient_in_float32():
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_concat_pointwise_under_autocast_keeps_the_residual_weight_gradient_in_float32(layout):
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    fmt = LAYOUTS[layout]
+    xs = [torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=fmt) for _ in range(2)]
     weight = torch.randn(4, 8, 1, 1, generator=gen)
-    residual = torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=fmt)
     rw = torch.tensor(0.25, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = concat_pointwise(xs, weight, None, None, residual, rw)
     assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
+    (out.float() * 300.0).sum().backward()  # a sum of 240 terms of 300: beyond bfloat16's 8 bits
     assert rw.grad.dtype == torch.float32
-    torch.testing.assert_close(rw.grad, residual.sum(), rtol=0.02, atol=0.1)
+    torch.testing.assert_close(rw.grad, 300.0 * residual.bfloat16().float().sum(), rtol=1e-5, atol=1e-3)
 
 
 @needs_cuda

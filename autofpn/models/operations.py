@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from autofpn.ops.depthwise import depthwise_conv2d
-from autofpn.ops.pointwise import concat_pointwise
+from autofpn.ops.pointwise import add_weighted, concat_pointwise
 from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
 
 # O_N, the neck (Auto-fusion) ops, in the paper's order. Index = position in alpha's last dim.
@@ -215,9 +215,7 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     if depthwise:
         return concat_pointwise(depthwise, torch.cat(scaled, 1), bias, conv, x if identity is not None else None,
                                 identity)
-    if identity is None:
-        return conv
-    return conv.addcmul_(x.to(conv.dtype), identity)
+    return conv if identity is None else add_weighted(conv, x, identity)
 
 
 def set_recompute(model: nn.Module, enabled: bool = True) -> int:

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from autofpn.ops.layout import memory_format_of
 
-__all__ = ["concat_pointwise"]
+__all__ = ["concat_pointwise", "add_weighted"]
 
 
 def _pixels(x: Tensor) -> Tensor:
@@ -113,7 +113,34 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
             return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
     out = F.conv2d(torch.cat(list(xs), 1) if len(xs) > 1 else xs[0], weight, bias)
     if extra is not None:
-        out = out + extra
+        out = out.add_(extra)
     if residual is not None:
-        out = out.addcmul_(residual, residual_weight)
+        out = add_weighted(out, residual, residual_weight)
     return out
+
+
+class _AddWeighted(torch.autograd.Function):
+    """base + weight * residual with a 0-d weight whose gradient, sum(grad * residual), is
+    accumulated in the weight's dtype (float32 under autocast, like ``mixed_sum``'s; a float16
+    sum could overflow)."""
+
+    @staticmethod
+    def forward(ctx, base: Tensor, residual: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(residual, weight)
+        return torch.addcmul(base, residual, weight)  # a 0-d weight keeps base's dtype
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        residual, weight = ctx.saved_tensors
+        grad_residual = grad_out * weight if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = (grad_out.to(weight.dtype) * residual.to(weight.dtype)).sum()
+        return grad_out, grad_residual, grad_weight
+
+
+def add_weighted(base: Tensor, residual: Tensor, weight: Tensor) -> Tensor:
+    """``base + weight * residual`` (base, residual: one shape and dtype; weight: a 0-d tensor,
+    e.g. an architecture weight in float32 under autocast), its gradient in weight's dtype."""
+    return _AddWeighted.apply(base, residual.to(base.dtype), weight)

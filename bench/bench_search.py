@@ -23,7 +23,7 @@ variant runs in each memory layout (``model.memory_format``) and the ratio of th
 without it, in the config's.
 
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute]
-                                 [--layouts contiguous channels_last] [--unfused] [--cpu-time] [--opts k=v ...]
+                                 [--layouts contiguous channels_last] [--unfused] [--cpu-time] [--no-memory] [--opts k=v ...]
 """
 import argparse
 import os
@@ -107,6 +107,7 @@ def main() -> None:
                         help="run every variant in each of these memory layouts (default: the config's)")
     parser.add_argument("--unfused", action="store_true",
                         help="also time every search variant with the mixed ops unfused (the reference), and the ratio")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--cpu-time", action="store_true",
                         help="also print the median process CPU time (all threads) of each variant")
     args = parser.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
     if args.profile:
         print("profile of one neck search iteration:")
         print(profile_table(steps[("neck", layouts[0], True)]))
-    memory = {run: peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", run[2])
+    memory = {run: float("nan") if args.no_memory else
+              peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", run[2])
               for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",

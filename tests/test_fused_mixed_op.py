@@ -393,3 +393,22 @@ def test_fused_mixed_op_on_cuda_equals_the_reference(table_name):
     op, x = op.cuda(), x.cuda()
     w = _weights("random", TABLES[table_name], torch.Generator().manual_seed(2)).cuda()
     _assert_same(_run(op, x, w, True), _run(op, x, w, False), rtol=1e-9, atol=1e-11)
+
+
+def test_the_cost_counting_pass_on_meta_sees_every_op():
+    """count_cost (cost tables, the planner) counts FLOPs with forward hooks on the leaf modules,
+    on the "meta" device: there the supernet runs its ops as built, fused or not."""
+    from autofpn.search.cost import count_cost
+    strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    neck = AutoFusionNeck({k: 8 for k in strides}, strides, 8).to("meta")
+    feats = {k: torch.empty(1, 8, 64 // s, 64 // s, device="meta") for k, s in strides.items()}
+    weights = torch.empty(neck.arch_shape, device="meta")
+    head = AutoHead(8, 7, 4, cells=2).to("meta")
+    rois = torch.empty(6, 8, 7, 7, device="meta")
+    beta = torch.empty(head.arch_shape, device="meta")
+    counted = {}
+    for fused in (True, False):
+        set_fused(neck, fused)
+        set_fused(head, fused)
+        counted[fused] = (count_cost(neck, feats, weights), count_cost(head, rois, beta))
+    assert counted[True] == counted[False]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .genotype import neck_part
-from .operations import NECK_OPS, MixedOp, make_norm, pointwise
+from .operations import NECK_OPS, MixedOp, make_norm, pointwise, runs_fused
 
 
 def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -> Tensor:
@@ -58,7 +58,7 @@ class FusionLink(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         """norm(conv1x1(x)); in a fused supernet without a norm, the 1x1 conv as a matrix product
         (``pointwise``: the same values, a faster backward on the CPU)."""
-        if self.mixed.fused and len(self.mixed.ops) > 1 and isinstance(self.norm, nn.Identity):
+        if runs_fused(self.mixed, x) and isinstance(self.norm, nn.Identity):
             return pointwise(self.conv, x)
         return self.norm(self.conv(x))
 

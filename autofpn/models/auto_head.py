@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, head_part
-from .operations import HEAD_OPS, MixedOp, ReLUConvNorm, pointwise
+from .operations import HEAD_OPS, MixedOp, ReLUConvNorm, pointwise, runs_fused
 
 EDGE_PAIRS: List[Tuple[int, int]] = [
     (k, n) for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)
@@ -54,7 +54,7 @@ class HeadCell(nn.Module):
         """pre(s); in a fused supernet without a norm, its 1x1 conv as a matrix product
         (``pointwise``: the same values, a faster backward on the CPU)."""
         edge = next(iter(self.edges.values()), None)
-        if edge is not None and edge.fused and len(edge.ops) > 1 and isinstance(pre[2], nn.Identity):
+        if edge is not None and runs_fused(edge, s) and isinstance(pre[2], nn.Identity):
             return pointwise(pre[1], torch.relu(s))
         return pre(s)
 

@@ -231,6 +231,14 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> int:
     return len(mixed)
 
 
+def runs_fused(mixed: "MixedOp", x: Tensor) -> bool:
+    """Whether ``mixed`` (and the 1x1 projection in front of it) runs fused on ``x``: a supernet's
+    mixed op with ``fused`` on, and x not on the "meta" device: there (the cost tables and the
+    planner's shapes-only pass, autofpn/search/cost.py and plan.py) every op runs as built, so
+    that the forward hooks that count FLOPs see each module."""
+    return mixed.fused and len(mixed.ops) > 1 and x.device.type != "meta"
+
+
 def set_fused(model: nn.Module, enabled: bool = True) -> int:
     """Turn the fused computation (``MixedOp.fused``, on by default) on or off in every mixed op
     of ``model`` holding more than one op; returns how many. Off: every op runs as built and
@@ -303,7 +311,7 @@ class MixedOp(nn.Module):
                 return None
             ops, w = [ops[i] for i in active], w[active]
         fn, args = _weighted_sum, (ops, x, w)
-        if self.fused and len(ops) > 1:
+        if len(ops) > 1 and runs_fused(self, x):
             kinds = self.kinds if not self.sampled else [self.kinds[i] for i in active]
             if None not in kinds:
                 fn, args = _fused_weighted_sum, (kinds, ops, x, w)

@@ -98,7 +98,8 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
     residual rounded to it and residual_weight's gradient accumulated in residual_weight's dtype.
     """
     device = xs[0].device.type
-    if torch.is_autocast_enabled(device):  # what autocast does for the convolution: all in its dtype
+    autocast = torch.amp.is_autocast_available(device)  # not on "meta" (the planner's shapes-only pass)
+    if autocast and torch.is_autocast_enabled(device):  # what autocast does for the convolution: all in its dtype
         dtype = torch.get_autocast_dtype(device)
         xs = [x.to(dtype) for x in xs]
         weight = weight.to(dtype)
@@ -109,6 +110,8 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
         residual = residual.to(dtype)
     if all(memory_format_of(x) == torch.channels_last for x in xs) and (
             extra is None or memory_format_of(extra) == torch.channels_last):
+        if not autocast:
+            return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
         with torch.autocast(device, enabled=False):
             return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
     out = F.conv2d(torch.cat(list(xs), 1) if len(xs) > 1 else xs[0], weight, bias)

@@ -57,8 +57,9 @@ class FusionLink(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """norm(conv1x1(x)); in a fused supernet without a norm, the 1x1 conv as a matrix product
-        (``pointwise``: the same values, a faster backward on the CPU)."""
-        if runs_fused(self.mixed, x) and isinstance(self.norm, nn.Identity):
+        (``pointwise``: the same values, a faster backward on the CPU). Not in a sampled supernet
+        (one op per link: its module hooks see which convs ran, as before)."""
+        if runs_fused(self.mixed, x) and not self.mixed.sampled and isinstance(self.norm, nn.Identity):
             return pointwise(self.conv, x)
         return self.norm(self.conv(x))
 

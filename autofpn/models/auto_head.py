@@ -52,9 +52,10 @@ class HeadCell(nn.Module):
 
     def _project(self, pre: ReLUConvNorm, s: Tensor) -> Tensor:
         """pre(s); in a fused supernet without a norm, its 1x1 conv as a matrix product
-        (``pointwise``: the same values, a faster backward on the CPU)."""
+        (``pointwise``: the same values, a faster backward on the CPU). Not in a sampled supernet
+        (one op per edge: its module hooks see which convs ran, as before)."""
         edge = next(iter(self.edges.values()), None)
-        if edge is not None and runs_fused(edge, s) and isinstance(pre[2], nn.Identity):
+        if edge is not None and runs_fused(edge, s) and not edge.sampled and isinstance(pre[2], nn.Identity):
             return pointwise(pre[1], torch.relu(s))
         return pre(s)
 

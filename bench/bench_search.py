@@ -13,13 +13,17 @@ On one config (default configs/demo.yaml) and the same batches, measures
     recomputed in the backward pass instead of keeping its ops' activations),
   - with ``--genotype G``: a training step of the detector decoded from G (what train.py
     retrains after the search),
-interleaved, median of --reps; and, in a fresh subprocess per variant, the peak memory of one
+  - with ``--unfused``: every search variant a second time with the supernet's mixed ops
+    unfused (``set_fused(model, False)``: every op run as built, then the weighted sum; the
+    reference of the fused ops, autofpn/models/operations.py), and the time ratio unfused / fused,
+interleaved, median of --reps (``--cpu-time``: also the process's CPU time, all threads; on a machine
+shared with other jobs it counts this process's work, not the time it waited for a core); and, in a fresh subprocess per variant, the peak memory of one
 iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channels_last`` every
 variant runs in each memory layout (``model.memory_format``) and the ratio of the two is printed;
 without it, in the config's.
 
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute]
-                                 [--layouts contiguous channels_last] [--opts k=v ...]
+                                 [--layouts contiguous channels_last] [--unfused] [--cpu-time] [--no-memory] [--opts k=v ...]
 """
 import argparse
 import os
@@ -35,16 +39,18 @@ from peak_memory import peak_in_fresh_process, profile_table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu") -> Callable[[], None]:
+def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu", fused: bool = True) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
     "head_rois<K>", "neck_recompute", "head_recompute") on fixed batches, on ``device`` (the
-    search variants with the config's ``search.amp``)."""
+    search variants with the config's ``search.amp``; ``fused=False``: with the supernet's mixed
+    ops unfused)."""
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
     from autofpn.search.differentiable import Searcher, build_search_loaders, stage_config
     from autofpn.models.detector import build_detector
+    from autofpn.models.operations import set_fused
 
     torch.manual_seed(0)
     ctx = du.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
@@ -72,6 +78,7 @@ def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu"
     stage_cfg["search"]["head_rois_per_image"] = int(variant[len("rois"):]) if variant.startswith("rois") else 0
     stage_cfg["search"]["recompute"] = variant == "recompute"
     model = build_detector(stage_cfg, search=stage)
+    set_fused(model, fused)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
     searcher = Searcher(stage_cfg, stage, model, loader_a, loader_b, ctx, out_dir="/tmp/unused")
     batch_a, batch_b = next(iter(loader_a)), next(iter(loader_b))
@@ -98,6 +105,11 @@ def main() -> None:
     parser.add_argument("--genotype", default=None, help="also time a training step of the detector decoded from it")
     parser.add_argument("--layouts", nargs="*", choices=("contiguous", "channels_last"), default=[],
                         help="run every variant in each of these memory layouts (default: the config's)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time every search variant with the mixed ops unfused (the reference), and the ratio")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="also print the median process CPU time (all threads) of each variant")
     args = parser.parse_args()
     cfg = load_config(args.cfg, args.opts)
     t = cfg["model"]["transform"]
@@ -110,38 +122,58 @@ def main() -> None:
                 + (("neck_recompute", "head_recompute") if args.recompute else ()))
     layouts = args.layouts or [cfg["model"]["memory_format"]]
     layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
-    runs = [(name, layout) for layout in layouts for name in variants]
-    steps: Dict[tuple, Callable[[], None]] = {run: build_variant(run[0], layout_cfgs[run[1]], args.genotype) for run in runs}
+    searched = [name for name in variants if name not in ("fpn", "decoded")]
+    runs = [(name, layout, True) for layout in layouts for name in variants]
+    runs += [(name, layout, False) for layout in layouts for name in searched] if args.unfused else []
+    steps: Dict[tuple, Callable[[], None]] = {
+        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2]) for run in runs}
     for step in steps.values():
         step()
     times = {run: [] for run in steps}
+    cpu_times = {run: [] for run in steps}
     for _ in range(args.reps):
         for run, step in steps.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times[run].append(time.perf_counter() - start)
+            cpu_times[run].append(time.process_time() - cpu_start)
     median = {run: statistics.median(v) for run, v in times.items()}
+    cpu = {run: statistics.median(v) for run, v in cpu_times.items()}
     if args.profile:
         print("profile of one neck search iteration:")
-        print(profile_table(steps[("neck", layouts[0])]))
-    memory = {run: peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype) for run in steps}
+        print(profile_table(steps[("neck", layouts[0], True)]))
+    memory = {run: float("nan") if args.no_memory else
+              peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", run[2])
+              for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
               **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois},
               "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute"}
-    for layout in layouts:
-        if len(layouts) > 1:
-            print(f"layout {layout}:")
-        print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}")
-        for name in variants:
-            run, fpn = (name, layout), ("fpn", layout)
-            print(f"{labels[name]:<24}{median[run]:>10.3f}{median[run] / median[fpn]:>12.2f}"
-                  f"{memory[run]:>10.0f}{memory[run] / memory[fpn]:>8.2f}")
+    for fused in ((True, False) if args.unfused else (True,)):
+        for layout in layouts:
+            title = [f"layout {layout}"] if len(layouts) > 1 else []
+            title += [("fused" if fused else "unfused") + " mixed ops"] if args.unfused else []
+            if title:
+                print(", ".join(title) + ":")
+            print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}"
+                  + (f"{'CPU (s)':>10}{'x FPN':>8}" if args.cpu_time else ""))
+            for name in (variants if fused else ("fpn", *searched)):
+                run, fpn = (name, layout, fused if name in searched else True), ("fpn", layout, True)
+                print(f"{labels[name]:<24}{median[run]:>10.3f}{median[run] / median[fpn]:>12.2f}"
+                      f"{memory[run]:>10.0f}{memory[run] / memory[fpn]:>8.2f}"
+                      + (f"{cpu[run]:>10.3f}{cpu[run] / cpu[fpn]:>8.2f}" if args.cpu_time else ""))
+    if args.unfused:
+        for layout in layouts:
+            print(f"time unfused / fused{f' ({layout})' if len(layouts) > 1 else ''} (> 1: fusion is faster): "
+                  + ", ".join(f"{name} {median[(name, layout, False)] / median[(name, layout, True)]:.2f}"
+                              for name in searched)
+                  + ("; CPU time: " + ", ".join(f"{name} {cpu[(name, layout, False)] / cpu[(name, layout, True)]:.2f}"
+                                                for name in searched) if args.cpu_time else ""))
     if len(layouts) > 1:
         first, *others = layouts
         for other in others:
             print(f"time {first} / {other} (> 1: {other} is faster): " + ", ".join(
-                f"{name} {median[(name, first)] / median[(name, other)]:.2f}" for name in variants))
+                f"{name} {median[(name, first, True)] / median[(name, other, True)]:.2f}" for name in variants))
 
 
 if __name__ == "__main__":

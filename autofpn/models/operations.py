@@ -23,9 +23,12 @@ from math import gcd
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from autofpn.ops.depthwise import depthwise_conv2d
+from autofpn.ops.pointwise import add_weighted, concat_pointwise
 from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
 
 # O_N, the neck (Auto-fusion) ops, in the paper's order. Index = position in alpha's last dim.
@@ -122,8 +125,97 @@ def _one_dtype(outputs: List[Tensor]) -> List[Tensor]:
 
 
 def _weighted_sum(ops: Sequence[nn.Module], x: Tensor, w: Tensor) -> Tensor:
-    """sum_k w[k] * ops[k](x) (the fused ``mixed_sum``); x: Tensor[N, C, H, W], w: Tensor[len(ops)]."""
+    """sum_k w[k] * ops[k](x) (the fused ``mixed_sum``); x: Tensor[N, C, H, W], w: Tensor[len(ops)].
+    The reference: every op run as built, then the weighted sum."""
     return mixed_sum(_one_dtype([op(x) for op in ops]), w)
+
+
+def _fusable_kind(op: nn.Module) -> Optional[str]:
+    """How ``_fused_weighted_sum`` may run ``op``: "identity", "dil" (one ReLU -> depthwise ->
+    pointwise-with-bias block), "sep" (two such blocks), "conv" (ReLU -> KxK conv with bias), or
+    None when it holds a norm layer (or is anything else): then the mixed op is run unfused."""
+    def block(m):
+        return (isinstance(m, DepthwiseSeparableBlock) and isinstance(m[3], nn.Identity)
+                and m[2].bias is not None and m[1].bias is None and m[1].groups == m[1].in_channels)
+    if isinstance(op, nn.Identity):
+        return "identity"
+    if block(op):
+        return "dil"
+    if isinstance(op, nn.Sequential) and len(op) == 2 and block(op[0]) and block(op[1]):
+        return "sep"
+    if (isinstance(op, ReLUConvNorm) and isinstance(op[2], nn.Identity) and op[1].bias is not None
+            and op[1].in_channels == op[1].out_channels and op[1].groups == 1 and op[1].stride == (1, 1)
+            and op[1].dilation == (1, 1) and op[1].kernel_size[0] == op[1].kernel_size[1]
+            and op[1].padding == (op[1].kernel_size[0] // 2,) * 2):
+        return "conv"
+    return None
+
+
+def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for a 1x1 convolution (stride 1, no groups), a matrix product over the pixels
+    when x is channels-last (``concat_pointwise``: on the CPU its backward is several times faster
+    than the 1x1 convolution's). For the supernet's own 1x1 convolutions when it runs fused."""
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
+        return conv(x)
+    return concat_pointwise([x], conv.weight, conv.bias)
+
+
+def _depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for the depthwise conv of a block, with the faster CPU backward."""
+    return depthwise_conv2d(x, conv.weight, conv.padding[0], conv.dilation[0])
+
+
+def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tensor, w: Tensor) -> Tensor:
+    """``_weighted_sum(ops, x, w)`` rearranged into fewer, larger ops (``kinds``: the
+    ``_fusable_kind`` of each op, none of them None; norm-free ops only). The same sum, up to
+    float rounding:
+
+    - the ops' first ReLU is computed once, ``r = relu(x)``, and shared;
+    - the K weighted pointwise convolutions that end the "dil" ops and the second blocks of the
+      "sep" ops, ``sum_k w_k (W_k d_k + b_k)`` with ``d_k`` the block's depthwise output, are one
+      1x1 convolution over ``concat_k d_k`` with the weight ``concat_k (w_k W_k)`` (one GEMM
+      instead of K GEMMs and a K-term sum);
+    - the "conv" ops (conv_3x3, conv_5x5 of the head) are one convolution with the weighted sum
+      of their kernels, the smaller ones zero-padded to the largest (centred: their "same"
+      padding is half the kernel), ``sum_k w_k (V_k * r + c_k) = (sum_k w_k V_k) * r + sum_k w_k c_k``;
+    - every bias enters once, ``sum_k w_k b_k``; identity is added as ``w_id * x``.
+
+    The parameters are read from the op modules, so gradients reach them (and w, through the
+    scaled weights) by autograd. Under autocast the result has the convolutions' dtype, as
+    ``_one_dtype`` gives the reference.
+    """
+    r = torch.relu(x)
+    depthwise: List[Tensor] = []  # d_k, the inputs of the fused pointwise convolution
+    scaled: List[Tensor] = []  # w_k W_k
+    biases: List[Tensor] = []  # w_k b_k
+    kernels: List[Tensor] = []  # w_k V_k of the full convolutions
+    identity: Optional[Tensor] = None
+    for k, (kind, op) in enumerate(zip(kinds, ops)):
+        if kind == "identity":
+            identity = w[k] if identity is None else identity + w[k]
+            continue
+        if kind == "conv":
+            kernels.append(op[1].weight * w[k])
+            biases.append(op[1].bias * w[k])
+            continue
+        if kind == "sep":  # the first block: its ReLU is the shared r, its pointwise conv a matrix product
+            first, op = op
+            h = torch.relu(pointwise(first[2], _depthwise(first[1], r)))
+        else:
+            h = r
+        depthwise.append(_depthwise(op[1], h))
+        scaled.append(op[2].weight * w[k])
+        biases.append(op[2].bias * w[k])
+    bias = functools.reduce(torch.add, biases) if biases else None
+    conv = None
+    if kernels:
+        size = max(v.shape[-1] for v in kernels)
+        kernel = functools.reduce(torch.add, [F.pad(v, [(size - v.shape[-1]) // 2] * 4) for v in kernels])
+        conv = F.conv2d(r, kernel, None if depthwise else bias, padding=size // 2)
+    if depthwise:
+        return concat_pointwise(depthwise, torch.cat(scaled, 1), bias, conv, x if identity is not None else None,
+                                identity)
+    return conv if identity is None else add_weighted(conv, x, identity)
 
 
 def set_recompute(model: nn.Module, enabled: bool = True) -> int:
@@ -136,6 +228,24 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> int:
                          "would update its running statistics in both forward passes")
     for m in mixed:
         m.recompute = enabled
+    return len(mixed)
+
+
+def runs_fused(mixed: "MixedOp", x: Tensor) -> bool:
+    """Whether ``mixed`` (and the 1x1 projection in front of it) runs fused on ``x``: a supernet's
+    mixed op with ``fused`` on, and x not on the "meta" device: there (the cost tables and the
+    planner's shapes-only pass, autofpn/search/cost.py and plan.py) every op runs as built, so
+    that the forward hooks that count FLOPs see each module."""
+    return mixed.fused and len(mixed.ops) > 1 and x.device.type != "meta"
+
+
+def set_fused(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the fused computation (``MixedOp.fused``, on by default) on or off in every mixed op
+    of ``model`` holding more than one op; returns how many. Off: every op runs as built and
+    ``mixed_sum`` weights their outputs (the reference, same values up to float rounding)."""
+    mixed = [m for m in model.modules() if isinstance(m, MixedOp) and len(m.ops) > 1]
+    for m in mixed:
+        m.fused = enabled
     return len(mixed)
 
 
@@ -158,6 +268,12 @@ class MixedOp(nn.Module):
     the backward pass: the same values and gradients, less memory, about one more forward of the
     ops in time. Not with BatchNorm inside the ops: the second forward would update its running
     statistics twice (``set_recompute`` refuses it).
+
+    ``fused`` (on by default, ``set_fused``): a supernet's norm-free ops (``search.searched_norm:
+    none``, the paper's search) run as ``_fused_weighted_sum``: one shared ReLU, the weighted
+    pointwise convolutions as one 1x1 convolution, the weighted full convolutions as one; the same
+    sum up to float rounding, with the parameters read from ``self.ops`` (same state_dict keys).
+    With a norm inside the ops, or one active op of a sampled path, the ops run as built.
     """
 
     def __init__(self, channels: int, op_table: Sequence[str], norm: str = "none",
@@ -174,6 +290,9 @@ class MixedOp(nn.Module):
         # positions in the weight vector of the ops held here ("none" is skipped)
         self.register_buffer("op_index", torch.tensor([self.op_table.index(n) for n in names]),
                              persistent=False)
+        # how _fused_weighted_sum runs each op (None: not norm-free, the mixed op runs unfused)
+        self.kinds = [_fusable_kind(op) for op in self.ops.values()]
+        self.fused = True
 
     def forward(self, x: Tensor, weights: Tensor = None, active: Optional[List[int]] = None) -> Tensor:
         """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op);
@@ -191,9 +310,14 @@ class MixedOp(nn.Module):
             if not active:
                 return None
             ops, w = [ops[i] for i in active], w[active]
+        fn, args = _weighted_sum, (ops, x, w)
+        if len(ops) > 1 and runs_fused(self, x):
+            kinds = self.kinds if not self.sampled else [self.kinds[i] for i in active]
+            if None not in kinds:
+                fn, args = _fused_weighted_sum, (kinds, ops, x, w)
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(_weighted_sum, ops, x, w, use_reentrant=False)
-        return _weighted_sum(ops, x, w)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""

@@ -1,0 +1,94 @@
+"""Depthwise convolution (stride 1, "same" padding) with a faster backward on the CPU.
+
+The supernet's mixed ops run many depthwise KxK convolutions (dilation 1, 2, 3). On the CPU,
+oneDNN computes their forward quickly but their backward slowly when the kernel is dilated or
+5x5: at the demo's neck shape ([4, 32, 48, 64], channels-last, one thread) the input gradient of
+a dilated 3x3 / 5x5 depthwise conv took 5-10x its forward, the weight gradient of a 5x5 or
+dilated one 8-14x. Here (``depthwise_conv2d``, CPU tensors):
+
+- the input gradient is the forward convolution of ``grad_out`` with the kernel flipped in both
+  spatial dimensions (same padding and dilation, since the padding is "same"): the transposed
+  convolution written as a correlation, the same sums in another order, run by oneDNN's fast
+  forward kernel;
+- the weight gradient is ``torch.ops.autofpn.depthwise_conv2d_weight_grad`` when the autofpn._C
+  extension is built (cuda_ext/depthwise_cpu.cpp: one multiply-add over the contiguous channels
+  per output pixel and tap, 3-6x faster there; channels-last inputs), else PyTorch's
+  (``aten::convolution_backward``).
+
+On other devices it is ``F.conv2d`` (the GPU's backward kernels are not measured here).
+"""
+import logging
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from autofpn.ops.layout import memory_format_of
+
+logger = logging.getLogger("autofpn")
+
+__all__ = ["depthwise_conv2d"]
+
+
+def _load_cpu_kernel() -> bool:
+    try:
+        import autofpn._C  # noqa: F401  (registers torch.ops.autofpn.*)
+        torch.ops.autofpn.depthwise_conv2d_weight_grad
+    except (ImportError, OSError, AttributeError, RuntimeError):
+        logger.info("depthwise weight gradient: PyTorch's (autofpn._C not built, or built before the kernel)")
+        return False
+
+    @torch.library.register_fake("autofpn::depthwise_conv2d_weight_grad")
+    def _fake(grad_out, input, kernel, padding, dilation):
+        return input.new_empty((input.shape[1], 1, kernel, kernel))
+    return True
+
+
+_CPU_KERNEL = _load_cpu_kernel()
+
+
+def _weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
+    if _CPU_KERNEL and memory_format_of(x) == torch.channels_last:
+        return torch.ops.autofpn.depthwise_conv2d_weight_grad(grad_out, x, weight.shape[-1], padding, dilation)
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [padding, padding], [dilation, dilation], False, [0, 0],
+        x.shape[1], [False, True, False])[1]
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """y = depthwise conv of x ([N, C, H, W]) with weight ([C, 1, k, k]), stride 1,
+    padding = dilation * (k - 1) / 2 (output size = input size), no bias."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (padding, dilation)
+        return F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
+
+    @staticmethod
+    @once_differentiable  # the extension's weight gradient has no derivative of its own
+    def backward(ctx, grad_out: Tensor) -> Tuple:
+        x, weight = ctx.saved_tensors
+        padding, dilation = ctx.conv
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, padding, dilation, x.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(grad_out, x, weight, padding, dilation)
+        return grad_x, grad_w, None, None
+
+
+def depthwise_conv2d(x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
+    """``F.conv2d(x, weight, None, 1, padding, dilation, groups=C)`` for x: Tensor[N, C, H, W],
+    weight: Tensor[C, 1, k, k] (k odd), padding = dilation * (k - 1) // 2; same values and
+    gradients (up to float rounding), faster backward on the CPU."""
+    k = weight.shape[-1]
+    if (x.device.type != "cpu" or weight.shape[-2] != k or k % 2 == 0 or padding != dilation * (k - 1) // 2
+            or weight.shape[0] != x.shape[1] or weight.shape[1] != 1):
+        return F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
+    if torch.is_autocast_enabled("cpu"):  # what autocast does for F.conv2d: both in its dtype
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight = x.to(dtype), weight.to(dtype)
+    return _DepthwiseConv2d.apply(x, weight, padding, dilation)

@@ -1,0 +1,414 @@
+"""The fused mixed op (``MixedOp.fused``: one shared ReLU, the weighted pointwise convolutions as
+one, the weighted full convolutions as one, autofpn/ops/depthwise.py and pointwise.py) computes
+the reference's values and gradients (every op run as built, then ``mixed_sum``), for the neck's
+and the head's op tables, in both layouts, with the sampled and recomputed paths, and in a whole
+supernet; with a norm inside the ops it is not used. Float64 unless stated, so that what is
+compared is the arithmetic (1e-10), not float32 rounding."""
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autofpn.ops.depthwise as depthwise_module
+from autofpn.config import load_config
+from autofpn.models import operations
+from autofpn.models.auto_fusion import AutoFusionNeck
+from autofpn.models.auto_head import AutoHead
+from autofpn.models.detector import build_detector
+from autofpn.models.operations import HEAD_OPS, NECK_OPS, MixedOp, set_fused, set_recompute
+from autofpn.ops.depthwise import depthwise_conv2d
+from autofpn.ops.pointwise import concat_pointwise
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = {"neck": NECK_OPS, "head": HEAD_OPS}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+needs_kernel = pytest.mark.skipif(not depthwise_module._CPU_KERNEL,
+                                  reason="autofpn._C not built with the depthwise weight-gradient kernel")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _weights(kind: str, table, gen) -> torch.Tensor:
+    """Architecture weights over the whole table: "random" (a softmax), "one_hot" (one conv op),
+    "pair" (two non-zero, the rest exactly 0)."""
+    if kind == "random":
+        return torch.softmax(torch.randn(len(table), generator=gen, dtype=torch.float64), 0)
+    w = torch.zeros(len(table), dtype=torch.float64)
+    if kind == "one_hot":
+        w[table.index("sep_conv_5x5")] = 1.0
+    else:
+        w[table.index("identity")], w[table.index("dil_conv_3x3_r2")] = 0.3, 0.7
+    return w
+
+
+def _run(op: MixedOp, x: torch.Tensor, w: torch.Tensor, fused: bool, seed: int = 1):
+    """Output and gradients (x, w, every parameter by name) of a fixed linear loss on op(x, w)."""
+    op.fused = fused
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    op.zero_grad(set_to_none=True)
+    out = op(x, w)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    (out * probe).sum().backward()
+    return out.detach(), x.grad, w.grad, {n: p.grad for n, p in op.named_parameters()}
+
+
+def _assert_same(got, want, **tol):
+    tol = tol or TOL
+    out, gx, gw, gp = got
+    ref_out, ref_gx, ref_gw, ref_gp = want
+    torch.testing.assert_close(out, ref_out, **tol, msg=lambda m: f"output: {m}")
+    torch.testing.assert_close(gx, ref_gx, **tol, msg=lambda m: f"grad x: {m}")
+    torch.testing.assert_close(gw, ref_gw, **tol, msg=lambda m: f"grad w: {m}")
+    assert gp.keys() == ref_gp.keys()
+    for name, ref in ref_gp.items():
+        if ref is None:  # an op with weight exactly 0 under a sampled path: no gradient either way
+            assert gp[name] is None or not gp[name].any(), name
+            continue
+        torch.testing.assert_close(gp[name], ref, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def _case(table_name: str, layout: str, channels: int = 6, batch: int = 3, size=(9, 11), seed: int = 0):
+    torch.manual_seed(seed)
+    op = MixedOp(channels, TABLES[table_name]).double()
+    x = torch.randn(batch, channels, *size, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout])
+    return op, x
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("weights", ["random", "one_hot", "pair"])
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_fused_mixed_op_equals_the_reference(table_name, weights, layout):
+    op, x = _case(table_name, layout)
+    assert None not in op.kinds  # norm none: every op fusable
+    w = _weights(weights, TABLES[table_name], torch.Generator().manual_seed(2))
+    fused, reference = _run(op, x, w, True), _run(op, x, w, False)
+    _assert_same(fused, reference)
+    assert fused[0].is_contiguous(memory_format=LAYOUTS[layout])
+    assert fused[2].abs().sum() > 0
+    if weights == "random":  # every op's parameters learn
+        assert all(g is not None and g.abs().sum() > 0 for g in fused[3].values())
+
+
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_fused_mixed_op_at_the_demo_shapes_in_float32(table_name):
+    """The search's own dtype and layout, at the demo's neck P2 / head RoI shapes (32 channels)."""
+    shape = (2, 32, 24, 32) if table_name == "neck" else (64, 32, 7, 7)
+    torch.manual_seed(0)
+    op = MixedOp(32, TABLES[table_name])
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    w = torch.softmax(torch.randn(8), 0)
+
+    def run(fused):
+        op.fused = fused
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        op.zero_grad(set_to_none=True)
+        out = op(xx, ww)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), xx.grad, ww.grad, {n: p.grad for n, p in op.named_parameters()}
+    # float32 sums of up to 25 * 2k products: relative errors of 1e-5
+    _assert_same(run(True), run(False), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_with_a_norm_inside_the_ops_the_reference_runs(norm, monkeypatch):
+    calls = []
+    real = operations._fused_weighted_sum
+    monkeypatch.setattr(operations, "_fused_weighted_sum", lambda *a: calls.append(1) or real(*a))
+    for table in TABLES.values():
+        torch.manual_seed(0)
+        op = MixedOp(8, table, norm=norm).double()
+        assert all(k is None for k, name in zip(op.kinds, op.ops) if name != "identity")
+        x = torch.randn(3, 8, 9, 11, dtype=torch.float64)
+        w = _weights("random", table, torch.Generator().manual_seed(2))
+        fused, reference = _run(op, x, w, True), _run(op, x, w, False)
+        assert torch.equal(fused[0], reference[0]) and torch.equal(fused[2], reference[2])
+    assert not calls
+
+
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_sampled_paths_equal_the_reference(table_name, monkeypatch):
+    """gdas: one active op runs as built (nothing to fuse); two active ops (a sampled supernet's
+    architecture step on soft weights) run fused over those two."""
+    table = TABLES[table_name]
+    torch.manual_seed(0)
+    op = MixedOp(6, table, sampled=True).double()
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = operations._fused_weighted_sum
+    monkeypatch.setattr(operations, "_fused_weighted_sum", lambda *a: calls.append(list(a[0])) or real(*a))
+    one_hot = _weights("one_hot", table, None)
+    _assert_same(_run(op, x, one_hot, True), _run(op, x, one_hot, False))
+    assert not calls
+    pair = _weights("pair", table, None)
+    _assert_same(_run(op, x, pair, True), _run(op, x, pair, False))
+    assert calls == [["identity", "dil"]]
+    random = _weights("random", table, torch.Generator().manual_seed(3))
+    _assert_same(_run(op, x, random, True), _run(op, x, random, False))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_recomputed_fused_op_equals_the_reference(table_name, layout):
+    op, x = _case(table_name, layout)
+    w = _weights("random", TABLES[table_name], torch.Generator().manual_seed(2))
+    reference = _run(op, x, w, False)
+    assert set_recompute(op) == 1
+    _assert_same(_run(op, x, w, True), reference)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_fused_op_under_bfloat16_autocast(table_name, layout):
+    """Same dtype as the reference (bfloat16 out, float32 gradient on w) and the same values to
+    bfloat16's precision."""
+    torch.manual_seed(0)
+    op = MixedOp(8, TABLES[table_name])
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=LAYOUTS[layout])
+    w = torch.softmax(torch.randn(8), 0)
+    results = {}
+    for fused in (True, False):
+        op.fused = fused
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        op.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = op(xx, ww)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        assert ww.grad.dtype == torch.float32 and xx.grad.dtype == torch.float32
+        results[fused] = (out.float(), xx.grad, ww.grad, {n: p.grad for n, p in op.named_parameters()})
+    out, gx, gw, gp = results[True]
+    ref_out, ref_gx, ref_gw, ref_gp = results[False]
+    torch.testing.assert_close(out, ref_out, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(gx, ref_gx, rtol=0.1, atol=0.02)
+    torch.testing.assert_close(gw, ref_gw, rtol=0.1, atol=0.02)
+    for name, ref in ref_gp.items():
+        assert torch.isfinite(gp[name]).all()
+        torch.testing.assert_close(gp[name], ref, rtol=0.1, atol=0.05, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_state_dict_keys_are_unchanged():
+    """Fusion reads the op modules' parameters: a mixed op's keys are those of the ops it holds,
+    and a decoded op loads from the supernet's state dict as before."""
+    op = MixedOp(4, NECK_OPS)
+    expected = [f"ops.{name}.{i}.{p}" for name in ("dil_conv_3x3_r2", "dil_conv_3x3_r3", "dil_conv_5x5_r2",
+                                                   "dil_conv_5x5_r3") for i, p in ((1, "weight"), (2, "weight"), (2, "bias"))]
+    expected += [f"ops.{name}.{b}.{i}.{p}" for name in ("sep_conv_3x3", "sep_conv_5x5") for b in (0, 1)
+                 for i, p in ((1, "weight"), (2, "weight"), (2, "bias"))]
+    assert sorted(op.state_dict()) == sorted(expected)
+    head = MixedOp(4, HEAD_OPS)
+    assert {k for k in head.state_dict() if k.startswith("ops.conv_")} == {
+        "ops.conv_3x3.1.weight", "ops.conv_3x3.1.bias", "ops.conv_5x5.1.weight", "ops.conv_5x5.1.bias"}
+    neck = AutoFusionNeck({"c2": 8, "c3": 8, "c4": 8, "c5": 8}, {"c2": 4, "c3": 8, "c4": 16, "c5": 32}, 8)
+    keys = list(neck.state_dict())
+    assert set_fused(neck, False) == 32 and list(neck.state_dict()) == keys
+    fixed = MixedOp(4, NECK_OPS, chosen=["dil_conv_5x5_r3"])
+    fixed.load_state_dict({k: v for k, v in op.state_dict().items() if k.startswith("ops.dil_conv_5x5_r3.")})
+
+
+@pytest.mark.parametrize("module", ["neck", "head"])
+def test_supernet_modules_fused_and_not(module):
+    """A whole Auto-fusion neck / Auto-head supernet: same outputs, parameter and alpha gradients."""
+    torch.manual_seed(0)
+    if module == "neck":
+        strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+        net = AutoFusionNeck({"c2": 8, "c3": 12, "c4": 16, "c5": 24}, strides, 8).double()
+        inputs = {k: torch.randn(2, c, 64 // strides[k], 80 // strides[k], dtype=torch.float64)
+                  .contiguous(memory_format=torch.channels_last)
+                  for k, c in {"c2": 8, "c3": 12, "c4": 16, "c5": 24}.items()}
+    else:
+        net = AutoHead(8, 7, 4, cells=2).double()
+        inputs = torch.randn(6, 8, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    alpha = torch.randn(*net.arch_shape, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for fused in (True, False):
+        set_fused(net, fused)
+        net.zero_grad(set_to_none=True)
+        alpha.grad = None
+        out = net(inputs, torch.softmax(alpha, -1))
+        outs = list(out.values()) if isinstance(out, dict) else [out]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
+        loss.backward()
+        results[fused] = (loss.detach(), alpha.grad.clone(), {n: p.grad for n, p in net.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0], **TOL)
+    torch.testing.assert_close(results[True][1], results[False][1], **TOL)
+    for name, ref in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], ref, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+TINY_DETECTOR = ["model.num_classes=4", "model.neck.channels=8", "model.head.channels=8", "model.head.mlp_dim=32",
+                 "model.transform.min_size=[96]", "model.transform.test_min_size=96", "model.transform.max_size=128",
+                 "model.rpn.batch_size_per_image=64", "model.roi.batch_size_per_image=16",
+                 "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50"]
+
+
+@pytest.mark.parametrize("layout", ["auto", "contiguous"])
+def test_whole_supernet_detector_same_loss_and_architecture_gradients(layout):
+    """build_detector(demo config, search=True) at a tiny size, float64: the same losses and the
+    same gradients on alpha, beta and every weight with fusion on and off."""
+    torch.manual_seed(0)
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), TINY_DETECTOR + [f"model.memory_format={layout}"])
+    model = build_detector(cfg, search=True).double().train()
+    assert set_fused(model, True) == 32 + 28  # every link of the neck, every edge of the head
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64),
+              torch.rand(3, 112, 96, generator=g, dtype=torch.float64)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 70.0], [50.0, 5.0, 90.0, 40.0]], dtype=torch.float64),
+                "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[30.0, 30.0, 80.0, 100.0]], dtype=torch.float64), "labels": torch.tensor([2])}]
+    results = {}
+    for fused in (True, False):
+        set_fused(model, fused)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the RPN and RoI samplers draw the same indices
+        losses = model(images, copy.deepcopy(targets))
+        sum(losses.values()).backward()
+        results[fused] = ({k: v.detach() for k, v in losses.items()},
+                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name, value in results[False][0].items():
+        torch.testing.assert_close(results[True][0][name], value, rtol=1e-9, atol=1e-12, msg=name)
+    assert results[True][1].keys() == results[False][1].keys()
+    assert {"arch.alpha", "arch.beta"} <= results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-7, atol=1e-10, msg=name)
+    assert results[False][1]["arch.alpha"].abs().sum() > 0 and results[False][1]["arch.beta"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The two building blocks
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (5, 1), (3, 2), (3, 3), (5, 2), (5, 3)])
+def test_depthwise_conv2d_equals_f_conv2d(kernel, dilation, layout, use_kernel, monkeypatch):
+    if use_kernel and not depthwise_module._CPU_KERNEL:
+        pytest.skip("autofpn._C not built with the depthwise weight-gradient kernel")
+    monkeypatch.setattr(depthwise_module, "_CPU_KERNEL", use_kernel)
+    gen = torch.Generator().manual_seed(kernel * 10 + dilation)
+    x = torch.randn(3, 5, 7, 10, generator=gen, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout])
+    weight = torch.randn(5, 1, kernel, kernel, generator=gen, dtype=torch.float64)
+    padding = dilation * (kernel - 1) // 2
+    grads = []
+    for fn in (depthwise_conv2d, lambda a, b, p, d: F.conv2d(a, b, None, 1, p, d, a.shape[1])):
+        xx, ww = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(xx, ww, padding, dilation)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * probe).sum().backward()
+        grads.append((out.detach(), xx.grad, ww.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **TOL)
+    assert torch.autograd.gradcheck(lambda a, b: depthwise_conv2d(a, b, padding, dilation),
+                                    (x[:1, :2, :5, :6].clone().requires_grad_(),
+                                     weight[:2].clone().requires_grad_()))
+
+
+@needs_kernel
+def test_depthwise_weight_gradient_kernel_dtypes_and_thread_count():
+    """float32 / bfloat16 against the float64 sum; the same bits with 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 33, 20, 24, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 33, 20, 24, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(33, 1, 5, 5, dtype=torch.float64)
+    ref = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [6, 6], [3, 3], False, [0, 0], 33,
+                                              [False, True, False])[1]
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-3), (torch.bfloat16, 2.0)):
+        got = torch.ops.autofpn.depthwise_conv2d_weight_grad(g.to(dtype), x.to(dtype), 5, 6, 3)
+        assert got.dtype == dtype and got.shape == (33, 1, 5, 5)
+        torch.testing.assert_close(got.double(), ref, rtol=0.02 if dtype == torch.bfloat16 else 0, atol=atol)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.autofpn.depthwise_conv2d_weight_grad(g.float(), x.float(), 5, 6, 3)
+        torch.set_num_threads(2)
+        two = torch.ops.autofpn.depthwise_conv2d_weight_grad(g.float(), x.float(), 5, 6, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    with pytest.raises(RuntimeError, match="padding must be"):
+        torch.ops.autofpn.depthwise_conv2d_weight_grad(g, x, 5, 2, 3)
+    torch.library.opcheck(torch.ops.autofpn.depthwise_conv2d_weight_grad, (g[:1, :3], x[:1, :3], 3, 2, 2))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("parts", ["plain", "bias", "extra_residual", "all"])
+def test_concat_pointwise_equals_conv_of_concat(parts, layout):
+    gen = torch.Generator().manual_seed(0)
+    fmt = LAYOUTS[layout]
+    xs = [torch.randn(2, c, 5, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt) for c in (3, 4, 3)]
+    weight = torch.randn(4, 10, 1, 1, generator=gen, dtype=torch.float64)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64) if parts in ("bias", "all") else None
+    extra = residual = residual_weight = None
+    if parts in ("extra_residual", "all"):
+        extra = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+        residual = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+        residual_weight = torch.tensor(0.3, dtype=torch.float64)
+    tensors = [t for t in [*xs, weight, bias, extra, residual, residual_weight] if t is not None]
+    tensors = [t.clone().requires_grad_() for t in tensors]
+
+    def unpack(ts):
+        it = iter(ts)
+        got = [next(it) for _ in xs], next(it)
+        rest = [next(it) if t is not None else None for t in (bias, extra, residual, residual_weight)]
+        return (*got, *rest)
+
+    def fused(*ts):
+        xs_, w_, b_, e_, r_, rw_ = unpack(ts)
+        return concat_pointwise(xs_, w_, b_, e_, r_, rw_)
+
+    def reference(*ts):
+        xs_, w_, b_, e_, r_, rw_ = unpack(ts)
+        out = F.conv2d(torch.cat(xs_, 1), w_, b_)
+        if e_ is not None:
+            out = out + e_ + rw_ * r_
+        return out
+    out = fused(*tensors)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, reference(*tensors), **TOL)
+    assert torch.autograd.gradcheck(fused, tuple(tensors))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_concat_pointwise_under_autocast_keeps_the_residual_weight_gradient_in_float32(layout):
+    gen = torch.Generator().manual_seed(0)
+    fmt = LAYOUTS[layout]
+    xs = [torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=fmt) for _ in range(2)]
+    weight = torch.randn(4, 8, 1, 1, generator=gen)
+    residual = torch.randn(2, 4, 5, 6, generator=gen).contiguous(memory_format=fmt)
+    rw = torch.tensor(0.25, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = concat_pointwise(xs, weight, None, None, residual, rw)
+    assert out.dtype == torch.bfloat16
+    (out.float() * 300.0).sum().backward()  # a sum of 240 terms of 300: beyond bfloat16's 8 bits
+    assert rw.grad.dtype == torch.float32
+    torch.testing.assert_close(rw.grad, 300.0 * residual.bfloat16().float().sum(), rtol=1e-5, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_fused_mixed_op_on_cuda_equals_the_reference(table_name):
+    op, x = _case(table_name, "nchw")
+    op, x = op.cuda(), x.cuda()
+    w = _weights("random", TABLES[table_name], torch.Generator().manual_seed(2)).cuda()
+    _assert_same(_run(op, x, w, True), _run(op, x, w, False), rtol=1e-9, atol=1e-11)
+
+
+def test_the_cost_counting_pass_on_meta_sees_every_op():
+    """count_cost (cost tables, the planner) counts FLOPs with forward hooks on the leaf modules,
+    on the "meta" device: there the supernet runs its ops as built, fused or not."""
+    from autofpn.search.cost import count_cost
+    strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    neck = AutoFusionNeck({k: 8 for k in strides}, strides, 8).to("meta")
+    feats = {k: torch.empty(1, 8, 64 // s, 64 // s, device="meta") for k, s in strides.items()}
+    weights = torch.empty(neck.arch_shape, device="meta")
+    head = AutoHead(8, 7, 4, cells=2).to("meta")
+    rois = torch.empty(6, 8, 7, 7, device="meta")
+    beta = torch.empty(head.arch_shape, device="meta")
+    counted = {}
+    for fused in (True, False):
+        set_fused(neck, fused)
+        set_fused(head, fused)
+        counted[fused] = (count_cost(neck, feats, weights), count_cost(head, rois, beta))
+    assert counted[True] == counted[False]

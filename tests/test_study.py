@@ -330,3 +330,17 @@ def test_a_unit_another_study_process_runs_is_not_run_twice(tmp_path):
     status = run_units([busy, free, after_busy], jobs=1, threads_per_job=1, say=said.append)
     assert status == {"busy": "done", "free": "done", "after_busy": "done"}, status
     assert sorted(marker.read_text().split()) == ["after_busy", "busy", "free"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_units_share_the_cpus_the_study_may_use_not_the_whole_machine():
+    """Under ``taskset -c 1`` a study on a 2-CPU box gives its one unit 1 thread, not 2 (two
+    threads on one CPU wait for each other in every parallel region)."""
+    code = "from autofpn.engine.runs import threads_per_job; print(threads_per_job(1), threads_per_job(2))"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True)
+    if pinned.returncode != 0 and "taskset" in pinned.stderr:
+        pytest.skip("taskset is not available")
+    assert pinned.stdout.split() == ["1", "1"], pinned.stderr
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    cpus = len(os.sched_getaffinity(0))
+    assert free.stdout.split() == [str(cpus), str(max(1, cpus // 2))]

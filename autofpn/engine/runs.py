@@ -94,8 +94,10 @@ def lock_folder(folder: str) -> Optional[IO]:
 
 
 def threads_per_job(jobs: int) -> int:
-    """CPU threads for each of ``jobs`` worker processes run at once (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+    """CPU threads for each of ``jobs`` worker processes run at once (at least 1), out of the
+    CPUs this process may run on (``taskset`` / a cgroup's CPU set), not all of the machine's."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // max(1, jobs))
 
 
 def parse_shard(text: str) -> Tuple[int, int]:

@@ -395,20 +395,31 @@ def test_fused_mixed_op_on_cuda_equals_the_reference(table_name):
     _assert_same(_run(op, x, w, True), _run(op, x, w, False), rtol=1e-9, atol=1e-11)
 
 
-def test_the_cost_counting_pass_on_meta_sees_every_op():
-    """count_cost (cost tables, the planner) counts FLOPs with forward hooks on the leaf modules,
-    on the "meta" device: there the supernet runs its ops as built, fused or not."""
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_the_cost_counting_pass_sees_every_op(device):
+    """count_cost (cost tables, the planner) counts FLOPs with forward hooks on the leaf modules:
+    inside it (``ops_as_built``) a supernet runs its ops as built, fused or not, on any device;
+    outside it the fused path runs, on "meta" too (the planner's saved-activation pass counts
+    what the fused search holds: fewer saved bytes than the ops as built)."""
     from autofpn.search.cost import count_cost
+    from autofpn.search.plan import SavedTensorMeter
+    torch.manual_seed(0)
     strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
-    neck = AutoFusionNeck({k: 8 for k in strides}, strides, 8).to("meta")
-    feats = {k: torch.empty(1, 8, 64 // s, 64 // s, device="meta") for k, s in strides.items()}
-    weights = torch.empty(neck.arch_shape, device="meta")
-    head = AutoHead(8, 7, 4, cells=2).to("meta")
-    rois = torch.empty(6, 8, 7, 7, device="meta")
-    beta = torch.empty(head.arch_shape, device="meta")
-    counted = {}
+    neck = AutoFusionNeck({k: 8 for k in strides}, strides, 8).to(device)
+    feats = {k: torch.rand(1, 8, 64 // s, 64 // s, device=device) for k, s in strides.items()}
+    weights = torch.rand(neck.arch_shape, device=device)
+    head = AutoHead(8, 7, 4, cells=2).to(device)
+    rois = torch.rand(6, 8, 7, 7, device=device)
+    beta = torch.rand(head.arch_shape, device=device)
+    counted, saved = {}, {}
     for fused in (True, False):
         set_fused(neck, fused)
         set_fused(head, fused)
         counted[fused] = (count_cost(neck, feats, weights), count_cost(head, rois, beta))
+        with SavedTensorMeter(list(neck.parameters()) + list(head.parameters())) as meter:
+            neck(feats, weights.requires_grad_())
+            head(rois, beta.requires_grad_())
+        saved[fused] = meter.nbytes
     assert counted[True] == counted[False]
+    assert counted[True][0].flops > 0 and counted[True][1].flops > 0
+    assert saved[True] < 0.8 * saved[False]

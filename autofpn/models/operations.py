@@ -18,6 +18,7 @@ Normalization is a switch (``norm``): ``"none"`` during search (the paper search
 BatchNorm); ``"gn"`` or ``"bn"`` when retraining a derived module. Without a norm layer the last
 conv of a block carries a bias; with one it does not (the norm's affine shift replaces it).
 """
+import contextlib
 import functools
 from math import gcd
 from typing import List, Optional, Sequence
@@ -231,12 +232,26 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> int:
     return len(mixed)
 
 
+_AS_BUILT = [0]  # > 0 inside ``ops_as_built``
+
+
+@contextlib.contextmanager
+def ops_as_built():
+    """Within it every mixed op runs its ops as built (not fused), so that forward hooks on the op
+    modules see each one: how ``autofpn.search.cost.count_cost`` counts FLOPs (the cost tables,
+    the planner). Outside it a supernet runs fused on every device, "meta" included, so that the
+    planner's saved-activation count is the fused run's (autofpn/search/plan.py)."""
+    _AS_BUILT[0] += 1
+    try:
+        yield
+    finally:
+        _AS_BUILT[0] -= 1
+
+
 def runs_fused(mixed: "MixedOp", x: Tensor) -> bool:
     """Whether ``mixed`` (and the 1x1 projection in front of it) runs fused on ``x``: a supernet's
-    mixed op with ``fused`` on, and x not on the "meta" device: there (the cost tables and the
-    planner's shapes-only pass, autofpn/search/cost.py and plan.py) every op runs as built, so
-    that the forward hooks that count FLOPs see each module."""
-    return mixed.fused and len(mixed.ops) > 1 and x.device.type != "meta"
+    mixed op with ``fused`` on, outside ``ops_as_built``."""
+    return mixed.fused and len(mixed.ops) > 1 and not _AS_BUILT[0]
 
 
 def set_fused(model: nn.Module, enabled: bool = True) -> int:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from autofpn.models.auto_head import EDGE_PAIRS, AutoHead, edge_name
 from autofpn.models.auto_fusion import AutoFusionNeck, link_name
-from autofpn.models.operations import HEAD_OPS, NECK_OPS
+from autofpn.models.operations import HEAD_OPS, NECK_OPS, ops_as_built
 
 METRICS = ("params", "flops", "mac")
 
@@ -73,7 +73,7 @@ def count_cost(module: nn.Module, *inputs: Tensor) -> Cost:
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ops_as_built():  # a fused mixed op would hide its ops from the hooks
             module(*inputs)
     finally:
         for h in handles:

@@ -229,6 +229,11 @@ DEFAULTS: Dict[str, Any] = {
         # the retrained detector's); fewer make each head-stage iteration cheaper. The sampler keeps
         # model.roi.positive_fraction; the resource penalty is still counted at the retrained RoI batch
         "head_rois_per_image": 0,
+        # channels of the head supernet in the head stage (0: model.head.channels, the retrained
+        # head's). A narrower supernet is DARTS's proxy (it searches at 16 channels, retrains at 36):
+        # the genotype does not depend on the width; the head stage's compute scales about with its
+        # square (docs/SEARCH_PLAN.md). The resource penalty is counted on the supernet as searched
+        "head_channels": 0,
         # input sizes of both search stages (null: model.transform's, the retrain's). The paper
         # searches at 400-800 px and retrains at 400-1300; a smaller search input makes every
         # search iteration cheaper (the supernet's cost grows with the pixels)

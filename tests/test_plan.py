@@ -198,6 +198,7 @@ def test_search_compute_counts_weight_and_architecture_steps():
     """By hand: per stage, epochs x N/2 weight steps (forward + 2x the trained part's forward)
     and, after the warm-up, as many architecture steps (forward + 1x)."""
     cfg = small_cfg()
+    cfg["search"]["max_iters"] = 0  # every epoch (the cap: the next test)
     plan = plan_search(cfg, representative_genotype(cfg))
     compute = search_compute(cfg, plan, train_images=1000, utilization=0.5)
     epochs, arch = cfg["search"]["epochs"], 1 - cfg["search"]["arch_start_epoch_fraction"]
@@ -229,9 +230,10 @@ def test_dry_run_prints_the_whole_search_compute(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert "Whole search over 300 training images" in out
     assert "at an assumed 50 % of dense fp32 peak: V100" in out and "GPU-days" in out
-    # a sampled mode is planned as the full mixed op (its upper bound), and says so
+    # a sampled mode's steps are planned on one op per link / edge, and it says so
     out = subprocess.run(cmd + ["search.mode=gdas"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert "an upper bound for search.mode gdas" in out
+    assert "search.mode gdas: the weight and arch steps counted at one op per link/edge" in out
+    assert "GFLOPs on one sampled op per link/edge" in out
 
 
 # the strategies of the paper's Table 8: one plan of the small size, an evolution candidate
@@ -381,3 +383,106 @@ def test_small_computes_are_printed_in_readable_units():
     assert _flops(21.13e18) == "21.13 EFLOP" and _flops(2.5e15) == "2.50 PFLOP" and _flops(1.371e13) == "13.71 TFLOP"
     assert _gpu_time(51.94) == "51.9 GPU-days"
     assert _gpu_time(0.5) == "0.5 GPU-days (12 GPU-hours)"
+
+
+def test_search_compute_caps_at_max_iters_and_counts_sampled_steps_on_one_op():
+    """search.max_iters caps a stage's weight steps at max_iters x images_per_batch images (the
+    Searcher's cap), its architecture steps at the same fraction; gdas counts both steps at the
+    plan's sampled-path FLOPs, sampled_weights the weight steps only."""
+    cfg = small_cfg()
+    cfg["search"]["max_iters"] = 0
+    plan = plan_search(cfg, representative_genotype(cfg))
+    full = search_compute(cfg, plan, train_images=1000, utilization=0.5)
+    arch = 1 - cfg["search"]["arch_start_epoch_fraction"]
+
+    def with_search(**values):
+        return {**cfg, "search": {**cfg["search"], **values}}
+
+    capped = search_compute(with_search(max_iters=50), plan, train_images=1000, utilization=0.5)
+    cap_images = 50 * cfg["data"]["images_per_batch"]  # 200 of the epochs' 4 x 500
+    assert capped["weight_images"] == cap_images
+    for stage in ("search: neck", "search: head"):
+        assert capped["flops"][stage] == pytest.approx(full["flops"][stage] * cap_images / (4 * 500))
+        assert capped["images"][stage] == pytest.approx(cap_images * (1 + arch))
+    assert "capped at max_iters 50" in format_compute(capped)
+
+    gdas = search_compute(with_search(mode="gdas"), plan, train_images=1000, utilization=0.5)
+    weights_only = search_compute(with_search(mode="sampled_weights"), plan, train_images=1000, utilization=0.5)
+    for stage in ("search: neck", "search: head"):
+        f, g = plan["stages"][stage]["flops"], plan["stages"][stage]["sampled_flops"]
+        assert g["backbone"] == f["backbone"] and g["rpn"] == f["rpn"] and g["total"] < f["total"]
+        sampled_weight_step = g["total"] + 2 * (g["total"] - g["backbone"])
+        full_arch_step = f["total"] + (f["total"] - f["backbone"])
+        sampled_arch_step = g["total"] + (g["total"] - g["backbone"])
+        assert gdas["flops"][stage] == pytest.approx(4 * 500 * (sampled_weight_step + arch * sampled_arch_step))
+        assert weights_only["flops"][stage] == pytest.approx(4 * 500 * (sampled_weight_step + arch * full_arch_step))
+    assert gdas["flops"]["total"] < weights_only["flops"]["total"] < full["flops"]["total"]
+
+
+def test_sampled_path_flops_are_the_mean_over_one_op_paths():
+    """The plan's sampled-path FLOPs of the head supernet, against paths run for real: a gdas
+    head supernet on the CPU with every edge on one op k (a one-hot weight: only that op runs)
+    costs P + E_k, identity adds nothing (E_identity = 0, so P = F_identity), "none" computes
+    nothing; a uniformly drawn path costs P + sum_k E_k / len(HEAD_OPS) in expectation, the full
+    mixed op P + sum_k E_k."""
+    from autofpn.models.detector import build_detector
+    from autofpn.models.operations import HEAD_OPS, set_fused
+    from autofpn.search.cost import count_cost
+    from autofpn.search.differentiable import stage_config
+    cfg = small_cfg()
+    genotype = representative_genotype(cfg)
+    head_plan = plan_search(cfg, genotype)["stages"]["search: head"]
+    stage_cfg = stage_config({**cfg, "search": {**cfg["search"], "mode": "gdas"}}, "head", genotype)
+    torch.manual_seed(0)
+    model = build_detector(stage_cfg, genotype={"neck": genotype["neck"], "head": None}, search="head")
+    box_head = model.roi_heads.box_head
+    assert any(m.sampled for m in box_head.modules() if hasattr(m, "sampled"))
+    pooler = cfg["model"]["roi"]["pooler_size"]
+    rois = torch.randn(head_plan["num_rois"], box_head.in_channels, pooler, pooler)
+
+    def flops_with(op: str) -> float:
+        weights = torch.zeros(box_head.arch_shape)
+        weights[..., HEAD_OPS.index(op)] = 1.0
+        return count_cost(box_head, rois, weights).flops
+
+    one_op = {op: flops_with(op) for op in HEAD_OPS if op != "none"}
+    shared = one_op["identity"]
+    edges = sum(f - shared for f in one_op.values())
+    set_fused(box_head, False)  # every op as built: the FLOP-counting hooks see each one
+    mixed = count_cost(box_head, rois, torch.full(box_head.arch_shape, 1.0 / len(HEAD_OPS))).flops
+    assert mixed == pytest.approx(shared + edges)
+    saving = head_plan["flops"]["head"] - head_plan["sampled_flops"]["head"]
+    assert saving == pytest.approx(edges - edges / len(HEAD_OPS))
+    assert plan_search(cfg, genotype)["stages"]["decoded"]["sampled_flops"] is None  # no architecture weights
+
+
+def test_compute_counts_the_mean_multi_scale_image():
+    """Multi-scale training draws short sides uniformly: the dense parts scale with the mean
+    pixel count, (s / max)^2 averaged; the RoI head's fixed RoIs do not."""
+    from autofpn.search.plan import mean_flops, mean_pixel_fraction
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), SMALL_OPTS + ["model.transform.min_size=[128,192,256]"])
+    assert mean_pixel_fraction(cfg) == pytest.approx(((128 / 256) ** 2 + (192 / 256) ** 2 + 1) / 3)
+    decoded = plan_search(cfg, representative_genotype(cfg))["stages"]["decoded"]
+    assert decoded["image_size"][0] == 256 and decoded["pixel_fraction"] == pytest.approx(mean_pixel_fraction(cfg))
+    mean = mean_flops(decoded)
+    for part in ("backbone", "neck", "rpn"):
+        assert mean[part] == pytest.approx(decoded["flops"][part] * decoded["pixel_fraction"])
+    assert mean["head"] == decoded["flops"]["head"]
+    single = plan_search(small_cfg(), representative_genotype(small_cfg()))["stages"]["decoded"]
+    assert single["pixel_fraction"] == 1.0 and mean_flops(single) == pytest.approx(single["flops"])
+
+
+def test_the_head_search_can_run_a_narrower_supernet():
+    """search.head_channels: the head stage's supernet at that width (the genotype does not
+    depend on it), planned so; the retrained (decoded) head keeps model.head.channels."""
+    from autofpn.search.differentiable import stage_config
+    cfg = small_cfg()  # model.head.channels 32
+    narrow = {**cfg, "search": {**cfg["search"], "head_channels": 16}}
+    assert stage_config(narrow, "head", None)["model"]["head"]["channels"] == 16
+    assert stage_config(cfg, "head", None)["model"]["head"]["channels"] == 32
+    wide_plan, narrow_plan = (plan_search(c, representative_genotype(cfg)) for c in (cfg, narrow))
+    assert narrow_plan["stages"]["search: head"]["params"]["head"] < wide_plan["stages"]["search: head"]["params"]["head"]
+    assert narrow_plan["stages"]["search: head"]["flops"]["head"] < 0.5 * wide_plan["stages"]["search: head"]["flops"]["head"]
+    assert narrow_plan["stages"]["decoded"]["params"] == wide_plan["stages"]["decoded"]["params"]
+    with pytest.raises(ValueError, match="search.head_channels"):
+        stage_config({**cfg, "search": {**cfg["search"], "head_channels": -1}}, "head", None)

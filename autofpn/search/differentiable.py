@@ -468,12 +468,16 @@ def search_transform(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def stage_config(cfg: Dict[str, Any], stage: str, neck_genotype: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The config a stage builds its detector from: the search's input sizes; the neck stage keeps
     the standard 2-MLP head; the head stage uses the searched neck (or FPN when
-    ``head_with_searched_neck`` is off)."""
+    ``head_with_searched_neck`` is off) and a head supernet ``search.head_channels`` wide."""
     import copy
     cfg = copy.deepcopy(cfg)
     cfg["model"]["transform"] = search_transform(cfg)
     cfg["model"]["head"]["type"] = "mlp"
     if stage == "head":
+        width = int(cfg["search"]["head_channels"])
+        if width < 0:
+            raise ValueError(f"search.head_channels must be >= 0 (0: model.head.channels), got {width}")
+        cfg["model"]["head"]["channels"] = width or cfg["model"]["head"]["channels"]
         use_searched = cfg["search"]["head_with_searched_neck"] and neck_genotype is not None
         cfg["model"]["neck"]["type"] = "auto" if use_searched else "fpn"
         # the searched neck is trained inside the head search without norm, like the supernets

@@ -49,10 +49,18 @@ by ``search.strategy`` (the paper's Table 8 compares these at their search cost)
 
 - ``differentiable`` (``gradient_search_compute``): per search stage, weight steps on half A
   every epoch and, after the warm-up (``search.arch_start_epoch_fraction``), architecture steps
-  on half B, i.e. ``epochs x N/2 x (1 + (1 - arch_start_fraction))`` images. A weight step costs
+  on half B, i.e. ``epochs x N/2 x (1 + (1 - arch_start_fraction))`` images, each at the mean
+  pixel count of the search's sizes (``mean_flops``: multi-scale draws smaller images than the
+  plan's largest one). A weight step costs
   the forward plus twice the forward of what trains (the backbone is frozen: no backward in it);
   an architecture step (first order) the forward plus once that, since it needs the activations'
-  gradients but not the weights'. ``snas``: the same stages and alternation over the full mixed
+  gradients but not the weights'. ``search.max_iters`` > 0 caps the weight steps of a stage at
+  max_iters x ``data.images_per_batch`` images (one process; the Searcher's cap), the architecture
+  steps at the same fraction of them. The steps that ``search.mode`` runs on one sampled op per
+  link/edge (``SAMPLED_STEPS``: gdas both, sampled_weights the weight steps) are counted at the
+  supernet's forward with each mixed op replaced by the mean cost of the ops of its table ("none"
+  costs nothing): the expected cost of a path drawn uniformly, as at the search's start (plan key
+  "sampled_flops"). ``snas``: the same stages and alternation over the full mixed
   op, each op weighted by a soft Gumbel-softmax sample instead of the softmax: the same compute.
 - ``evolution`` (``evolution_compute``): ``search.evolution.candidates`` candidates, each
   trained ``candidate_epochs`` epochs on half A (capped at ``search.evolution.max_iters`` x
@@ -82,7 +90,7 @@ from autofpn.models.detector import build_detector, parameter_breakdown
 
 from .cost import Cost, count_cost, level_sizes
 from .decode import decode_weights
-from .differentiable import DETECTOR_STAGES, head_stage_rois, search_transform, stages_to_run
+from .differentiable import DETECTOR_STAGES, SAMPLED_STEPS, head_stage_rois, search_transform, stages_to_run
 from .evolution import candidate_config, evolution_settings, fixed_neck, searched_parts
 from autofpn.models.genotype import load_genotype
 from autofpn.models.architecture import Architecture
@@ -139,11 +147,13 @@ def representative_genotype(cfg: Dict, seed: int = 0) -> Dict:
 def _stage_cfg(cfg: Dict, stage: str) -> Dict:
     cfg = copy.deepcopy(cfg)
     cfg["model"]["backbone"]["weights"] = "none"  # shapes only; no weight file needed
-    # the supernet with every op computed (a sampled mode's path is drawn from data at run time;
-    # its cost is at most this)
+    # the supernet with every op computed (a sampled mode's path is drawn from data at run time:
+    # plan_stage counts its expected cost apart, "sampled_flops")
     cfg["search"]["mode"] = "full"
     if stage in ("search: head", "decoded"):
         cfg["model"]["neck"]["type"] = "auto"
+    if stage == "search: head" and int(cfg["search"]["head_channels"]) > 0:  # the head supernet's own width
+        cfg["model"]["head"]["channels"] = int(cfg["search"]["head_channels"])
     if stage == "decoded":
         cfg["model"]["head"]["type"] = "auto"
     return cfg
@@ -223,6 +233,34 @@ def _head_cost(model: nn.Module, roi_feats: Tensor, head_weights: Optional[Tenso
     return cost + count_cost(model.roi_heads.box_predictor, d)
 
 
+def sampled_path_saving(module: nn.Module, run) -> float:
+    """Forward FLOPs that one sampled op per mixed op saves against the whole mixed op, in the
+    forward ``run()`` of ``module`` (meta device): for every mixed op of more than one op, the sum
+    of its ops' FLOPs minus their mean over its op table (``len(op_table)``, "none" included at no
+    cost), i.e. minus the expected FLOPs of one op drawn uniformly. The link / cell projections in
+    front of the mixed ops are counted as computed (a sampled "none" skips a neck link's too)."""
+    inputs: List[Tensor] = []
+    mixed_ops: List[MixedOp] = []
+
+    def remember(mod, args):
+        mixed_ops.append(mod)
+        inputs.append(args[0])
+
+    handles = [m.register_forward_pre_hook(remember) for m in module.modules()
+               if isinstance(m, MixedOp) and len(m.ops) > 1]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    saving = 0.0
+    for mixed, x in zip(mixed_ops, inputs):
+        costs = [count_cost(op, x).flops for op in mixed.ops.values()]
+        saving += sum(costs) - sum(costs) / len(mixed.op_table)
+    return saving
+
+
 def frozen_backbone_flops(backbone: nn.Module, batch: Tensor) -> float:
     """Forward FLOPs (a multiply-add = 2) of ``backbone(batch)`` spent in its leading stages (stem
     first, ``backbone.stages()``) whose parameters are all frozen: nothing before them trains, so
@@ -250,13 +288,17 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
     ``stage``: one of STAGES, or CANDIDATE with ``cfg`` = the candidate's config.
 
     Returns {"params": {part: int, "arch": int, "total": int}, "flops": {part: float, "total"},
+    "sampled_flops": like "flops" for a supernet's forward on one uniformly drawn op per mixed op
+    (``sampled_path_saving``), None for a model without architecture weights,
     "frozen_backbone_flops": float (``frozen_backbone_flops``: no backward through them),
     "activation_bytes": {part: int, "total": int}, "image_size": (H, W), "num_rois": int (0 for
     RetinaNet, whose head runs on every level: "rpn" is 0 and "head" its subnets)}."""
+    fraction = 1.0
     if image_size is None:  # the search stages and an evolution candidate at the search's input size
         # (a candidate's own config holds it already), the decoded model at the training size
         sized = cfg if stage == "decoded" else {**cfg, "model": {**cfg["model"], "transform": search_transform(cfg)}}
         image_size = training_image_size(sized)
+        fraction = mean_pixel_fraction(sized)
     model = build_stage_model(cfg, stage, genotype)
     dense = not hasattr(model, "roi_heads")  # RetinaNet: subnets on every level, no RPN, no RoIs
     if dense:
@@ -291,6 +333,14 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
         flops["head"] = _head_cost(model, roi_feats, None if head_weights is None else head_weights.detach()).flops
     flops["total"] = sum(flops[p] for p in PARTS)
     frozen_flops = frozen_backbone_flops(model.backbone, batch)
+    sampled = None
+    if model.arch is not None:  # a supernet: its forward on one uniformly drawn op per link / edge
+        sampled = dict(flops)
+        sampled["neck"] -= sampled_path_saving(model.neck, lambda: model.neck(feats, *nw))
+        if not dense and head_weights is not None:
+            sampled["head"] -= sampled_path_saving(
+                model.roi_heads.box_head, lambda: model.roi_heads.box_head(roi_feats, head_weights.detach()))
+        sampled["total"] = sum(sampled[p] for p in PARTS)
 
     # saved activations of one training forward, part by part (grad flows as in training)
     act = {}
@@ -317,8 +367,33 @@ def plan_stage(cfg: Dict, stage: str, genotype: Dict, image_size: Tuple[int, int
             model.roi_heads.box_predictor(x)
         act["head"] = meter.nbytes + meter.recompute_transient
     act["total"] = sum(act[p] for p in PARTS)
-    return {"params": params, "flops": flops, "frozen_backbone_flops": frozen_flops, "activation_bytes": act,
-            "image_size": tuple(image_size), "padded_size": padded, "num_rois": num_rois}
+    return {"params": params, "flops": flops, "sampled_flops": sampled, "frozen_backbone_flops": frozen_flops,
+            "activation_bytes": act, "image_size": tuple(image_size), "padded_size": padded, "num_rois": num_rois,
+            "pixel_fraction": fraction}
+
+
+def mean_pixel_fraction(cfg: Dict) -> float:
+    """An image's mean pixel count under multi-scale training, as a fraction of the planned
+    (largest) image's: the mean of (s / max(sizes))^2 over the short sides ``model.transform.min_size``
+    that the transform draws uniformly (the long side follows the short one below ``max_size``, as
+    in the planned image); 1 for SSD, which warps every image to one size."""
+    if cfg["model"]["detector"] == "ssd":
+        return 1.0
+    sizes = cfg["model"]["transform"]["min_size"]
+    sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+    return sum((size / max(sizes)) ** 2 for size in sizes) / len(sizes)
+
+
+def mean_flops(stage_plan: Dict, key: str = "flops") -> Dict[str, float]:
+    """``stage_plan[key]`` (forward FLOPs per part of the largest image) at the stage's mean image
+    (``pixel_fraction``): the backbone, neck and RPN scale with the pixels, a RoI head does not (a
+    fixed number of RoIs per image), a dense head (RetinaNet, SSD: ``num_rois`` 0) does. What a
+    whole run's compute counts per image; the plan's table keeps the largest image (memory)."""
+    f, fraction = dict(stage_plan[key]), stage_plan.get("pixel_fraction", 1.0)
+    for part in ("backbone", "neck", "rpn") + (("head",) if stage_plan["num_rois"] == 0 else ()):
+        f[part] *= fraction
+    f["total"] = sum(f[p] for p in PARTS)
+    return f
 
 
 def plan_search(cfg: Dict, genotype: Optional[Dict] = None, image_size: Tuple[int, int] = None,
@@ -395,27 +470,40 @@ def gradient_search_compute(cfg: Dict, plan: Dict, train_images: int,
     """The differentiable search's FLOPs per stage (and SNAS's: the same stages, the same
     alternation over the full mixed op, the op weights a soft Gumbel-softmax sample instead of
     the softmax, so the same compute): one supernet per stage, weight steps on half A, architecture
-    steps on half B after the warm-up.
+    steps on half B after the warm-up; at most ``search.max_iters`` weight steps of
+    ``data.images_per_batch`` images per stage (one process); the steps ``search.mode`` samples
+    (``SAMPLED_STEPS``) at the plan's "sampled_flops".
 
     Returns {"strategy": differentiable | snas, "architectures": 1, "images": {stage: images
     through a forward}, "flops": {stage: FLOPs, "total"}, "gpu_days": {gpu: days}, "utilization",
-    "train_images", "epochs", "arch_fraction", "mode"}."""
+    "train_images", "epochs", "arch_fraction", "mode", "weight_images": weight-step images per
+    stage, "max_iters", "images_per_batch"}."""
     _check_compute_inputs(train_images, utilization)
     s = cfg["search"]
     stages = [f"search: {stage}" for stage in stages_to_run(cfg)]  # a RetinaNet's "both" is its neck
     epochs, arch_fraction = int(s["epochs"]), 1.0 - float(s["arch_start_epoch_fraction"])
-    half = train_images / 2
+    max_iters, images_per_batch = int(s["max_iters"]), int(cfg["data"]["images_per_batch"])
+    weight_images = _training_images(epochs, train_images / 2, max_iters, images_per_batch)
+    sampled_steps = SAMPLED_STEPS[s["mode"]]
+
+    def step_flops(stage_plan: Dict, step: str) -> Tuple[float, float]:
+        """(forward FLOPs, forward FLOPs of what trains) of a weight or architecture step."""
+        f = mean_flops(stage_plan, "sampled_flops" if step in sampled_steps else "flops")
+        return f["total"], f["total"] - f["backbone"] if s["freeze_backbone"] else f["total"]
+
     images, flops = {}, {}
     for stage in stages:
-        f = plan["stages"][stage]["flops"]
-        trained = f["total"] - f["backbone"] if s["freeze_backbone"] else f["total"]
-        weight_step, arch_step = f["total"] + 2 * trained, f["total"] + trained
-        images[stage] = epochs * half * (1 + arch_fraction)
-        flops[stage] = epochs * half * (weight_step + arch_fraction * arch_step)
+        forward, trained = step_flops(plan["stages"][stage], "weight")
+        weight_step = forward + 2 * trained
+        forward, trained = step_flops(plan["stages"][stage], "arch")
+        arch_step = forward + trained
+        images[stage] = weight_images * (1 + arch_fraction)
+        flops[stage] = weight_images * (weight_step + arch_fraction * arch_step)
     flops["total"] = sum(flops.values())
     return {"strategy": s["strategy"], "architectures": 1, "images": images, "flops": flops,
             "gpu_days": _gpu_days(flops["total"], utilization), "utilization": utilization,
-            "train_images": train_images, "epochs": epochs, "arch_fraction": arch_fraction, "mode": s["mode"]}
+            "train_images": train_images, "epochs": epochs, "arch_fraction": arch_fraction, "mode": s["mode"],
+            "weight_images": weight_images, "max_iters": max_iters, "images_per_batch": images_per_batch}
 
 
 def evolution_compute(cfg: Dict, plan: Dict, train_images: int,
@@ -428,7 +516,8 @@ def evolution_compute(cfg: Dict, plan: Dict, train_images: int,
 
     Approximations: every candidate costs what the plan's typical candidate costs (its searched
     parts decoded from DARTS-init weights, or the given genotype's); each image is counted at the
-    largest search size (``search.min_size`` / ``max_size``), as the search stages are; the
+    mean pixel count of the search sizes (``search.min_size`` / ``max_size``, ``mean_flops``), as
+    the search stages are; the
     evaluation forward is counted as a training forward (``model.roi.batch_size_per_image`` RoIs
     in the box head), while evaluation runs at ``model.transform.test_min_size`` with up to
     ``model.rpn.post_nms_top_n_test`` proposals per image.
@@ -450,7 +539,7 @@ def evolution_compute(cfg: Dict, plan: Dict, train_images: int,
     images_per_batch = int(cfg["data"]["images_per_batch"])
     per_candidate = _training_images(settings.candidate_epochs, half_a, settings.max_iters, images_per_batch)
     candidate = plan["candidate"]
-    forward, step = candidate["flops"]["total"], training_step_flops(candidate)
+    forward, step = mean_flops(candidate)["total"], training_step_flops(candidate)
     images = {"train": settings.candidates * per_candidate, "evaluate": settings.candidates * half_b}
     flops = {"train": images["train"] * step, "evaluate": images["evaluate"] * forward}
     flops["total"] = flops["train"] + flops["evaluate"]
@@ -468,8 +557,8 @@ def random_search_compute(cfg: Dict, plan: Dict, train_images: int, architecture
     """FLOPs of training ``architectures`` decoded architectures as the retrain trains one:
     ``solver.epochs`` over all ``train_images`` (at most ``solver.max_iters`` x
     ``data.images_per_batch`` images when max_iters > 0, per process), ``training_step_flops``
-    of ``plan["stages"]["decoded"]`` per image (at the largest training size: an upper bound
-    under multi-scale training). ``architectures`` = 1: the retrain of a searched architecture;
+    of ``plan["stages"]["decoded"]`` per image (at the mean pixel count of the training sizes,
+    ``mean_flops``). ``architectures`` = 1: the retrain of a searched architecture;
     K: a random search of K architectures, each trained fully (the evaluation that picks the
     best, one forward per validation image each, is not counted).
 
@@ -492,14 +581,15 @@ def random_search_compute(cfg: Dict, plan: Dict, train_images: int, architecture
             "gpu_days": _gpu_days(flops["total"], utilization), "utilization": utilization,
             "train_images": train_images, "epochs": epochs, "images_per_architecture": per_architecture,
             "max_iters": max_iters, "images_per_batch": images_per_batch, "image_size": decoded["image_size"],
-            "forward_flops": decoded["flops"]["total"], "step_flops": step}
+            "forward_flops": mean_flops(decoded)["total"], "step_flops": step}
 
 
 def training_step_flops(stage_plan: Dict) -> float:
-    """FLOPs of one image's training step of a fixed detector planned by ``plan_stage``: the
-    forward plus twice the forward of what trains (all but its frozen leading backbone stages)."""
-    total = stage_plan["flops"]["total"]
-    return total + 2 * (total - stage_plan["frozen_backbone_flops"])
+    """FLOPs of one image's training step of a fixed detector planned by ``plan_stage``, at its
+    mean image (``mean_flops``): the forward plus twice the forward of what trains (all but its
+    frozen leading backbone stages)."""
+    total = mean_flops(stage_plan)["total"]
+    return total + 2 * (total - stage_plan["frozen_backbone_flops"] * stage_plan.get("pixel_fraction", 1.0))
 
 
 def _training_images(epochs: int, images: int, max_iters: int, images_per_batch: int) -> int:
@@ -540,13 +630,15 @@ def _format_gradient_search(c: Dict) -> str:
     n = c["train_images"]
     stages = ", ".join(f"{stage[len('search: '):]} stage {_flops(c['flops'][stage])}"
                        for stage in c["images"])
-    return (f"Whole search over {n} training images (two halves of {n // 2}; {c['epochs']} epochs per stage, "
-            f"architecture steps in the last {100 * c['arch_fraction']:.0f} %): {stages}, total "
-            f"{_flops(c['flops']['total'])}\n"
+    cap = _format_cap(c, c["weight_images"], c["epochs"] * (n / 2))
+    sampled = SAMPLED_STEPS[c["mode"]]
+    return (f"Whole search over {n} training images (two halves of {n // 2}; {c['epochs']} epochs per stage"
+            f"{'; weight steps ' + cap if cap else ''}, architecture steps in the last "
+            f"{100 * c['arch_fraction']:.0f} %): {stages}, total {_flops(c['flops']['total'])}\n"
             + _format_gpu_days(c)
-            + ("" if c["mode"] == "full" else
-               f"\n(counted with every op of the mixed op: an upper bound for search.mode {c['mode']}, "
-               "whose weight steps run one sampled op per link/edge)"))
+            + ("" if not sampled else
+               f"\n(search.mode {c['mode']}: the {' and '.join(sampled)} steps counted at one op per link/edge, "
+               "the mean cost of its op table: a path drawn uniformly, as at the search's start)"))
 
 
 def _format_evolution(c: Dict) -> str:
@@ -556,8 +648,8 @@ def _format_evolution(c: Dict) -> str:
     return (f"Evolution over {c['train_images']} training images: {c['architectures']} candidates x "
             f"{c['epochs']} epochs on half A ({c['half_a']} images{cap}) + one evaluation of half B "
             f"({c['half_b']} images) each; a candidate = {c['candidate']['neck_type']} neck + "
-            f"{c['candidate']['head_type']} head at {h}x{w}, {c['candidate']['forward_flops'] / 1e9:.2f} GFLOPs "
-            f"forward per image: training {_flops(c['flops']['train'])}, evaluation "
+            f"{c['candidate']['head_type']} head at up to {h}x{w}, {c['candidate']['forward_flops'] / 1e9:.2f} GFLOPs "
+            f"forward per image (mean over the multi-scale sizes): training {_flops(c['flops']['train'])}, evaluation "
             f"{_flops(c['flops']['evaluate'])}, total {_flops(c['flops']['total'])}\n"
             + _format_gpu_days(c))
 
@@ -568,7 +660,8 @@ def _format_random_search(c: Dict) -> str:
     cap = _format_cap(c, c["images_per_architecture"], c["epochs"] * c["train_images"])
     return (f"Random search of {k} architecture{'s' if k != 1 else ''}, each retrained {c['epochs']} epochs "
             f"on all {c['train_images']} training images ({cap + '; ' if cap else ''}the decoded "
-            f"model at {h}x{w}, {c['forward_flops'] / 1e9:.2f} GFLOPs forward per image): "
+            f"model at up to {h}x{w}, {c['forward_flops'] / 1e9:.2f} GFLOPs forward per image, mean over the "
+            f"multi-scale sizes): "
             f"{_flops(c['flops']['total'] / k)} per architecture, total "
             f"{_flops(c['flops']['total'])}\n" + _format_gpu_days(c))
 
@@ -631,6 +724,12 @@ def format_plan(plan: Dict) -> str:
     lines.append("")
     lines.append("activations per part (backbone / neck / rpn / head): " + "; ".join(
         f"{s}: " + " / ".join(_bytes(p["activation_bytes"][k]) for k in PARTS) for s, p in plan["stages"].items()))
+    sampled = [(s, p["sampled_flops"]) for s, p in plan["stages"].items() if p.get("sampled_flops")]
+    if sampled:
+        lines.append("GFLOPs on one sampled op per link/edge (search.mode gdas, sampled_weights; the mean of "
+                     "each op table), neck / head / total: " + "; ".join(
+                         f"{s}: {f['neck'] / 1e9:.2f} / {f['head'] / 1e9:.2f} / {f['total'] / 1e9:.2f}"
+                         for s, f in sampled))
     return "\n".join(lines)
 
 

@@ -163,6 +163,26 @@ def test_head_stage_trains_the_head_supernet_on_fewer_rois_and_keeps_the_penalty
     assert len(seen) == 2 and all(0 < n <= 4 * len(images_a) for n in seen), seen
 
 
+def test_head_stage_can_search_a_narrower_head_supernet(tmp_path, synthetic_root):
+    """search.head_channels: the head stage's supernet at that width takes its steps and decodes a
+    genotype that a detector at model.head.channels builds."""
+    from autofpn.models.genotype import validate_genotype
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"),
+                      tiny_opts(synthetic_root, str(tmp_path), **{"search.head_channels": 4}))
+    searcher, loader_a, loader_b = _searcher(cfg, "head", str(tmp_path))
+    head = searcher.model.roi_heads.box_head
+    assert cfg["model"]["head"]["channels"] != 4 and head.channels == 4
+    images_a, targets_a = next(iter(loader_a))
+    images_b, targets_b = next(iter(loader_b))
+    searcher.arch_step(images_b, targets_b)
+    searcher.weight_step(images_a, targets_a)
+    genotype = searcher.decode()
+    validate_genotype(genotype)
+    retrained = build_detector({**cfg, "model": {**cfg["model"], "head": {**cfg["model"]["head"], "type": "auto"}}},
+                               genotype=genotype)
+    assert retrained.roi_heads.box_head.channels == cfg["model"]["head"]["channels"]
+
+
 def test_search_runs_at_its_own_input_sizes(tmp_path, synthetic_root):
     """search.min_size / max_size: both stages' detectors resize to the search's sizes, not the
     retrain's (model.transform); unset, they keep the retrain's."""

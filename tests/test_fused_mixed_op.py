@@ -21,6 +21,7 @@ from autofpn.models.detector import build_detector
 from autofpn.models.operations import HEAD_OPS, NECK_OPS, MixedOp, set_fused, set_recompute
 from autofpn.ops.depthwise import depthwise_conv2d
 from autofpn.ops.pointwise import concat_pointwise
+from test_memory_format import _batch as float64_batch  # two images, three boxes, float64
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"neck": NECK_OPS, "head": HEAD_OPS}
@@ -253,12 +254,7 @@ def test_whole_supernet_detector_same_loss_and_architecture_gradients(layout):
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), TINY_DETECTOR + [f"model.memory_format={layout}"])
     model = build_detector(cfg, search=True).double().train()
     assert set_fused(model, True) == 32 + 28  # every link of the neck, every edge of the head
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64),
-              torch.rand(3, 112, 96, generator=g, dtype=torch.float64)]
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 70.0], [50.0, 5.0, 90.0, 40.0]], dtype=torch.float64),
-                "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[30.0, 30.0, 80.0, 100.0]], dtype=torch.float64), "labels": torch.tensor([2])}]
+    images, targets = float64_batch()
     results = {}
     for fused in (True, False):
         set_fused(model, fused)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from autofpn.ops.extension import extension_has
 from autofpn.ops.layout import memory_format_of
 
 logger = logging.getLogger("autofpn")
@@ -33,10 +34,7 @@ __all__ = ["depthwise_conv2d"]
 
 
 def _load_cpu_kernel() -> bool:
-    try:
-        import autofpn._C  # noqa: F401  (registers torch.ops.autofpn.*)
-        torch.ops.autofpn.depthwise_conv2d_weight_grad
-    except (ImportError, OSError, AttributeError, RuntimeError):
+    if not extension_has("depthwise_conv2d_weight_grad"):
         logger.info("depthwise weight gradient: PyTorch's (autofpn._C not built, or built before the kernel)")
         return False
 

@@ -14,16 +14,14 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import box_area
 
+from autofpn.ops.extension import extension_has
 from autofpn.ops.layout import memory_format_of
 
 logger = logging.getLogger("autofpn")
 
 
 def _load_cpu_kernel() -> bool:
-    try:
-        import autofpn._C  # noqa: F401  (registers torch.ops.autofpn.*)
-        torch.ops.autofpn.roi_align
-    except (ImportError, OSError, AttributeError, RuntimeError):
+    if not extension_has("roi_align"):
         logger.info("roi_align: torchvision's kernel (autofpn._C not built)")
         return False
 

@@ -107,12 +107,15 @@ DEFAULTS: Dict[str, Any] = {
             "aspect_ratios": [0.5, 1.0, 2.0],
             "extra_levels": 2,  # stride-2 3x3 convs on the neck's top level (P6, P7)
             "subnet_convs": 4,  # 3x3 conv + ReLU layers of the class and box subnets
+            # none (v1) | gn: conv (no bias) + GroupNorm + ReLU in both subnets, as torchvision's
+            # retinanet_resnet50_fpn_v2 (groups: the largest divisor of the width <= min(32, width // 4))
+            "head_norm": "none",
             "prior_probability": 0.01,  # classifier bias init: sigmoid = this at the start
             "fg_iou_thresh": 0.5,
             "bg_iou_thresh": 0.4,  # anchors in between are ignored
             "focal_alpha": 0.25,
             "focal_gamma": 2.0,
-            "box_loss": "l1",  # l1 | smooth_l1 (beta 1), on the encoded boxes
+            "box_loss": "l1",  # l1 | smooth_l1 (beta 1), on the encoded boxes | giou, on the decoded ones
             "score_thresh": 0.05,
             "topk_candidates": 1000,  # per level, before NMS
             "nms_thresh": 0.5,
@@ -294,7 +297,8 @@ _MISSING = object()
 # model.neck.type, name their choices when they are built).
 CHOICES: Dict[str, tuple] = {
     "model.detector": ("faster_rcnn", "retinanet", "ssd"),
-    "model.retinanet.box_loss": ("l1", "smooth_l1"),
+    "model.retinanet.box_loss": ("l1", "smooth_l1", "giou"),
+    "model.retinanet.head_norm": ("none", "gn"),
     "model.memory_format": ("auto", "channels_last", "contiguous"),
     "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2", "vgg16"),
     "model.backbone.norm": ("frozen_bn", "bn"),

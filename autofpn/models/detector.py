@@ -228,7 +228,7 @@ def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, sear
                                        r["aspect_ratios"])
     # no background output: label k is output k - 1 (model.num_classes counts the background)
     head = RetinaNetHead(neck.out_channels, anchor_generator.num_anchors_per_location, model_cfg["num_classes"] - 1,
-                         r["subnet_convs"], r["prior_probability"])
+                         r["subnet_convs"], r["prior_probability"], r["head_norm"])
     arch = Architecture(base.arch_shape, None) if search_neck else None
     return RetinaNet(_build_transform(model_cfg), backbone, neck, head, anchor_generator, r,
                      memory_format=model_cfg["memory_format"], arch=arch)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from autofpn.models.architecture import SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
@@ -27,6 +27,8 @@ from autofpn.ops.matcher import Matcher
 
 # the beta of torchvision's RetinaNet box loss "smooth_l1" (its ``_box_loss`` without a config)
 SMOOTH_L1_BETA = 1.0
+# the eps of torchvision's RetinaNet box loss "giou" (``_box_loss`` without a config)
+GIOU_EPS = 1e-7
 
 
 def retinanet_anchor_sizes(base_sizes: Sequence[float], scales_per_octave: int) -> List[List[int]]:
@@ -44,8 +46,18 @@ def per_anchor(x: Tensor, values: int) -> Tensor:
     return x.view(n, -1, values, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, values)
 
 
-def _subnet_conv(channels: int) -> nn.Conv2d:
-    return nn.Conv2d(channels, channels, 3, padding=1)
+def _subnet_conv(channels: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
+
+
+def head_group_norm_groups(channels: int) -> int:
+    """GroupNorm groups of the subnets with ``head_norm: gn``: the largest divisor of
+    ``channels`` that is at most min(32, channels // 4) (32 at 256 channels, torchvision's
+    ``retinanet_resnet50_fpn_v2``; 8 at the demo's 32, four channels a group)."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 class RetinaNetHead(nn.Module):
@@ -58,32 +70,50 @@ class RetinaNetHead(nn.Module):
     starts at sigmoid = ``prior_probability`` and the many background anchors do not swamp the
     first iterations.
 
+    ``norm``: ``none`` (torchvision's ``retinanet_resnet50_fpn``, v1) or ``gn``: each subnet conv
+    without bias, then GroupNorm (``head_group_norm_groups``), then ReLU, as torchvision's
+    ``retinanet_resnet50_fpn_v2`` (one GroupNorm per conv and subnet, shared over the levels). The
+    norms are in ``cls_norms`` / ``box_norms``, so the conv keys are those of ``none``.
+
     forward(features: List[Tensor[N, C, H_l, W_l]]) -> (class logits Tensor[N, H_l*W_l*A, K] per
     level, box deltas Tensor[N, H_l*W_l*A, 4] per level)
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, subnet_convs: int = 4,
-                 prior_probability: float = 0.01):
+                 prior_probability: float = 0.01, norm: str = "none"):
         super().__init__()
+        if norm not in ("none", "gn"):
+            raise ValueError(f"unknown RetinaNet head norm '{norm}'; valid: none, gn")
         self.num_classes = num_classes
-        self.cls_convs = nn.ModuleList([_subnet_conv(in_channels) for _ in range(subnet_convs)])
-        self.box_convs = nn.ModuleList([_subnet_conv(in_channels) for _ in range(subnet_convs)])
+        self.norm = norm
+        bias = norm == "none"
+        self.cls_convs = nn.ModuleList([_subnet_conv(in_channels, bias) for _ in range(subnet_convs)])
+        self.box_convs = nn.ModuleList([_subnet_conv(in_channels, bias) for _ in range(subnet_convs)])
+        if norm == "gn":
+            groups = head_group_norm_groups(in_channels)
+            self.cls_norms = nn.ModuleList([nn.GroupNorm(groups, in_channels) for _ in range(subnet_convs)])
+            self.box_norms = nn.ModuleList([nn.GroupNorm(groups, in_channels) for _ in range(subnet_convs)])
+        else:
+            self.cls_norms = self.box_norms = None
         self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
         std = 0.01 * math.sqrt(256 / in_channels)
         for conv in [*self.cls_convs, *self.box_convs, self.cls_logits, self.bbox_pred]:
             nn.init.normal_(conv.weight, std=std)
-            nn.init.constant_(conv.bias, 0)
+            if conv.bias is not None:
+                nn.init.constant_(conv.bias, 0)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         class_logits, deltas = [], []
         for feature in features:
             c = b = feature
-            for conv in self.cls_convs:
-                c = F.relu(conv(c))
-            for conv in self.box_convs:
-                b = F.relu(conv(b))
+            for i, conv in enumerate(self.cls_convs):
+                c = conv(c)
+                c = F.relu(c if self.cls_norms is None else self.cls_norms[i](c))
+            for i, conv in enumerate(self.box_convs):
+                b = conv(b)
+                b = F.relu(b if self.box_norms is None else self.box_norms[i](b))
             class_logits.append(per_anchor(self.cls_logits(c), self.num_classes))
             deltas.append(per_anchor(self.bbox_pred(b), 4))
         return class_logits, deltas
@@ -109,7 +139,8 @@ class RetinaNet(OneStageDetector):
 
     train: ``model(images, targets) -> {"loss_cls", "loss_box"}``: the sigmoid focal loss
     (summed over the non-ignored anchors and classes) and the L1 (or smooth L1) loss of the
-    encoded boxes of the foreground anchors, each divided by the image's foreground anchor count
+    encoded boxes of the foreground anchors (or, ``box_loss: giou``, the GIoU loss of their
+    decoded boxes, as torchvision's ``retinanet_resnet50_fpn_v2``), each divided by the image's foreground anchor count
     (at least 1), then averaged over the images, as torchvision's RetinaNet does.
     eval: ``model(images) -> [{"boxes" [D, 4], "labels" int64[D] in 1..K-1, "scores" [D]}]`` in
     the coordinates of the input images.
@@ -182,12 +213,17 @@ class RetinaNet(OneStageDetector):
             valid = image_matched != Matcher.BETWEEN_THRESHOLDS
             cls_losses.append(sigmoid_focal_loss(logits[valid], class_targets[valid], self.focal_alpha,
                                                  self.focal_gamma, reduction="sum") / num_foreground)
-            box_targets = self.box_coder.encode(target["boxes"][gt_index], anchors[foreground])
-            if self.box_loss == "l1":
-                box_loss = F.l1_loss(image_deltas[foreground], box_targets, reduction="sum")
+            matched_boxes = target["boxes"][gt_index]
+            if self.box_loss == "giou":  # on the decoded boxes, as torchvision's _box_loss("giou")
+                boxes = self.box_coder.decode(image_deltas[foreground], anchors[foreground])[:, 0]
+                box_loss = generalized_box_iou_loss(boxes, matched_boxes, reduction="sum", eps=GIOU_EPS)
             else:
-                box_loss = F.smooth_l1_loss(image_deltas[foreground], box_targets, beta=SMOOTH_L1_BETA,
-                                            reduction="sum")
+                box_targets = self.box_coder.encode(matched_boxes, anchors[foreground])
+                if self.box_loss == "l1":
+                    box_loss = F.l1_loss(image_deltas[foreground], box_targets, reduction="sum")
+                else:
+                    box_loss = F.smooth_l1_loss(image_deltas[foreground], box_targets, beta=SMOOTH_L1_BETA,
+                                                reduction="sum")
             box_losses.append(box_loss / num_foreground)
         return {"loss_cls": torch.stack(cls_losses).mean(), "loss_box": torch.stack(box_losses).mean()}
 
@@ -246,15 +282,19 @@ def torchvision_retinanet_state_dict_to_ours(state: Dict[str, Tensor], levels: S
     backbone.fpn.layer_blocks.{i}.0.<p>                 neck.base.output.p{levels[i]}.<p>
     backbone.fpn.extra_blocks.{p6,p7}.<p>               neck.extra.{p6,p7}.<p>
     head.classification_head.conv.{i}.0.<p>             head.cls_convs.{i}.<p>
+    head.classification_head.conv.{i}.1.<p> (v2's GN)   head.cls_norms.{i}.<p> (head_norm gn)
     head.classification_head.cls_logits.<p>             head.cls_logits.<p>, column 0 dropped
     head.regression_head.conv.{i}.0.<p>                 head.box_convs.{i}.<p>
+    head.regression_head.conv.{i}.1.<p> (v2's GN)       head.box_norms.{i}.<p> (head_norm gn)
     head.regression_head.bbox_reg.<p>                   head.bbox_pred.<p>
     ==================================================  =====================================
 
     torchvision's classifier has K outputs per anchor (``num_classes`` = K with the background)
     and never trains column 0 towards 1; ours has the K - 1 others (label k = output k - 1), so
     the two models detect the same boxes when column 0 scores below the score threshold (true
-    of trained weights, where it learns to say "no" everywhere).
+    of trained weights, where it learns to say "no" everywhere). The head of
+    ``retinanet_resnet50_fpn_v2`` (GroupNorm subnets) maps onto ``head_norm: gn`` at 256 channels
+    (32 groups in both); v2's P6 reads C5, not P5, so its neck does not map onto ours.
     """
     out = {}
     for key, value in state.items():
@@ -264,10 +304,10 @@ def torchvision_retinanet_state_dict_to_ours(state: Dict[str, Tensor], levels: S
             new = fpn_key
         elif key.startswith("backbone.fpn.extra_blocks."):
             new = f"neck.extra.{parts[3]}.{parts[-1]}"
-        elif key.startswith("head.classification_head.conv."):
-            new = f"head.cls_convs.{parts[3]}.{parts[-1]}"
-        elif key.startswith("head.regression_head.conv."):
-            new = f"head.box_convs.{parts[3]}.{parts[-1]}"
+        elif key.startswith(("head.classification_head.conv.", "head.regression_head.conv.")):
+            # conv.{i}.0 the convolution, conv.{i}.1 its GroupNorm (v2 heads: head_norm gn)
+            subnet = "cls" if parts[1] == "classification_head" else "box"
+            new = f"head.{subnet}_{'norms' if parts[4] == '1' else 'convs'}.{parts[3]}.{parts[-1]}"
         elif key.startswith("head.classification_head.cls_logits."):
             new = f"head.cls_logits.{parts[-1]}"
             # (A*K, ...) -> (A, K, ...) -> drop the background column -> (A*(K-1), ...)

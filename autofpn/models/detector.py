@@ -195,6 +195,15 @@ def build_faster_rcnn(cfg: Dict, genotype: Optional[Dict], search_neck: bool, se
     return FasterRCNN(transform, backbone, neck, rpn, roi_heads, arch, memory_format=model_cfg["memory_format"])
 
 
+def _check_one_stage(model_cfg: Dict, search_neck: bool, search_head: bool) -> None:
+    """What every one-stage detector refuses: a head-only search (it has no RoI head) and a bad
+    ``model.num_classes``; the ConfigError names the detector."""
+    if search_head and not search_neck:
+        raise ConfigError(f"search.stage: model.detector '{model_cfg['detector']}' has no RoI head to search; "
+                          "set search.stage=neck (or both, which searches its neck only)")
+    _check_num_classes(model_cfg)
+
+
 def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_head: bool) -> RetinaNet:
     """RetinaNet (autofpn/models/retinanet.py): the neck of ``model.neck`` (FPN by default) over
     ``model.neck.levels`` (P3..P5), ``model.retinanet.extra_levels`` convolution levels above it
@@ -206,10 +215,7 @@ def build_retinanet(cfg: Dict, genotype: Optional[Dict], search_neck: bool, sear
     head alone (``search="head"``) is refused."""
     model_cfg = cfg["model"]
     r = model_cfg["retinanet"]
-    if search_head and not search_neck:
-        raise ConfigError("search.stage: model.detector 'retinanet' has no RoI head to search; "
-                          "set search.stage=neck (or both, which searches its neck only)")
-    _check_num_classes(model_cfg)
+    _check_one_stage(model_cfg, search_neck, search_head)
     if model_cfg["neck"]["extra_pool_level"]:
         raise ConfigError("model.neck.extra_pool_level is true: RetinaNet's extra levels are convolutions "
                           "(model.retinanet.extra_levels); set model.neck.extra_pool_level=false")
@@ -271,10 +277,7 @@ def build_ssd(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_hea
     ``search=True`` is the neck supernet, the head alone is refused."""
     model_cfg = cfg["model"]
     r = model_cfg["ssd"]
-    if search_head and not search_neck:
-        raise ConfigError("search.stage: model.detector 'ssd' has no RoI head to search; "
-                          "set search.stage=neck (or both, which searches its neck only)")
-    _check_num_classes(model_cfg)
+    _check_one_stage(model_cfg, search_neck, search_head)
     b = model_cfg["backbone"]
     if b["name"] != "vgg16":
         raise ConfigError(f"model.backbone.name = {b['name']!r}: model.detector 'ssd' is built on vgg16; "

@@ -24,8 +24,10 @@ ext: $(EXT_STAMP)
 
 install: ext
 
+# a passing test's tmp_path is deleted as soon as it ends: a full run writes ~10 GB of checkpoints
+# that would otherwise stay in /tmp (3 runs' worth by pytest's default) and fill a shared disk
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -o tmp_path_retention_policy=failed tests
 
 demo: install
 	$(PY) -m autofpn.demo --out out/demo

@@ -133,7 +133,7 @@ def test_resume_past_a_truncated_newest_checkpoint(tmp_path):
     when its newest checkpoint (iteration 6) broke off mid-copy: train.py warns, sets it aside,
     resumes from iteration 5 and ends with A's final weights."""
     synthetic = tmp_path / "synthetic"
-    opts = ["train.device=cpu", "train.checkpoint_period=1", "train.keep_checkpoints=20", "train.eval_period=0",
+    opts = ["train.device=cpu", "train.checkpoint_period=1", "train.keep_checkpoints=4", "train.eval_period=0",
             f"data.synthetic.root={synthetic}", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
             "data.synthetic.image_size=96", "data.images_per_batch=2", "model.transform.min_size=[96]",
             "model.transform.max_size=96", "model.transform.test_min_size=96", "model.neck.channels=8",

@@ -20,7 +20,7 @@ from autofpn.models.auto_head import AutoHead
 from autofpn.models.detector import build_detector
 from autofpn.models.operations import HEAD_OPS, NECK_OPS, MixedOp, set_fused, set_recompute
 from autofpn.ops.depthwise import depthwise_conv2d
-from autofpn.ops.pointwise import concat_pointwise
+from autofpn.ops.pointwise import concat_pointwise, depthwise_concat_pointwise
 from test_memory_format import _batch as float64_batch  # two images, three boxes, float64
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,6 +364,60 @@ def test_concat_pointwise_equals_conv_of_concat(parts, layout):
     assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, reference(*tensors), **TOL)
     assert torch.autograd.gradcheck(fused, tuple(tensors))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_depthwise_concat_pointwise_equals_the_composition(layout):
+    """Depthwise convs (3x3 r2, 5x5, 3x3 r1 on a second input; the first input used twice, as a
+    mixed op's shared ReLU output is), then concat_pointwise: values and every gradient."""
+    gen = torch.Generator().manual_seed(0)
+    fmt = LAYOUTS[layout]
+    r, h = [torch.randn(1, 3, 7, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+            for _ in range(2)]
+    specs = [(3, 2), (5, 1), (3, 1)]
+    kernels = [torch.randn(3, 1, k, k, generator=gen, dtype=torch.float64) for k, _ in specs]
+    weight = torch.randn(3, 9, 1, 1, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    extra, residual = [torch.randn(1, 3, 7, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+                       for _ in range(2)]
+    rw = torch.tensor(0.3, dtype=torch.float64)
+    tensors = tuple(t.clone().requires_grad_() for t in (r, h, *kernels, weight, bias, extra, residual, rw))
+    dilations = [d for _, d in specs]
+
+    def fused(r_, h_, v0, v1, v2, w_, b_, e_, res_, rw_):
+        return depthwise_concat_pointwise([r_, r_, h_], [v0, v1, v2], dilations, w_, b_, e_, res_, rw_)
+
+    def reference(r_, h_, v0, v1, v2, w_, b_, e_, res_, rw_):
+        ds = [F.conv2d(x, v, None, 1, d * (v.shape[-1] - 1) // 2, d, 3)
+              for x, v, d in zip([r_, r_, h_], [v0, v1, v2], dilations)]
+        return F.conv2d(torch.cat(ds, 1), w_, b_) + e_ + rw_ * res_
+    out = fused(*tensors)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, reference(*tensors), **TOL)
+    assert torch.autograd.gradcheck(fused, tensors, fast_mode=True)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_fused_neck_op_keeps_no_depthwise_output_for_the_backward(layout):
+    """The fused op keeps its input, the shared ReLU output, the sep-convs'
+    inner maps and the op's parameters, not the K depthwise outputs (nor their concatenation):
+    what autograd saves is 6 maps of the input's size for the neck's table (x, relu(x), and
+    two per sep-conv), against 12 when the depthwise outputs were kept."""
+    op, x = _case("neck", layout)
+    w = _weights("random", NECK_OPS, torch.Generator().manual_seed(0))
+    params = {p.untyped_storage()._cdata for p in op.parameters()}
+    saved = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+    op.fused = True
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(x.detach().requires_grad_(), w.detach().requires_grad_())
+    maps = sum(saved.values()) / (x.numel() * x.element_size())
+    assert maps < 6.2, f"{maps:.2f} input-sized maps saved for the backward"  # 0.2: the small weight tensors
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from autofpn.ops.depthwise import depthwise_conv2d
-from autofpn.ops.pointwise import add_weighted, concat_pointwise
+from autofpn.ops.pointwise import add_weighted, concat_pointwise, depthwise_concat_pointwise
 from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
 
 # O_N, the neck (Auto-fusion) ops, in the paper's order. Index = position in alpha's last dim.
@@ -186,7 +186,8 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     ``_one_dtype`` gives the reference.
     """
     r = torch.relu(x)
-    depthwise: List[Tensor] = []  # d_k, the inputs of the fused pointwise convolution
+    depthwise: List[Tensor] = []  # h_k, the inputs of the depthwise convs before the fused pointwise one
+    depthwise_convs: List[nn.Conv2d] = []
     scaled: List[Tensor] = []  # w_k W_k
     biases: List[Tensor] = []  # w_k b_k
     kernels: List[Tensor] = []  # w_k V_k of the full convolutions
@@ -204,7 +205,8 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
             h = torch.relu(pointwise(first[2], _depthwise(first[1], r)))
         else:
             h = r
-        depthwise.append(_depthwise(op[1], h))
+        depthwise.append(h)
+        depthwise_convs.append(op[1])
         scaled.append(op[2].weight * w[k])
         biases.append(op[2].bias * w[k])
     bias = functools.reduce(torch.add, biases) if biases else None
@@ -213,9 +215,10 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
         size = max(v.shape[-1] for v in kernels)
         kernel = functools.reduce(torch.add, [F.pad(v, [(size - v.shape[-1]) // 2] * 4) for v in kernels])
         conv = F.conv2d(r, kernel, None if depthwise else bias, padding=size // 2)
-    if depthwise:
-        return concat_pointwise(depthwise, torch.cat(scaled, 1), bias, conv, x if identity is not None else None,
-                                identity)
+    if depthwise:  # the depthwise outputs d_k are computed again in the backward pass, not kept
+        return depthwise_concat_pointwise(depthwise, [c.weight for c in depthwise_convs],
+                                          [c.dilation[0] for c in depthwise_convs], torch.cat(scaled, 1), bias,
+                                          conv, x if identity is not None else None, identity)
     return conv if identity is None else add_weighted(conv, x, identity)
 
 

@@ -30,7 +30,7 @@ from autofpn.ops.layout import memory_format_of
 
 logger = logging.getLogger("autofpn")
 
-__all__ = ["depthwise_conv2d"]
+__all__ = ["depthwise_conv2d", "depthwise_conv2d_backward"]
 
 
 def _load_cpu_kernel() -> bool:
@@ -48,6 +48,8 @@ _CPU_KERNEL = _load_cpu_kernel()
 
 
 def _weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
+    """The gradient of the depthwise conv ``y = F.conv2d(x, weight, None, 1, padding, dilation, C)``
+    with respect to weight ([C, 1, k, k]) given ``grad_out`` (dL/dy)."""
     if _CPU_KERNEL and memory_format_of(x) == torch.channels_last:
         return torch.ops.autofpn.depthwise_conv2d_weight_grad(grad_out, x, weight.shape[-1], padding, dilation)
     return torch.ops.aten.convolution_backward(
@@ -69,13 +71,26 @@ class _DepthwiseConv2d(torch.autograd.Function):
     @once_differentiable  # the extension's weight gradient has no derivative of its own
     def backward(ctx, grad_out: Tensor) -> Tuple:
         x, weight = ctx.saved_tensors
-        padding, dilation = ctx.conv
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, padding, dilation, x.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(grad_out, x, weight, padding, dilation)
+        grad_x, grad_w = depthwise_conv2d_backward(grad_out, x, weight, *ctx.conv, *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None, None
+
+
+def depthwise_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, padding: int, dilation: int,
+                              input_grad: bool = True, weight_grad: bool = True) -> Tuple:
+    """(dL/dx or None, dL/dweight or None) of ``y = F.conv2d(x, weight, None, 1, padding,
+    dilation, C)`` given ``grad_out`` = dL/dy: on the CPU as described above, elsewhere by
+    PyTorch's convolution backward."""
+    if x.device.type != "cpu":
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [padding, padding], [dilation, dilation], False, [0, 0],
+            x.shape[1], [input_grad, weight_grad, False])
+        return grad_x, grad_w
+    grad_x = grad_w = None
+    if input_grad:  # the transposed convolution as a correlation with the flipped kernel
+        grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, padding, dilation, x.shape[1])
+    if weight_grad:
+        grad_w = _weight_grad(grad_out, x, weight, padding, dilation)
+    return grad_x, grad_w
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:

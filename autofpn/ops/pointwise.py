@@ -9,7 +9,14 @@ input's gradient with its own product (``grad_out @ weight[:, k-th block]``), ea
 channels-last tensor, instead of one product whose column blocks the depthwise convolutions'
 backward would copy again; the residual's weight gets its gradient as one dot product. In NCHW
 (and on other devices) it is the same formula in PyTorch ops.
+
+When the inputs are depthwise convolutions' outputs (a mixed op's), ``depthwise_concat_pointwise``
+takes the convolutions' inputs instead and computes the depthwise outputs again in the backward
+pass: no concatenation is kept (or made), for the cost of K depthwise forwards (in either layout). In a demo search
+iteration (2-core CPU, channels-last) the peak memory went from 269 to 165 MiB (neck) and from
+452 to 278 MiB (head) at the same time per iteration (docs/BENCHMARKS.md).
 """
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -17,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from autofpn.ops.depthwise import depthwise_conv2d_backward
 from autofpn.ops.layout import memory_format_of
 
-__all__ = ["concat_pointwise", "add_weighted"]
+__all__ = ["concat_pointwise", "depthwise_concat_pointwise", "add_weighted"]
 
 
 def _pixels(x: Tensor) -> Tensor:
@@ -38,11 +46,7 @@ class _ConcatPointwise(torch.autograd.Function):
         pixels = _pixels(torch.cat(xs, 1) if len(xs) > 1 else xs[0])  # (N*H*W, sum C_k)
         matrix = weight.reshape(weight.shape[0], -1)  # (C_out, sum C_k)
         out = torch.mm(pixels, matrix.t()) if bias is None else torch.addmm(bias, pixels, matrix.t())
-        out = out.view(n, h, w, -1).permute(0, 3, 1, 2)  # (N*H*W, C_out) -> (N, C_out, H, W), channels-last
-        if extra is not None:
-            out.add_(extra)
-        if residual is not None:
-            out.addcmul_(residual, residual_weight)
+        out = _finish(out.view(n, h, w, -1).permute(0, 3, 1, 2), extra, residual, residual_weight)
         ctx.save_for_backward(pixels, matrix, residual, residual_weight)
         ctx.shapes = [x.shape for x in xs]
         ctx.has = (bias is not None, extra is not None, weight.shape)
@@ -52,35 +56,118 @@ class _ConcatPointwise(torch.autograd.Function):
     @once_differentiable  # the concatenation is made inside forward: no second-order gradient through it
     def backward(ctx, grad_out):
         pixels, matrix, residual, residual_weight = ctx.saved_tensors
-        has_bias, has_extra, weight_shape = ctx.has
         needs = ctx.needs_input_grad
         grad = _pixels(grad_out)  # (N*H*W, C_out); a copy only when grad_out is not channels-last
-        grad_weight = grad_bias = grad_extra = grad_residual = grad_residual_weight = None
-        if needs[0]:
-            grad_weight = grad.t().mm(pixels).view(weight_shape)
-        if has_bias and needs[1]:
-            grad_bias = grad.sum(0)
-        if has_extra and needs[2]:
-            grad_extra = grad_out
-        if residual is not None:
-            if needs[3]:
-                grad_residual = grad_out * residual_weight
-            if needs[4]:
-                flat = grad.reshape(-1), _pixels(residual).reshape(-1)
-                if flat[0].dtype != residual_weight.dtype:  # half precision: accumulate in float32
-                    flat = tuple(f.to(residual_weight.dtype) for f in flat)
-                grad_residual_weight = torch.dot(*flat)
+        grad_weight = grad.t().mm(pixels).view(ctx.has[2]) if needs[0] else None
         grad_xs: List[Optional[Tensor]] = []
         start = 0
-        for k, shape in enumerate(ctx.shapes):
+        for shape, needed in zip(ctx.shapes, needs[5:]):
             stop = start + shape[1]
-            if needs[5 + k]:
-                n, c, h, w = shape
-                grad_xs.append(grad.mm(matrix[:, start:stop]).view(n, h, w, c).permute(0, 3, 1, 2))
-            else:
-                grad_xs.append(None)
+            grad_xs.append(_block_input_grad(grad, matrix[:, start:stop], shape) if needed else None)
             start = stop
-        return (grad_weight, grad_bias, grad_extra, grad_residual, grad_residual_weight, *grad_xs)
+        return (grad_weight, *_epilogue_grads(ctx, grad_out, grad, residual, residual_weight), *grad_xs)
+
+
+class _DepthwiseConcatPointwise(torch.autograd.Function):
+    """``_ConcatPointwise`` over the depthwise convolutions of its inputs, d_k = dwconv(h_k, V_k),
+    that keeps the inputs h_k for the backward and computes the d_k again there instead of
+    keeping their concatenation (a mixed op's h_k are its shared ReLU output and the sep-convs'
+    inner ReLU outputs, kept by those ReLUs anyway: this saves K maps of the op's C channels for K
+    depthwise forwards). hs: K tensors [N, C_k, H, W] of one layout (one may repeat), kernels
+    (K tensors [C_k, 1, k, k]), dilations (K ints); the rest as ``_ConcatPointwise``. Any layout:
+    the output and the inputs' gradients in the layout of hs."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, extra, residual, residual_weight, dilations, *hs_and_kernels):
+        hs, kernels = hs_and_kernels[:len(dilations)], hs_and_kernels[len(dilations):]
+        n, _, height, width = hs[0].shape
+        matrix = weight.reshape(weight.shape[0], -1)
+        out = None
+        start = 0
+        for h, v, d in zip(hs, kernels, dilations):  # sum_k d_k W_k^T, no concatenation of the d_k
+            stop = start + h.shape[1]
+            block = matrix[:, start:stop].t()
+            d_pixels = _pixels(_depthwise_forward(h, v, d))
+            if out is None:
+                out = torch.mm(d_pixels, block) if bias is None else torch.addmm(bias, d_pixels, block)
+            else:
+                out.addmm_(d_pixels, block)
+            start = stop
+        layout = memory_format_of(hs[0])  # the matrix products give channels-last: back to the inputs' layout
+        out = out.view(n, height, width, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        out = _finish(out, extra, residual, residual_weight)
+        ctx.save_for_backward(matrix, residual, residual_weight, *hs, *kernels)
+        ctx.dilations = dilations
+        ctx.shapes = [h.shape for h in hs]
+        ctx.has = (bias is not None, extra is not None, weight.shape)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        matrix, residual, residual_weight, *saved = ctx.saved_tensors
+        k = len(ctx.dilations)
+        hs, kernels = saved[:k], saved[k:]
+        needs = ctx.needs_input_grad
+        grad = _pixels(grad_out)
+        weight_blocks: List[Tensor] = []  # the weight gradient, block by block
+        grad_hs: List[Optional[Tensor]] = [None] * k
+        grad_kernels: List[Optional[Tensor]] = [None] * k
+        start = 0
+        for i, (h, v, d, shape) in enumerate(zip(hs, kernels, ctx.dilations, ctx.shapes)):
+            stop = start + shape[1]
+            if needs[0]:  # d_k computed again, and dropped before the next block's
+                weight_blocks.append(grad.t().mm(_pixels(_depthwise_forward(h, v, d))))
+            if needs[6 + i] or needs[6 + k + i]:
+                grad_d = _block_input_grad(grad, matrix[:, start:stop], shape)
+                grad_hs[i], grad_kernels[i] = depthwise_conv2d_backward(
+                    grad_d.contiguous(memory_format=memory_format_of(h)), h, v, d * (v.shape[-1] - 1) // 2, d,
+                    needs[6 + i], needs[6 + k + i])
+            start = stop
+        grad_weight = torch.cat(weight_blocks, 1).view(ctx.has[2]) if needs[0] else None
+        return (grad_weight, *_epilogue_grads(ctx, grad_out, grad, residual, residual_weight), None,
+                *grad_hs, *grad_kernels)
+
+
+def _depthwise_forward(h: Tensor, kernel: Tensor, dilation: int) -> Tensor:
+    return F.conv2d(h, kernel, None, 1, dilation * (kernel.shape[-1] - 1) // 2, dilation, h.shape[1])
+
+
+def _finish(out: Tensor, extra: Optional[Tensor], residual: Optional[Tensor],
+            residual_weight: Optional[Tensor]) -> Tensor:
+    """out [+ extra] [+ residual_weight * residual], in place (out is made by the caller)."""
+    if extra is not None:
+        out.add_(extra)
+    if residual is not None:
+        out.addcmul_(residual, residual_weight)
+    return out
+
+
+def _block_input_grad(grad: Tensor, block: Tensor, shape) -> Tensor:
+    """The gradient of one input [N, C_k, H, W] of the product, channels-last, from grad
+    (N*H*W, C_out) and its weight block (C_out, C_k)."""
+    n, c, h, w = shape
+    return grad.mm(block).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _epilogue_grads(ctx, grad_out: Tensor, grad: Tensor, residual: Optional[Tensor],
+                    residual_weight: Optional[Tensor]) -> tuple:
+    """The gradients of bias, extra, residual and residual_weight, both functions (None where
+    not given or not needed); grad is grad_out as (N*H*W, C_out)."""
+    has_bias, has_extra, _ = ctx.has
+    needs = ctx.needs_input_grad
+    grad_bias = grad.sum(0) if has_bias and needs[1] else None
+    grad_extra = grad_out if has_extra and needs[2] else None
+    grad_residual = grad_residual_weight = None
+    if residual is not None:
+        if needs[3]:
+            grad_residual = grad_out * residual_weight
+        if needs[4]:
+            flat = grad.reshape(-1), _pixels(residual).reshape(-1)
+            if flat[0].dtype != residual_weight.dtype:  # half precision: accumulate in float32
+                flat = tuple(f.to(residual_weight.dtype) for f in flat)
+            grad_residual_weight = torch.dot(*flat)
+    return grad_bias, grad_extra, grad_residual, grad_residual_weight
 
 
 def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
@@ -97,29 +184,66 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
     Returns [N, C_out, H, W], in the layout of xs. Under autocast: in its dtype, with the
     residual rounded to it and residual_weight's gradient accumulated in residual_weight's dtype.
     """
-    device = xs[0].device.type
-    autocast = torch.amp.is_autocast_available(device)  # not on "meta" (the planner's shapes-only pass)
-    if autocast and torch.is_autocast_enabled(device):  # what autocast does for the convolution: all in its dtype
-        dtype = torch.get_autocast_dtype(device)
-        xs = [x.to(dtype) for x in xs]
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        extra = None if extra is None else extra.to(dtype)
-    dtype = xs[0].dtype
-    if residual is not None:
-        residual = residual.to(dtype)
-    if all(memory_format_of(x) == torch.channels_last for x in xs) and (
-            extra is None or memory_format_of(extra) == torch.channels_last):
-        if not autocast:
+    (xs, weight, bias, extra, residual), autocast = _in_autocast_dtype(list(xs), weight, bias, extra, residual)
+    if _all_channels_last(xs, extra):
+        with _autocast_off(xs[0].device.type, autocast):
             return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
-        with torch.autocast(device, enabled=False):
-            return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
-    out = F.conv2d(torch.cat(list(xs), 1) if len(xs) > 1 else xs[0], weight, bias)
+    out = F.conv2d(torch.cat(xs, 1) if len(xs) > 1 else xs[0], weight, bias)
     if extra is not None:
         out = out.add_(extra)
     if residual is not None:
         out = add_weighted(out, residual, residual_weight)
     return out
+
+
+def depthwise_concat_pointwise(hs: Sequence[Tensor], kernels: Sequence[Tensor], dilations: Sequence[int],
+                               weight: Tensor, bias: Optional[Tensor] = None, extra: Optional[Tensor] = None,
+                               residual: Optional[Tensor] = None,
+                               residual_weight: Optional[Tensor] = None) -> Tensor:
+    """``concat_pointwise([dwconv(h_k, V_k, d_k) for each k], weight, bias, extra, residual,
+    residual_weight)`` where dwconv is the depthwise convolution with dilation d_k and "same"
+    padding (``depthwise_conv2d``). The same values and gradients; the depthwise outputs are
+    computed again in the backward pass instead of kept (less memory for K depthwise forwards).
+    In either layout, on any device: the 1x1 convolution as matrix products over the pixels
+    (copies to and from channels-last in NCHW).
+
+    Args:
+        hs: K tensors [N, C_k, H, W] (the same tensor may come more than once).
+        kernels: K tensors [C_k, 1, k_k, k_k], k_k odd; dilations: K ints.
+        the rest: as ``concat_pointwise``.
+    """
+    (hs, kernels, weight, bias, extra, residual), autocast = _in_autocast_dtype(
+        list(hs), list(kernels), weight, bias, extra, residual)
+    with _autocast_off(hs[0].device.type, autocast):
+        return _DepthwiseConcatPointwise.apply(weight, bias, extra, residual, residual_weight, tuple(dilations),
+                                               *hs, *kernels)
+
+
+def _in_autocast_dtype(xs: list, *rest):
+    """(xs and the optional tensors in ``rest`` (lists of tensors or tensors) in autocast's dtype
+    when autocast is on, as it treats a convolution, the last of ``rest`` (the residual) in the
+    dtype of xs in any case; whether autocast exists on the device)."""
+    device = xs[0].device.type
+    autocast = torch.amp.is_autocast_available(device)  # not on "meta" (the planner's shapes-only pass)
+    *rest, residual = rest
+    if autocast and torch.is_autocast_enabled(device):  # what autocast does for the convolution: all in its dtype
+        dtype = torch.get_autocast_dtype(device)
+        xs = [x.to(dtype) for x in xs]
+        rest = [[t.to(dtype) for t in r] if isinstance(r, list) else None if r is None else r.to(dtype)
+                for r in rest]
+    if residual is not None:
+        residual = residual.to(xs[0].dtype)
+    return (xs, *rest, residual), autocast
+
+
+def _all_channels_last(xs: Sequence[Tensor], extra: Optional[Tensor]) -> bool:
+    return all(memory_format_of(x) == torch.channels_last for x in xs) and (
+        extra is None or memory_format_of(extra) == torch.channels_last)
+
+
+def _autocast_off(device: str, available: bool):
+    """The autograd functions compute in their inputs' dtype (cast above)."""
+    return torch.autocast(device, enabled=False) if available else contextlib.nullcontext()
 
 
 class _AddWeighted(torch.autograd.Function):

@@ -12,12 +12,11 @@ backward would copy again; the residual's weight gets its gradient as one dot pr
 
 When the inputs are depthwise convolutions' outputs (a mixed op's), ``depthwise_concat_pointwise``
 takes the convolutions' inputs instead and computes the depthwise outputs again in the backward
-pass: no concatenation is kept (or made), for the cost of K depthwise forwards (in either layout). In a demo search
-iteration (2-core CPU, channels-last) the peak memory went from 269 to 165 MiB (neck) and from
-452 to 278 MiB (head) at the same time per iteration (docs/BENCHMARKS.md).
+pass: no concatenation is kept (or made), for the cost of K depthwise forwards (in either
+layout); a demo search iteration's peak memory and time: docs/BENCHMARKS.md, "Fused mixed ops".
 """
 import contextlib
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +183,10 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
     Returns [N, C_out, H, W], in the layout of xs. Under autocast: in its dtype, with the
     residual rounded to it and residual_weight's gradient accumulated in residual_weight's dtype.
     """
-    (xs, weight, bias, extra, residual), autocast = _in_autocast_dtype(list(xs), weight, bias, extra, residual)
-    if _all_channels_last(xs, extra):
+    (*xs, weight, bias, extra), autocast = _in_autocast_dtype([*xs, weight, bias, extra])
+    residual = None if residual is None else residual.to(xs[0].dtype)
+    if all(memory_format_of(x) == torch.channels_last for x in xs) and (
+            extra is None or memory_format_of(extra) == torch.channels_last):
         with _autocast_off(xs[0].device.type, autocast):
             return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
     out = F.conv2d(torch.cat(xs, 1) if len(xs) > 1 else xs[0], weight, bias)
@@ -212,33 +213,24 @@ def depthwise_concat_pointwise(hs: Sequence[Tensor], kernels: Sequence[Tensor], 
         kernels: K tensors [C_k, 1, k_k, k_k], k_k odd; dilations: K ints.
         the rest: as ``concat_pointwise``.
     """
-    (hs, kernels, weight, bias, extra, residual), autocast = _in_autocast_dtype(
-        list(hs), list(kernels), weight, bias, extra, residual)
+    k = len(hs)
+    cast, autocast = _in_autocast_dtype([*hs, *kernels, weight, bias, extra])
+    hs, kernels, (weight, bias, extra) = cast[:k], cast[k:2 * k], cast[2 * k:]
+    residual = None if residual is None else residual.to(hs[0].dtype)
     with _autocast_off(hs[0].device.type, autocast):
         return _DepthwiseConcatPointwise.apply(weight, bias, extra, residual, residual_weight, tuple(dilations),
                                                *hs, *kernels)
 
 
-def _in_autocast_dtype(xs: list, *rest):
-    """(xs and the optional tensors in ``rest`` (lists of tensors or tensors) in autocast's dtype
-    when autocast is on, as it treats a convolution, the last of ``rest`` (the residual) in the
-    dtype of xs in any case; whether autocast exists on the device)."""
-    device = xs[0].device.type
-    autocast = torch.amp.is_autocast_available(device)  # not on "meta" (the planner's shapes-only pass)
-    *rest, residual = rest
-    if autocast and torch.is_autocast_enabled(device):  # what autocast does for the convolution: all in its dtype
+def _in_autocast_dtype(tensors: List[Optional[Tensor]]) -> Tuple[List[Optional[Tensor]], bool]:
+    """(the tensors in autocast's dtype when autocast is on, as it treats a convolution's inputs,
+    None kept; whether autocast exists on their device: not on "meta", the planner's pass)."""
+    device = next(t for t in tensors if t is not None).device.type
+    available = torch.amp.is_autocast_available(device)
+    if available and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        xs = [x.to(dtype) for x in xs]
-        rest = [[t.to(dtype) for t in r] if isinstance(r, list) else None if r is None else r.to(dtype)
-                for r in rest]
-    if residual is not None:
-        residual = residual.to(xs[0].dtype)
-    return (xs, *rest, residual), autocast
-
-
-def _all_channels_last(xs: Sequence[Tensor], extra: Optional[Tensor]) -> bool:
-    return all(memory_format_of(x) == torch.channels_last for x in xs) and (
-        extra is None or memory_format_of(extra) == torch.channels_last)
+        tensors = [None if t is None else t.to(dtype) for t in tensors]
+    return tensors, available
 
 
 def _autocast_off(device: str, available: bool):

@@ -7,6 +7,12 @@ auto``: NCHW for this FPN detector), and once more in channels-last, whose time 
 (``ours CL``). Repetitions are interleaved (ours, theirs, ours, ...) and the median is reported. Peak memory is the extra peak resident memory of one train
 step (bench/peak_memory.py), in a fresh subprocess per detector.
 
+The distance to the physical limit: the FLOPs of one train step and one inference of each
+(``torch.utils.flop_counter``: convolutions and matrix products, forward and backward, a
+multiply-add = 2 FLOPs; element-wise ops, RoIAlign and NMS not counted), the achieved GFLOP/s at
+the median time, and that as a share of this machine's single-precision matrix-multiply peak,
+measured in the same run (best of 5 float32 products of two 2048 x 2048 matrices on the same threads).
+
     python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320] [--profile]
 """
 import argparse
@@ -86,6 +92,28 @@ def infer_fn(model, images) -> Callable[[], None]:
     return infer
 
 
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 matrix-multiply throughput in GFLOP/s: the best of ``reps`` products
+    of two n x n matrices on the current threads (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up: thread pool and packing buffers
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def counted_flops(fn: Callable[[], None]) -> float:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter`` counts them (convolutions and
+    matrix products, forward and backward; a multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> Dict[str, float]:
     for _ in range(warmup):
         for fn in fns.values():
@@ -124,6 +152,8 @@ def main() -> None:
               f"{'ours CL (s)':>13}{'CL / ours':>11}")
     rows = []
     layout_ratio, cl_time = {}, {}
+    flops: Dict[Tuple[str, str, str], float] = {}  # (backbone, mode, who) -> FLOPs of one call
+    seconds: Dict[Tuple[str, str, str], float] = {}
     for backbone in args.backbones:
         torch.manual_seed(0)
         theirs = torchvision_model(backbone, args.size)
@@ -135,13 +165,21 @@ def main() -> None:
         opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         opt_cl = torch.optim.SGD([p for p in ours_cl.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-        train = interleaved_median({"ours": train_step_fn(ours, opt_ours, images, targets),
-                                    "torchvision": train_step_fn(theirs, opt_theirs, images, targets),
-                                    "ours_cl": train_step_fn(ours_cl, opt_cl, images, targets)}, args.reps)
+        train_fns = {"ours": train_step_fn(ours, opt_ours, images, targets),
+                     "torchvision": train_step_fn(theirs, opt_theirs, images, targets),
+                     "ours_cl": train_step_fn(ours_cl, opt_cl, images, targets)}
+        train = interleaved_median(train_fns, args.reps)
+        for who in ("ours", "torchvision"):
+            flops[backbone, "train step", who] = counted_flops(train_fns[who])
+            seconds[backbone, "train step", who] = train[who]
         for model in (ours, theirs, ours_cl):
             model.eval()
-        infer = interleaved_median({"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images),
-                                    "ours_cl": infer_fn(ours_cl, images)}, args.reps)
+        infer_fns = {"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images),
+                     "ours_cl": infer_fn(ours_cl, images)}
+        infer = interleaved_median(infer_fns, args.reps)
+        for who in ("ours", "torchvision"):
+            flops[backbone, "inference", who] = counted_flops(infer_fns[who])
+            seconds[backbone, "inference", who] = infer[who]
         layout_ratio[backbone] = {"train step": train["ours_cl"] / train["ours"],
                                   "inference": infer["ours_cl"] / infer["ours"]}
         cl_time[backbone] = {"train step": train["ours_cl"], "inference": infer["ours_cl"]}
@@ -160,6 +198,12 @@ def main() -> None:
         cl = (f"{cl_time[backbone][mode]:>13.3f}{layout_ratio[backbone][mode]:>11.2f}"
               if mode in layout_ratio[backbone] else "")
         print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}{cl}")
+    peak = matmul_peak_gflops()
+    print(f"\nthis machine's float32 matmul peak: {peak:.1f} GFLOP/s (2048^3, {torch.get_num_threads()} threads)")
+    print(f"{'backbone':<14}{'mode':<11}{'who':<13}{'GFLOP':>8}{'GFLOP/s':>9}{'% of peak':>11}")
+    for (backbone, mode, who), f in flops.items():
+        rate = f / seconds[backbone, mode, who] / 1e9
+        print(f"{backbone:<14}{mode:<11}{who:<13}{f / 1e9:>8.2f}{rate:>9.1f}{100 * rate / peak:>10.1f}%")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from autofpn.models.detector import build_detector
 from autofpn.models.operations import HEAD_OPS, NECK_OPS, MixedOp, set_fused, set_recompute
 from autofpn.ops.depthwise import depthwise_conv2d
 from autofpn.ops.pointwise import concat_pointwise, depthwise_concat_pointwise
+from autofpn.ops.weighted_convs import merged_kernel, weighted_convs
 from test_memory_format import _batch as float64_batch  # two images, three boxes, float64
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,6 +365,46 @@ def test_concat_pointwise_equals_conv_of_concat(parts, layout):
     assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, reference(*tensors), **TOL)
     assert torch.autograd.gradcheck(fused, tuple(tensors))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("weights", ["random", "pair"])
+@pytest.mark.parametrize("table_name", sorted(TABLES))
+def test_fused_mixed_op_in_an_architecture_step_equals_the_reference(table_name, weights, layout):
+    """In an architecture step the ops' parameters need no gradient (Searcher.arch_step): the
+    head's full convolutions then run on their own (``weighted_convs``); output and the gradients
+    of x and w as the reference's, the parameters untouched."""
+    op, x = _case(table_name, layout)
+    op.requires_grad_(False)
+    w = _weights(weights, TABLES[table_name], torch.Generator().manual_seed(2))
+    fused, reference = _run(op, x, w, True), _run(op, x, w, False)
+    _assert_same(fused, reference)
+    assert all(g is None for g in fused[3].values())
+    assert fused[2].abs().sum() > 0
+
+
+def test_weighted_convs_gradcheck_and_no_weight_gradient_flops():
+    """``weighted_convs``: values and the gradients of x and w (gradcheck) against the merged
+    convolution; its backward computes the merged kernel's input gradient only, no weight
+    gradient (FLOPs as torch's counter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.tensor([0.3, 0.6], dtype=torch.float64, requires_grad=True)
+    kernels = [torch.randn(4, 3, k, k, generator=gen, dtype=torch.float64) for k in (3, 5)]
+    biases = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    out = weighted_convs(x, w, kernels, biases)
+    want = F.conv2d(x, merged_kernel([v * wk for v, wk in zip(kernels, w)]), biases[0] * w[0] + biases[1] * w[1],
+                    padding=2)
+    torch.testing.assert_close(out, want, **TOL)
+    assert torch.autograd.gradcheck(lambda x_, w_: weighted_convs(x_, w_, kernels, biases), (x, w))
+    with FlopCounterMode(display=False) as counter:
+        weighted_convs(x, w, kernels, biases).sum().backward()
+    one_tap = 2 * 2 * 7 * 7 * 3 * 4  # 2 FLOPs per multiply-add, per output element and input channel
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.convolution] == (9 + 25) * one_tap
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.convolution_backward] == 25 * one_tap
+    with pytest.raises(ValueError, match="no gradient to the kernels"):
+        weighted_convs(x, w, [kernels[0].requires_grad_()], biases[:1])
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -133,6 +133,13 @@ class OneStageDetector(SearchableDetector):
         features = self.neck(features) if neck_weights is None else self.neck(features, neck_weights)
         return batch, image_sizes, targets, [features[name] for name in sorted(features, key=lambda n: int(n[1:]))]
 
+    def final_detections(self, boxes: List[Tensor], scores: List[Tensor], labels: List[Tensor]) -> Dict[str, Tensor]:
+        """One image's candidates, gathered in pieces (per level or per label): class-wise NMS at
+        ``nms_thresh`` over all of them, the best ``detections_per_img`` kept."""
+        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
+
 
 class RetinaNet(OneStageDetector):
     """transform -> backbone -> neck (P3..P7) -> class / box subnets on every anchor.
@@ -247,9 +254,7 @@ class RetinaNet(OneStageDetector):
                 image_boxes.append(clip_boxes_to_image(boxes, size))
                 image_scores.append(scores)
                 image_labels.append(candidates % num_classes + 1)  # output k -> label k + 1
-            boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            detections.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            detections.append(self.final_detections(image_boxes, image_scores, image_labels))
         return detections
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None

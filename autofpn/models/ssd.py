@@ -46,7 +46,7 @@ from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.backbone import _file_state_dict, _imagenet_state_dict, load_backbone_state
 from autofpn.models.retinanet import OneStageDetector, per_anchor
 from autofpn.models.transform import ImageTransform
-from autofpn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image
+from autofpn.ops.boxes import BoxCoder, clip_boxes_to_image
 from autofpn.ops.layout import check_memory_format
 from autofpn.ops.matcher import Matcher
 
@@ -458,9 +458,7 @@ class SSD(OneStageDetector):
                 image_boxes.append(box[order])
                 image_scores.append(score)
                 image_labels.append(torch.full_like(score, label, dtype=torch.int64))
-            boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            detections.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            detections.append(self.final_detections(image_boxes, image_scores, image_labels))
         return detections
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None

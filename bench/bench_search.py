@@ -13,9 +13,11 @@ On one config (default configs/demo.yaml) and the same batches, measures
     recomputed in the backward pass instead of keeping its ops' activations),
   - with ``--genotype G``: a training step of the detector decoded from G (what train.py
     retrains after the search),
-  - with ``--unfused``: every search variant a second time with the supernet's mixed ops
-    unfused (``set_fused(model, False)``: every op run as built, then the weighted sum; the
-    reference of the fused ops, autofpn/models/operations.py), and the time ratio unfused / fused,
+  - with ``--unfused``: every search variant (and the decoded step) a second time as built, the
+    reference: the supernet's mixed ops unfused (every op run as built, then the weighted sum)
+    and every depthwise and 1x1 conv of the ops run as its module (``ops_as_built``; outside it a
+    training step runs them through the faster-backward ops, autofpn/models/operations.py), and
+    the time ratio as built / fused,
 interleaved, median of --reps (``--cpu-time``: also the process's CPU time, all threads; on a machine
 shared with other jobs it counts this process's work, not the time it waited for a core); and, in a fresh subprocess per variant, the peak memory of one
 iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channels_last`` every
@@ -43,8 +45,21 @@ def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu"
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
     "head_rois<K>", "neck_recompute", "head_recompute") on fixed batches, on ``device`` (the
-    search variants with the config's ``search.amp``; ``fused=False``: with the supernet's mixed
-    ops unfused)."""
+    search variants with the config's ``search.amp``; ``fused=False``: the reference, every
+    op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
+    convs as their modules, ``ops_as_built``)."""
+    step = _variant_step(name, cfg, genotype_path, device, fused)
+    if fused:
+        return step
+    from autofpn.models.operations import ops_as_built
+
+    def as_built():
+        with ops_as_built():
+            step()
+    return as_built
+
+
+def _variant_step(name: str, cfg, genotype_path: str, device: str, fused: bool) -> Callable[[], None]:
     from autofpn.data import build_dataset
     from autofpn.data.loader import build_loader
     from autofpn.engine import distributed as du
@@ -106,7 +121,8 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", choices=("contiguous", "channels_last"), default=[],
                         help="run every variant in each of these memory layouts (default: the config's)")
     parser.add_argument("--unfused", action="store_true",
-                        help="also time every search variant with the mixed ops unfused (the reference), and the ratio")
+                        help="also time every search variant and the decoded step as built (the reference: mixed ops "
+                             "unfused, every conv module as built), and the ratio")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--cpu-time", action="store_true",
                         help="also print the median process CPU time (all threads) of each variant")
@@ -122,7 +138,7 @@ def main() -> None:
                 + (("neck_recompute", "head_recompute") if args.recompute else ()))
     layouts = args.layouts or [cfg["model"]["memory_format"]]
     layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
-    searched = [name for name in variants if name not in ("fpn", "decoded")]
+    searched = [name for name in variants if name != "fpn"]  # and "decoded": what runs otherwise as built
     runs = [(name, layout, True) for layout in layouts for name in variants]
     runs += [(name, layout, False) for layout in layouts for name in searched] if args.unfused else []
     steps: Dict[tuple, Callable[[], None]] = {
@@ -152,7 +168,7 @@ def main() -> None:
     for fused in ((True, False) if args.unfused else (True,)):
         for layout in layouts:
             title = [f"layout {layout}"] if len(layouts) > 1 else []
-            title += [("fused" if fused else "unfused") + " mixed ops"] if args.unfused else []
+            title += ["fused / faster convs" if fused else "as built (the reference)"] if args.unfused else []
             if title:
                 print(", ".join(title) + ":")
             print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}"
@@ -164,7 +180,7 @@ def main() -> None:
                       + (f"{cpu[run]:>10.3f}{cpu[run] / cpu[fpn]:>8.2f}" if args.cpu_time else ""))
     if args.unfused:
         for layout in layouts:
-            print(f"time unfused / fused{f' ({layout})' if len(layouts) > 1 else ''} (> 1: fusion is faster): "
+            print(f"time as built / fused{f' ({layout})' if len(layouts) > 1 else ''} (> 1: ours is faster): "
                   + ", ".join(f"{name} {median[(name, layout, False)] / median[(name, layout, True)]:.2f}"
                               for name in searched)
                   + ("; CPU time: " + ", ".join(f"{name} {cpu[(name, layout, False)] / cpu[(name, layout, True)]:.2f}"

@@ -4,6 +4,7 @@ the reference's values and gradients (every op run as built, then ``mixed_sum``)
 and the head's op tables, in both layouts, with the sampled and recomputed paths, and in a whole
 supernet; with a norm inside the ops it is not used. Float64 unless stated, so that what is
 compared is the arithmetic (1e-10), not float32 rounding."""
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from autofpn.models.auto_head import AutoHead
 from autofpn.models.detector import build_detector
 from autofpn.models.operations import HEAD_OPS, NECK_OPS, MixedOp, set_fused, set_recompute
 from autofpn.ops.depthwise import depthwise_conv2d
+from autofpn.ops.layout import memory_format_of
 from autofpn.ops.pointwise import concat_pointwise, depthwise_concat_pointwise
 from autofpn.ops.weighted_convs import merged_kernel, weighted_convs
 from test_memory_format import _batch as float64_batch  # two images, three boxes, float64
@@ -47,12 +49,14 @@ def _weights(kind: str, table, gen) -> torch.Tensor:
 
 
 def _run(op: MixedOp, x: torch.Tensor, w: torch.Tensor, fused: bool, seed: int = 1):
-    """Output and gradients (x, w, every parameter by name) of a fixed linear loss on op(x, w)."""
+    """Output and gradients (x, w, every parameter by name) of a fixed linear loss on op(x, w);
+    ``fused=False``: the reference, every op and conv module run as built."""
     op.fused = fused
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
     op.zero_grad(set_to_none=True)
-    out = op(x, w)
+    with contextlib.nullcontext() if fused else operations.ops_as_built():
+        out = op(x, w)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
     (out * probe).sum().backward()
     return out.detach(), x.grad, w.grad, {n: p.grad for n, p in op.named_parameters()}
@@ -133,7 +137,7 @@ def test_with_a_norm_inside_the_ops_the_reference_runs(norm, monkeypatch):
 
 @pytest.mark.parametrize("table_name", sorted(TABLES))
 def test_sampled_paths_equal_the_reference(table_name, monkeypatch):
-    """gdas: one active op runs as built (nothing to fuse); two active ops (a sampled supernet's
+    """gdas: one active op runs on its own (nothing to fuse); two active ops (a sampled supernet's
     architecture step on soft weights) run fused over those two."""
     table = TABLES[table_name]
     torch.manual_seed(0)
@@ -230,7 +234,8 @@ def test_supernet_modules_fused_and_not(module):
         set_fused(net, fused)
         net.zero_grad(set_to_none=True)
         alpha.grad = None
-        out = net(inputs, torch.softmax(alpha, -1))
+        with contextlib.nullcontext() if fused else operations.ops_as_built():
+            out = net(inputs, torch.softmax(alpha, -1))
         outs = list(out.values()) if isinstance(out, dict) else [out]
         loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
         loss.backward()
@@ -261,7 +266,8 @@ def test_whole_supernet_detector_same_loss_and_architecture_gradients(layout):
         set_fused(model, fused)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the RPN and RoI samplers draw the same indices
-        losses = model(images, copy.deepcopy(targets))
+        with contextlib.nullcontext() if fused else operations.ops_as_built():
+            losses = model(images, copy.deepcopy(targets))
         sum(losses.values()).backward()
         results[fused] = ({k: v.detach() for k, v in losses.items()},
                           {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -272,6 +278,85 @@ def test_whole_supernet_detector_same_loss_and_architecture_gradients(layout):
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-7, atol=1e-10, msg=name)
     assert results[False][1]["arch.alpha"].abs().sum() > 0 and results[False][1]["arch.beta"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoded modules: a training step runs their depthwise and 1x1 convs through the faster ops
+# ------------------------------------------------------------------------------------------------
+def _decoded_step(module, inputs, as_built: bool):
+    """Output and parameter gradients of a fixed linear loss on module(inputs) in train mode;
+    ``as_built``: every conv module run as built (the reference)."""
+    module.zero_grad(set_to_none=True)
+    with operations.ops_as_built() if as_built else contextlib.nullcontext():
+        out = module(inputs)
+    outs = list(out.values()) if isinstance(out, dict) else [out]
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("norm", ["none", "gn", "bn"])
+def test_decoded_modules_train_through_the_faster_convs(norm, layout):
+    """A decoded neck and head (random_genotype(0, 0): every op kind of both tables) in a training
+    step run their blocks' depthwise convs as ``depthwise_conv2d`` and their 1x1 convs as
+    ``pointwise`` (faster backward on the CPU): the same loss and parameter gradients as with
+    every conv module as built (float64, BatchNorm in train mode included); the inputs' layout is
+    kept; under no_grad the modules run as built (their forward hooks fire)."""
+    from autofpn.search.random_sample import random_genotype
+    genotype = random_genotype(0, 0)
+    torch.manual_seed(0)
+    strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    neck = AutoFusionNeck({"c2": 8, "c3": 12, "c4": 16, "c5": 24}, strides, 8, genotype=genotype, norm=norm).double()
+    head = AutoHead(8, 7, 8, cells=2, genotype=genotype, norm=norm).double()
+    feats = {k: torch.randn(2, c, 64 // strides[k], 80 // strides[k], dtype=torch.float64)
+             .contiguous(memory_format=LAYOUTS[layout]) for k, c in {"c2": 8, "c3": 12, "c4": 16, "c5": 24}.items()}
+    rois = torch.randn(6, 8, 7, 7, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout])
+    for module, inputs in ((neck, feats), (head, rois)):
+        module.train()
+        state = copy.deepcopy(module.state_dict())  # BatchNorm's running statistics move in each step
+        fast = _decoded_step(module, inputs, as_built=False)
+        module.load_state_dict(state)
+        reference = _decoded_step(module, inputs, as_built=True)
+        torch.testing.assert_close(fast[0], reference[0], rtol=1e-10, atol=1e-10)
+        assert fast[1].keys() == reference[1].keys()
+        for name, grad in reference[1].items():
+            torch.testing.assert_close(fast[1][name], grad, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+    out = neck(feats)
+    assert all(memory_format_of(p) == LAYOUTS[layout] for p in out.values() if p.shape[-1] > 1)
+    ran = []
+    hooks = [m.register_forward_hook(lambda mod, args, o: ran.append(mod)) for m in neck.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        neck(feats)
+    for h in hooks:
+        h.remove()
+    assert len(ran) == len(hooks)
+
+
+@needs_kernel
+def test_a_decoded_neck_in_channels_last_runs_no_oneDNN_convolution_backward():
+    """In channels-last on the CPU the backward of a decoded neck whose ops are depthwise-separable
+    (every neck op but identity) calls no ``aten.convolution_backward``: its depthwise convs'
+    input gradient is a forward convolution, their weight gradient the extension's kernel, its
+    1x1 convs matrix products. With the conv modules as built it does."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from autofpn.search.random_sample import random_genotype
+    genotype = random_genotype(0, 0)
+    torch.manual_seed(0)
+    strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    neck = AutoFusionNeck({k: 8 for k in strides}, strides, 8, genotype=genotype, norm="bn").train()
+    feats = {k: torch.randn(2, 8, 64 // s, 80 // s).contiguous(memory_format=torch.channels_last)
+             for k, s in strides.items()}
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in neck.modules())
+    flops = {}  # of aten.convolution_backward
+    for as_built in (False, True):
+        counter = FlopCounterMode(display=False)
+        with counter, operations.ops_as_built() if as_built else contextlib.nullcontext():
+            sum(o.square().sum() for o in neck(feats).values()).backward()
+        flops[as_built] = counter.get_flop_counts()["Global"].get(torch.ops.aten.convolution_backward, 0)
+    assert flops[False] == 0
+    assert flops[True] > 0 and convs > 20
 
 
 # ------------------------------------------------------------------------------------------------

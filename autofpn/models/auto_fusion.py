@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .genotype import neck_part
-from .operations import NECK_OPS, MixedOp, make_norm, pointwise, runs_fused
+from .operations import NECK_OPS, MixedOp, make_norm, pointwise, trains_faster_convs
 
 
 def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -> Tensor:
@@ -43,6 +43,15 @@ def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+class ConvNorm(nn.Sequential):
+    """1x1 conv -> norm (a level's input projection); in a training or search step the conv as
+    ``pointwise`` (the same values, a faster backward on the CPU: ``trains_faster_convs``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, norm = self
+        return norm(pointwise(conv, x) if trains_faster_convs() else conv(x))
+
+
 class FusionLink(nn.Module):
     """One link of a layer: 1x1 conv -> (mixed) op at the source resolution.
 
@@ -56,12 +65,9 @@ class FusionLink(nn.Module):
         self.mixed = MixedOp(channels, NECK_OPS, norm, chosen, sampled)
 
     def project(self, x: Tensor) -> Tensor:
-        """norm(conv1x1(x)); in a fused supernet without a norm, the 1x1 conv as a matrix product
-        (``pointwise``: the same values, a faster backward on the CPU). Not in a sampled supernet
-        (one op per link: its module hooks see which convs ran, as before)."""
-        if runs_fused(self.mixed, x) and not self.mixed.sampled and isinstance(self.norm, nn.Identity):
-            return pointwise(self.conv, x)
-        return self.norm(self.conv(x))
+        """norm(conv1x1(x)); in a training or search step the 1x1 conv as ``pointwise`` (the same
+        values, a faster backward on the CPU: ``trains_faster_convs``)."""
+        return self.norm(pointwise(self.conv, x) if trains_faster_convs() else self.conv(x))
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Optional[Tensor]:
         """None when a sampled path chose "none" for this link (nothing computed)."""
@@ -131,8 +137,8 @@ class AutoFusionNeck(nn.Module):
         self.num_layers = layers
 
         self.input_proj = nn.ModuleDict({
-            f"c{lv}": nn.Sequential(nn.Conv2d(in_channels[f"c{lv}"], channels, 1, bias=norm == "none"),
-                                    make_norm(norm, channels))
+            f"c{lv}": ConvNorm(nn.Conv2d(in_channels[f"c{lv}"], channels, 1, bias=norm == "none"),
+                               make_norm(norm, channels))
             for lv in self.levels})
         self.layers = nn.ModuleList()
         for chosen in chosen_per_layer:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, head_part
-from .operations import HEAD_OPS, MixedOp, ReLUConvNorm, pointwise, runs_fused
+from .operations import HEAD_OPS, MixedOp, ReLUConvNorm
 
 EDGE_PAIRS: List[Tuple[int, int]] = [
     (k, n) for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)
@@ -50,21 +50,12 @@ class HeadCell(nn.Module):
                                      sampled and chosen is None)
             for (k, n) in pairs})
 
-    def _project(self, pre: ReLUConvNorm, s: Tensor) -> Tensor:
-        """pre(s); in a fused supernet without a norm, its 1x1 conv as a matrix product
-        (``pointwise``: the same values, a faster backward on the CPU). Not in a sampled supernet
-        (one op per edge: its module hooks see which convs ran, as before)."""
-        edge = next(iter(self.edges.values()), None)
-        if edge is not None and runs_fused(edge, s) and not edge.sampled and isinstance(pre[2], nn.Identity):
-            return pointwise(pre[1], torch.relu(s))
-        return pre(s)
-
     def forward(self, s0: Tensor, s1: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         """s0, s1: outputs of cells m-2 and m-1; weights: Tensor[14, len(HEAD_OPS)] or None.
         Returns Tensor[R, 4 * channels, h, w]."""
         nodes: List[Optional[Tensor]] = [
-            self._project(self.pre0, s0) if self.pre0 is not None else None,
-            self._project(self.pre1, s1) if self.pre1 is not None else None]
+            self.pre0(s0) if self.pre0 is not None else None,
+            self.pre1(s1) if self.pre1 is not None else None]
         for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES):
             total = None
             for k in range(n):

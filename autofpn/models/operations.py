@@ -72,6 +72,15 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm '{norm}'; valid: {', '.join(NORMS)}")
 
 
+def trains_faster_convs() -> bool:
+    """Whether the ops' blocks run their depthwise and 1x1 convolutions through
+    ``depthwise_conv2d`` and ``pointwise`` (the same values, a faster backward on the CPU:
+    docs/BENCHMARKS.md) instead of their ``nn.Conv2d`` modules: with gradients on (a training
+    or search step; inference runs the modules as built), outside ``ops_as_built`` (whose forward
+    hooks must see each conv module run)."""
+    return torch.is_grad_enabled() and not _AS_BUILT[0]
+
+
 class DepthwiseSeparableBlock(nn.Sequential):
     """ReLU -> depthwise KxK conv (dilation d, 'same' padding) -> pointwise 1x1 -> norm."""
 
@@ -85,6 +94,12 @@ class DepthwiseSeparableBlock(nn.Sequential):
             make_norm(norm, channels),
         )
 
+    def forward(self, x: Tensor) -> Tensor:
+        if not trains_faster_convs():
+            return super().forward(x)
+        relu, depthwise, conv1x1, norm = self
+        return norm(pointwise(conv1x1, _depthwise(depthwise, relu(x))))
+
 
 class ReLUConvNorm(nn.Sequential):
     """ReLU -> KxK conv ('same' padding) -> norm."""
@@ -95,6 +110,12 @@ class ReLUConvNorm(nn.Sequential):
             nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=norm == "none"),
             make_norm(norm, out_channels),
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        relu, conv, norm = self
+        if conv.kernel_size != (1, 1) or not trains_faster_convs():
+            return super().forward(x)
+        return norm(pointwise(conv, relu(x)))
 
 
 def build_op(name: str, channels: int, norm: str) -> nn.Module:
@@ -128,7 +149,7 @@ def _one_dtype(outputs: List[Tensor]) -> List[Tensor]:
 
 def _weighted_sum(ops: Sequence[nn.Module], x: Tensor, w: Tensor) -> Tensor:
     """sum_k w[k] * ops[k](x) (the fused ``mixed_sum``); x: Tensor[N, C, H, W], w: Tensor[len(ops)].
-    The reference: every op run as built, then the weighted sum."""
+    The reference (inside ``ops_as_built``: every op run as built), then the weighted sum."""
     return mixed_sum(_one_dtype([op(x) for op in ops]), w)
 
 
@@ -267,15 +288,16 @@ def ops_as_built():
 
 
 def runs_fused(mixed: "MixedOp", x: Tensor) -> bool:
-    """Whether ``mixed`` (and the 1x1 projection in front of it) runs fused on ``x``: a supernet's
-    mixed op with ``fused`` on, outside ``ops_as_built``."""
+    """Whether ``mixed`` runs fused on ``x``: a supernet's mixed op with ``fused`` on, outside
+    ``ops_as_built``."""
     return mixed.fused and len(mixed.ops) > 1 and not _AS_BUILT[0]
 
 
 def set_fused(model: nn.Module, enabled: bool = True) -> int:
     """Turn the fused computation (``MixedOp.fused``, on by default) on or off in every mixed op
-    of ``model`` holding more than one op; returns how many. Off: every op runs as built and
-    ``mixed_sum`` weights their outputs (the reference, same values up to float rounding)."""
+    of ``model`` holding more than one op; returns how many. Off: every op runs on its own and
+    ``mixed_sum`` weights their outputs (same values up to float rounding; the reference with
+    every conv module as built is that inside ``ops_as_built``)."""
     mixed = [m for m in model.modules() if isinstance(m, MixedOp) and len(m.ops) > 1]
     for m in mixed:
         m.fused = enabled

@@ -166,13 +166,18 @@ def test_recomputed_fused_op_equals_the_reference(table_name, layout):
     _assert_same(_run(op, x, w, True), reference)
 
 
+@pytest.mark.parametrize("step", ["weight", "arch"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("table_name", sorted(TABLES))
-def test_fused_op_under_bfloat16_autocast(table_name, layout):
+def test_fused_op_under_bfloat16_autocast(table_name, layout, step, monkeypatch):
     """Same dtype as the reference (bfloat16 out, float32 gradient on w) and the same values to
-    bfloat16's precision."""
+    bfloat16's precision; in an architecture step (the ops' parameters frozen) the head's full
+    convolutions run as ``weighted_convs`` under autocast too."""
+    calls = []
+    real = operations.weighted_convs
+    monkeypatch.setattr(operations, "weighted_convs", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    op = MixedOp(8, TABLES[table_name])
+    op = MixedOp(8, TABLES[table_name]).requires_grad_(step == "weight")
     x = torch.randn(2, 8, 12, 12).contiguous(memory_format=LAYOUTS[layout])
     w = torch.softmax(torch.randn(8), 0)
     results = {}
@@ -186,12 +191,16 @@ def test_fused_op_under_bfloat16_autocast(table_name, layout):
         out.float().square().mean().backward()
         assert ww.grad.dtype == torch.float32 and xx.grad.dtype == torch.float32
         results[fused] = (out.float(), xx.grad, ww.grad, {n: p.grad for n, p in op.named_parameters()})
+    assert len(calls) == (step == "arch" and table_name == "head")
     out, gx, gw, gp = results[True]
     ref_out, ref_gx, ref_gw, ref_gp = results[False]
     torch.testing.assert_close(out, ref_out, rtol=0.05, atol=0.05)
     torch.testing.assert_close(gx, ref_gx, rtol=0.1, atol=0.02)
     torch.testing.assert_close(gw, ref_gw, rtol=0.1, atol=0.02)
     for name, ref in ref_gp.items():
+        if step == "arch":
+            assert ref is None and gp[name] is None
+            continue
         assert torch.isfinite(gp[name]).all()
         torch.testing.assert_close(gp[name], ref, rtol=0.1, atol=0.05, msg=lambda m: f"grad {name}: {m}")
 

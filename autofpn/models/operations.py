@@ -201,7 +201,7 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     - the "conv" ops (conv_3x3, conv_5x5 of the head) are one convolution with the weighted sum
       of their kernels, the smaller ones zero-padded to the largest (centred: their "same"
       padding is half the kernel), ``sum_k w_k (V_k * r + c_k) = (sum_k w_k V_k) * r + sum_k w_k c_k``;
-      in an architecture step (their parameters need no gradient, outside autocast) each is run
+      in an architecture step (their parameters need no gradient) each is run
       on its own and its output kept, so that w gets its gradient without the merged kernel's
       weight gradient (``weighted_convs``: fewer FLOPs in all);
     - every bias enters once, ``sum_k w_k b_k``; identity is added as ``w_id * x``.
@@ -238,7 +238,6 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     # an architecture step (w needs a gradient, the convolutions' parameters do not): each
     # convolution's output is kept for w's gradient instead of the merged kernel's weight gradient
     arch_step = (bool(convs) and w.requires_grad and torch.is_grad_enabled()
-                 and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
                  and not any(p.requires_grad for c in convs for p in (c.weight, c.bias)))
     if not arch_step:
         biases += [c.bias * wk for c, wk in zip(convs, conv_weights)]
@@ -247,7 +246,7 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     if arch_step:
         conv = weighted_convs(r, torch.stack(conv_weights), [c.weight for c in convs], [c.bias for c in convs])
         if bias is not None and not depthwise:
-            conv = conv + bias.view(-1, 1, 1)
+            conv = conv + bias.view(-1, 1, 1).to(conv.dtype)
     elif convs:
         kernel = merged_kernel([c.weight * wk for c, wk in zip(convs, conv_weights)])
         conv = F.conv2d(r, kernel, None if depthwise else bias, padding=kernel.shape[-1] // 2)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from autofpn.ops.pointwise import _autocast_off, _in_autocast_dtype
+
 __all__ = ["weighted_convs", "merged_kernel"]
 
 
@@ -29,18 +31,21 @@ def merged_kernel(kernels: Sequence[Tensor]) -> Tensor:
 
 
 class _WeightedConvs(torch.autograd.Function):
-    """x: [N, C, H, W]; w: [K]; K kernels [C_out, C, k, k] and K biases [C_out] (no gradient)."""
+    """x: [N, C, H, W]; w: [K]; K kernels [C_out, C, k, k] and K biases [C_out] (no gradient).
+    Computes in x's dtype (the kernels in it too); w and its gradient keep w's dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, *kernels_and_biases: Tensor) -> Tensor:
         count = w.shape[0]
         kernels, biases = kernels_and_biases[:count], kernels_and_biases[count:]
         outs = [F.conv2d(x, v, b, padding=v.shape[-1] // 2) for v, b in zip(kernels, biases)]
-        out = outs[0] * w[0]
+        scale = w.detach().to(x.dtype)
+        out = outs[0] * scale[0]
         for k in range(1, count):
-            out = out + outs[k] * w[k]
-        merged = merged_kernel([v * w[k] for k, v in enumerate(kernels)])
+            out = out + outs[k] * scale[k]
+        merged = merged_kernel([v * scale[k] for k, v in enumerate(kernels)])
         ctx.save_for_backward(x, merged, *outs)
+        ctx.w_dtype = w.dtype
         return out
 
     @staticmethod
@@ -52,15 +57,19 @@ class _WeightedConvs(torch.autograd.Function):
             pad = merged.shape[-1] // 2
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, x, merged, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.stack([(grad_out * c).sum() for c in outs])
+        if ctx.needs_input_grad[1]:  # accumulated in w's dtype (float32 under autocast: no float16 overflow)
+            grad_w = torch.stack([torch.sum(grad_out * c, dtype=ctx.w_dtype) for c in outs])
         return (grad_x, grad_w) + (None,) * (2 * len(outs))
 
 
 def weighted_convs(x: Tensor, w: Tensor, kernels: List[Tensor], biases: List[Tensor]) -> Tensor:
     """``sum_k w[k] * F.conv2d(x, kernels[k], biases[k], padding=k_k // 2)`` with gradients for x
     and w only (the kernels and biases must not need one: an architecture step). Same values and
-    gradients as the merged convolution, up to float rounding."""
+    gradients as the merged convolution, up to float rounding. Under autocast the convolutions
+    run in its dtype (x, kernels and biases cast, as autocast casts a convolution's inputs) and
+    so does the result; w's gradient stays in w's dtype."""
     if any(t.requires_grad for t in (*kernels, *biases)):
         raise ValueError("weighted_convs gives no gradient to the kernels or biases: use the merged convolution")
-    return _WeightedConvs.apply(x, w, *kernels, *biases)
+    (x, *kernels_and_biases), autocast = _in_autocast_dtype([x, *kernels, *biases])
+    with _autocast_off(x.device.type, autocast):
+        return _WeightedConvs.apply(x, w, *kernels_and_biases)

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from autofpn.ops.depthwise import depthwise_conv2d_backward
 from autofpn.ops.layout import memory_format_of
 
-__all__ = ["concat_pointwise", "depthwise_concat_pointwise", "add_weighted"]
+__all__ = ["concat_pointwise", "depthwise_concat_pointwise", "add_weighted", "in_autocast_dtype", "autocast_off"]
 
 
 def _pixels(x: Tensor) -> Tensor:
@@ -183,11 +183,11 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
     Returns [N, C_out, H, W], in the layout of xs. Under autocast: in its dtype, with the
     residual rounded to it and residual_weight's gradient accumulated in residual_weight's dtype.
     """
-    (*xs, weight, bias, extra), autocast = _in_autocast_dtype([*xs, weight, bias, extra])
+    (*xs, weight, bias, extra), autocast = in_autocast_dtype([*xs, weight, bias, extra])
     residual = None if residual is None else residual.to(xs[0].dtype)
     if all(memory_format_of(x) == torch.channels_last for x in xs) and (
             extra is None or memory_format_of(extra) == torch.channels_last):
-        with _autocast_off(xs[0].device.type, autocast):
+        with autocast_off(xs[0].device.type, autocast):
             return _ConcatPointwise.apply(weight, bias, extra, residual, residual_weight, *xs)
     out = F.conv2d(torch.cat(xs, 1) if len(xs) > 1 else xs[0], weight, bias)
     if extra is not None:
@@ -214,17 +214,18 @@ def depthwise_concat_pointwise(hs: Sequence[Tensor], kernels: Sequence[Tensor], 
         the rest: as ``concat_pointwise``.
     """
     k = len(hs)
-    cast, autocast = _in_autocast_dtype([*hs, *kernels, weight, bias, extra])
+    cast, autocast = in_autocast_dtype([*hs, *kernels, weight, bias, extra])
     hs, kernels, (weight, bias, extra) = cast[:k], cast[k:2 * k], cast[2 * k:]
     residual = None if residual is None else residual.to(hs[0].dtype)
-    with _autocast_off(hs[0].device.type, autocast):
+    with autocast_off(hs[0].device.type, autocast):
         return _DepthwiseConcatPointwise.apply(weight, bias, extra, residual, residual_weight, tuple(dilations),
                                                *hs, *kernels)
 
 
-def _in_autocast_dtype(tensors: List[Optional[Tensor]]) -> Tuple[List[Optional[Tensor]], bool]:
+def in_autocast_dtype(tensors: List[Optional[Tensor]]) -> Tuple[List[Optional[Tensor]], bool]:
     """(the tensors in autocast's dtype when autocast is on, as it treats a convolution's inputs,
-    None kept; whether autocast exists on their device: not on "meta", the planner's pass)."""
+    None kept; whether autocast exists on their device: not on "meta", the planner's pass).
+    With ``autocast_off``, how a custom autograd function of ops/ takes autocast's dtype."""
     device = next(t for t in tensors if t is not None).device.type
     available = torch.amp.is_autocast_available(device)
     if available and torch.is_autocast_enabled(device):
@@ -233,8 +234,9 @@ def _in_autocast_dtype(tensors: List[Optional[Tensor]]) -> Tuple[List[Optional[T
     return tensors, available
 
 
-def _autocast_off(device: str, available: bool):
-    """The autograd functions compute in their inputs' dtype (cast above)."""
+def autocast_off(device: str, available: bool):
+    """Autocast off around an autograd function whose inputs ``in_autocast_dtype`` cast: it
+    computes in their dtype."""
     return torch.autocast(device, enabled=False) if available else contextlib.nullcontext()
 
 

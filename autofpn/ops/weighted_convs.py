@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from autofpn.ops.pointwise import _autocast_off, _in_autocast_dtype
+from autofpn.ops.pointwise import autocast_off, in_autocast_dtype
 
 __all__ = ["weighted_convs", "merged_kernel"]
 
@@ -70,6 +70,6 @@ def weighted_convs(x: Tensor, w: Tensor, kernels: List[Tensor], biases: List[Ten
     so does the result; w's gradient stays in w's dtype."""
     if any(t.requires_grad for t in (*kernels, *biases)):
         raise ValueError("weighted_convs gives no gradient to the kernels or biases: use the merged convolution")
-    (x, *kernels_and_biases), autocast = _in_autocast_dtype([x, *kernels, *biases])
-    with _autocast_off(x.device.type, autocast):
+    (x, *kernels_and_biases), autocast = in_autocast_dtype([x, *kernels, *biases])
+    with autocast_off(x.device.type, autocast):
         return _WeightedConvs.apply(x, w, *kernels_and_biases)

@@ -501,6 +501,20 @@ def test_weighted_convs_gradcheck_and_no_weight_gradient_flops():
         weighted_convs(x, w, [kernels[0].requires_grad_()], biases[:1])
 
 
+def test_weighted_convs_in_float16_sums_the_architecture_gradient_without_overflow():
+    """float16 maps with a float32 w (a GPU fp16 search): each product dL/dout * c_k is formed in
+    w's dtype; in float16 these (300 x 340) would overflow to inf."""
+    x = torch.full((1, 2, 6, 6), 10.0, dtype=torch.float16, requires_grad=True)
+    kernels = [torch.ones(2, 2, k, k, dtype=torch.float16) for k in (3, 5)]
+    biases = [torch.zeros(2, dtype=torch.float16)] * 2
+    w = torch.tensor([0.5, 0.5], requires_grad=True)
+    (weighted_convs(x, w, kernels, biases).float() * 300.0).sum().backward()
+    assert w.grad.dtype == torch.float32
+    want = torch.stack([300.0 * F.conv2d(x.detach().double(), v.double(), padding=v.shape[-1] // 2).sum()
+                        for v in kernels]).float()
+    torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_depthwise_concat_pointwise_equals_the_composition(layout):
     """Depthwise convs (3x3 r2, 5x5, 3x3 r1 on a second input; the first input used twice, as a

@@ -57,8 +57,9 @@ class _WeightedConvs(torch.autograd.Function):
             pad = merged.shape[-1] // 2
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, x, merged, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:  # accumulated in w's dtype (float32 under autocast: no float16 overflow)
-            grad_w = torch.stack([torch.sum(grad_out * c, dtype=ctx.w_dtype) for c in outs])
+        if ctx.needs_input_grad[1]:  # products and sum in w's dtype (float32 under autocast: a float16
+            grad = grad_out.to(ctx.w_dtype)  # product of two maps' values overflows beyond 65504)
+            grad_w = torch.stack([torch.sum(grad * c.to(ctx.w_dtype)) for c in outs])
         return (grad_x, grad_w) + (None,) * (2 * len(outs))
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .genotype import neck_part
-from .operations import NECK_OPS, MixedOp, make_norm, pointwise, trains_faster_convs
+from .operations import NECK_OPS, MixedOp, make_norm, step_conv1x1
 
 
 def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -> Tensor:
@@ -49,7 +49,7 @@ class ConvNorm(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, norm = self
-        return norm(pointwise(conv, x) if trains_faster_convs() else conv(x))
+        return norm(step_conv1x1(conv, x))
 
 
 class FusionLink(nn.Module):
@@ -67,7 +67,7 @@ class FusionLink(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         """norm(conv1x1(x)); in a training or search step the 1x1 conv as ``pointwise`` (the same
         values, a faster backward on the CPU: ``trains_faster_convs``)."""
-        return self.norm(pointwise(self.conv, x) if trains_faster_convs() else self.conv(x))
+        return self.norm(step_conv1x1(self.conv, x))
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Optional[Tensor]:
         """None when a sampled path chose "none" for this link (nothing computed)."""

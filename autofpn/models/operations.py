@@ -81,6 +81,11 @@ def trains_faster_convs() -> bool:
     return torch.is_grad_enabled() and not _AS_BUILT[0]
 
 
+def step_conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for a 1x1 conv module; as ``pointwise`` when ``trains_faster_convs()``."""
+    return pointwise(conv, x) if trains_faster_convs() else conv(x)
+
+
 class DepthwiseSeparableBlock(nn.Sequential):
     """ReLU -> depthwise KxK conv (dilation d, 'same' padding) -> pointwise 1x1 -> norm."""
 
@@ -113,9 +118,9 @@ class ReLUConvNorm(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         relu, conv, norm = self
-        if conv.kernel_size != (1, 1) or not trains_faster_convs():
+        if conv.kernel_size != (1, 1):
             return super().forward(x)
-        return norm(pointwise(conv, relu(x)))
+        return norm(step_conv1x1(conv, relu(x)))
 
 
 def build_op(name: str, channels: int, norm: str) -> nn.Module:

@@ -291,8 +291,8 @@ def ops_as_built():
         _AS_BUILT[0] -= 1
 
 
-def runs_fused(mixed: "MixedOp", x: Tensor) -> bool:
-    """Whether ``mixed`` runs fused on ``x``: a supernet's mixed op with ``fused`` on, outside
+def runs_fused(mixed: "MixedOp") -> bool:
+    """Whether ``mixed`` runs fused: a supernet's mixed op with ``fused`` on, outside
     ``ops_as_built``."""
     return mixed.fused and len(mixed.ops) > 1 and not _AS_BUILT[0]
 
@@ -370,7 +370,7 @@ class MixedOp(nn.Module):
                 return None
             ops, w = [ops[i] for i in active], w[active]
         fn, args = _weighted_sum, (ops, x, w)
-        if len(ops) > 1 and runs_fused(self, x):
+        if len(ops) > 1 and runs_fused(self):
             kinds = self.kinds if not self.sampled else [self.kinds[i] for i in active]
             if None not in kinds:
                 fn, args = _fused_weighted_sum, (kinds, ops, x, w)

@@ -396,6 +396,35 @@ def test_depthwise_conv2d_equals_f_conv2d(kernel, dilation, layout, use_kernel, 
                                      weight[:2].clone().requires_grad_()))
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_no_cpu_convolution_runs_with_a_padding_onednn_is_slow_at(layout):
+    """oneDNN's depthwise kernels take a padding of at most 4 (``ONEDNN_FAST_PADDING``); the
+    neck's dil_conv_5x5_r3 needs 6. Every convolution of a neck mixed op, fused or as built,
+    forward and backward, and of the decoded op in inference, gets an explicitly padded input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Paddings(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.seen.append(max(args[4]))
+            return func(*args, **(kwargs or {}))
+    op, x = _case("neck", layout)
+    w = _weights("random", NECK_OPS, torch.Generator().manual_seed(2))
+    decoded = operations.build_op("dil_conv_5x5_r3", x.shape[1], "none").double().eval()
+    with Paddings() as paddings:
+        for as_built in (False, True):
+            with operations.ops_as_built() if as_built else contextlib.nullcontext():
+                op(x.clone().requires_grad_(), w.clone().requires_grad_()).sum().backward()
+        with torch.no_grad():
+            decoded(x)
+    assert len(paddings.seen) > 20 and 0 in paddings.seen
+    assert max(paddings.seen) <= depthwise_module.ONEDNN_FAST_PADDING
+
+
 @needs_kernel
 def test_depthwise_weight_gradient_kernel_dtypes_and_thread_count():
     """float32 / bfloat16 against the float64 sum; the same bits with 1 and 2 threads."""

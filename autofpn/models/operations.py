@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from autofpn.ops.depthwise import depthwise_conv2d
+from autofpn.ops.depthwise import depthwise_conv2d, depthwise_same_conv
 from autofpn.ops.pointwise import add_weighted, concat_pointwise, depthwise_concat_pointwise
 from autofpn.ops.weighted_convs import merged_kernel, weighted_convs
 from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
@@ -86,15 +86,26 @@ def step_conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return pointwise(conv, x) if trains_faster_convs() else conv(x)
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise KxK conv (dilation d, "same" padding, no bias) whose forward is
+    ``depthwise_same_conv`` (on the CPU, a padding above 4 done by ``F.pad``: oneDNN's fast
+    kernels do not take it). The parameters and state-dict keys of the ``nn.Conv2d``."""
+
+    def __init__(self, channels: int, kernel: int, dilation: int):
+        super().__init__(channels, channels, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation,
+                         groups=channels, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return depthwise_same_conv(x, self.weight, self.padding[0], self.dilation[0])
+
+
 class DepthwiseSeparableBlock(nn.Sequential):
     """ReLU -> depthwise KxK conv (dilation d, 'same' padding) -> pointwise 1x1 -> norm."""
 
     def __init__(self, channels: int, kernel: int, dilation: int, norm: str):
-        padding = dilation * (kernel - 1) // 2
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(channels, channels, kernel, padding=padding, dilation=dilation,
-                      groups=channels, bias=False),
+            DepthwiseConv2d(channels, kernel, dilation),
             nn.Conv2d(channels, channels, 1, bias=norm == "none"),
             make_norm(norm, channels),
         )

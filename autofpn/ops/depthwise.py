@@ -16,6 +16,11 @@ dilated one 8-14x. Here (``depthwise_conv2d``, CPU tensors):
   (``aten::convolution_backward``).
 
 On other devices it is ``F.conv2d`` (the GPU's backward kernels are not measured here).
+
+Every forward convolution here (the forward, its recomputation, the input gradient) goes through
+``depthwise_same_conv``: oneDNN runs a depthwise convolution with a padding above 4 (the 5x5 r3
+op: 6) through a path 15-30x slower than the same convolution of the explicitly zero-padded input
+(docs/BENCHMARKS.md), so on the CPU such an input is padded first.
 """
 import logging
 from typing import Tuple
@@ -30,7 +35,11 @@ from autofpn.ops.layout import memory_format_of
 
 logger = logging.getLogger("autofpn")
 
-__all__ = ["depthwise_conv2d", "depthwise_conv2d_backward"]
+__all__ = ["depthwise_conv2d", "depthwise_conv2d_backward", "depthwise_same_conv"]
+
+# The largest padding oneDNN's fast depthwise kernels take (torch 2.14, CPU; measured for 3x3,
+# 5x5 and 7x7 kernels at dilations 1-6: padding 5 and above ran 10-30x slower).
+ONEDNN_FAST_PADDING = 4
 
 
 def _load_cpu_kernel() -> bool:
@@ -45,6 +54,15 @@ def _load_cpu_kernel() -> bool:
 
 
 _CPU_KERNEL = _load_cpu_kernel()
+
+
+def depthwise_same_conv(x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
+    """``F.conv2d(x, weight, None, 1, padding, dilation, groups=C)`` (x: [N, C, H, W], weight:
+    [C, 1, k, k]), with the zero padding done by ``F.pad`` on the CPU when it is above
+    ``ONEDNN_FAST_PADDING``: the same values, in x's layout."""
+    if padding > ONEDNN_FAST_PADDING and x.device.type == "cpu":
+        return F.conv2d(F.pad(x, [padding] * 4), weight, None, 1, 0, dilation, x.shape[1])
+    return F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
 
 
 def _weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
@@ -65,7 +83,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, padding: int, dilation: int) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.conv = (padding, dilation)
-        return F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
+        return depthwise_same_conv(x, weight, padding, dilation)
 
     @staticmethod
     @once_differentiable  # the extension's weight gradient has no derivative of its own
@@ -87,7 +105,7 @@ def depthwise_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, paddi
         return grad_x, grad_w
     grad_x = grad_w = None
     if input_grad:  # the transposed convolution as a correlation with the flipped kernel
-        grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, padding, dilation, x.shape[1])
+        grad_x = depthwise_same_conv(grad_out, weight.flip(-2, -1), padding, dilation)
     if weight_grad:
         grad_w = _weight_grad(grad_out, x, weight, padding, dilation)
     return grad_x, grad_w

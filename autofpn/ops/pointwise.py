@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from autofpn.ops.depthwise import depthwise_conv2d_backward
+from autofpn.ops.depthwise import depthwise_conv2d_backward, depthwise_same_conv
 from autofpn.ops.layout import memory_format_of
 
 __all__ = ["concat_pointwise", "depthwise_concat_pointwise", "add_weighted", "in_autocast_dtype", "autocast_off"]
@@ -129,7 +129,7 @@ class _DepthwiseConcatPointwise(torch.autograd.Function):
 
 
 def _depthwise_forward(h: Tensor, kernel: Tensor, dilation: int) -> Tensor:
-    return F.conv2d(h, kernel, None, 1, dilation * (kernel.shape[-1] - 1) // 2, dilation, h.shape[1])
+    return depthwise_same_conv(h, kernel, dilation * (kernel.shape[-1] - 1) // 2, dilation)
 
 
 def _finish(out: Tensor, extra: Optional[Tensor], residual: Optional[Tensor],

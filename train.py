@@ -23,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--genotype", default=None, help="genotype JSON of a searched neck/head")
     p.add_argument("--neck", choices=["fpn", "panet", "auto"], default=None,
                    help="neck type (overrides model.neck.type)")
-    p.add_argument("--head", choices=["mlp", "auto"], default=None,
+    p.add_argument("--head", choices=["mlp", "conv", "auto"], default=None,
                    help="head type (overrides model.head.type)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. solver.lr=0.01 data.images_per_batch=4")

@@ -50,11 +50,12 @@ DEFAULTS: Dict[str, Any] = {
             "norm": "none",  # none | gn | bn (for a derived Auto-fusion neck when retraining)
         },
         "head": {
-            "type": "mlp",  # mlp | auto (from a genotype)
-            "mlp_dim": 1024,
-            "channels": 512,  # auto-head width
+            "type": "mlp",  # mlp | conv (Xconv1fc, handcrafted) | auto (from a genotype)
+            "mlp_dim": 1024,  # mlp: both fully connected layers; conv: its one
+            "convs": 4,  # conv: 3x3 convolutions over each RoI (Detectron's 4conv1fc)
+            "channels": 512,  # auto-head cell width; conv: the convolutions' width
             "cells": 2,
-            # derived Auto-head when retraining: none | gn | bn. BN (statistics over the image
+            # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics over the image
             # batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
             # the demo, and GN followed by the global average pool erased the per-RoI signal
             # (docs/BENCHMARKS.md, "The demo").

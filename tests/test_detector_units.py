@@ -186,6 +186,29 @@ def test_eval_output_contract_and_breakdown():
     assert parts["total"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_conv_head_builds_trains_and_counts(norm):
+    """model.head.type=conv (Xconv1fc): convs x 3x3 then one fc; params by hand, the RoI features'
+    gradient reaches its first convolution, and its FLOPs land in the head part."""
+    from autofpn.models.detector import count_flops
+    from autofpn.models.heads import ConvFCHead
+    torch.manual_seed(0)
+    convs, width, fc = 2, 8, 64
+    model = build_detector(tiny_cfg("model.head.type=conv", f"model.head.convs={convs}",
+                                    f"model.head.channels={width}", f"model.head.norm={norm}")).train()
+    head = model.roi_heads.box_head
+    assert isinstance(head, ConvFCHead) and head.out_channels == fc
+    conv_params = (32 * width * 9 + width * width * 9) + (2 * 2 * width if norm == "bn" else 2 * width)
+    assert sum(p.numel() for p in head.parameters()) == conv_params + width * 7 * 7 * fc + fc
+    assert head(torch.randn(5, 32, 7, 7)).shape == (5, fc)
+    images, targets = _batch()
+    sum(model(images, targets).values()).backward()
+    assert head[0][0].weight.grad.abs().sum() > 0
+    flops = count_flops(model, 96, 96)
+    mlp_flops = count_flops(build_detector(tiny_cfg()), 96, 96)
+    assert flops["head"] > 0 and flops["head"] != mlp_flops["head"] and flops["neck"] == mlp_flops["neck"]
+
+
 # ---- backbones -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

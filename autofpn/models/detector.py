@@ -9,7 +9,7 @@ from autofpn.models.architecture import Architecture, SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.auto_head import AutoHead
 from autofpn.models.backbone import build_backbone
-from autofpn.models.heads import BoxPredictor, TwoMLPHead
+from autofpn.models.heads import BoxPredictor, ConvFCHead, TwoMLPHead
 from autofpn.models.necks import FPN, ConvExtraLevels, PANet, torchvision_fpn_key
 from autofpn.models.retinanet import RetinaNet, RetinaNetHead, retinanet_anchor_sizes
 from autofpn.models.roi_heads import RoIHeads
@@ -116,6 +116,9 @@ NECKS: Dict[str, Callable[..., nn.Module]] = {
 HEADS: Dict[str, Callable[..., nn.Module]] = {
     "mlp": lambda cfg, in_channels, genotype, search: TwoMLPHead(
         in_channels, cfg["model"]["roi"]["pooler_size"], cfg["model"]["head"]["mlp_dim"]),
+    "conv": lambda cfg, in_channels, genotype, search: ConvFCHead(
+        in_channels, cfg["model"]["roi"]["pooler_size"], cfg["model"]["head"]["convs"],
+        cfg["model"]["head"]["channels"], cfg["model"]["head"]["mlp_dim"], cfg["model"]["head"]["norm"]),
     "auto": build_auto_head,
 }
 

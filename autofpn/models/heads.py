@@ -1,7 +1,12 @@
-"""The standard Faster R-CNN box head (two fully connected layers) and the predictor."""
+"""The handcrafted Faster R-CNN box heads (two fully connected layers; convolutions then one
+fully connected layer) and the predictor."""
+from functools import partial
 from typing import Tuple
 
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
+from .operations import make_norm
 
 
 class TwoMLPHead(nn.Module):
@@ -16,6 +21,21 @@ class TwoMLPHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(start_dim=1)
         return self.fc7(self.fc6(x).relu_()).relu_()
+
+
+class ConvFCHead(FastRCNNConvFCHead):
+    """Detectron's "Xconv1fc" box head (torchvision's ``FastRCNNConvFCHead``): ``convs`` 3x3
+    convolutions of ``channels`` with norm and ReLU over each RoI, then one fully connected layer
+    + ReLU. forward(x: Tensor[R, C, S, S]) -> Tensor[R, fc_dim].
+
+    The handcrafted control for the Auto-head, which also convolves every RoI: at the same FLOPs
+    it tells the searched cells from any convolutional head."""
+
+    def __init__(self, in_channels: int, pooler_size: int = 7, convs: int = 4, channels: int = 256,
+                 fc_dim: int = 1024, norm: str = "bn"):
+        norm_layer = None if norm == "none" else partial(make_norm, norm)
+        super().__init__((in_channels, pooler_size, pooler_size), [channels] * convs, [fc_dim], norm_layer)
+        self.out_channels = fc_dim
 
 
 class BoxPredictor(nn.Module):

@@ -9,7 +9,8 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
 shipped genotypes' necks + 2-MLP head), ``--random`` genotypes drawn uniformly from the search
-space (neck and head, ``autofpn.search.random_sample``), and one searched genotype per
+space (neck and head, ``autofpn.search.random_sample``; with ``--random-parts head`` the head
+only, on the config's handcrafted neck), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
 retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
 init and data order). A config without pretrained backbone weights (the demo) searches with the
@@ -29,7 +30,9 @@ training config: a folder is never continued with another config.
 
 Search variants. ``--search-opts search.k=v ... --tag NAME`` adds a way of searching to a study
 folder: its entries are ``searched_<preset>_<NAME>``, searched with those overrides (with
-``search.stage=neck``, the searched neck retrained with FPN's 2-MLP head). Training
+``search.stage=neck``, the searched neck retrained with FPN's 2-MLP head; with
+``search.stage=head search.head_with_searched_neck=false``, the Auto-head searched and retrained
+on the config's handcrafted neck, the paper's Auto-head alone). Training
 does not read ``search.*``, so the folder's baselines and random architectures serve every
 variant: trying an idea costs its searches and their retraining, and the table compares all
 the variants the folder holds.
@@ -107,9 +110,11 @@ class SearchVariant:
 
 
 def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: Sequence[SearchVariant],
-                 random_seed: int, cfg: Dict[str, Any]) -> List[Entry]:
+                 random_seed: int, cfg: Dict[str, Any], random_parts: str = "both") -> List[Entry]:
     """The study's entries (searched ones of every variant, in the order they were added);
-    random genotypes are written to ``out/genotypes/``."""
+    random genotypes are written to ``out/genotypes/``. ``random_parts``: "both" draws neck and
+    head; "head" draws the head only (entries ``random_head_XX``, on the config's neck), the
+    baseline of a head search on a handcrafted neck."""
     from autofpn.models.genotype import load_genotype, save_genotype
     from autofpn.search.random_sample import random_genotypes
     entries = []
@@ -123,30 +128,53 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
     drawn = random_genotypes(num_random, random_seed, model["neck"]["levels"], model["neck"]["layers"],
                              model["head"]["cells"])
     for genotype in drawn:
+        neck = "auto"
+        if random_parts == "head":  # the same draws, neck left out: the i-th head is the same either way
+            neck = handcrafted_neck(cfg, "--random-parts head")
+            genotype = {**genotype, "name": genotype["name"].replace("random_", "random_head_"), "neck": None}
         path = os.path.join(out, "genotypes", f"{genotype['name']}.json")
         if os.path.isfile(path) and load_genotype(path) != genotype:
             raise StudyError(f"{path} differs from the genotype drawn now (another --random-seed or "
                              f"search space made this folder); use another --out")
         save_genotype(genotype, path)
-        entries.append(Entry(genotype["name"], "random", "auto", "auto", path))
+        entries.append(Entry(genotype["name"], "random", neck, "auto", path))
     for variant in variants:
-        # a neck-only search (search.stage=neck) decodes no head: its detector keeps FPN's 2-MLP head
-        head = "mlp" if variant_stage(cfg, variant) == "neck" else "auto"
+        # a neck-only search (search.stage=neck) decodes no head: its detector keeps FPN's 2-MLP head;
+        # a head-only search decodes no neck: its detector keeps the neck it was searched on
+        stage = variant_stage(cfg, variant)
+        head = "mlp" if stage == "neck" else "auto"
+        neck = handcrafted_neck(cfg, f"search variant '{variant.tag}'") if stage == "head" else "auto"
         for preset in variant.lambdas:
-            entries.append(Entry(variant.entry_name(preset), "searched", "auto", head,
+            entries.append(Entry(variant.entry_name(preset), "searched", neck, head,
                                  os.path.join(variant.folder(out, preset), "geno.json"), variant, preset))
     return entries
 
 
-def variant_stage(cfg: Dict[str, Any], variant: SearchVariant) -> str:
-    """``search.stage`` of ``variant``: the config's, or its ``--search-opts`` override."""
+def handcrafted_neck(cfg: Dict[str, Any], what: str) -> str:
+    """The config's ``model.neck.type``, which a head-only entry keeps; it must be a handcrafted one."""
+    neck = cfg["model"]["neck"]["type"]
+    if neck == "auto":
+        raise StudyError(f"{what}: a head on the config's neck needs a handcrafted model.neck.type (fpn, panet), "
+                         f"not 'auto'")
+    return neck
+
+
+def _variant_search_value(cfg: Dict[str, Any], variant: SearchVariant, key: str) -> Any:
+    """``search.<key>`` of ``variant``: the config's, or its ``--search-opts`` override."""
     from autofpn.config import parse_override
-    stage = cfg["search"]["stage"]
+    value = cfg["search"][key]
     for item in variant.search_opts:
-        stage = parse_override(item).get("search", {}).get("stage", stage)
-    if stage == "head":
-        raise StudyError(f"search variant '{variant.tag}': search.stage=head needs the neck of another search "
-                         f"(search.py --neck-genotype); the study searches 'both' or 'neck'")
+        value = parse_override(item).get("search", {}).get(key, value)
+    return value
+
+
+def variant_stage(cfg: Dict[str, Any], variant: SearchVariant) -> str:
+    """``search.stage`` of ``variant``: both, neck, or head (on the config's handcrafted neck)."""
+    stage = _variant_search_value(cfg, variant, "stage")
+    if stage == "head" and _variant_search_value(cfg, variant, "head_with_searched_neck"):
+        raise StudyError(f"search variant '{variant.tag}': search.stage=head on a searched neck needs the neck of "
+                         f"another search (search.py --neck-genotype); the study searches 'both', 'neck', or "
+                         f"'head' with search.head_with_searched_neck=false (on the config's handcrafted neck)")
     return stage
 
 
@@ -587,7 +615,8 @@ SEARCH_KEYS_SET_PER_UNIT = ("output_dir", "resource_lambda")
 
 
 def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: int, tag: str = "",
-                       search_opts: Sequence[str] = (), lambdas: Sequence[str] = ()) -> List[SearchVariant]:
+                       search_opts: Sequence[str] = (), lambdas: Sequence[str] = (),
+                       random_parts: str = "both") -> List[SearchVariant]:
     """Record the study in ``out/study_config.json`` and return its search variants.
 
     The training config (everything but ``search.*``) and the random stream must be the ones the
@@ -602,13 +631,15 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
                  if k not in SEARCH_KEYS_SET_PER_UNIT}
     path = os.path.join(out, "study_config.json")
     record = read_json(path) if os.path.isfile(path) else {
-        "config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed, "training": training,
-        "variants": []}
+        "config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed,
+        "random_parts": random_parts, "training": training, "variants": []}
     # keys added to the project since the folder was made take their defaults (same behaviour)
     diff = diff_keys({k: v for k, v in plain(complete_config(record["training"], where=path)).items()
                        if k != "search"}, training)
     if record["random_seed"] != random_seed:
         diff.append("--random-seed")
+    if record.get("random_parts", "both") != random_parts:  # folders made before the option drew both
+        diff.append("--random-parts")
     if diff:
         raise StudyError(f"{out} holds a study made with another config ({', '.join(diff[:6])} differ); "
                          f"use another --out or the same --cfg/--opts")
@@ -637,6 +668,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="training seeds per entry (0..n-1)")
     p.add_argument("--random", type=int, default=8, help="random architectures from the search space")
     p.add_argument("--random-seed", type=int, default=0, help="the random architectures' stream")
+    p.add_argument("--random-parts", default="both", choices=["both", "head"],
+                   help="what a random architecture draws: neck and head, or the head only on the config's "
+                        "neck (the baseline of a head search with search.head_with_searched_neck=false)")
     p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
                    help="one search per resource-lambda preset (none: no searched entry)")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
@@ -671,9 +705,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if any(not item.startswith("search.") for item in args.search_opts):
         raise StudyError(f"--search-opts take search.* keys only, got {args.search_opts}")
     variants = check_study_config(args.out, args.cfg, args.opts, args.random_seed, args.tag,
-                                  args.search_opts, args.lambdas)
+                                  args.search_opts, args.lambdas, args.random_parts)
     seeds = list(range(args.seeds))
-    entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg)
+    entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg,
+                           args.random_parts)
     units = make_units(args, entries, seeds, cfg)
     mine = shard_units(units, args.shard)
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's

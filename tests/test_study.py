@@ -191,6 +191,8 @@ def test_folder_of_another_config_is_refused(tmp_path):
         check_study_config(str(tmp_path), DEMO, ["solver.epochs=9"], 0)
     with pytest.raises(StudyError, match="random-seed"):
         check_study_config(str(tmp_path), DEMO, [], 1)
+    with pytest.raises(StudyError, match="random-parts"):
+        check_study_config(str(tmp_path), DEMO, [], 0, random_parts="head")
     # search settings do not touch the trained units, but a variant keeps its own
     with pytest.raises(StudyError, match="search.arch_lr"):
         check_study_config(str(tmp_path), DEMO, ["search.arch_lr=0.1"], 0, lambdas=["middle"])
@@ -233,7 +235,8 @@ def test_shards_are_disjoint_and_cover_the_study(tmp_path):
 
 def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):
     """search.stage=neck decodes no head: its entry trains the searched neck with FPN's 2-MLP
-    head (an Auto-head without a genotype would not build); a head-only variant is refused."""
+    head (an Auto-head without a genotype would not build); a head-only variant on a searched
+    neck is refused."""
     cfg = load_config(DEMO)
     variants = [SearchVariant("", [], ["large"]), SearchVariant("neck", ["search.stage=neck"], ["large"])]
     entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn"], 0, variants, 0, cfg)}
@@ -242,6 +245,24 @@ def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):
     assert neck_only[:4] == ["--neck", "auto", "--head", "mlp"] and neck_only[-1].endswith("neck/large/geno.json")
     with pytest.raises(StudyError, match="search.stage=head"):
         plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("h", ["search.stage=head"], ["large"])], 0, cfg)
+
+
+def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path):
+    """search.stage=head with search.head_with_searched_neck=false searches the Auto-head on the
+    config's neck: its entry retrains that neck with the searched head; --random-parts head draws
+    the same heads as --random-parts both, without their necks, on that neck too."""
+    cfg = load_config(DEMO)
+    head_only = SearchVariant("h", ["search.stage=head", "search.head_with_searched_neck=false"], ["large"])
+    entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn"], 2, [head_only], 0, cfg, "head")}
+    assert entries["searched_large_h"].train_args()[:4] == ["--neck", "fpn", "--head", "auto"]
+    both = plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg)
+    for i, drawn in enumerate(e for e in both if e.kind == "random"):
+        mine = entries[f"random_head_{i:02d}"]
+        assert mine.train_args()[:4] == ["--neck", "fpn", "--head", "auto"]
+        genotype = json.loads(Path(mine.genotype_path).read_text())
+        assert genotype["neck"] is None and genotype["head"] == json.loads(Path(drawn.genotype_path).read_text())["head"]
+    with pytest.raises(StudyError, match="handcrafted"):
+        plan_entries(str(tmp_path), ["fpn"], 0, [head_only], 0, load_config(DEMO, ["model.neck.type=auto"]))
 
 
 def test_a_neck_only_variant_searches_and_retrains(finished_study, synthetic_root):
@@ -255,6 +276,20 @@ def test_a_neck_only_variant_searches_and_retrains(finished_study, synthetic_roo
     study = {e["name"]: e for e in json.loads((out / "study.json").read_text())["entries"]}
     neck_only, fpn = study["searched_middle_neckonly"], study["fpn"]
     assert len(neck_only["runs"]) == 1 and neck_only["params"]["head"] == fpn["params"]["head"]
+
+
+def test_a_head_only_variant_searches_and_retrains_on_fpn(finished_study, synthetic_root):
+    """End to end: the head search on FPN's neck writes a genotype without a neck, and its entry's
+    run retrains FPN's neck (its parameters, not an Auto-fusion neck's) with the searched head."""
+    out, _ = finished_study
+    run_study(out, synthetic_root, "--random", "2", "--lambdas", "middle", "--tag", "headonly",
+              "--search-opts", "search.stage=head", "search.head_with_searched_neck=false")
+    genotype = json.loads((out / "searches" / "headonly" / "middle" / "geno.json").read_text())
+    assert genotype["head"] and not genotype.get("neck")
+    study = {e["name"]: e for e in json.loads((out / "study.json").read_text())["entries"]}
+    head_only, fpn = study["searched_middle_headonly"], study["fpn"]
+    assert len(head_only["runs"]) == 1 and head_only["params"]["neck"] == fpn["params"]["neck"]
+    assert head_only["params"]["head"] != fpn["params"]["head"]
 
 
 def test_an_evolution_search_unit_takes_round_size_of_the_jobs(tmp_path):

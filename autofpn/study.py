@@ -8,7 +8,8 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
     python -m autofpn.study --cfg ... --out DIR --shard 0/4 --launcher "torchrun --nproc_per_node 8"
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
-shipped genotypes' necks + 2-MLP head), ``--random`` genotypes drawn uniformly from the search
+shipped genotypes' necks + 2-MLP head; ``conv`` on request: FPN's neck with the handcrafted
+convolutional head, the Auto-head's control), ``--random`` genotypes drawn uniformly from the search
 space (neck and head, ``autofpn.search.random_sample``; with ``--random-parts head`` the head
 only, on the config's handcrafted neck), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
@@ -58,7 +59,10 @@ from autofpn.engine.checkpoint import atomic_write_json as write_json
 from autofpn.engine.runs import die_with_parent, lock_folder, log_tail, parse_shard, threads_per_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINES = ("fpn", "panet", "ssd")
+BASELINES = ("fpn", "panet", "ssd")  # the default entries
+# on request: "conv", FPN's neck with the handcrafted convolutional head (model.head.type=conv,
+# its size from model.head.convs / channels / mlp_dim): the control for a searched Auto-head
+OPTIONAL_BASELINES = ("conv",)
 LAMBDA_PRESETS = ("small", "middle", "large")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ELAPSED_SAVE_PERIOD = 10.0  # seconds between saves of a running unit's elapsed time
@@ -121,6 +125,8 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
     for name in baselines:
         if name == "fpn":
             entries.append(Entry("fpn", "baseline", "fpn", "mlp"))
+        elif name == "conv":
+            entries.append(Entry("conv", "baseline", "fpn", "conv"))
         else:
             entries.append(Entry(name, "baseline", "auto", "mlp",
                                  os.path.join(REPO, "configs", "genotypes", f"{name}.json")))
@@ -673,7 +679,8 @@ def parse_args(argv=None):
                         "neck (the baseline of a head search with search.head_with_searched_neck=false)")
     p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
                    help="one search per resource-lambda preset (none: no searched entry)")
-    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES + OPTIONAL_BASELINES,
+                   help="handcrafted entries (default: %(default)s); conv: FPN's neck with model.head.type=conv")
     p.add_argument("--search-opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for the searches only (a way of searching to try), named by --tag")
     p.add_argument("--tag", default="", help="name of the search variant (entries searched_<preset>_<tag>)")

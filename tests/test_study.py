@@ -253,8 +253,9 @@ def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path
     the same heads as --random-parts both, without their necks, on that neck too."""
     cfg = load_config(DEMO)
     head_only = SearchVariant("h", ["search.stage=head", "search.head_with_searched_neck=false"], ["large"])
-    entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn"], 2, [head_only], 0, cfg, "head")}
+    entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn", "conv"], 2, [head_only], 0, cfg, "head")}
     assert entries["searched_large_h"].train_args()[:4] == ["--neck", "fpn", "--head", "auto"]
+    assert entries["conv"].train_args() == ["--neck", "fpn", "--head", "conv"]  # the handcrafted control
     both = plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg)
     for i, drawn in enumerate(e for e in both if e.kind == "random"):
         mine = entries[f"random_head_{i:02d}"]

@@ -55,8 +55,8 @@ DEFAULTS: Dict[str, Any] = {
             "convs": 4,  # conv: 3x3 convolutions over each RoI (Detectron's 4conv1fc)
             "channels": 512,  # auto-head cell width; conv: the convolutions' width
             "cells": 2,
-            # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics over the image
-            # batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
+            # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics
+            # over the image batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
             # the demo, and GN followed by the global average pool erased the per-RoI signal
             # (docs/BENCHMARKS.md, "The demo").
             "norm": "bn",

@@ -402,6 +402,13 @@ def test_decisiveness_of_uniform_one_hot_and_collapsed_weights():
     assert d["margin"] == pytest.approx(d["min_margin"]) and d["margin"] > DECISIVE_MARGIN
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_decisiveness_of_cuda_weights_equals_the_cpu_figures():
+    from autofpn.search.decode import decisiveness
+    w = torch.softmax(torch.randn(2, 16, len(NECK_OPS), generator=torch.Generator().manual_seed(0)), -1)
+    assert decisiveness(w.cuda(), NECK_OPS) == decisiveness(w, NECK_OPS)
+
+
 def test_agreement_of_searches_is_the_correlation_of_their_weight_movements(tmp_path):
     from autofpn.search.agreement import agreement, main, weight_movement
     g = torch.Generator().manual_seed(0)

@@ -127,7 +127,7 @@ def decisiveness(weights: Tensor, ops: Sequence[str]) -> Dict[str, float]:
       is the usual first sign of DARTS' parameter-free collapse);
     - ``none``: share of rows whose argmax is "none".
     """
-    w = weights.detach().float().reshape(-1, weights.shape[-1]).clamp_min(1e-12)
+    w = weights.detach().float().cpu().reshape(-1, weights.shape[-1]).clamp_min(1e-12)  # a search's are on its device
     entropy = -(w * w.log()).sum(dim=1) / torch.log(torch.tensor(float(len(ops))))
     top2 = w.topk(2, dim=1).values
     margin = top2[:, 0] - top2[:, 1]

@@ -57,7 +57,7 @@ def _run(op: MixedOp, x: torch.Tensor, w: torch.Tensor, fused: bool, seed: int =
     op.zero_grad(set_to_none=True)
     with contextlib.nullcontext() if fused else operations.ops_as_built():
         out = op(x, w)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
     (out * probe).sum().backward()
     return out.detach(), x.grad, w.grad, {n: p.grad for n, p in op.named_parameters()}
 

@@ -13,7 +13,13 @@ multiply-add = 2 FLOPs; element-wise ops, RoIAlign and NMS not counted), the ach
 the median time, and that as a share of this machine's single-precision matrix-multiply peak,
 measured in the same run (best of 5 float32 products of two 2048 x 2048 matrices on the same threads).
 
-    python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320] [--profile]
+With ``--device cuda`` both run on the GPU: every timed call is synchronised, the peak memory is
+the extra ``torch.cuda.max_memory_allocated`` of one train step (in this process: what is
+allocated before it is left out), and the matmul peak is measured on the GPU (8192 x 8192) in the
+precision cuDNN runs the float32 convolutions in (TF32 under torch's default
+``torch.backends.cudnn.allow_tf32``).
+
+    python bench/bench_detector.py [--backbones resnet18 mobilenet_v2] [--reps 7] [--size 320] [--profile] [--device cuda]
 """
 import argparse
 import statistics
@@ -92,15 +98,23 @@ def infer_fn(model, images) -> Callable[[], None]:
     return infer
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """This machine's float32 matrix-multiply throughput in GFLOP/s: the best of ``reps`` products
-    of two n x n matrices on the current threads (2 n^3 FLOPs each)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up: thread pool and packing buffers
+def synchronizer(device: str) -> Callable[[], None]:
+    """What makes a timed call's end its kernels' end: CUDA's synchronize, nothing on the CPU."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    """The float32 matrix-multiply throughput of ``device`` in GFLOP/s: the best of ``reps``
+    products of two n x n matrices (2 n^3 FLOPs each), on the current threads for the CPU."""
+    sync = synchronizer(device)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)  # warm-up: thread pool and packing buffers, CUDA's handles
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -114,15 +128,18 @@ def counted_flops(fn: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> Dict[str, float]:
+def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2,
+                       sync: Callable[[], None] = lambda: None) -> Dict[str, float]:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    sync()
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -138,6 +155,18 @@ def train_step_for(which: str, backbone: str, size: int) -> Callable[[], None]:
     return train_step_fn(model, optimizer, images, targets)
 
 
+def cuda_peak_mib(step: Callable[[], None]) -> float:
+    """The extra CUDA memory one call of ``step`` allocates at its peak, MiB: what is allocated
+    before it (every model, optimizer state and batch resident in this process) is left out, as
+    the CPU's measure leaves out what a fresh process holds before the step."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["resnet18", "mobilenet_v2"])
@@ -145,8 +174,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one train step of each")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_detector: --device cuda asked for, but torch.cuda.is_available() is False")
+    device, sync = torch.device(args.device), synchronizer(args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {where}, "
           f"{IMAGES_PER_BATCH} images/batch at min size {args.size}, median of {args.reps} interleaved reps")
     header = (f"{'backbone':<14}{'mode':<11}{'ours (s)':>10}{'torchvision (s)':>17}{'ratio':>8}"
               f"{'ours CL (s)':>13}{'CL / ours':>11}")
@@ -160,15 +194,19 @@ def main() -> None:
         ours = our_model(backbone, args.size, theirs)
         ours_cl = our_model(backbone, args.size, theirs, "channels_last")
         images, targets = make_batch(args.size)
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         for model in (ours, theirs, ours_cl):
-            model.train()
+            model.to(device).train()
         opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         opt_cl = torch.optim.SGD([p for p in ours_cl.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         train_fns = {"ours": train_step_fn(ours, opt_ours, images, targets),
                      "torchvision": train_step_fn(theirs, opt_theirs, images, targets),
                      "ours_cl": train_step_fn(ours_cl, opt_cl, images, targets)}
-        train = interleaved_median(train_fns, args.reps)
+        train = interleaved_median(train_fns, args.reps, sync=sync)
+        cuda_mem = ({w: cuda_peak_mib(train_fns[w]) for w in ("ours", "torchvision")}
+                    if args.device == "cuda" and not args.no_memory else None)
         for who in ("ours", "torchvision"):
             flops[backbone, "train step", who] = counted_flops(train_fns[who])
             seconds[backbone, "train step", who] = train[who]
@@ -176,7 +214,7 @@ def main() -> None:
             model.eval()
         infer_fns = {"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images),
                      "ours_cl": infer_fn(ours_cl, images)}
-        infer = interleaved_median(infer_fns, args.reps)
+        infer = interleaved_median(infer_fns, args.reps, sync=sync)
         for who in ("ours", "torchvision"):
             flops[backbone, "inference", who] = counted_flops(infer_fns[who])
             seconds[backbone, "inference", who] = infer[who]
@@ -190,7 +228,9 @@ def main() -> None:
                 model.train()
                 print(profile_table(train_step_fn(model, opt, images, targets)))
         rows.append((backbone, "inference", infer["ours"], infer["torchvision"]))
-        if not args.no_memory:
+        if cuda_mem is not None:  # measured above, while the models were in train mode
+            rows.append((backbone, "peak MiB", cuda_mem["ours"], cuda_mem["torchvision"]))
+        elif not args.no_memory:
             mem = {w: peak_in_fresh_process(train_step_for, w, backbone, args.size) for w in ("ours", "torchvision")}
             rows.append((backbone, "peak MiB", mem["ours"], mem["torchvision"]))
     print(header)
@@ -198,8 +238,20 @@ def main() -> None:
         cl = (f"{cl_time[backbone][mode]:>13.3f}{layout_ratio[backbone][mode]:>11.2f}"
               if mode in layout_ratio[backbone] else "")
         print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}{cl}")
-    peak = matmul_peak_gflops()
-    print(f"\nthis machine's float32 matmul peak: {peak:.1f} GFLOP/s (2048^3, {torch.get_num_threads()} threads)")
+    if args.device == "cuda":
+        # cuDNN runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), and
+        # they are most of a step's FLOPs: the peak to compare with is the matmul's in that precision
+        tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            peak = matmul_peak_gflops(n=8192, device="cuda")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        print(f"\n{where}'s matmul peak in the convolutions' precision: {peak:.1f} GFLOP/s (8192^3, "
+              f"{'TF32: torch.backends.cudnn.allow_tf32 is on' if tf32 else 'float32'})")
+    else:
+        peak = matmul_peak_gflops()
+        print(f"\nthis machine's float32 matmul peak: {peak:.1f} GFLOP/s (2048^3, {torch.get_num_threads()} threads)")
     print(f"{'backbone':<14}{'mode':<11}{'who':<13}{'GFLOP':>8}{'GFLOP/s':>9}{'% of peak':>11}")
     for (backbone, mode, who), f in flops.items():
         rate = f / seconds[backbone, mode, who] / 1e9

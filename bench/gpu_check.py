@@ -10,6 +10,10 @@
    (``train.py``) on the device, end to end, as a user runs them.
 
     python bench/gpu_check.py [--cfg configs/demo.yaml] [--reps 5] [--iters 20] [--out out/gpu_check]
+                              [--skip-tests] [--steps-only] [--variants fpn neck head] [--opts k=v ...]
+
+``--steps-only`` times the steps (2.) and nothing else: for a config whose data is not on the
+machine, with ``--opts data.train.type=synthetic ...`` (the paper-size check in docs/BENCHMARKS.md).
 
 Without CUDA it stops with one line saying so; ``--device cpu`` runs the same steps on the CPU
 (what the test suite does, at a tiny size, to keep this script working where no GPU is).
@@ -28,8 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-VARIANTS = ("fpn", "neck", "head")
-LABELS = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration"}
+VARIANTS = ("fpn", "neck", "head")  # the default rows; --variants takes any of bench_search's
+LABELS = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
+          "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute"}
 
 
 def amp_dtype_for(device: str) -> str:
@@ -58,14 +63,16 @@ def time_step(step: Callable[[], None], device: str, reps: int) -> Dict[str, flo
     return {"seconds": statistics.median(times), "peak_mib": peak}
 
 
-def step_table(cfg_path: str, opts: List[str], device: str, reps: int) -> List[Dict]:
-    """One row per (variant, precision): seconds, peak MiB."""
+def step_table(cfg_path: str, opts: List[str], device: str, reps: int,
+               variants=VARIANTS) -> List[Dict]:
+    """One row per (variant, precision): seconds, peak MiB. ``variants``: names of
+    bench_search.build_variant, "fpn" first (the ratios' denominator)."""
     from autofpn.config import load_config
     from bench_search import build_variant
     rows = []
     for precision in ("none", amp_dtype_for(device)):
         cfg = load_config(cfg_path, opts + [f"search.amp={precision}", f"train.device={device}"])
-        for name in VARIANTS:
+        for name in variants:
             step = build_variant(name, cfg, device=device)
             rows.append({"variant": name, "amp": precision if name != "fpn" else "none",
                          **time_step(step, device, reps)})
@@ -84,7 +91,7 @@ def format_table(rows: List[Dict]) -> str:
         if key in seen:  # the FPN step is timed in both passes; print it once
             continue
         seen.add(key)
-        lines.append(f"{LABELS[r['variant']]:<24}{r['amp']:>11}{r['seconds']:>10.3f}{r['seconds'] / fpn:>12.2f}"
+        lines.append(f"{LABELS.get(r['variant'], r['variant']):<24}{r['amp']:>11}{r['seconds']:>10.3f}{r['seconds'] / fpn:>12.2f}"
                      f"{r['peak_mib']:>10.0f}")
     return "\n".join(lines)
 
@@ -121,6 +128,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--iters", type=int, default=20, help="iterations of the short search stages and training")
     parser.add_argument("--out", default=os.path.join(REPO, "out", "gpu_check"))
     parser.add_argument("--skip-tests", action="store_true", help="skip the CUDA-only tests (step 1)")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="time the steps (2.) only: no CUDA tests, no end-to-end search and training")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help="the steps timed (bench_search.build_variant's names, 'fpn' first): "
+                             "e.g. fpn neck_recompute head_recompute")
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides for every step")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -129,17 +141,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"gpu-check on {name}: torch {torch.__version__}, config {args.cfg}", flush=True)
-    if not args.skip_tests:
+    if not (args.skip_tests or args.steps_only):
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", os.path.join(REPO, "tests"), "-k", "cuda"],
                                cwd=REPO)
         if tests.returncode not in (0, 5):  # 5: nothing collected
             raise SystemExit("gpu-check: the CUDA tests failed (output above)")
-    rows = step_table(args.cfg, args.opts, args.device, args.reps)
-    seconds = end_to_end(args.cfg, args.opts, args.device, args.iters, args.out)
+    if args.variants[0] != "fpn":
+        parser.error("--variants: 'fpn' comes first (every ratio is to the FPN training step)")
+    rows = step_table(args.cfg, args.opts, args.device, args.reps, args.variants)
+    seconds = None if args.steps_only else end_to_end(args.cfg, args.opts, args.device, args.iters, args.out)
     print(f"\nper step on {name} (median of {args.reps}; peak = max_memory_allocated):")
     print(format_table(rows))
-    print(f"end to end: search.py ({args.iters} iterations per stage) {seconds['search']:.0f} s, "
-          f"train.py ({args.iters} iterations) {seconds['train']:.0f} s")
+    if seconds is not None:
+        print(f"end to end: search.py ({args.iters} iterations per stage) {seconds['search']:.0f} s, "
+              f"train.py ({args.iters} iterations) {seconds['train']:.0f} s")
     return 0
 
 

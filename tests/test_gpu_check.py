@@ -33,3 +33,16 @@ def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 1
     assert out.stderr.strip().startswith("gpu-check: no CUDA device here") and out.stderr.count("\n") == 1
+
+
+def test_gpu_check_steps_only_times_the_variants_asked_for_and_nothing_else(tmp_path):
+    opts = [o for o in tiny_opts(str(tmp_path / "synthetic"), str(tmp_path / "unused"))
+            if not o.startswith(("search.output_dir", "train.output_dir", "train.device", "search.max_iters"))]
+    out = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--steps-only", "--reps", "1",
+                          "--variants", "fpn", "neck_recompute", "--out", str(tmp_path / "check"), "--opts", *opts],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("FPN training step", "neck search"))]
+    assert [r.split()[-4] for r in rows] == ["none", "none", "bfloat16"]  # search.amp column: FPN once
+    assert all("recompute" in r for r in rows[1:])
+    assert "end to end" not in out.stdout and not (tmp_path / "check").exists()

@@ -380,3 +380,21 @@ def test_units_share_the_cpus_the_study_may_use_not_the_whole_machine():
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     cpus = len(os.sched_getaffinity(0))
     assert free.stdout.split() == [str(cpus), str(max(1, cpus // 2))]
+
+
+def test_ap_against_flops_over_study_folders_draws_a_shared_unit_once(tmp_path):
+    """The committed demo studies: demo_head and demo_head16 share their fpn units (same runs,
+    the same AP); FPN's 2-MLP head at 128 and 256 wide are two points of its curve."""
+    from autofpn.viz.study_plot import flops_points, load_studies, main
+    docs = REPO / "docs" / "study"
+    folders = [str(docs / name) for name in ("demo_head", "demo_head16", "demo_mlp256")]
+    points = flops_points(load_studies(folders))
+    fpn = sorted((p["gflops"], p["study"]) for p in points if p["name"] == "fpn")
+    assert [s for _, s in fpn] == ["demo_head", "demo_mlp256"]  # demo_head16's fpn is demo_head's
+    assert fpn[0][0] == pytest.approx(0.235, abs=1e-3) and fpn[1][0] > 1.5 * fpn[0][0]
+    assert {p["study"] for p in points if p["kind"] == "searched"} == {"demo_head", "demo_head16"}
+    out = tmp_path / "curve.png"
+    assert main(folders + ["--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="study_plot: .*nowhere/study.json not found"):
+        main([str(tmp_path / "nowhere"), "--out", str(out)])

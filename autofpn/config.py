@@ -51,10 +51,13 @@ DEFAULTS: Dict[str, Any] = {
         },
         "head": {
             "type": "mlp",  # mlp | conv (Xconv1fc, handcrafted) | auto (from a genotype)
-            "mlp_dim": 1024,  # mlp: both fully connected layers; conv: its one
+            "mlp_dim": 1024,  # mlp: both fully connected layers; conv and auto with readout fc: its one
             "convs": 4,  # conv: 3x3 convolutions over each RoI (Detectron's 4conv1fc)
             "channels": 512,  # auto-head cell width; conv: the convolutions' width
             "cells": 2,
+            # auto: the last cell's [R, 4C, 7, 7] to one vector per RoI: gap (the paper's global average
+            # pool) | fc (flatten + one fully connected layer of mlp_dim, as the conv head; docs/STUDY.md 32)
+            "readout": "gap",
             # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics
             # over the image batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
             # the demo, and GN followed by the global average pool erased the per-RoI signal
@@ -305,6 +308,7 @@ CHOICES: Dict[str, tuple] = {
     "model.backbone.norm": ("frozen_bn", "bn"),
     "model.neck.norm": ("none", "gn", "bn"),
     "model.head.norm": ("none", "gn", "bn"),
+    "model.head.readout": ("gap", "fc"),
     "search.searched_norm": ("none", "gn", "bn"),
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas", "sampled_weights"),

@@ -82,20 +82,43 @@ def test_one_hot_neck_supernet_computes_the_decoded_neck(seed):
         torch.testing.assert_close(out_sup[name], out_fixed[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_one_hot_head_supernet_computes_the_decoded_head(seed):
+@pytest.mark.parametrize("seed,readout", [(0, "gap"), (1, "gap"), (0, "fc")])
+def test_one_hot_head_supernet_computes_the_decoded_head(seed, readout):
     torch.manual_seed(seed)
     genotype = random_genotype(seed)
-    supernet = AutoHead(NECK_CH, 7, HEAD_CH, cells=2)
-    fixed = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype)
+    supernet = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, readout=readout, readout_dim=24)
+    fixed = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, readout=readout, readout_dim=24)
     sup_state = supernet.state_dict()
     fixed.load_state_dict({k: sup_state[k] for k in fixed.state_dict()}, strict=True)
     x = torch.randn(5, NECK_CH, 7, 7)
     with torch.no_grad():
         out_sup = supernet(x, one_hot_head(genotype, supernet))
         out_fixed = fixed(x)
-    assert out_fixed.shape == (5, fixed.out_channels) == (5, 4 * HEAD_CH)
+    assert out_fixed.shape == (5, fixed.out_channels) == (5, 4 * HEAD_CH if readout == "gap" else 24)
     torch.testing.assert_close(out_sup, out_fixed, rtol=1e-5, atol=1e-6)
+
+
+def test_head_readout_fc_keeps_where_in_the_roi_a_feature_was():
+    """readout "fc": flatten + Linear(4C * 7 * 7, readout_dim) + ReLU after the same cells; a
+    spatially shuffled RoI gives the same global average but another fc readout."""
+    genotype = random_genotype(0)
+    gap = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype)
+    fc = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, readout="fc", readout_dim=24)
+    fc.load_state_dict(gap.state_dict(), strict=False)
+    extra = sum(p.numel() for p in fc.parameters()) - sum(p.numel() for p in gap.parameters())
+    assert extra == 4 * HEAD_CH * 49 * 24 + 24
+    gap.eval(), fc.eval()
+    cells_out = {}
+    fc.readout_fc.register_forward_hook(lambda m, args, out: cells_out.update(x=args[0]))
+    with torch.no_grad():
+        out = fc(torch.randn(3, NECK_CH, 7, 7))
+        last = cells_out["x"].reshape(3, 4 * HEAD_CH, 7, 7)
+        shuffled = last.flatten(2)[:, :, torch.randperm(49)].reshape_as(last)
+        torch.testing.assert_close(out, torch.relu(fc.readout_fc(last.flatten(1))))
+        torch.testing.assert_close(shuffled.mean((2, 3)), last.mean((2, 3)))
+        assert not torch.allclose(fc.readout_fc(shuffled.flatten(1)), fc.readout_fc(last.flatten(1)))
+    with pytest.raises(ValueError, match="readout must be 'gap' or 'fc'"):
+        AutoHead(NECK_CH, 7, HEAD_CH, cells=2, readout="max")
 
 
 @pytest.mark.parametrize("seed", [0, 1])

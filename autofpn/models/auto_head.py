@@ -86,12 +86,17 @@ class AutoHead(nn.Module):
         norm: none | gn | bn (search: none).
         sampled: supernet only: each edge computes only the ops of non-zero weight (a sampled
             path, ``search.mode: gdas``).
-    Attributes: out_channels = 4 * channels; arch_shape (supernet only) = (cells, 14, 8).
+        readout: how the last cell's [R, 4C, P, P] becomes one feature vector per RoI: "gap"
+            (the paper's global average pooling, 4C features) or "fc" (Detectron's Xconv1fc:
+            flatten, one fully connected layer of ``readout_dim`` and ReLU, keeping where in the
+            RoI each feature was).
+    Attributes: out_channels = 4 * channels ("gap") or readout_dim ("fc"); arch_shape (supernet
+    only) = (cells, 14, 8).
     """
 
     def __init__(self, in_channels: int, pooler_size: int = 7, channels: int = 512,
                  cells: int = 2, genotype: Optional[dict] = None, norm: str = "none",
-                 sampled: bool = False):
+                 sampled: bool = False, readout: str = "gap", readout_dim: int = 1024):
         super().__init__()
         self.in_channels = in_channels
         self.pooler_size = pooler_size
@@ -114,7 +119,10 @@ class AutoHead(nn.Module):
             in_prev_prev = in_channels if m < 2 else cell_out
             in_prev = in_channels if m < 1 else cell_out
             self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled))
-        self.out_channels = cell_out
+        if readout not in ("gap", "fc"):
+            raise ValueError(f"AutoHead: readout must be 'gap' or 'fc', got {readout!r}")
+        self.readout_fc = nn.Linear(cell_out * pooler_size ** 2, readout_dim) if readout == "fc" else None
+        self.out_channels = cell_out if readout == "gap" else readout_dim
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         """x: Tensor[R, in_channels, P, P]; weights: Tensor[arch_shape] (softmaxed) for the
@@ -128,4 +136,6 @@ class AutoHead(nn.Module):
         s0 = s1 = x
         for m, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, weights[m] if weights is not None else None)
-        return s1.mean(dim=(2, 3))  # global average pooling: [R, 4C, P, P] -> [R, 4C]
+        if self.readout_fc is None:
+            return s1.mean(dim=(2, 3))  # global average pooling: [R, 4C, P, P] -> [R, 4C]
+        return torch.relu(self.readout_fc(s1.flatten(1)))  # [R, 4C * P * P] -> [R, readout_dim]

@@ -27,6 +27,14 @@ import matplotlib.ticker  # noqa: E402
 SEARCHED_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
 
 
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_pareto(study: Dict[str, Any], path: str) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     searched, random_labelled = 0, False
@@ -57,11 +65,7 @@ def plot_pareto(study: Dict[str, Any], path: str) -> str:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 KIND_MARKERS = {"baseline": ("s", 7), "random": ("o", 6), "searched": ("*", 13)}
@@ -111,11 +115,7 @@ def plot_ap_against_flops(studies: List[Tuple[str, Dict[str, Any]]], path: str) 
                  f"star: searched)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def load_studies(folders: List[str]) -> List[Tuple[str, Dict[str, Any]]]:

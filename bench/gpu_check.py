@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,7 +48,8 @@ def amp_dtype_for(device: str) -> str:
 def time_step(step: Callable[[], None], device: str, reps: int) -> Dict[str, float]:
     """Median seconds of ``step`` over ``reps`` (after one warm-up) and, on CUDA, the peak memory
     allocated during those steps in MiB (NaN on the CPU)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    from bench_detector import synchronizer
+    sync = synchronizer(device)
     step()
     sync()
     if device == "cuda":
@@ -64,7 +65,7 @@ def time_step(step: Callable[[], None], device: str, reps: int) -> Dict[str, flo
 
 
 def step_table(cfg_path: str, opts: List[str], device: str, reps: int,
-               variants=VARIANTS) -> List[Dict]:
+               variants: Sequence[str] = VARIANTS) -> List[Dict]:
     """One row per (variant, precision): seconds, peak MiB. ``variants``: names of
     bench_search.build_variant, "fpn" first (the ratios' denominator)."""
     from autofpn.config import load_config

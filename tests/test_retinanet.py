@@ -365,3 +365,30 @@ def test_gn_giou_train_steps_lower_the_loss():
     first, last = history[0], history[-1]
     assert 0 < first["loss_box"] <= 2  # GIoU loss per foreground anchor is in [0, 2]
     assert last["loss_cls"] < first["loss_cls"] and last["loss_box"] < first["loss_box"], history
+
+
+def test_paper_config_builds_retinanet_r50_coco():
+    """configs/retinanet_coco.yaml: the RetinaNet paper's 1x setting (R50, P3..P7 of 256 channels, 9
+    anchors of 32..512 px, focal loss 0.25 / 2, 800 px, lr 0.01 for 16 images, 90k iterations with
+    x0.1 at 60k and 80k); its search at coco.yaml's 400..800 px, the neck only."""
+    from pathlib import Path
+    from autofpn.engine.solver import build_scheduler
+    from autofpn.search.differentiable import search_transform, stages_to_run
+    path = Path(__file__).resolve().parents[1] / "configs" / "retinanet_coco.yaml"
+    cfg = load_config(str(path), ["model.backbone.weights=none"])
+    r, s = cfg["model"]["retinanet"], cfg["solver"]
+    assert cfg["model"]["num_classes"] == 81 and cfg["model"]["backbone"]["name"] == "resnet50"
+    assert (r["focal_alpha"], r["focal_gamma"], r["anchor_sizes"]) == (0.25, 2.0, [32, 64, 128, 256, 512])
+    assert cfg["model"]["transform"]["min_size"] == [800] and cfg["model"]["transform"]["test_min_size"] == 800
+    iters_per_epoch = math.ceil(117266 / 16)  # train2017's images with boxes, 8 GPUs x 2
+    scheduler = build_scheduler(s, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=s["lr"]),
+                                iters_per_epoch, s["max_iters"])
+    assert s["max_iters"] == 90000 <= s["epochs"] * iters_per_epoch
+    assert [abs(m - target) <= 10 for m, target in zip(scheduler.milestones, (60000, 80000))] == [True, True]
+    assert (s["lr"], cfg["data"]["images_per_batch"]) == (0.01, 2)
+    assert search_transform(cfg)["min_size"] == [400, 500, 600, 700, 800]
+    assert stages_to_run(cfg) == ["neck"]
+    with torch.device("meta"):
+        model = build_detector(cfg)
+    assert model.anchor_generator.num_anchors_per_location == 9 and len(model.anchor_generator.sizes) == 5
+    assert model.neck.out_channels == 256 and model.head.cls_logits.out_channels == 9 * 80

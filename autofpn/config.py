@@ -31,8 +31,9 @@ DEFAULTS: Dict[str, Any] = {
         # classes + 1 (train.py / search.py / evaluate.py fill it in and record it)
         "num_classes": None,
         "backbone": {
-            # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2 | vgg16 (SSD's only: no norm
-            # layers, model.backbone.norm unused; imagenet = torchvision's VGG16_Weights.IMAGENET1K_FEATURES)
+            # resnet18 | resnet50 | resnet101 | resnext101_32x8d | mobilenet_v2 | vgg16 | vgg16_bn (SSD's
+            # only: vgg16 has no norm layers, vgg16_bn a BatchNorm after every conv, model.backbone.norm
+            # unused; imagenet = torchvision's VGG16_Weights.IMAGENET1K_FEATURES / VGG16_BN_Weights.IMAGENET1K_V1)
             "name": "resnet50",
             "weights": "imagenet",  # none | imagenet | path to a state dict
             # stem + this many stages are frozen (0..4); -1 = nothing frozen. VGG16: stem conv1_x, stages
@@ -141,6 +142,9 @@ DEFAULTS: Dict[str, Any] = {
             "extra_layers": [[256, 512, 3, 2, 1], [128, 256, 3, 2, 1], [128, 256, 3, 2, 1],
                              [128, 256, 3, 2, 1], [128, 256, 4, 1, 1]],
             "l2norm_scale": 20.0,  # initial (learnt) scale of the L2-normalised conv4_3
+            # the VGG16 trunk's and fc6 / fc7's widths times this (1: the paper's; a CPU-sized
+            # demo's trunk is narrower: configs/ssd_demo.yaml); extra_layers keep their own widths
+            "width_mult": 1.0,
             # default boxes: s_k of each level plus one more (the extra square box of level k is
             # sqrt(s_k s_k+1)), as fractions of the image side. SSD512 on VOC: 0.07 on conv4_3, then
             # s_min 0.15 .. 0.9 (the paper's COCO SSD512: 0.04, then 0.1 .. 0.9: configs/ssd512_coco.yaml)
@@ -304,7 +308,8 @@ CHOICES: Dict[str, tuple] = {
     "model.retinanet.box_loss": ("l1", "smooth_l1", "giou"),
     "model.retinanet.head_norm": ("none", "gn"),
     "model.memory_format": ("auto", "channels_last", "contiguous"),
-    "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2", "vgg16"),
+    "model.backbone.name": ("resnet18", "resnet50", "resnet101", "resnext101_32x8d", "mobilenet_v2", "vgg16",
+                            "vgg16_bn"),
     "model.backbone.norm": ("frozen_bn", "bn"),
     "model.neck.norm": ("none", "gn", "bn"),
     "model.head.norm": ("none", "gn", "bn"),
@@ -385,7 +390,7 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if _is_number(value) and low <= value <= high:
             return None
         return f"expected a number in [{low}, {high}]"
-    if dotted in ("model.ssd.neg_to_pos_ratio", "model.ssd.l2norm_scale"):
+    if dotted in ("model.ssd.neg_to_pos_ratio", "model.ssd.l2norm_scale", "model.ssd.width_mult"):
         return None if _is_number(value) and value > 0 else "expected a number > 0"
     if dotted in ("model.ssd.extra_layers", "model.ssd.aspect_ratios"):
         inner = 5 if dotted == "model.ssd.extra_layers" else None

@@ -13,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from autofpn.config import ConfigError, load_config
 from autofpn.models.detector import build_detector, count_flops, parameter_breakdown
-from autofpn.models.ssd import (SSD300_EXTRA_LAYERS, DefaultBoxGenerator, hard_negative_mask, ssd_match,
+from autofpn.models.ssd import (SSD300_EXTRA_LAYERS, DefaultBoxGenerator, VGG16Trunk, hard_negative_mask, ssd_match,
                                 torchvision_ssd_state_dict_to_ours)
 
 NUM_CLASSES = 5  # 4 classes + background
@@ -311,7 +311,8 @@ def test_parameter_and_flop_breakdown():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["model.backbone.name=resnet50"], r"model.backbone.name = 'resnet50': model.detector 'ssd' is built on vgg16"),
+    (["model.backbone.name=resnet50"], r"model.backbone.name = 'resnet50': model.detector 'ssd' is built on vgg16; set model.backbone.name to one "
+                                     r"of vgg16, vgg16_bn"),
     (["model.ssd.scales=[0.1,0.2,0.3]"], r"model.ssd.scales has 3 entries but the SSD has 4 levels"),
     (["model.ssd.aspect_ratios=[[2]]"], r"model.ssd.aspect_ratios has 1 entries"),
     (["model.ssd.steps=[8,16]"], r"model.ssd.steps has 2 entries"),
@@ -338,9 +339,47 @@ def test_config_values_are_checked_when_loaded(override, key):
     assert "\n" not in str(info.value)
 
 
-def test_vgg16_is_refused_by_the_other_detectors():
-    with pytest.raises(ConfigError, match="model.backbone.name 'vgg16' is SSD's backbone"):
-        build_detector(load_config(None, ["model.num_classes=5", "model.backbone.name=vgg16", "model.backbone.weights=none"]))
+@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn"])
+def test_vgg16_is_refused_by_the_other_detectors(name):
+    with pytest.raises(ConfigError, match=f"model.backbone.name '{name}' is SSD's backbone"):
+        build_detector(load_config(None, ["model.num_classes=5", f"model.backbone.name={name}", "model.backbone.weights=none"]))
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_vgg16_trunk_equals_torchvisions_features(batch_norm):
+    """The trunk (plain or vgg16_bn) holds torchvision's ``features`` up to relu5_3 under the same
+    keys: with torchvision's weights loaded it gives conv4_3 and conv5_3 as torchvision's layers do
+    (64 px: pool3's ceil mode changes nothing), and ``frozen_stages`` freezes whole stages by their
+    convolutions (stem: 2, conv2_x: 2, conv3_x .. conv5_x: 3 each)."""
+    torch.manual_seed(0)
+    theirs = (torchvision.models.vgg16_bn if batch_norm else torchvision.models.vgg16)(weights=None).features.eval()
+    ours = VGG16Trunk(frozen_stages=1, batch_norm=batch_norm)
+    ours.body.load_state_dict({k: v for k, v in theirs.state_dict().items() if int(k.split(".")[0]) < len(ours.body)})
+    ours.eval()
+    pools = [i for i, layer in enumerate(theirs) if isinstance(layer, torch.nn.MaxPool2d)]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = ours(x)
+        assert torch.equal(out["c3"], theirs[: pools[3]](x))
+        assert torch.equal(out["c4"], theirs[: pools[4]](x))
+    assert [sum(isinstance(m, torch.nn.Conv2d) for m in stage.modules()) for stage in ours.stages()] == [2, 2, 3, 3, 3]
+    frozen = [name for name, p in ours.named_parameters() if not p.requires_grad]
+    assert len(frozen) == 4 * (4 if batch_norm else 2)  # conv1_1, conv1_2, conv2_1, conv2_2 (+ their BN)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules()) == (13 if batch_norm else 0)
+
+
+def test_width_mult_scales_the_trunk_and_fc_layers():
+    """model.ssd.width_mult: VGG16's 13 convolutions and fc6 / fc7 at that fraction of their widths
+    (the extra layers keep their configured ones); the predictors read the narrower levels."""
+    model = build_detector(tiny_cfg("model.backbone.name=vgg16_bn", "model.ssd.width_mult=0.25"))
+    convs = [m.out_channels for m in model.backbone.body if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]
+    extra = model.neck.extra
+    assert (extra.fc6.in_channels, extra.fc6.out_channels, extra.fc7.out_channels) == (128, 256, 256)
+    assert model.head.cls_logits[0].in_channels == 128 and model.head.cls_logits[1].in_channels == 256
+    assert extra.out_channels["c5"] == tiny_cfg()["model"]["ssd"]["extra_layers"][0][1]
+    losses = model.train()(*_tiny_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_only_the_neck_is_searchable():

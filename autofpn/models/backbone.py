@@ -171,9 +171,9 @@ def _last_out_channels(block: nn.Module) -> int:
 
 def build_backbone(cfg_backbone: Dict) -> Backbone:
     """From ``cfg["model"]["backbone"]``: name, weights, frozen_stages, norm."""
-    if cfg_backbone["name"] == "vgg16":  # autofpn/models/ssd.py builds it (VGG16Trunk)
+    if cfg_backbone["name"] in ("vgg16", "vgg16_bn"):  # autofpn/models/ssd.py builds it (VGG16Trunk)
         from autofpn.config import ConfigError
-        raise ConfigError("model.backbone.name 'vgg16' is SSD's backbone (model.detector: ssd); "
+        raise ConfigError(f"model.backbone.name {cfg_backbone['name']!r} is SSD's backbone (model.detector: ssd); "
                           f"choose one of {', '.join(BACKBONE_NAMES)} for this detector")
     return Backbone(cfg_backbone["name"], cfg_backbone["weights"], cfg_backbone["frozen_stages"],
                     cfg_backbone["norm"])

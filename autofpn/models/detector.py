@@ -14,11 +14,13 @@ from autofpn.models.necks import FPN, ConvExtraLevels, PANet, torchvision_fpn_ke
 from autofpn.models.retinanet import RetinaNet, RetinaNetHead, retinanet_anchor_sizes
 from autofpn.models.roi_heads import RoIHeads
 from autofpn.models.ssd import (SSD, DefaultBoxGenerator, SSDExtraLayers, SSDHead, SSDNeck, SquareTransform,
-                                VGG16Trunk)
+                                VGG16Trunk, scaled_width)
 from autofpn.models.rpn import AnchorGenerator, RegionProposalNetwork
 from autofpn.models.transform import ImageTransform
 from autofpn.ops.layout import check_memory_format, resolve_memory_format
 from autofpn.ops.roi_align import MultiLevelRoIAlign
+
+SSD_BACKBONES = ("vgg16", "vgg16_bn")  # model.backbone.name of model.detector ssd (ssd.VGG16Trunk)
 
 
 class FasterRCNN(SearchableDetector):
@@ -282,9 +284,9 @@ def build_ssd(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_hea
     r = model_cfg["ssd"]
     _check_one_stage(model_cfg, search_neck, search_head)
     b = model_cfg["backbone"]
-    if b["name"] != "vgg16":
+    if b["name"] not in SSD_BACKBONES:
         raise ConfigError(f"model.backbone.name = {b['name']!r}: model.detector 'ssd' is built on vgg16; "
-                          f"set model.backbone.name=vgg16")
+                          f"set model.backbone.name to one of {', '.join(SSD_BACKBONES)}")
     levels = 2 + len(r["extra_layers"])
     _check_ssd_config(model_cfg, levels)
     neck_type = "auto" if search_neck else model_cfg["neck"]["type"]
@@ -299,8 +301,10 @@ def build_ssd(cfg: Dict, genotype: Optional[Dict], search_neck: bool, search_hea
             raise ConfigError("model.neck.extra_pool_level is true: an SSD's levels are its own; set "
                               "model.neck.extra_pool_level=false")
     t = model_cfg["transform"]
-    backbone = VGG16Trunk(b["weights"], b["frozen_stages"])
-    extra = SSDExtraLayers(r["extra_layers"], r["l2norm_scale"], backbone.out_channels["c4"])
+    backbone = VGG16Trunk(b["weights"], b["frozen_stages"], batch_norm=b["name"] == "vgg16_bn",
+                          width_mult=r["width_mult"])
+    extra = SSDExtraLayers(r["extra_layers"], r["l2norm_scale"], backbone.out_channels["c4"],
+                           scaled_width(1024, r["width_mult"]))
     # the fusion neck reads SSD's levels as another detector's neck reads its backbone's
     base = None if neck_type == "none" else _lookup(NECKS, "model.neck.type", neck_type)(
         cfg, extra, genotype, search_neck)

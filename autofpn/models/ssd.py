@@ -58,6 +58,11 @@ SSD300_EXTRA_LAYERS = [[256, 512, 3, 2, 1], [128, 256, 3, 2, 1], [128, 256, 3, 1
 FC_LAYERS = {"1": "fc6", "3": "fc7"}
 
 
+def scaled_width(channels: int, width_mult: float) -> int:
+    """A layer's width times ``model.ssd.width_mult``, at least 1."""
+    return max(1, int(round(channels * width_mult)))
+
+
 def _xavier(module: nn.Module) -> None:
     """torchvision's SSD initialisation of every layer it adds: Xavier-uniform weights, zero biases."""
     for m in module.modules():
@@ -73,41 +78,51 @@ class VGG16Trunk(nn.Module):
     """torchvision's VGG16 convolutions conv1_1 .. relu5_3 (``vgg.make_layers(cfgs["D"])``, what
     ``torchvision.models.vgg16`` builds its ``features`` from, without pool5 and the classifier),
     pool3 in ceil mode (38 x 38 conv4_3 at 300 px, as the paper), initialised as ``vgg16()`` does
-    (Kaiming-normal fan-out, zero biases).
+    (Kaiming-normal fan-out, zero biases). ``batch_norm``: torchvision's ``vgg16_bn`` layout (a
+    BatchNorm after every convolution), what a trunk trained from scratch needs to learn within a
+    short schedule (DSOD, Shen et al. 2017; the demo's measurement in configs/ssd_demo.yaml).
+    ``width_mult``: every convolution's width times this (1: VGG16; the CPU demo's is narrower, and
+    no ImageNet weights fit it).
 
     ``weights``: none | imagenet (``VGG16_Weights.IMAGENET1K_FEATURES``, the weights torchvision's
     SSD starts from; they expect ``model.transform.image_mean`` [0.48235, 0.45882, 0.40784] and
-    ``image_std`` [1/255] x 3) | a state-dict file (``features.N.*`` or ``N.*`` keys). The body's
-    indices are those of ``vgg16().features``, so its keys are ``body.N.*``.
+    ``image_std`` [1/255] x 3; ``VGG16_BN_Weights.IMAGENET1K_V1`` with ``batch_norm``) | a
+    state-dict file (``features.N.*`` or ``N.*`` keys). The body's indices are those of
+    ``vgg16().features`` (``vgg16_bn().features``), so its keys are ``body.N.*``.
 
     ``frozen_stages`` (model.backbone.frozen_stages): stem conv1_x, then the stages conv2_x ..
     conv5_x; k freezes the stem and k stages (-1 nothing; 0 = torchvision's ssd300_vgg16 with
     weights; 1 = the SSD paper's Caffe model, conv1_x and conv2_x frozen).
 
-    forward(x: Tensor[N, 3, H, W]) -> {"c3": conv4_3 Tensor[N, 512, ~H/8, ~W/8], "c4": conv5_3
-    Tensor[N, 512, ~H/16, ~W/16]} (after their ReLUs)
+    forward(x: Tensor[N, 3, H, W]) -> {"c3": conv4_3 Tensor[N, C, ~H/8, ~W/8], "c4": conv5_3
+    Tensor[N, C, ~H/16, ~W/16]} (after their ReLUs; C = 512 x width_mult)
     """
 
-    CONV4_3_RELU = 22  # body index whose output is conv4_3
-    # body slices [start, end) of stem, stage 2..5 (each ends with its max pool, the last with relu5_3)
-    STAGES = ((0, 5), (5, 10), (10, 17), (17, 24), (24, 30))
-
-    def __init__(self, weights: Optional[str] = "none", frozen_stages: int = -1):
+    def __init__(self, weights: Optional[str] = "none", frozen_stages: int = -1, batch_norm: bool = False,
+                 width_mult: float = 1.0):
         super().__init__()
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages}")
-        self.body = make_layers(vgg_cfgs["D"], batch_norm=False)[:30]  # pool5 (index 30) left out
-        self.body[16].ceil_mode = True  # pool3
+        layout = [v if v == "M" else scaled_width(v, width_mult) for v in vgg_cfgs["D"]]
+        body = make_layers(layout, batch_norm=batch_norm)
+        pools = [i for i, layer in enumerate(body) if isinstance(layer, nn.MaxPool2d)]  # pool1 .. pool5
+        self.body = body[: pools[4]]  # pool5 left out (SSDExtraLayers has its own)
+        self.body[pools[2]].ceil_mode = True  # pool3
+        self.conv4_3_relu = pools[3] - 1  # body index whose output is conv4_3
+        # body slices [start, end) of stem, stage 2..5 (each ends with its max pool, the last with relu5_3)
+        bounds = [0] + [i + 1 for i in pools[:4]] + [pools[4]]
+        self.stage_bounds = list(zip(bounds[:-1], bounds[1:]))
         for m in self.body.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.constant_(m.bias, 0)
+        imagenet = ("VGG16_BN_Weights", "IMAGENET1K_V1") if batch_norm else ("VGG16_Weights", "IMAGENET1K_FEATURES")
         if weights == "imagenet":
-            load_backbone_state(self.body, self._adapt_keys(_imagenet_state_dict("VGG16_Weights", "IMAGENET1K_FEATURES")),
-                                "VGG16_Weights.IMAGENET1K_FEATURES")
+            load_backbone_state(self.body, self._adapt_keys(_imagenet_state_dict(*imagenet)), ".".join(imagenet))
         elif weights not in ("none", None):
             load_backbone_state(self.body, self._adapt_keys(_file_state_dict(weights)), weights)
-        self.out_channels: Dict[str, int] = {"c3": 512, "c4": 512}
+        width = scaled_width(512, width_mult)
+        self.out_channels: Dict[str, int] = {"c3": width, "c4": width}
         self.strides: Dict[str, int] = {"c3": 8, "c4": 16}
         self.frozen_stages = frozen_stages
         for stage in self.stages()[: frozen_stages + 1]:
@@ -124,13 +139,13 @@ class VGG16Trunk(nn.Module):
 
     def stages(self) -> List[nn.Module]:
         """[stem (conv1_x), conv2_x, conv3_x, conv4_x, conv5_x] as modules (for freezing)."""
-        return [nn.ModuleList(self.body[start:end]) for start, end in self.STAGES]
+        return [nn.ModuleList(self.body[start:end]) for start, end in self.stage_bounds]
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
         for index, layer in enumerate(self.body):
             x = layer(x)
-            if index == self.CONV4_3_RELU:
+            if index == self.conv4_3_relu:
                 out["c3"] = x  # the next layer (pool4) makes a new tensor: the in-place ReLUs after it leave this alone
         out["c4"] = x
         return out
@@ -161,13 +176,14 @@ class SSDExtraLayers(nn.Module):
     module docstring), so a fusion neck builds on this as on a backbone.
     """
 
-    def __init__(self, extra_layers: Sequence[Sequence[int]], l2norm_scale: float = 20.0, in_channels: int = 512):
+    def __init__(self, extra_layers: Sequence[Sequence[int]], l2norm_scale: float = 20.0, in_channels: int = 512,
+                 fc_channels: int = 1024):
         super().__init__()
         self.l2norm = L2Norm(in_channels, l2norm_scale)
         self.pool5 = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
-        self.fc6 = nn.Conv2d(in_channels, 1024, kernel_size=3, padding=6, dilation=6)
-        self.fc7 = nn.Conv2d(1024, 1024, kernel_size=1)
-        blocks, channels = [], 1024
+        self.fc6 = nn.Conv2d(in_channels, fc_channels, kernel_size=3, padding=6, dilation=6)
+        self.fc7 = nn.Conv2d(fc_channels, fc_channels, kernel_size=1)
+        blocks, channels = [], fc_channels
         for mid, out, kernel, stride, padding in extra_layers:
             blocks.append(nn.Sequential(nn.Conv2d(channels, mid, 1), nn.ReLU(inplace=True),
                                         nn.Conv2d(mid, out, kernel, stride=stride, padding=padding),
@@ -175,7 +191,7 @@ class SSDExtraLayers(nn.Module):
             channels = out
         self.blocks = nn.ModuleList(blocks)
         _xavier(self)
-        self.out_channels: Dict[str, int] = {"c3": in_channels, "c4": 1024}
+        self.out_channels: Dict[str, int] = {"c3": in_channels, "c4": fc_channels}
         self.out_channels.update({f"c{5 + i}": int(spec[1]) for i, spec in enumerate(extra_layers)})
         self.strides: Dict[str, int] = {name: 2 ** int(name[1:]) for name in self.out_channels}
 

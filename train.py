@@ -21,8 +21,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default=None, help="YAML config (default: the built-in defaults)")
     p.add_argument("--genotype", default=None, help="genotype JSON of a searched neck/head")
-    p.add_argument("--neck", choices=["fpn", "panet", "auto"], default=None,
-                   help="neck type (overrides model.neck.type)")
+    p.add_argument("--neck", choices=["fpn", "panet", "auto", "none"], default=None,
+                   help="neck type (overrides model.neck.type; none: plain SSD, model.detector ssd only)")
     p.add_argument("--head", choices=["mlp", "conv", "auto"], default=None,
                    help="head type (overrides model.head.type)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",

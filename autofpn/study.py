@@ -8,8 +8,8 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
     python -m autofpn.study --cfg ... --out DIR --shard 0/4 --launcher "torchrun --nproc_per_node 8"
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
-shipped genotypes' necks + 2-MLP head; ``conv`` on request: FPN's neck with the handcrafted
-convolutional head, the Auto-head's control), ``--random`` genotypes drawn uniformly from the search
+shipped genotypes' necks + 2-MLP head; on request ``conv``: FPN's neck with the handcrafted
+convolutional head, the Auto-head's control, and ``plain``: no fusion neck, plain SSD), ``--random`` genotypes drawn uniformly from the search
 space (neck and head, ``autofpn.search.random_sample``; with ``--random-parts head`` the head
 only, on the config's handcrafted neck), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
@@ -61,8 +61,9 @@ from autofpn.engine.runs import die_with_parent, lock_folder, log_tail, parse_sh
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fpn", "panet", "ssd")  # the default entries
 # on request: "conv", FPN's neck with the handcrafted convolutional head (model.head.type=conv,
-# its size from model.head.convs / channels / mlp_dim): the control for a searched Auto-head
-OPTIONAL_BASELINES = ("conv",)
+# its size from model.head.convs / channels / mlp_dim): the control for a searched Auto-head;
+# "plain", no fusion neck (model.neck.type=none): plain SSD, the paper's Table 6 baseline
+OPTIONAL_BASELINES = ("conv", "plain")
 LAMBDA_PRESETS = ("small", "middle", "large")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ELAPSED_SAVE_PERIOD = 10.0  # seconds between saves of a running unit's elapsed time
@@ -127,6 +128,8 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
             entries.append(Entry("fpn", "baseline", "fpn", "mlp"))
         elif name == "conv":
             entries.append(Entry("conv", "baseline", "fpn", "conv"))
+        elif name == "plain":
+            entries.append(Entry("plain", "baseline", "none", "mlp"))
         else:
             entries.append(Entry(name, "baseline", "auto", "mlp",
                                  os.path.join(REPO, "configs", "genotypes", f"{name}.json")))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from autofpn.config import load_config
+from autofpn.config import ConfigError, load_config
 from autofpn.models.detector import build_detector
 from autofpn.models.genotype import validate_genotype
 from autofpn.search.random_sample import random_genotype, random_genotypes
@@ -245,6 +245,23 @@ def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):
     assert neck_only[:4] == ["--neck", "auto", "--head", "mlp"] and neck_only[-1].endswith("neck/large/geno.json")
     with pytest.raises(StudyError, match="search.stage=head"):
         plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("h", ["search.stage=head"], ["large"])], 0, cfg)
+
+
+def test_the_plain_baseline_is_an_ssd_without_a_fusion_neck(tmp_path):
+    """--baselines plain (the paper's Table 6 baseline): train.py --neck none, which builds plain
+    SSD (SSD's own levels into the predictors); a Faster R-CNN has no such neck and says so."""
+    sys.path.insert(0, str(REPO))
+    from train import parse_args, resolve_config
+    cfg = load_config(str(REPO / "configs" / "ssd_demo.yaml"))
+    entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn", "plain"], 0, [], 0, cfg)}
+    assert entries["plain"].train_args() == ["--neck", "none", "--head", "mlp"]
+    opts = ["--opts", "model.num_classes=5", "model.neck.type=fpn"]  # the entry's --neck wins over the config
+    plain, _ = resolve_config(parse_args(["--cfg", str(REPO / "configs" / "ssd_demo.yaml"), *entries["plain"].train_args(), *opts]))
+    assert build_detector(plain).neck.base is None
+    fpn, _ = resolve_config(parse_args(["--cfg", str(REPO / "configs" / "ssd_demo.yaml"), *entries["fpn"].train_args(), *opts]))
+    assert build_detector(fpn).neck.base is not None
+    with pytest.raises(ConfigError, match="'model.neck.type' = 'none'"):
+        build_detector(load_config(DEMO, ["model.neck.type=none"]))
 
 
 def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path):

@@ -9,9 +9,10 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
 shipped genotypes' necks + 2-MLP head; on request ``conv``: FPN's neck with the handcrafted
-convolutional head, the Auto-head's control, and ``plain``: no fusion neck, plain SSD), ``--random`` genotypes drawn uniformly from the search
-space (neck and head, ``autofpn.search.random_sample``; with ``--random-parts head`` the head
-only, on the config's handcrafted neck), and one searched genotype per
+convolutional head, the Auto-head's control, and ``plain``: no fusion neck, plain SSD),
+``--random`` genotypes drawn uniformly from the search space (neck and head,
+``autofpn.search.random_sample``; with ``--random-parts head`` the head only, on the config's
+handcrafted neck), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
 retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
 init and data order). A config without pretrained backbone weights (the demo) searches with the

@@ -21,6 +21,7 @@ _RESNETS = {
 }
 _MOBILENETS = {"mobilenet_v2": (torchvision.models.mobilenet_v2, "MobileNet_V2_Weights")}
 BACKBONE_NAMES = sorted(_RESNETS) + sorted(_MOBILENETS)
+SSD_BACKBONES = ("vgg16", "vgg16_bn")  # model.detector ssd's only (autofpn/models/ssd.py, VGG16Trunk)
 
 # MobileNetV2 ``features`` indices that end each stage (stem = features[0..1]): the outputs
 # after features[3], [6], [13], [18] have strides 4, 8, 16, 32.
@@ -171,7 +172,7 @@ def _last_out_channels(block: nn.Module) -> int:
 
 def build_backbone(cfg_backbone: Dict) -> Backbone:
     """From ``cfg["model"]["backbone"]``: name, weights, frozen_stages, norm."""
-    if cfg_backbone["name"] in ("vgg16", "vgg16_bn"):  # autofpn/models/ssd.py builds it (VGG16Trunk)
+    if cfg_backbone["name"] in SSD_BACKBONES:
         from autofpn.config import ConfigError
         raise ConfigError(f"model.backbone.name {cfg_backbone['name']!r} is SSD's backbone (model.detector: ssd); "
                           f"choose one of {', '.join(BACKBONE_NAMES)} for this detector")

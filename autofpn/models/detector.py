@@ -8,7 +8,7 @@ from autofpn.config import ConfigError
 from autofpn.models.architecture import Architecture, SearchableDetector
 from autofpn.models.auto_fusion import AutoFusionNeck
 from autofpn.models.auto_head import AutoHead
-from autofpn.models.backbone import build_backbone
+from autofpn.models.backbone import SSD_BACKBONES, build_backbone
 from autofpn.models.heads import BoxPredictor, ConvFCHead, TwoMLPHead
 from autofpn.models.necks import FPN, ConvExtraLevels, PANet, torchvision_fpn_key
 from autofpn.models.retinanet import RetinaNet, RetinaNetHead, retinanet_anchor_sizes
@@ -19,8 +19,6 @@ from autofpn.models.rpn import AnchorGenerator, RegionProposalNetwork
 from autofpn.models.transform import ImageTransform
 from autofpn.ops.layout import check_memory_format, resolve_memory_format
 from autofpn.ops.roi_align import MultiLevelRoIAlign
-
-SSD_BACKBONES = ("vgg16", "vgg16_bn")  # model.backbone.name of model.detector ssd (ssd.VGG16Trunk)
 
 
 class FasterRCNN(SearchableDetector):

@@ -128,7 +128,7 @@ DEFAULTS: Dict[str, Any] = {
         },
         # model.detector: ssd (autofpn/models/ssd.py), SSD512 of the SSD paper (Liu et al. 2016, VOC
         # settings) by default, trained and post-processed as torchvision's ssd300_vgg16. Backbone:
-        # model.backbone.name vgg16 (conv1_1..conv5_3, ceil-mode pool3); conv4_3 L2-normalised, pool5
+        # model.backbone.name vgg16 or vgg16_bn (conv1_1..conv5_3, ceil-mode pool3); conv4_3 L2-normalised, pool5
         # 3x3/1, fc6 (3x3 dilation 6) and fc7 (1x1) of 1024 channels, then extra_layers. Levels: c3 =
         # conv4_3, c4 = fc7, c5.. = one per extra layer; model.neck (type none: plain SSD; fpn /
         # panet / auto over model.neck.levels, the others passed on as they are, extra_pool_level

@@ -9,10 +9,12 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
 shipped genotypes' necks + 2-MLP head; on request ``conv``: FPN's neck with the handcrafted
-convolutional head, the Auto-head's control, and ``plain``: no fusion neck, plain SSD),
+convolutional head, the Auto-head's control, ``plain``: no fusion neck, plain SSD, and
+``identity``: the Auto-fusion neck with every link identity, the neck search's control),
 ``--random`` genotypes drawn uniformly from the search space (neck and head,
 ``autofpn.search.random_sample``; with ``--random-parts head`` the head only, on the config's
-handcrafted neck), and one searched genotype per
+handcrafted neck; with ``--random-parts neck`` the neck only, with the 2-MLP head, the baseline
+of a ``search.stage=neck`` variant), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
 retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
 init and data order). A config without pretrained backbone weights (the demo) searches with the
@@ -63,8 +65,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fpn", "panet", "ssd")  # the default entries
 # on request: "conv", FPN's neck with the handcrafted convolutional head (model.head.type=conv,
 # its size from model.head.convs / channels / mlp_dim): the control for a searched Auto-head;
-# "plain", no fusion neck (model.neck.type=none): plain SSD, the paper's Table 6 baseline
-OPTIONAL_BASELINES = ("conv", "plain")
+# "plain", no fusion neck (model.neck.type=none): plain SSD, the paper's Table 6 baseline;
+# "identity", the Auto-fusion neck with every link identity (nothing searched) and the 2-MLP head:
+# the control a neck search whose decisions are mostly identity has to beat
+OPTIONAL_BASELINES = ("conv", "plain", "identity")
+RANDOM_PARTS = ("both", "head", "neck")
 LAMBDA_PRESETS = ("small", "middle", "large")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ELAPSED_SAVE_PERIOD = 10.0  # seconds between saves of a running unit's elapsed time
@@ -118,10 +123,12 @@ class SearchVariant:
 def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: Sequence[SearchVariant],
                  random_seed: int, cfg: Dict[str, Any], random_parts: str = "both") -> List[Entry]:
     """The study's entries (searched ones of every variant, in the order they were added);
-    random genotypes are written to ``out/genotypes/``. ``random_parts``: "both" draws neck and
-    head; "head" draws the head only (entries ``random_head_XX``, on the config's neck), the
-    baseline of a head search on a handcrafted neck."""
-    from autofpn.models.genotype import load_genotype, save_genotype
+    random genotypes (and the ``identity`` baseline's) are written to ``out/genotypes/``.
+    ``random_parts``: "both" draws neck and head; "head" draws the head only (entries
+    ``random_head_XX``, on the config's neck), the baseline of a head search on a handcrafted
+    neck; "neck" the neck only (entries ``random_neck_XX``, with the 2-MLP head), the baseline of
+    a neck-only search."""
+    from autofpn.models.genotype import dense_identity_neck
     from autofpn.search.random_sample import random_genotypes
     entries = []
     for name in baselines:
@@ -131,6 +138,11 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
             entries.append(Entry("conv", "baseline", "fpn", "conv"))
         elif name == "plain":
             entries.append(Entry("plain", "baseline", "none", "mlp"))
+        elif name == "identity":
+            neck = cfg["model"]["neck"]
+            path = os.path.join(out, "genotypes", "identity.json")
+            _save_drawn(dense_identity_neck(neck["levels"], neck["layers"]), path)
+            entries.append(Entry(name, "baseline", "auto", "mlp", path))
         else:
             entries.append(Entry(name, "baseline", "auto", "mlp",
                                  os.path.join(REPO, "configs", "genotypes", f"{name}.json")))
@@ -138,16 +150,17 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
     drawn = random_genotypes(num_random, random_seed, model["neck"]["levels"], model["neck"]["layers"],
                              model["head"]["cells"])
     for genotype in drawn:
-        neck = "auto"
-        if random_parts == "head":  # the same draws, neck left out: the i-th head is the same either way
+        # a part left out: the same draws without it, so the i-th neck or head is the same either way
+        neck, head = "auto", "auto"
+        if random_parts == "head":
             neck = handcrafted_neck(cfg, "--random-parts head")
             genotype = {**genotype, "name": genotype["name"].replace("random_", "random_head_"), "neck": None}
+        elif random_parts == "neck":
+            head = "mlp"
+            genotype = {**genotype, "name": genotype["name"].replace("random_", "random_neck_"), "head": None}
         path = os.path.join(out, "genotypes", f"{genotype['name']}.json")
-        if os.path.isfile(path) and load_genotype(path) != genotype:
-            raise StudyError(f"{path} differs from the genotype drawn now (another --random-seed or "
-                             f"search space made this folder); use another --out")
-        save_genotype(genotype, path)
-        entries.append(Entry(genotype["name"], "random", neck, "auto", path))
+        _save_drawn(genotype, path)
+        entries.append(Entry(genotype["name"], "random", neck, head, path))
     for variant in variants:
         # a neck-only search (search.stage=neck) decodes no head: its detector keeps FPN's 2-MLP head;
         # a head-only search decodes no neck: its detector keeps the neck it was searched on
@@ -158,6 +171,16 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
             entries.append(Entry(variant.entry_name(preset), "searched", neck, head,
                                  os.path.join(variant.folder(out, preset), "geno.json"), variant, preset))
     return entries
+
+
+def _save_drawn(genotype: Dict[str, Any], path: str) -> None:
+    """Write a genotype the study made; one already there must be the same (a folder never holds
+    architectures its arguments did not make)."""
+    from autofpn.models.genotype import load_genotype, save_genotype
+    if os.path.isfile(path) and load_genotype(path) != genotype:
+        raise StudyError(f"{path} differs from the genotype made now (another --random-seed, search space "
+                         f"or neck levels made this folder); use another --out")
+    save_genotype(genotype, path)
 
 
 def handcrafted_neck(cfg: Dict[str, Any], what: str) -> str:
@@ -678,13 +701,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="training seeds per entry (0..n-1)")
     p.add_argument("--random", type=int, default=8, help="random architectures from the search space")
     p.add_argument("--random-seed", type=int, default=0, help="the random architectures' stream")
-    p.add_argument("--random-parts", default="both", choices=["both", "head"],
-                   help="what a random architecture draws: neck and head, or the head only on the config's "
-                        "neck (the baseline of a head search with search.head_with_searched_neck=false)")
+    p.add_argument("--random-parts", default="both", choices=RANDOM_PARTS,
+                   help="what a random architecture draws: neck and head; the head only on the config's "
+                        "neck (the baseline of a head search with search.head_with_searched_neck=false); "
+                        "the neck only with the 2-MLP head (the baseline of a search.stage=neck search)")
     p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
                    help="one search per resource-lambda preset (none: no searched entry)")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES + OPTIONAL_BASELINES,
-                   help="handcrafted entries (default: %(default)s); conv: FPN's neck with model.head.type=conv")
+                   help="handcrafted entries (default: %(default)s); conv: FPN's neck with model.head.type=conv; "
+                        "plain: no fusion neck (SSD); identity: every neck link identity, 2-MLP head")
     p.add_argument("--search-opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for the searches only (a way of searching to try), named by --tag")
     p.add_argument("--tag", default="", help="name of the search variant (entries searched_<preset>_<tag>)")

@@ -283,6 +283,41 @@ def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path
         plan_entries(str(tmp_path), ["fpn"], 0, [head_only], 0, load_config(DEMO, ["model.neck.type=auto"]))
 
 
+def test_random_necks_and_the_identity_neck_keep_the_mlp_head(tmp_path):
+    """--random-parts neck draws the same necks as --random-parts both, without their heads, and
+    retrains them with FPN's 2-MLP head, as a neck-only search's entry; --baselines identity is the
+    Auto-fusion neck over the config's levels with every link identity (nothing searched)."""
+    sys.path.insert(0, str(REPO))
+    from train import parse_args, resolve_config
+    cfg = load_config(DEMO)
+    neck_only = SearchVariant("n", ["search.stage=neck"], ["large"])
+    entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn", "identity"], 2, [neck_only], 0, cfg, "neck")}
+    both = plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg)
+    for i, drawn in enumerate(e for e in both if e.kind == "random"):
+        mine = entries[f"random_neck_{i:02d}"]
+        assert mine.train_args()[:4] == ["--neck", "auto", "--head", "mlp"]
+        genotype = json.loads(Path(mine.genotype_path).read_text())
+        assert genotype["head"] is None and genotype["neck"] == json.loads(Path(drawn.genotype_path).read_text())["neck"]
+    identity = entries["identity"]
+    assert identity.kind == "baseline" and identity.train_args()[:4] == ["--neck", "auto", "--head", "mlp"]
+    genotype = json.loads(Path(identity.genotype_path).read_text())
+    levels, layers = cfg["model"]["neck"]["levels"], cfg["model"]["neck"]["layers"]
+    assert genotype["head"] is None and genotype["neck"]["levels"] == list(levels)
+    links = [(link["from"], link["to"], link["op"]) for layer in genotype["neck"]["layers"] for link in layer]
+    assert sorted(links) == sorted((s, t, "identity") for _ in range(layers) for s in levels for t in levels)
+
+    def built(entry):
+        train_cfg, genotype = resolve_config(parse_args(["--cfg", DEMO, *entry.train_args()]))
+        return build_detector(train_cfg, genotype)
+    fpn, dense = built(entries["fpn"]), built(identity)
+    head_params = lambda m: sorted((k, tuple(v.shape)) for k, v in m.roi_heads.state_dict().items())  # noqa: E731
+    assert head_params(dense) == head_params(fpn)  # FPN's 2-MLP head, not an Auto-head
+    assert dense.neck.state_dict().keys() != fpn.neck.state_dict().keys()
+    check_study_config(str(tmp_path / "study"), DEMO, [], 0, random_parts="neck")
+    with pytest.raises(StudyError, match="random-parts"):  # a folder of random necks draws no full architectures
+        check_study_config(str(tmp_path / "study"), DEMO, [], 0, random_parts="both")
+
+
 def test_a_neck_only_variant_searches_and_retrains(finished_study, synthetic_root):
     """End to end: the neck-only search writes a genotype without a head, and its entry's run
     retrains that neck with the 2-MLP head (FPN's head parameters, not an Auto-head's)."""

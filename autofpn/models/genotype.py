@@ -36,7 +36,7 @@ Never ``eval()``-ed: the file is parsed with ``json`` and checked by ``validate_
 """
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from .operations import HEAD_OPS, NECK_OPS
 
@@ -173,6 +173,21 @@ def neck_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
 def head_part(genotype: Dict[str, Any]) -> Dict[str, Any]:
     """The validated head part of a full genotype or of a bare ``{"cells"}`` part."""
     return _part(genotype, "head", _validate_head)
+
+
+def dense_identity_neck(levels: Sequence[int], layers: int) -> Dict[str, Any]:
+    """The unsearched control of a neck search: every link (source -> target) of every layer is
+    identity (a 1x1 projection, resampled), no link dropped, no head part. A search whose
+    decisions are mostly identity has to beat this, not only a random draw."""
+    levels = [int(level) for level in levels]
+    return validate_genotype({
+        "version": GENOTYPE_VERSION,
+        "name": "identity",
+        "description": f"every link of {layers} layers over levels {levels} is identity: nothing searched",
+        "neck": {"levels": levels, "layers": [[{"from": s, "to": t, "op": "identity"} for t in levels for s in levels]
+                                               for _ in range(layers)]},
+        "head": None,
+    })
 
 
 def load_genotype(path: str) -> Dict[str, Any]:

@@ -264,6 +264,17 @@ def test_the_plain_baseline_is_an_ssd_without_a_fusion_neck(tmp_path):
         build_detector(load_config(DEMO, ["model.neck.type=none"]))
 
 
+def assert_the_same_draws_in_part(entries, both, part, train_args):
+    """Each ``random_<part>_NN`` entry holds the ``part`` of the NN-th full random draw of
+    ``both`` (and nothing of the other part) and trains with ``train_args``."""
+    other = {"neck": "head", "head": "neck"}[part]
+    for i, drawn in enumerate(e for e in both if e.kind == "random"):
+        mine = entries[f"random_{part}_{i:02d}"]
+        assert mine.train_args()[:4] == train_args
+        genotype = json.loads(Path(mine.genotype_path).read_text())
+        assert genotype[other] is None and genotype[part] == json.loads(Path(drawn.genotype_path).read_text())[part]
+
+
 def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path):
     """search.stage=head with search.head_with_searched_neck=false searches the Auto-head on the
     config's neck: its entry retrains that neck with the searched head; --random-parts head draws
@@ -273,12 +284,8 @@ def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path
     entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn", "conv"], 2, [head_only], 0, cfg, "head")}
     assert entries["searched_large_h"].train_args()[:4] == ["--neck", "fpn", "--head", "auto"]
     assert entries["conv"].train_args() == ["--neck", "fpn", "--head", "conv"]  # the handcrafted control
-    both = plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg)
-    for i, drawn in enumerate(e for e in both if e.kind == "random"):
-        mine = entries[f"random_head_{i:02d}"]
-        assert mine.train_args()[:4] == ["--neck", "fpn", "--head", "auto"]
-        genotype = json.loads(Path(mine.genotype_path).read_text())
-        assert genotype["neck"] is None and genotype["head"] == json.loads(Path(drawn.genotype_path).read_text())["head"]
+    assert_the_same_draws_in_part(entries, plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg),
+                                  "head", ["--neck", "fpn", "--head", "auto"])
     with pytest.raises(StudyError, match="handcrafted"):
         plan_entries(str(tmp_path), ["fpn"], 0, [head_only], 0, load_config(DEMO, ["model.neck.type=auto"]))
 
@@ -292,12 +299,8 @@ def test_random_necks_and_the_identity_neck_keep_the_mlp_head(tmp_path):
     cfg = load_config(DEMO)
     neck_only = SearchVariant("n", ["search.stage=neck"], ["large"])
     entries = {e.name: e for e in plan_entries(str(tmp_path), ["fpn", "identity"], 2, [neck_only], 0, cfg, "neck")}
-    both = plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg)
-    for i, drawn in enumerate(e for e in both if e.kind == "random"):
-        mine = entries[f"random_neck_{i:02d}"]
-        assert mine.train_args()[:4] == ["--neck", "auto", "--head", "mlp"]
-        genotype = json.loads(Path(mine.genotype_path).read_text())
-        assert genotype["head"] is None and genotype["neck"] == json.loads(Path(drawn.genotype_path).read_text())["neck"]
+    assert_the_same_draws_in_part(entries, plan_entries(str(tmp_path / "both"), ["fpn"], 2, [], 0, cfg),
+                                  "neck", ["--neck", "auto", "--head", "mlp"])
     identity = entries["identity"]
     assert identity.kind == "baseline" and identity.train_args()[:4] == ["--neck", "auto", "--head", "mlp"]
     genotype = json.loads(Path(identity.genotype_path).read_text())

@@ -139,9 +139,9 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
         elif name == "plain":
             entries.append(Entry("plain", "baseline", "none", "mlp"))
         elif name == "identity":
-            neck = cfg["model"]["neck"]
+            neck_cfg = cfg["model"]["neck"]
             path = os.path.join(out, "genotypes", "identity.json")
-            _save_drawn(dense_identity_neck(neck["levels"], neck["layers"]), path)
+            _save_drawn(dense_identity_neck(neck_cfg["levels"], neck_cfg["layers"]), path)
             entries.append(Entry(name, "baseline", "auto", "mlp", path))
         else:
             entries.append(Entry(name, "baseline", "auto", "mlp",

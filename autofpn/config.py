@@ -49,6 +49,9 @@ DEFAULTS: Dict[str, Any] = {
             "extra_pool_level": True,  # P6 = max pool of the top level, for the RPN
             "layers": 2,  # auto-fusion layers
             "norm": "none",  # none | gn | bn (for a derived Auto-fusion neck when retraining)
+            # auto: each link's convolution op as a zero-initialised residual branch, x + op(x)
+            # (the paper's ops are plain: docs/STUDY.md, section 36)
+            "residual_ops": False,
         },
         "head": {
             "type": "mlp",  # mlp | conv (Xconv1fc, handcrafted) | auto (from a genotype)

@@ -58,11 +58,11 @@ class FusionLink(nn.Module):
     The resampling to the target level is done by the layer (it needs the target size)."""
 
     def __init__(self, channels: int, norm: str, chosen: Optional[Sequence[str]] = None,
-                 sampled: bool = False):
+                 sampled: bool = False, residual: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1, bias=norm == "none")
         self.norm = make_norm(norm, channels)
-        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen, sampled)
+        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen, sampled, residual)
 
     def project(self, x: Tensor) -> Tensor:
         """norm(conv1x1(x)); in a training or search step the 1x1 conv as ``pointwise`` (the same
@@ -96,6 +96,8 @@ class AutoFusionNeck(nn.Module):
         sampled: supernet only: the links compute only the ops of non-zero weight (a sampled
             path, ``search.mode: gdas``); a level no link reaches is zeros.
         extra_pool_level: add P_{top+1} = max_pool2d(P_top, 1, stride 2) for the RPN.
+        residual_ops: every convolution op of a link is a residual branch, ``x + op(x)``,
+            zero-initialised (``MixedOp``'s ``residual``); the paper's ops are plain.
     Attributes:
         out_channels: int; strides: {"p2": 4, ..., "p6": 64}; arch_shape (supernet only):
         (layers, len(levels)**2, len(NECK_OPS)); link_pairs: [(src, dst), ...] in weight order.
@@ -104,7 +106,7 @@ class AutoFusionNeck(nn.Module):
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], channels: int,
                  levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
                  genotype: Optional[dict] = None, norm: str = "none",
-                 extra_pool_level: bool = True, sampled: bool = False):
+                 extra_pool_level: bool = True, sampled: bool = False, residual_ops: bool = False):
         super().__init__()
         self.levels = [int(lv) for lv in levels]
         self.out_channels = channels
@@ -144,7 +146,8 @@ class AutoFusionNeck(nn.Module):
         for chosen in chosen_per_layer:
             # keep link_pairs order so the module order is the same in supernet and fixed neck
             self.layers.append(nn.ModuleDict({
-                link_name(s, t): FusionLink(channels, norm, chosen[(s, t)], sampled and genotype is None)
+                link_name(s, t): FusionLink(channels, norm, chosen[(s, t)], sampled and genotype is None,
+                                            residual_ops)
                 for (s, t) in self.link_pairs if (s, t) in chosen}))
 
     def forward(self, feats: Dict[str, Tensor], weights: Optional[Tensor] = None) -> Dict[str, Tensor]:

@@ -89,7 +89,8 @@ def _neck_args(cfg: Dict, backbone: nn.Module) -> Dict:
 def build_auto_fusion(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], search: bool) -> nn.Module:
     neck_genotype, norm = _searched_part(cfg, "neck", genotype, search)
     return AutoFusionNeck(layers=cfg["model"]["neck"]["layers"], genotype=neck_genotype, norm=norm,
-                          sampled=search and _sampled_search(cfg), **_neck_args(cfg, backbone))
+                          sampled=search and _sampled_search(cfg),
+                          residual_ops=cfg["model"]["neck"]["residual_ops"], **_neck_args(cfg, backbone))
 
 
 def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search: bool) -> nn.Module:

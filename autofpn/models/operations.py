@@ -273,6 +273,21 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     return conv if identity is None else add_weighted(conv, x, identity)
 
 
+def _zero_last_layer(op: nn.Module) -> None:
+    """Zero the scale of ``op``'s last norm layer (its last conv's weight and bias when it has no
+    norm), so that ``x + op(x)`` starts as the identity (the zero-initialised residual branch of
+    Goyal et al., 2017). Identity has nothing to zero."""
+    norms = [m for m in op.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))]
+    if norms:
+        nn.init.zeros_(norms[-1].weight)
+        return
+    convs = [m for m in op.modules() if isinstance(m, nn.Conv2d)]
+    if convs:
+        nn.init.zeros_(convs[-1].weight)
+        if convs[-1].bias is not None:
+            nn.init.zeros_(convs[-1].bias)
+
+
 def set_recompute(model: nn.Module, enabled: bool = True) -> int:
     """Turn recomputation (``MixedOp.recompute``) on or off in every mixed op of ``model`` holding
     more than one op (a supernet's); returns how many. ValueError when such an op holds a
@@ -344,12 +359,18 @@ class MixedOp(nn.Module):
     pointwise convolutions as one 1x1 convolution, the weighted full convolutions as one; the same
     sum up to float rounding, with the parameters read from ``self.ops`` (same state_dict keys).
     With a norm inside the ops, or one active op of a sampled path, the ops run as built.
+
+    ``residual`` (``model.neck.residual_ops``): every convolution op is a residual branch,
+    ``x + op(x)``, its last norm (or, without one, its last conv) initialised to zero so that it
+    starts as the identity; the supernet's sum is ``sum_k w_k op_k(x) + (sum of the convolutions'
+    w_k) x``, so a decoded op at one-hot weights is the supernet's. Identity stays ``x``.
     """
 
     def __init__(self, channels: int, op_table: Sequence[str], norm: str = "none",
-                 chosen: Sequence[str] = None, sampled: bool = False):
+                 chosen: Sequence[str] = None, sampled: bool = False, residual: bool = False):
         super().__init__()
         self.sampled = sampled
+        self.residual = residual
         self.recompute = False
         names = [n for n in (op_table if chosen is None else chosen) if n != "none"]
         for n in names:
@@ -363,6 +384,11 @@ class MixedOp(nn.Module):
         # how _fused_weighted_sum runs each op (None: not norm-free, the mixed op runs unfused)
         self.kinds = [_fusable_kind(op) for op in self.ops.values()]
         self.fused = True
+        if residual:
+            for op in self.ops.values():
+                _zero_last_layer(op)
+        # which held ops are convolutions (they carry the skip of a residual mixed op)
+        self.register_buffer("conv_mask", torch.tensor([n != "identity" for n in names]), persistent=False)
 
     def forward(self, x: Tensor, weights: Tensor = None, active: Optional[List[int]] = None) -> Tensor:
         """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op);
@@ -370,24 +396,30 @@ class MixedOp(nn.Module):
         if weights is None:
             if len(self.ops) != 1:
                 raise ValueError(f"a MixedOp with {len(self.ops)} ops needs architecture weights")
-            return next(iter(self.ops.values()))(x)
+            y = next(iter(self.ops.values()))(x)
+            return x + y if self.residual and bool(self.conv_mask[0]) else y
         if weights.shape != (len(self.op_table),):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
         w = weights.index_select(0, self.op_index.to(weights.device))
         ops = list(self.ops.values())
+        conv_mask = self.conv_mask
         if self.sampled:
             active = self.active(weights) if active is None else active
             if not active:
                 return None
-            ops, w = [ops[i] for i in active], w[active]
+            ops, w, conv_mask = [ops[i] for i in active], w[active], conv_mask[active]
         fn, args = _weighted_sum, (ops, x, w)
         if len(ops) > 1 and runs_fused(self):
             kinds = self.kinds if not self.sampled else [self.kinds[i] for i in active]
             if None not in kinds:
                 fn, args = _fused_weighted_sum, (kinds, ops, x, w)
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            y = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            y = fn(*args)
+        if self.residual:  # sum_k w_k (x + op_k(x)) over the convolutions: their weights times x
+            y = add_weighted(y, x, w.masked_fill(~conv_mask.to(w.device), 0).sum())
+        return y
 
     def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""

@@ -1,0 +1,107 @@
+"""``model.neck.residual_ops``: each link's convolution op as a zero-initialised residual branch,
+``x + op(x)``. A residual neck starts as the identity neck, its supernet at one-hot weights
+computes the decoded neck, the fused supernet computes the reference's values and gradients, and
+a search with it moves only alpha in an architecture step (tests/test_search_run.py)."""
+import json
+
+import pytest
+import torch
+
+from autofpn.models.auto_fusion import AutoFusionNeck
+from autofpn.models.genotype import dense_identity_neck
+from autofpn.models.operations import NECK_OPS, MixedOp, set_recompute
+from test_fused_mixed_op import _assert_same, _run, _weights
+from test_search_space import IN_CH, IN_STRIDES, NECK_CH, backbone_feats, one_hot_neck, random_genotype
+
+
+def _dense(op: str) -> dict:
+    """The identity neck's 32 links, each with ``op``."""
+    genotype = json.loads(json.dumps(dense_identity_neck([2, 3, 4, 5], 2)))
+    for links in genotype["neck"]["layers"]:
+        for link in links:
+            link["op"] = op
+    return genotype
+
+
+def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``module`` with every parameter drawn anew (the zero-initialised branches too)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
+@pytest.mark.parametrize("op", ["sep_conv_3x3", "dil_conv_5x5_r3"])
+def test_a_residual_neck_starts_as_the_identity_neck(op, norm):
+    identity = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=dense_identity_neck([2, 3, 4, 5], 2), norm=norm)
+    residual = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=_dense(op), norm=norm, residual_ops=True)
+    plain = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=_dense(op), norm=norm)
+    # the identity neck's parameters are the projections every neck has
+    for neck in (residual, plain):
+        assert not neck.load_state_dict(identity.state_dict(), strict=False).unexpected_keys
+    feats = backbone_feats(batch=2)
+    with torch.no_grad():
+        want, got, other = identity(feats), residual(feats), plain(feats)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert any(not torch.allclose(other[name], want[name]) for name in want)
+    # and it learns: every branch's parameters get a gradient
+    loss = sum((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() for out in residual(feats).values())
+    loss.backward()
+    branches = [(n, p) for n, p in residual.named_parameters() if ".mixed.ops." in n]
+    assert branches and all(p.grad is not None for _, p in branches)
+    assert sum(p.grad.abs().sum() for _, p in branches) > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_hot_residual_supernet_computes_the_decoded_neck(seed):
+    torch.manual_seed(seed)
+    genotype = random_genotype(seed)
+    kept = [link["op"] for links in genotype["neck"]["layers"] for link in links]
+    assert "identity" in kept and len(set(kept)) > 2, "the test should cover identity and convolution links"
+    supernet = _perturbed(AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, residual_ops=True), seed)
+    fixed = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype, residual_ops=True)
+    plain = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype)
+    state = supernet.state_dict()
+    fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
+    plain.load_state_dict({k: state[k] for k in plain.state_dict()}, strict=True)
+    feats = backbone_feats()
+    with torch.no_grad():
+        out_sup, out_fixed, out_plain = supernet(feats, one_hot_neck(genotype, supernet)), fixed(feats), plain(feats)
+    for name in out_fixed:
+        torch.testing.assert_close(out_sup[name], out_fixed[name], rtol=1e-5, atol=1e-5)
+    assert any(not torch.allclose(out_plain[name], out_fixed[name]) for name in out_fixed)
+
+
+def _residual_case(seed: int = 0, **kwargs) -> tuple:
+    torch.manual_seed(seed)
+    op = _perturbed(MixedOp(6, NECK_OPS, residual=True, **kwargs).double(), seed)
+    x = torch.randn(3, 6, 9, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    return op, x
+
+
+@pytest.mark.parametrize("weights", ["random", "one_hot", "pair"])
+def test_fused_residual_mixed_op_equals_the_reference(weights):
+    op, x = _residual_case()
+    w = _weights(weights, NECK_OPS, torch.Generator().manual_seed(2))
+    fused, reference = _run(op, x, w, True), _run(op, x, w, False)
+    _assert_same(fused, reference)
+    # the reference by hand: sum over the held ops of w_k (x + op_k(x)), identity as x
+    with torch.no_grad():
+        by_hand = sum(w[NECK_OPS.index(n)] * (m(x) if n == "identity" else x + m(x)) for n, m in op.ops.items())
+    torch.testing.assert_close(reference[0], by_hand, rtol=1e-10, atol=1e-12)
+    assert fused[2].abs().sum() > 0  # alpha's gradient
+
+
+def test_recomputed_and_sampled_residual_mixed_ops_equal_the_reference():
+    op, x = _residual_case()
+    w = _weights("random", NECK_OPS, torch.Generator().manual_seed(2))
+    reference = _run(op, x, w, False)
+    assert set_recompute(op) == 1
+    _assert_same(_run(op, x, w, True), reference)
+    sampled, x = _residual_case(sampled=True)
+    for kind in ("one_hot", "pair", "random"):
+        w = _weights(kind, NECK_OPS, torch.Generator().manual_seed(3))
+        _assert_same(_run(sampled, x, w, True), _run(sampled, x, w, False))

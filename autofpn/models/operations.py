@@ -387,8 +387,10 @@ class MixedOp(nn.Module):
         if residual:
             for op in self.ops.values():
                 _zero_last_layer(op)
-        # which held ops are convolutions (they carry the skip of a residual mixed op)
+        # which held ops are convolutions (they carry the skip of a residual mixed op); a fixed
+        # module's as a Python bool, so that its forward reads no device tensor
         self.register_buffer("conv_mask", torch.tensor([n != "identity" for n in names]), persistent=False)
+        self.residual_branch = residual and len(names) == 1 and names[0] != "identity"
 
     def forward(self, x: Tensor, weights: Tensor = None, active: Optional[List[int]] = None) -> Tensor:
         """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op);
@@ -397,7 +399,7 @@ class MixedOp(nn.Module):
             if len(self.ops) != 1:
                 raise ValueError(f"a MixedOp with {len(self.ops)} ops needs architecture weights")
             y = next(iter(self.ops.values()))(x)
-            return x + y if self.residual and bool(self.conv_mask[0]) else y
+            return x + y if self.residual_branch else y
         if weights.shape != (len(self.op_table),):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
         w = weights.index_select(0, self.op_index.to(weights.device))

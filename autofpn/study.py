@@ -27,8 +27,8 @@ the CPU threads divided between them) that die with the study. Running the same 
 skips finished units and resumes an interrupted one from its newest checkpoint (train.py and
 search.py resume by themselves), so a kill -9 loses at most a unit's progress since its last
 checkpoint. Two invocations on one folder at once (a second ``--tag`` started while the first
-runs) never run a unit twice: each unit is claimed with a lock (``running.lock``), and a unit
-that another study process holds is left to it. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
+runs) never run a unit twice: each unit is claimed with a lock (``running.lock``); a unit
+that another study process holds is left to it, and a unit here that needs it waits for it. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
 the others; it is retried only with ``--retry-failed``. ``DIR/study_config.json`` records the
 training config: a folder is never continued with another config.
 
@@ -271,14 +271,22 @@ class Running:
         self.last_save = time.perf_counter()
 
 
+def _needs(unit: Unit, keys: set, pending: Dict[str, Unit]) -> bool:
+    """Whether ``unit`` needs, directly or through units in ``pending``, a unit of ``keys``."""
+    return any(d in keys or (d in pending and _needs(pending[d], keys, pending)) for d in unit.deps)
+
+
 def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: bool = False,
               done_elsewhere: Callable[[str], bool] = lambda key: False,
               say: Callable[[str], None] = print) -> Dict[str, str]:
     """Run the units that are not done, ``jobs`` at a time, each after its dependencies.
 
     A dependency that is not among ``units`` (another shard's) counts as met when
-    ``done_elsewhere(key)``. Returns {key: status} with status done | failed | blocked (a
-    dependency failed) | waiting (a dependency of another shard is not done yet)."""
+    ``done_elsewhere(key)``. A unit that another study process runs (its lock is held) is left
+    to it; while a unit here needs it, this process waits for it, and runs it itself if that
+    process dies before finishing it. Returns {key: status} with status done | failed | blocked
+    (a dependency failed) | waiting (another shard's dependency is not done yet, or the unit runs
+    in another study process that nothing here waits for)."""
     status: Dict[str, str] = {}
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's
     todo = []
@@ -297,6 +305,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
     say(f"study: {len(units) - total} of {len(units)} units already done or failed, {total} to run "
         f"({jobs} at a time, {threads_per_job} thread(s) each)")
     running: List[Running] = []
+    elsewhere: set = set()  # keys of units in todo that another study process holds now
     try:
         while todo or running:
             for unit in list(todo):
@@ -309,22 +318,31 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     todo.remove(unit)
                     say(f"study: {unit.key} not run: a unit it needs failed ({', '.join(unit.deps)})")
                 elif all(s == "done" for s in dep_states):
-                    todo.remove(unit)
                     lock = lock_folder(unit.folder)
-                    if lock is None or unit.is_done():  # done: by the process that just let it go
-                        if lock is not None:
-                            lock.close()
-                        status[unit.key] = "done" if unit.is_done() else "waiting"
-                        say(f"study: {unit.key} " + ("was finished by another study process" if unit.is_done()
-                                                     else "runs in another study process: not run here"))
+                    if lock is None:
+                        if unit.key not in elsewhere:
+                            elsewhere.add(unit.key)
+                            say(f"study: {unit.key} runs in another study process: not run here")
                         continue
+                    todo.remove(unit)
+                    elsewhere.discard(unit.key)
+                    if unit.is_done() or (unit.has_failed() and not retry_failed):  # by the process that let it go
+                        lock.close()
+                        status[unit.key] = "done" if unit.is_done() else "failed"
+                        say(f"study: {unit.key} " + ("was finished" if unit.is_done() else "FAILED")
+                            + " in another study process")
+                        continue
+                    if unit.has_failed():  # failed in another study process, retried here
+                        os.remove(unit.error_path)
                     resumed = " (resuming)" if os.path.isfile(os.path.join(unit.folder, "log.txt")) else ""
                     say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
                     running.append(Running(unit, env, lock))
-            if not running:
+            # nothing of ours runs: wait only while a unit here needs one that another process runs
+            if not running and not any(_needs(u, elsewhere, {t.key: t for t in todo}) for u in todo):
                 for unit in todo:
                     status[unit.key] = "waiting"
-                    say(f"study: {unit.key} waits for {', '.join(unit.deps)} (another shard's or study process's unit)")
+                    if unit.key not in elsewhere:
+                        say(f"study: {unit.key} waits for {', '.join(unit.deps)} (another shard's unit)")
                 break
             time.sleep(0.5)
             for run in list(running):
@@ -576,13 +594,15 @@ def _fmt_time(seconds: Optional[float]) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def format_report(study: Dict[str, Any], command: str = "", wall_seconds: Optional[float] = None) -> str:
+def format_report(study: Dict[str, Any], command: str = "") -> str:
+    wall_seconds = study.get("wall_seconds")
     lines = [f"# Study: {study['config']}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [f"Seeds {study['seeds']}; {study['jobs']} unit(s) at a time, {study['threads_per_unit']} thread(s) "
               f"each; machine: {study['machine']}"
-              + (f"; this invocation's wall time {wall_seconds / 60:.1f} min" if wall_seconds else "") + ".", "",
+              + (f"; wall time of the last invocation that ran units {wall_seconds / 60:.1f} min"
+                 if wall_seconds else "") + ".", "",
               "AP in percent (COCO-style, pycocotools), mean ± sample std over the seeds that finished (n). "
               "FLOPs: one eval forward at the test size (a multiply-add = 2 FLOPs). Train time: wall time of "
               "one train.py run (evaluation included), mean over seeds; search time: the whole search "
@@ -631,10 +651,10 @@ def format_report(study: Dict[str, Any], command: str = "", wall_seconds: Option
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(study: Dict[str, Any], out: str, command: str, wall_seconds: Optional[float]) -> None:
+def write_outputs(study: Dict[str, Any], out: str, command: str) -> None:
     from autofpn.viz.study_plot import plot_pareto
     write_json(study, os.path.join(out, "study.json"))
-    text = format_report(study, command, wall_seconds)
+    text = format_report(study, command)
     tmp = os.path.join(out, "study.md.tmp")
     with open(tmp, "w") as f:
         f.write(text + "\n![AP against neck + head parameters](pareto.png)\n")
@@ -748,11 +768,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     units = make_units(args, entries, seeds, cfg)
     mine = shard_units(units, args.shard)
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's
+    finished_before = {u.key for u in mine if u.is_done() or u.has_failed()}
     status = {} if args.collect else run_units(mine, args.jobs, threads_per_job(args.jobs), args.retry_failed,
                                                done_elsewhere=lambda key: by_key[key].is_done())
     command = "python -m autofpn.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     study = collect(args, entries, seeds, status)
-    write_outputs(study, args.out, command, None if args.collect else time.perf_counter() - start)
+    if any(s in ("done", "failed") and k not in finished_before for k, s in status.items()):
+        study["wall_seconds"] = time.perf_counter() - start
+    elif os.path.isfile(os.path.join(args.out, "study.json")):  # ran nothing: keep the figure of the run that did
+        study["wall_seconds"] = read_json(os.path.join(args.out, "study.json")).get("wall_seconds")
+    write_outputs(study, args.out, command)
     print(format_report(study, command), flush=True)
     print(f"study: {os.path.join(args.out, 'study.md')}, study.json, pareto.png", flush=True)
     bad = [k for k, s in status.items() if s in ("failed", "blocked")]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -131,6 +132,9 @@ def test_rerun_trains_nothing(finished_study, synthetic_root):
     assert {p: p.stat().st_mtime for p in out.glob("units/*/seed_*/log.txt")} == logs
     after = json.loads((out / "study.json").read_text())
     assert after["entries"] == json.loads(before)["entries"]
+    # the report keeps the wall time of the invocation that trained, not this one's few seconds
+    assert after["wall_seconds"] == json.loads(before)["wall_seconds"] > 5
+    assert f"ran units {after['wall_seconds'] / 60:.1f} min" in (out / "study.md").read_text()
 
 
 def test_a_search_variant_reuses_the_trained_units(finished_study, synthetic_root):
@@ -392,9 +396,9 @@ def test_study_folder_made_before_a_config_key_was_added_still_resumes(tmp_path)
 
 def test_a_unit_another_study_process_runs_is_not_run_twice(tmp_path):
     """Two study invocations on one folder (a second --tag started while the first runs) list the
-    same units: a unit whose lock another process holds is left to it, and a unit that process
-    finished while this one waited for the lock counts as done; the lock of a finished unit is
-    released, so a later invocation may take it."""
+    same units: a unit whose lock another process holds is left to it. Nothing here needs it: this
+    process does not wait for it. A unit here needs it: this process waits, and runs the dependent
+    once that process has finished it (the lock of a finished unit is released)."""
     from autofpn.engine.runs import lock_folder
     from autofpn.study import Unit, run_units
     marker = tmp_path / "ran.txt"
@@ -410,17 +414,52 @@ def test_a_unit_another_study_process_runs_is_not_run_twice(tmp_path):
     held = lock_folder(busy.folder)  # "another study process" runs busy
     assert held is not None and lock_folder(busy.folder) is None
     said = []
-    status = run_units([busy, free, after_busy], jobs=2, threads_per_job=1, say=said.append)
-    assert status == {"busy": "waiting", "free": "done", "after_busy": "waiting"}, (status, said)
-    assert marker.read_text().split() == ["free"]
+    status = run_units([busy, free], jobs=2, threads_per_job=1, say=said.append)
+    assert status == {"busy": "waiting", "free": "done"}, (status, said)
     assert any("busy runs in another study process" in line for line in said), said
-    held.close()
-    lock = lock_folder(free.folder)  # released when its unit finished
+
+    def other_process_finishes_busy():
+        (tmp_path / "busy" / "result.json").write_text("{}")
+        held.close()
+
+    timer = threading.Timer(1.5, other_process_finishes_busy)
+    timer.start()
+    try:
+        status = run_units([busy, free, after_busy], jobs=1, threads_per_job=1, say=said.append)
+    finally:
+        timer.join()
+    assert status == {"busy": "done", "free": "done", "after_busy": "done"}, (status, said)
+    assert marker.read_text().split() == ["free", "after_busy"]  # busy ran in the other process only
+    assert any("busy was finished in another study process" in line for line in said), said
+    lock = lock_folder(after_busy.folder)  # released when its unit finished
     assert lock is not None
     lock.close()
-    status = run_units([busy, free, after_busy], jobs=1, threads_per_job=1, say=said.append)
-    assert status == {"busy": "done", "free": "done", "after_busy": "done"}, status
-    assert sorted(marker.read_text().split()) == ["after_busy", "busy", "free"]
+
+
+def test_a_unit_whose_other_study_process_died_is_run_here(tmp_path):
+    """The process that held a unit dies before finishing it (the OS drops its lock): a process
+    waiting for it runs it, then what needs it."""
+    from autofpn.engine.runs import lock_folder
+    from autofpn.study import Unit, run_units
+    marker = tmp_path / "ran.txt"
+
+    def unit(name, deps=()):
+        folder = str(tmp_path / name)
+        return Unit(name, folder, lambda: [sys.executable, "-c",
+                                           f"open({str(marker)!r}, 'a').write({name!r} + '\\n')"],
+                    deps=list(deps),
+                    finish=lambda seconds, folder=folder: open(os.path.join(folder, "result.json"), "w").write("{}"))
+
+    crashed, after = unit("crashed"), unit("after", deps=["crashed"])
+    held = lock_folder(crashed.folder)
+    timer = threading.Timer(1.0, held.close)  # dies: lock gone, no result.json
+    timer.start()
+    try:
+        status = run_units([crashed, after], jobs=1, threads_per_job=1, say=lambda _: None)
+    finally:
+        timer.join()
+    assert status == {"crashed": "done", "after": "done"}, status
+    assert marker.read_text().split() == ["crashed", "after"]
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")

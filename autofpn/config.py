@@ -51,7 +51,8 @@ DEFAULTS: Dict[str, Any] = {
             "norm": "none",  # none | gn | bn (for a derived Auto-fusion neck when retraining)
             # auto: each link's convolution op as a zero-initialised residual branch, x + op(x);
             # the paper's ops are plain. Neck-only searches with it beat FPN's neck by 1.8-1.9 AP on
-            # the demo, without it they lost 1.8 (docs/STUDY.md, sections 35-36)
+            # the demo, without it they lost 1.8, and the demo's neck + head search gained 2.0 AP
+            # with it (docs/STUDY.md, sections 35-37). Off here, on in configs/demo.yaml
             "residual_ops": False,
         },
         "head": {

@@ -338,7 +338,8 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
                     running.append(Running(unit, env, lock))
             # nothing of ours runs: wait only while a unit here needs one that another process runs
-            if not running and not any(_needs(u, elsewhere, {t.key: t for t in todo}) for u in todo):
+            pending = {t.key: t for t in todo}
+            if not running and not any(_needs(u, elsewhere, pending) for u in todo):
                 for unit in todo:
                     status[unit.key] = "waiting"
                     if unit.key not in elsewhere:

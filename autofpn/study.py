@@ -18,7 +18,9 @@ of a ``search.stage=neck`` variant), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
 retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
 init and data order). A config without pretrained backbone weights (the demo) searches with the
-backbone of the ``fpn`` run of the first seed, frozen, as ``make demo`` does.
+backbone of the ``fpn`` run of the first seed, frozen, as ``make demo`` does (that run trains
+again when a search still to run finds neither its model nor the exported backbone: a study
+folder kept in git holds the run's result, not its model).
 
 Units and safety. Each (entry, seed) is a unit in ``DIR/units/<entry>/seed_<s>/`` (``run/`` is
 its train.py folder, ``log.txt`` its output, ``result.json`` its metrics once finished); each
@@ -222,6 +224,9 @@ class Unit:
     deps: List[str] = field(default_factory=list)
     finish: Callable[[float], None] = lambda seconds: None  # after exit code 0
     slots: int = 1  # of the study's --jobs it occupies (an evolution search trains candidates at once)
+    # a file this unit leaves that a unit still to run needs (the FPN run's trained model, which
+    # lends the searches their backbone): a finished unit without it runs again
+    needed_output: Optional[str] = None
 
     @property
     def result_path(self) -> str:
@@ -232,7 +237,8 @@ class Unit:
         return os.path.join(self.folder, "error.txt")
 
     def is_done(self) -> bool:
-        return os.path.isfile(self.result_path)
+        return os.path.isfile(self.result_path) and (self.needed_output is None
+                                                     or os.path.isfile(self.needed_output))
 
     def has_failed(self) -> bool:
         return os.path.isfile(self.error_path)
@@ -335,6 +341,8 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                     if unit.has_failed():  # failed in another study process, retried here
                         os.remove(unit.error_path)
                     resumed = " (resuming)" if os.path.isfile(os.path.join(unit.folder, "log.txt")) else ""
+                    if os.path.isfile(unit.result_path):  # finished once, but what it left is gone
+                        resumed = f" (again: {os.path.relpath(unit.needed_output, unit.folder)} is gone)"
                     say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
                     running.append(Running(unit, env, lock))
             # nothing of ours runs: wait only while a unit here needs one that another process runs
@@ -453,9 +461,16 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
     if needs_backbone and searches and fpn is None:
         raise StudyError("the config has no pretrained backbone (model.backbone.weights: none): the searches "
                          "borrow the fpn baseline's backbone, so keep 'fpn' in --baselines")
+    search_units = [search_unit(v, p) for v, p in searches]
     if needs_backbone and searches:
-        units.append(train_unit(fpn, seeds[0]))
-    units += [search_unit(v, p) for v, p in searches]
+        lender = train_unit(fpn, seeds[0])
+        # a study folder kept in git holds the FPN run's result, not its model (a fresh clone): a
+        # search still to run then needs that run trained again (the same command, a new result)
+        if (not os.path.isfile(os.path.join(out, "searches", "backbone.pth"))
+                and not all(u.is_done() for u in search_units)):
+            lender.needed_output = os.path.join(lender.folder, "run", "model_final.pth")
+        units.append(lender)
+    units += search_units
     for seed in seeds:
         units += [train_unit(e, seed) for e in entries if not (e is fpn and needs_backbone and searches
                                                                 and seed == seeds[0])]

@@ -237,6 +237,45 @@ def test_shards_are_disjoint_and_cover_the_study(tmp_path):
     assert searched.deps == ["search/small"]
 
 
+def test_a_finished_backbone_lender_whose_model_is_gone_trains_again(tmp_path):
+    """A study folder kept in git holds the FPN seed-0 run's result but not its model (a fresh
+    clone): a search still to run needs that model as its backbone, so the run trains again
+    (and says why); once the searches are done, or their exported backbone is there, it does not."""
+    from autofpn.study import run_units
+    cfg = load_config(DEMO)
+    args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False, jobs=1)
+    entries = plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("", [], ["large"])], 0, cfg)
+    lender = tmp_path / "units" / "fpn" / "seed_0"
+    model = lender / "run" / "model_final.pth"
+    (lender / "run").mkdir(parents=True)
+    (lender / "result.json").write_text('{"metrics": {"AP": 1.0}}')
+
+    def lender_unit():
+        return next(u for u in make_units(args, entries, [0], cfg) if u.key == "fpn/seed_0")
+
+    assert not lender_unit().is_done()
+    model.write_bytes(b"")
+    assert lender_unit().is_done()
+    model.unlink()
+    search = tmp_path / "searches" / "large"
+    search.mkdir(parents=True)
+    (search / "result.json").write_text("{}")
+    assert lender_unit().is_done()  # nothing left to search: no reason to train it again
+    (search / "result.json").unlink()
+    (tmp_path / "searches" / "backbone.pth").write_bytes(b"")
+    assert lender_unit().is_done()  # the searches read the exported backbone, not the run
+    (tmp_path / "searches" / "backbone.pth").unlink()
+
+    unit = lender_unit()  # run with stand-ins for train.py (leaves the model) and its metrics
+    unit.command = lambda: [sys.executable, "-c", f"open({str(model)!r}, 'wb').close()"]
+    unit.finish = lambda seconds: (lender / "result.json").write_text('{"metrics": {"AP": 2.0}}')
+    said = []
+    status = run_units([unit], jobs=1, threads_per_job=1, say=said.append)
+    assert status == {"fpn/seed_0": "done"} and model.is_file(), (status, said)
+    assert json.loads((lender / "result.json").read_text())["metrics"]["AP"] == 2.0
+    assert any("start fpn/seed_0 (again: run/model_final.pth is gone)" in line for line in said), said
+
+
 def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):
     """search.stage=neck decodes no head: its entry trains the searched neck with FPN's 2-MLP
     head (an Auto-head without a genotype would not build); a head-only variant on a searched

@@ -64,6 +64,9 @@ DEFAULTS: Dict[str, Any] = {
             # auto: the last cell's [R, 4C, 7, 7] to one vector per RoI: gap (the paper's global average
             # pool) | fc (flatten + one fully connected layer of mlp_dim, as the conv head; docs/STUDY.md 32)
             "readout": "gap",
+            # auto: each edge's convolution op as a zero-initialised residual branch, x + op(x), as
+            # model.neck.residual_ops for the neck's links; the paper's ops are plain
+            "residual_ops": False,
             # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics
             # over the image batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
             # the demo, and GN followed by the global average pool erased the per-RoI signal

@@ -37,7 +37,7 @@ class HeadCell(nn.Module):
     supernet (every edge, every op)."""
 
     def __init__(self, in_prev_prev: int, in_prev: int, channels: int, norm: str,
-                 chosen: Optional[dict] = None, sampled: bool = False):
+                 chosen: Optional[dict] = None, sampled: bool = False, residual: bool = False):
         super().__init__()
         self.channels = channels
         pairs = EDGE_PAIRS if chosen is None else [p for p in EDGE_PAIRS if p in chosen]
@@ -47,7 +47,7 @@ class HeadCell(nn.Module):
         self.pre1 = ReLUConvNorm(in_prev, channels, 1, norm) if 1 in used_inputs else None
         self.edges = nn.ModuleDict({
             edge_name(k, n): MixedOp(channels, HEAD_OPS, norm, None if chosen is None else chosen[(k, n)],
-                                     sampled and chosen is None)
+                                     sampled and chosen is None, residual)
             for (k, n) in pairs})
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -86,6 +86,8 @@ class AutoHead(nn.Module):
         norm: none | gn | bn (search: none).
         sampled: supernet only: each edge computes only the ops of non-zero weight (a sampled
             path, ``search.mode: gdas``).
+        residual_ops: every convolution op of an edge is a residual branch, ``x + op(x)``,
+            zero-initialised (``MixedOp``'s ``residual``); the paper's ops are plain.
         readout: how the last cell's [R, 4C, P, P] becomes one feature vector per RoI: "gap"
             (the paper's global average pooling, 4C features) or "fc" (Detectron's Xconv1fc:
             flatten, one fully connected layer of ``readout_dim`` and ReLU, keeping where in the
@@ -96,7 +98,8 @@ class AutoHead(nn.Module):
 
     def __init__(self, in_channels: int, pooler_size: int = 7, channels: int = 512,
                  cells: int = 2, genotype: Optional[dict] = None, norm: str = "none",
-                 sampled: bool = False, readout: str = "gap", readout_dim: int = 1024):
+                 sampled: bool = False, readout: str = "gap", readout_dim: int = 1024,
+                 residual_ops: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.pooler_size = pooler_size
@@ -118,7 +121,7 @@ class AutoHead(nn.Module):
         for m, chosen in enumerate(chosen_per_cell):
             in_prev_prev = in_channels if m < 2 else cell_out
             in_prev = in_channels if m < 1 else cell_out
-            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled))
+            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled, residual_ops))
         if readout not in ("gap", "fc"):
             raise ValueError(f"AutoHead: readout must be 'gap' or 'fc', got {readout!r}")
         self.readout_fc = nn.Linear(cell_out * pooler_size ** 2, readout_dim) if readout == "fc" else None

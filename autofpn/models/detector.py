@@ -98,7 +98,8 @@ def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], searc
     h = cfg["model"]["head"]
     return AutoHead(in_channels, pooler_size=cfg["model"]["roi"]["pooler_size"], channels=h["channels"],
                     cells=h["cells"], genotype=head_genotype, norm=norm,
-                    sampled=search and _sampled_search(cfg), readout=h["readout"], readout_dim=h["mlp_dim"])
+                    sampled=search and _sampled_search(cfg), readout=h["readout"], readout_dim=h["mlp_dim"],
+                    residual_ops=h["residual_ops"])
 
 
 def _sampled_search(cfg: Dict) -> bool:

@@ -204,10 +204,11 @@ def _depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return depthwise_conv2d(x, conv.weight, conv.padding[0], conv.dilation[0])
 
 
-def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tensor, w: Tensor) -> Tensor:
-    """``_weighted_sum(ops, x, w)`` rearranged into fewer, larger ops (``kinds``: the
-    ``_fusable_kind`` of each op, none of them None; norm-free ops only). The same sum, up to
-    float rounding:
+def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tensor, w: Tensor,
+                        skip: Optional[Tensor] = None) -> Tensor:
+    """``_weighted_sum(ops, x, w) [+ skip * x]`` rearranged into fewer, larger ops (``kinds``: the
+    ``_fusable_kind`` of each op, none of them None; norm-free ops only; ``skip``: a 0-d weight
+    of x besides identity's, the residual mixed op's). The same sum, up to float rounding:
 
     - the ops' first ReLU is computed once, ``r = relu(x)``, and shared;
     - the K weighted pointwise convolutions that end the "dil" ops and the second blocks of the
@@ -220,7 +221,8 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
       in an architecture step (their parameters need no gradient) each is run
       on its own and its output kept, so that w gets its gradient without the merged kernel's
       weight gradient (``weighted_convs``: fewer FLOPs in all);
-    - every bias enters once, ``sum_k w_k b_k``; identity is added as ``w_id * x``.
+    - every bias enters once, ``sum_k w_k b_k``; identity is added as ``(w_id + skip) * x``, in
+      the pointwise convolution's epilogue when there is one (x is read once).
 
     The parameters are read from the op modules, so gradients reach them (and w, through the
     scaled weights) by autograd. Under autocast the result has the convolutions' dtype, as
@@ -233,7 +235,7 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     biases: List[Tensor] = []  # w_k b_k
     convs: List[nn.Conv2d] = []  # the full convolutions
     conv_weights: List[Tensor] = []  # their w_k
-    identity: Optional[Tensor] = None
+    identity: Optional[Tensor] = skip
     for k, (kind, op) in enumerate(zip(kinds, ops)):
         if kind == "identity":
             identity = w[k] if identity is None else identity + w[k]
@@ -410,18 +412,18 @@ class MixedOp(nn.Module):
             if not active:
                 return None
             ops, w, conv_mask = [ops[i] for i in active], w[active], conv_mask[active]
+        # residual: sum_k w_k (x + op_k(x)) over the convolutions adds their weights' sum times x
+        skip = w.masked_fill(~conv_mask.to(w.device), 0).sum() if self.residual else None
         fn, args = _weighted_sum, (ops, x, w)
         if len(ops) > 1 and runs_fused(self):
             kinds = self.kinds if not self.sampled else [self.kinds[i] for i in active]
             if None not in kinds:
-                fn, args = _fused_weighted_sum, (kinds, ops, x, w)
+                fn, args, skip = _fused_weighted_sum, (kinds, ops, x, w, skip), None  # skip added inside
         if self.recompute and torch.is_grad_enabled():
             y = checkpoint(fn, *args, use_reentrant=False)
         else:
             y = fn(*args)
-        if self.residual:  # sum_k w_k (x + op_k(x)) over the convolutions: their weights times x
-            y = add_weighted(y, x, w.masked_fill(~conv_mask.to(w.device), 0).sum())
-        return y
+        return y if skip is None else add_weighted(y, x, skip)
 
     def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""

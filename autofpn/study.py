@@ -301,9 +301,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
             status[unit.key] = "done"
         elif unit.has_failed() and not retry_failed:
             status[unit.key] = "failed"
-        else:
-            if unit.has_failed():
-                os.remove(unit.error_path)
+        else:  # a failed unit's error.txt goes when it starts again, under its lock
             todo.append(unit)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_job), MKL_NUM_THREADS=str(threads_per_job),
                PYTHONUNBUFFERED="1")
@@ -338,7 +336,7 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                         say(f"study: {unit.key} " + ("was finished" if unit.is_done() else "FAILED")
                             + " in another study process")
                         continue
-                    if unit.has_failed():  # failed in another study process, retried here
+                    if unit.has_failed():  # retried here (--retry-failed, or it failed in another process)
                         os.remove(unit.error_path)
                     resumed = " (resuming)" if os.path.isfile(os.path.join(unit.folder, "log.txt")) else ""
                     if os.path.isfile(unit.result_path):  # finished once, but what it left is gone

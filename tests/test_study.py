@@ -501,6 +501,29 @@ def test_a_unit_whose_other_study_process_died_is_run_here(tmp_path):
     assert marker.read_text().split() == ["crashed", "after"]
 
 
+def test_a_failed_unit_runs_again_only_with_retry_failed(tmp_path):
+    """A unit that failed keeps its error.txt and blocks what needs it; --retry-failed runs it
+    again (its error.txt gone once it starts), then what needs it."""
+    from autofpn.study import Unit, run_units
+    marker = tmp_path / "ran.txt"
+
+    def unit(name, deps=()):
+        folder = tmp_path / name
+        folder.mkdir()
+        return Unit(name, str(folder), lambda: [sys.executable, "-c",
+                                                f"open({str(marker)!r}, 'a').write({name!r} + '\\n')"],
+                    deps=list(deps), finish=lambda seconds: (folder / "result.json").write_text("{}"))
+
+    failed, after = unit("failed"), unit("after", deps=["failed"])
+    Path(failed.error_path).write_text("exit code 1")
+    status = run_units([failed, after], jobs=1, threads_per_job=1, say=lambda _: None)
+    assert status == {"failed": "failed", "after": "blocked"} and not marker.exists()
+    assert failed.has_failed()
+    status = run_units([failed, after], jobs=1, threads_per_job=1, retry_failed=True, say=lambda _: None)
+    assert status == {"failed": "done", "after": "done"}, status
+    assert marker.read_text().split() == ["failed", "after"] and not failed.has_failed()
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
 def test_units_share_the_cpus_the_study_may_use_not_the_whole_machine():
     """Under ``taskset -c 1`` a study on a 2-CPU box gives its one unit 1 thread, not 2 (two

@@ -20,7 +20,8 @@ retrained by ``train.py`` with the same config and budget once per seed (``train
 init and data order). A config without pretrained backbone weights (the demo) searches with the
 backbone of the ``fpn`` run of the first seed, frozen, as ``make demo`` does (that run trains
 again when a search still to run finds neither its model nor the exported backbone: a study
-folder kept in git holds the run's result, not its model).
+folder kept in git holds the run's result, not its model; the earlier result is kept as
+``result.replaced.json``, as training on another machine need not reproduce it).
 
 Units and safety. Each (entry, seed) is a unit in ``DIR/units/<entry>/seed_<s>/`` (``run/`` is
 its train.py folder, ``log.txt`` its output, ``result.json`` its metrics once finished); each
@@ -233,6 +234,11 @@ class Unit:
         return os.path.join(self.folder, "result.json")
 
     @property
+    def replaced_path(self) -> str:
+        """Where the result of a finished unit that runs again is kept (``needed_output``)."""
+        return os.path.join(self.folder, "result.replaced.json")
+
+    @property
     def error_path(self) -> str:
         return os.path.join(self.folder, "error.txt")
 
@@ -340,7 +346,9 @@ def run_units(units: List[Unit], jobs: int, threads_per_job: int, retry_failed: 
                         os.remove(unit.error_path)
                     resumed = " (resuming)" if os.path.isfile(os.path.join(unit.folder, "log.txt")) else ""
                     if os.path.isfile(unit.result_path):  # finished once, but what it left is gone
-                        resumed = f" (again: {os.path.relpath(unit.needed_output, unit.folder)} is gone)"
+                        resumed = (f" (again: {os.path.relpath(unit.needed_output, unit.folder)} is gone;"
+                                   f" its earlier result kept as {os.path.basename(unit.replaced_path)})")
+                        os.replace(unit.result_path, unit.replaced_path)
                     say(f"study: start {unit.key}{resumed}  [{finished}/{total} finished]")
                     running.append(Running(unit, env, lock))
             # nothing of ours runs: wait only while a unit here needs one that another process runs

@@ -273,7 +273,8 @@ def test_a_finished_backbone_lender_whose_model_is_gone_trains_again(tmp_path):
     status = run_units([unit], jobs=1, threads_per_job=1, say=said.append)
     assert status == {"fpn/seed_0": "done"} and model.is_file(), (status, said)
     assert json.loads((lender / "result.json").read_text())["metrics"]["AP"] == 2.0
-    assert any("start fpn/seed_0 (again: run/model_final.pth is gone)" in line for line in said), said
+    assert any("start fpn/seed_0 (again: run/model_final.pth is gone" in line for line in said), said
+    assert json.loads((lender / "result.replaced.json").read_text())["metrics"]["AP"] == 1.0
 
 
 def test_a_neck_only_search_variant_retrains_with_the_mlp_head(tmp_path):

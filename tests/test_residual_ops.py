@@ -58,26 +58,6 @@ def test_a_residual_neck_starts_as_the_identity_neck(op, norm):
     assert sum(p.grad.abs().sum() for _, p in branches) > 0
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_one_hot_residual_supernet_computes_the_decoded_neck(seed):
-    torch.manual_seed(seed)
-    genotype = random_genotype(seed)
-    kept = [link["op"] for links in genotype["neck"]["layers"] for link in links]
-    assert "identity" in kept and len(set(kept)) > 2, "the test should cover identity and convolution links"
-    supernet = _perturbed(AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, residual_ops=True), seed)
-    fixed = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype, residual_ops=True)
-    plain = AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype)
-    state = supernet.state_dict()
-    fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
-    plain.load_state_dict({k: state[k] for k in plain.state_dict()}, strict=True)
-    feats = backbone_feats()
-    with torch.no_grad():
-        out_sup, out_fixed, out_plain = supernet(feats, one_hot_neck(genotype, supernet)), fixed(feats), plain(feats)
-    for name in out_fixed:
-        torch.testing.assert_close(out_sup[name], out_fixed[name], rtol=1e-5, atol=1e-5)
-    assert any(not torch.allclose(out_plain[name], out_fixed[name]) for name in out_fixed)
-
-
 def _dense_head(op: str, cells: int = 2) -> dict:
     """A head whose every edge (14 per cell) is ``op``."""
     return {"cells": [[{"input": k, "node": n, "op": op} for k, n in EDGE_PAIRS] for _ in range(cells)]}
@@ -103,21 +83,37 @@ def test_a_residual_head_starts_as_the_identity_head(op, norm):
     assert sum(p.grad.abs().sum() for p in branches) > 0
 
 
+def _residual_module(part: str, genotype: dict = None, residual: bool = True) -> torch.nn.Module:
+    """The neck or head supernet (genotype None) or decoded module, residual or plain."""
+    if part == "neck":
+        return AutoFusionNeck(IN_CH, IN_STRIDES, NECK_CH, genotype=genotype, residual_ops=residual)
+    return AutoHead(NECK_CH, 7, HEAD_CH, genotype=genotype, residual_ops=residual)
+
+
+def _flat(out) -> torch.Tensor:
+    """A neck's {level: tensor} or a head's tensor as one vector."""
+    return torch.cat([v.flatten() for v in out.values()]) if isinstance(out, dict) else out.flatten()
+
+
+@pytest.mark.parametrize("part", ["neck", "head"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_one_hot_residual_head_supernet_computes_the_decoded_head(seed):
+def test_one_hot_residual_supernet_computes_the_decoded_module(part, seed):
     torch.manual_seed(seed)
     genotype = random_genotype(seed)
-    kept = [edge["op"] for edges in genotype["head"]["cells"] for edge in edges]
-    assert "identity" in kept and len(set(kept)) > 2, "the test should cover identity and convolution edges"
-    supernet = _perturbed(AutoHead(NECK_CH, 7, HEAD_CH, residual_ops=True), seed)
-    fixed = AutoHead(NECK_CH, 7, HEAD_CH, genotype=genotype, residual_ops=True)
-    plain = AutoHead(NECK_CH, 7, HEAD_CH, genotype=genotype)
+    kept = ([link["op"] for links in genotype["neck"]["layers"] for link in links] if part == "neck"
+            else [edge["op"] for edges in genotype["head"]["cells"] for edge in edges])
+    assert "identity" in kept and len(set(kept)) > 2, "the test should cover identity and convolution ops"
+    supernet = _perturbed(_residual_module(part), seed)
+    fixed, plain = _residual_module(part, genotype), _residual_module(part, genotype, residual=False)
     state = supernet.state_dict()
     fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
     plain.load_state_dict({k: state[k] for k in plain.state_dict()}, strict=True)
-    rois = torch.randn(5, NECK_CH, 7, 7)
+    if part == "neck":
+        x, weights = backbone_feats(), one_hot_neck(genotype, supernet)
+    else:
+        x, weights = torch.randn(5, NECK_CH, 7, 7), one_hot_head(genotype, supernet)
     with torch.no_grad():
-        out_sup, out_fixed, out_plain = supernet(rois, one_hot_head(genotype, supernet)), fixed(rois), plain(rois)
+        out_sup, out_fixed, out_plain = _flat(supernet(x, weights)), _flat(fixed(x)), _flat(plain(x))
     torch.testing.assert_close(out_sup, out_fixed, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out_plain, out_fixed)
 

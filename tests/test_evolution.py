@@ -17,6 +17,7 @@ from test_search_run import _kill9_at, tiny_opts  # noqa: E402
 
 from autofpn.config import ConfigError, load_config  # noqa: E402
 from autofpn.models.genotype import load_genotype, validate_genotype  # noqa: E402
+from autofpn.search.differentiable import resource_lambda  # noqa: E402
 from autofpn.search.evolution import breed, evolution_settings, mutate  # noqa: E402
 from autofpn.search.random_sample import random_genotype  # noqa: E402
 
@@ -179,6 +180,7 @@ def finished(tmp_path_factory, synthetic_root):
 
 def test_tiny_evolution_writes_candidates_history_and_the_fittest_genotype(finished):
     out, stdout = finished
+    demo_lambda = resource_lambda(load_config(DEMO)["search"])  # "middle": 0.02
     history = json.load(open(os.path.join(out, "history.json")))
     assert [r["index"] for r in history] == [0, 1, 2, 3]
     assert [r["origin"] for r in history] == ["random", "random", "mutation", "mutation"]
@@ -188,7 +190,7 @@ def test_tiny_evolution_writes_candidates_history_and_the_fittest_genotype(finis
         result = json.load(open(os.path.join(cand, "result.json")))
         assert result["iterations"] == 2 and result["seconds"] > 0
         assert result["fitness"] == pytest.approx(result["AP"] / 100 - result["lambda"] * result["cost"])
-        assert 0 < result["cost"] <= 6 and result["lambda"] == pytest.approx(0.002)  # demo: "large"
+        assert 0 < result["cost"] <= 6 and result["lambda"] == pytest.approx(demo_lambda)  # the config's preset
         # the candidate was trained on half A (2 iterations of 2 images) and scored on half B, not data.val
         gt = json.load(open(os.path.join(cand, "train", "eval", "iter_0000002", "metrics.json")))
         assert gt["num_images"] == 5

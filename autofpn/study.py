@@ -563,8 +563,24 @@ def collect(args, entries: List[Entry], seeds: List[int], status: Dict[str, str]
     return study
 
 
+def paired_differences(entry: Dict[str, Any], fpn: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """AP − FPN AP seed by seed, over the training seeds both finished: {n, mean, se (None for
+    one seed), above (seeds where the entry scored higher)}. Same-seed runs share the data order
+    and initialisation draws, so the spread of their differences is usually smaller than the
+    unpaired standard error says; None when no seed is shared."""
+    fpn_ap = {run["seed"]: run["metrics"].get("AP") for run in fpn["runs"]}
+    diffs = [run["metrics"]["AP"] - fpn_ap[run["seed"]] for run in entry["runs"]
+             if run["metrics"].get("AP") is not None and fpn_ap.get(run["seed"]) is not None]
+    if not diffs:
+        return None
+    mean, std = _mean_std(diffs)
+    return {"n": len(diffs), "mean": mean, "se": None if std is None else std / math.sqrt(len(diffs)),
+            "above": sum(1 for d in diffs if d > 0)}
+
+
 def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
-    """Searched - FPN AP with its standard error, and each searched entry's rank among the
+    """Searched - FPN AP with its standard error (unpaired, and paired by training seed), and
+    each searched entry's rank among the
     random ones (by mean AP), from the numbers alone."""
     entries = {e["name"]: e for e in study["entries"]}
     fpn = entries.get("fpn")
@@ -584,6 +600,9 @@ def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
             v["AP_minus_fpn"] = e["mean"]["AP"] - fpn["mean"]["AP"]
             var = sum((x["std"]["AP"] or 0.0) ** 2 / len(x["runs"]) for x in (e, fpn))
             v["AP_minus_fpn_se"] = math.sqrt(var) if all(x["std"]["AP"] is not None for x in (e, fpn)) else None
+            paired = paired_differences(e, fpn)
+            if paired:
+                v["AP_minus_fpn_paired"] = paired
             if e["params"] and fpn["params"]:
                 nh = lambda x: x["params"]["neck"] + x["params"]["head"]  # noqa: E731
                 v["neck_head_params_vs_fpn"] = nh(e) / nh(fpn)
@@ -655,6 +674,10 @@ def format_report(study: Dict[str, Any], command: str = "") -> str:
         if "AP_minus_fpn" in s:
             se = f" ± {s['AP_minus_fpn_se']:.2f} (standard error)" if s.get("AP_minus_fpn_se") is not None else ""
             parts.append(f"AP − FPN = {s['AP_minus_fpn']:+.2f}{se};")
+        if "AP_minus_fpn_paired" in s:
+            p = s["AP_minus_fpn_paired"]
+            se = f" ± {p['se']:.2f}" if p["se"] is not None else ""
+            parts.append(f"paired by training seed {p['mean']:+.2f}{se} ({p['above']} of {p['n']} seeds above FPN's);")
         if "neck_head_params_vs_fpn" in s:
             parts.append(f"neck + head params {100 * s['neck_head_params_vs_fpn']:.0f} % of FPN's, neck + head "
                          f"FLOPs {100 * s['neck_head_flops_vs_fpn']:.0f} % (whole detector "

@@ -19,7 +19,8 @@ from autofpn.config import ConfigError, load_config
 from autofpn.models.detector import build_detector
 from autofpn.models.genotype import validate_genotype
 from autofpn.search.random_sample import random_genotype, random_genotypes
-from autofpn.study import SearchVariant, StudyError, check_study_config, make_units, plan_entries, shard_units
+from autofpn.study import (SearchVariant, StudyError, check_study_config, format_report, make_units, plan_entries,
+                           shard_units, verdict)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -121,6 +122,28 @@ def test_tiny_study_writes_table_json_plot(finished_study):
     assert (out / "searches" / "backbone.pth").is_file()
     assert not (out / "units" / "fpn" / "seed_0" / "run" / "checkpoints").exists()  # cleaned once done
     assert (out / "units" / "fpn" / "seed_0" / "run" / "model_final.pth").is_file()
+
+
+def test_verdict_pairs_the_searched_runs_with_fpn_by_training_seed():
+    """Seed 2 of the search has no FPN run and FPN's seed 3 no searched run: the paired
+    difference is over seeds 0 and 1 only; the unpaired one over every run."""
+    def entry(name, kind, aps):
+        runs = [{"seed": s, "metrics": {"AP": ap}} for s, ap in aps.items()]
+        mean = sum(aps.values()) / len(aps)
+        std = (sum((a - mean) ** 2 for a in aps.values()) / (len(aps) - 1)) ** 0.5
+        return {"name": name, "kind": kind, "runs": runs, "mean": {"AP": mean}, "std": {"AP": std},
+                "params": None, "flops": None, "flops_parts": None, "failed_seeds": [], "search_seconds": None}
+    study = {"entries": [entry("fpn", "baseline", {0: 8.0, 1: 13.0, 3: 6.0}),
+                         entry("searched_middle", "searched", {0: 11.0, 1: 12.0, 2: 9.0})]}
+    v = verdict(study)["searched"]["searched_middle"]
+    assert v["AP_minus_fpn"] == pytest.approx(32.0 / 3 - 9.0)
+    p = v["AP_minus_fpn_paired"]  # differences +3 and -1
+    assert p["n"] == 2 and p["above"] == 1
+    assert p["mean"] == pytest.approx(1.0) and p["se"] == pytest.approx(2.0)  # std 2.83 / sqrt(2)
+    study.update(config="c.yaml", seeds=[0, 1, 2, 3], jobs=1, threads_per_unit=1, machine="m", verdict=verdict(study))
+    assert "paired by training seed +1.00 ± 2.00 (1 of 2 seeds above FPN's)" in format_report(study)
+    study["entries"][0]["runs"] = [{"seed": 3, "metrics": {"AP": 6.0}}]  # no seed in common
+    assert "AP_minus_fpn_paired" not in verdict(study)["searched"]["searched_middle"]
 
 
 def test_rerun_trains_nothing(finished_study, synthetic_root):

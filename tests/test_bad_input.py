@@ -165,6 +165,19 @@ def test_resume_past_a_truncated_newest_checkpoint(tmp_path):
 
 # ---- data -----------------------------------------------------------------------------------
 
+def test_a_synthetic_root_under_a_dangling_link_is_one_line(tmp_path):
+    """data_cache as a symbolic link to a folder that is gone (a moved checkout, a worktree)."""
+    (tmp_path / "data_cache").symlink_to(tmp_path / "gone")
+    code, _, stderr = run("train.py", "--cfg", DEMO, "--opts", "train.device=cpu",
+                          f"data.synthetic.root={tmp_path / 'data_cache' / 'synthetic'}",
+                          f"train.output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert error_line(stderr) == (f"error: data.synthetic.root = {tmp_path / 'data_cache' / 'synthetic'}: "
+                                  f"{tmp_path / 'data_cache'} is a symbolic link to {tmp_path / 'gone'}, "
+                                  "which does not exist")
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_negative_box_width_is_dropped_and_reported(tmp_path, caplog):
     ann = coco_folder(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, -5, 20], "iscrowd": 0},
                                  {"id": 2, "image_id": 2, "category_id": 1, "bbox": [10, 10, 20, 20], "iscrowd": 0}])

@@ -27,10 +27,12 @@ import multiprocessing
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from autofpn.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +280,10 @@ def ensure_synthetic(params: Dict[str, Any]) -> Dict[str, str]:
     wanted = synthetic_manifest(params)
     if _manifest_matches(paths["manifest"], wanted):
         return paths
+    broken = _dangling_link(root)
+    if broken:  # else makedirs below fails with a message about the temporary folder
+        raise ConfigError(f"data.synthetic.root = {params['root']}: {broken} is a symbolic link to "
+                          f"{os.readlink(broken)}, which does not exist")
     start = time.perf_counter()
     tmp = f"{root}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -304,6 +310,17 @@ def ensure_synthetic(params: Dict[str, Any]) -> Dict[str, str]:
     logger.info("synthetic dataset generated in %s (%d + %d images, %.1f s)", root,
                 wanted["num_train"], wanted["num_val"], time.perf_counter() - start)
     return paths
+
+
+def _dangling_link(path: str) -> Optional[str]:
+    """``path`` or the nearest folder above it that is a symbolic link to nothing, or None."""
+    while True:
+        if os.path.islink(path) and not os.path.exists(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def _manifest_matches(path: str, wanted: Dict[str, Any]) -> bool:

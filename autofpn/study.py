@@ -635,11 +635,15 @@ def _fmt_time(seconds: Optional[float]) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def format_report(study: Dict[str, Any], command: str = "") -> str:
+# how the units were run, from the last invocation that ran any: a --collect keeps them
+RUN_KEYS = ("wall_seconds", "command", "jobs", "threads_per_unit")
+
+
+def format_report(study: Dict[str, Any]) -> str:
     wall_seconds = study.get("wall_seconds")
     lines = [f"# Study: {study['config']}", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
+    if study.get("command"):
+        lines += [f"Command: `{study['command']}`", ""]
     lines += [f"Seeds {study['seeds']}; {study['jobs']} unit(s) at a time, {study['threads_per_unit']} thread(s) "
               f"each; machine: {study['machine']}"
               + (f"; wall time of the last invocation that ran units {wall_seconds / 60:.1f} min"
@@ -696,10 +700,10 @@ def format_report(study: Dict[str, Any], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(study: Dict[str, Any], out: str, command: str) -> None:
+def write_outputs(study: Dict[str, Any], out: str) -> None:
     from autofpn.viz.study_plot import plot_pareto
     write_json(study, os.path.join(out, "study.json"))
-    text = format_report(study, command)
+    text = format_report(study)
     tmp = os.path.join(out, "study.md.tmp")
     with open(tmp, "w") as f:
         f.write(text + "\n![AP against neck + head parameters](pareto.png)\n")
@@ -819,11 +823,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m autofpn.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     study = collect(args, entries, seeds, status)
     if any(s in ("done", "failed") and k not in finished_before for k, s in status.items()):
-        study["wall_seconds"] = time.perf_counter() - start
-    elif os.path.isfile(os.path.join(args.out, "study.json")):  # ran nothing: keep the figure of the run that did
-        study["wall_seconds"] = read_json(os.path.join(args.out, "study.json")).get("wall_seconds")
-    write_outputs(study, args.out, command)
-    print(format_report(study, command), flush=True)
+        study.update(wall_seconds=time.perf_counter() - start, command=command)
+    elif os.path.isfile(os.path.join(args.out, "study.json")):
+        # ran nothing (--collect, or all done): the report keeps what the invocation that ran units said
+        previous = read_json(os.path.join(args.out, "study.json"))
+        study.update({k: previous[k] for k in RUN_KEYS if k in previous})
+    study.setdefault("command", command)
+    write_outputs(study, args.out)
+    print(format_report(study), flush=True)
     print(f"study: {os.path.join(args.out, 'study.md')}, study.json, pareto.png", flush=True)
     bad = [k for k, s in status.items() if s in ("failed", "blocked")]
     return 1 if bad else 0

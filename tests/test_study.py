@@ -158,6 +158,13 @@ def test_rerun_trains_nothing(finished_study, synthetic_root):
     # the report keeps the wall time of the invocation that trained, not this one's few seconds
     assert after["wall_seconds"] == json.loads(before)["wall_seconds"] > 5
     assert f"ran units {after['wall_seconds'] / 60:.1f} min" in (out / "study.md").read_text()
+    # so does a --collect with other --jobs: the command and threads are those the units ran with
+    run_study(out, synthetic_root, "--random", "2", "--lambdas", "middle", "--jobs", "2", "--collect")
+    collected = json.loads((out / "study.json").read_text())
+    assert {k: collected[k] for k in ("command", "jobs", "threads_per_unit", "wall_seconds")} == \
+        {k: after[k] for k in ("command", "jobs", "threads_per_unit", "wall_seconds")}
+    assert "--collect" not in collected["command"] and collected["jobs"] == 1
+    assert f"Command: `{after['command']}`" in (out / "study.md").read_text()
 
 
 def test_a_search_variant_reuses_the_trained_units(finished_study, synthetic_root):

@@ -25,9 +25,10 @@ ext: $(EXT_STAMP)
 install: ext
 
 # a passing test's tmp_path is deleted as soon as it ends: a full run writes ~10 GB of checkpoints
-# that would otherwise stay in /tmp (3 runs' worth by pytest's default) and fill a shared disk
+# that would otherwise stay in /tmp (3 runs' worth by pytest's default) and fill a shared disk;
+# the 15 slowest tests are listed at the end: the suite should stay near 15 minutes on 2 cores
 test: install
-	$(PY) -m pytest -q -o tmp_path_retention_policy=failed tests
+	$(PY) -m pytest -q -o tmp_path_retention_policy=failed --durations=15 tests
 
 demo: install
 	$(PY) -m autofpn.demo --out out/demo

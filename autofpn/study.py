@@ -14,7 +14,9 @@ convolutional head, the Auto-head's control, ``plain``: no fusion neck, plain SS
 ``--random`` genotypes drawn uniformly from the search space (neck and head,
 ``autofpn.search.random_sample``; with ``--random-parts head`` the head only, on the config's
 handcrafted neck; with ``--random-parts neck`` the neck only, with the 2-MLP head, the baseline
-of a ``search.stage=neck`` variant), and one searched genotype per
+of a ``search.stage=neck`` variant; with ``--random-parts neck --random-convs K`` the dense
+identity neck with K random links made random convolutions, the control of a neck search
+decoded with ``argmax_nonnone``), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
 retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
 init and data order). A config without pretrained backbone weights (the demo) searches with the
@@ -33,7 +35,8 @@ checkpoint. Two invocations on one folder at once (a second ``--tag`` started wh
 runs) never run a unit twice: each unit is claimed with a lock (``running.lock``); a unit
 that another study process holds is left to it, and a unit here that needs it waits for it. A unit that fails leaves ``error.txt``, is reported in the table and does not stop
 the others; it is retried only with ``--retry-failed``. ``DIR/study_config.json`` records the
-training config: a folder is never continued with another config.
+training config and the kind of random architectures: a folder is never continued with another
+config, nor given random architectures of another kind once it holds some.
 
 Search variants. ``--search-opts search.k=v ... --tag NAME`` adds a way of searching to a study
 folder: its entries are ``searched_<preset>_<NAME>``, searched with those overrides (with
@@ -49,6 +52,7 @@ AP, AP50, AP75, APs/m/l, training and search time, and the verdict), ``study.jso
 and the aggregates) and ``pareto.png`` (AP against neck + head params).
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -124,15 +128,18 @@ class SearchVariant:
 
 
 def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: Sequence[SearchVariant],
-                 random_seed: int, cfg: Dict[str, Any], random_parts: str = "both") -> List[Entry]:
+                 random_seed: int, cfg: Dict[str, Any], random_parts: str = "both",
+                 random_convs: int = 0) -> List[Entry]:
     """The study's entries (searched ones of every variant, in the order they were added);
     random genotypes (and the ``identity`` baseline's) are written to ``out/genotypes/``.
     ``random_parts``: "both" draws neck and head; "head" draws the head only (entries
     ``random_head_XX``, on the config's neck), the baseline of a head search on a handcrafted
     neck; "neck" the neck only (entries ``random_neck_XX``, with the 2-MLP head), the baseline of
-    a neck-only search."""
+    a neck-only search; "neck" with ``random_convs`` K > 0 the dense identity neck with K random
+    links made random convolutions (entries ``random_convK_XX``, with the 2-MLP head), the
+    control of a neck search decoded with "none" excluded."""
     from autofpn.models.genotype import dense_identity_neck
-    from autofpn.search.random_sample import random_genotypes
+    from autofpn.search.random_sample import identity_necks_with_convs, random_genotypes
     entries = []
     for name in baselines:
         if name == "fpn":
@@ -150,8 +157,19 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
             entries.append(Entry(name, "baseline", "auto", "mlp",
                                  os.path.join(REPO, "configs", "genotypes", f"{name}.json")))
     model = cfg["model"]
-    drawn = random_genotypes(num_random, random_seed, model["neck"]["levels"], model["neck"]["layers"],
-                             model["head"]["cells"])
+    levels, layers = model["neck"]["levels"], model["neck"]["layers"]
+    if random_convs:
+        if random_parts != "neck":
+            raise StudyError(f"--random-convs draws necks only: use it with --random-parts neck, not {random_parts}")
+        if not 0 < random_convs <= layers * len(levels) ** 2:
+            raise StudyError(f"--random-convs {random_convs}: the neck has {layers * len(levels) ** 2} links "
+                             f"({layers} layers over levels {list(levels)})")
+        for genotype in identity_necks_with_convs(num_random, random_convs, random_seed, levels, layers):
+            path = os.path.join(out, "genotypes", f"{genotype['name']}.json")
+            _save_drawn(genotype, path)
+            entries.append(Entry(genotype["name"], "random", "auto", "mlp", path))
+        num_random = 0
+    drawn = random_genotypes(num_random, random_seed, levels, layers, model["head"]["cells"])
     for genotype in drawn:
         # a part left out: the same draws without it, so the i-th neck or head is the same either way
         neck, head = "auto", "auto"
@@ -718,11 +736,13 @@ SEARCH_KEYS_SET_PER_UNIT = ("output_dir", "resource_lambda")
 
 def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: int, tag: str = "",
                        search_opts: Sequence[str] = (), lambdas: Sequence[str] = (),
-                       random_parts: str = "both") -> List[SearchVariant]:
+                       random_parts: str = "both", random_convs: int = 0) -> List[SearchVariant]:
     """Record the study in ``out/study_config.json`` and return its search variants.
 
     The training config (everything but ``search.*``) and the random stream must be the ones the
-    folder was made with: otherwise StudyError naming the keys. A search variant ``tag`` is
+    folder was made with: otherwise StudyError naming the keys. The kind of random architectures
+    (``random_parts``, ``random_convs``) must be the folder's once it holds some; a folder that
+    has drawn none yet takes this invocation's. A search variant ``tag`` is
     added with its resolved ``search`` section, or must match the one recorded under that tag;
     new lambda presets of a known variant are added to it."""
     from autofpn.config import complete_config, diff_keys, load_config
@@ -734,14 +754,19 @@ def check_study_config(out: str, cfg_path: str, opts: List[str], random_seed: in
     path = os.path.join(out, "study_config.json")
     record = read_json(path) if os.path.isfile(path) else {
         "config": os.path.abspath(cfg_path), "opts": list(opts), "random_seed": random_seed,
-        "random_parts": random_parts, "training": training, "variants": []}
+        "random_parts": random_parts, "random_convs": random_convs, "training": training, "variants": []}
     # keys added to the project since the folder was made take their defaults (same behaviour)
     diff = diff_keys({k: v for k, v in plain(complete_config(record["training"], where=path)).items()
                        if k != "search"}, training)
     if record["random_seed"] != random_seed:
         diff.append("--random-seed")
-    if record.get("random_parts", "both") != random_parts:  # folders made before the option drew both
+    if not glob.glob(os.path.join(out, "genotypes", "random_*.json")):  # no random architecture drawn yet
+        record.update(random_parts=random_parts, random_convs=random_convs)
+    # folders made before the options drew both parts from the whole space
+    if record.get("random_parts", "both") != random_parts:
         diff.append("--random-parts")
+    if record.get("random_convs", 0) != random_convs:
+        diff.append("--random-convs")
     if diff:
         raise StudyError(f"{out} holds a study made with another config ({', '.join(diff[:6])} differ); "
                          f"use another --out or the same --cfg/--opts")
@@ -774,6 +799,9 @@ def parse_args(argv=None):
                    help="what a random architecture draws: neck and head; the head only on the config's "
                         "neck (the baseline of a head search with search.head_with_searched_neck=false); "
                         "the neck only with the 2-MLP head (the baseline of a search.stage=neck search)")
+    p.add_argument("--random-convs", type=int, default=0, metavar="K",
+                   help="with --random-parts neck: each random neck is the dense identity neck with K random "
+                        "links made random convolutions (the control of a search decoded with argmax_nonnone)")
     p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
                    help="one search per resource-lambda preset (none: no searched entry)")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES + OPTIONAL_BASELINES,
@@ -791,8 +819,10 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep a finished unit's resume checkpoints (model_final.pth is always kept)")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.random < 0 or args.jobs < 1:
-        p.error("--seeds and --jobs must be >= 1, --random >= 0")
+    if args.seeds < 1 or args.random < 0 or args.jobs < 1 or args.random_convs < 0:
+        p.error("--seeds and --jobs must be >= 1, --random and --random-convs >= 0")
+    if args.random_convs and args.random_parts != "neck":
+        p.error("--random-convs draws necks only: add --random-parts neck")
     return args
 
 
@@ -810,10 +840,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if any(not item.startswith("search.") for item in args.search_opts):
         raise StudyError(f"--search-opts take search.* keys only, got {args.search_opts}")
     variants = check_study_config(args.out, args.cfg, args.opts, args.random_seed, args.tag,
-                                  args.search_opts, args.lambdas, args.random_parts)
+                                  args.search_opts, args.lambdas, args.random_parts, args.random_convs)
     seeds = list(range(args.seeds))
     entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg,
-                           args.random_parts)
+                           args.random_parts, args.random_convs)
     units = make_units(args, entries, seeds, cfg)
     mine = shard_units(units, args.shard)
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's

@@ -18,7 +18,8 @@ import yaml
 from autofpn.config import ConfigError, load_config
 from autofpn.models.detector import build_detector
 from autofpn.models.genotype import validate_genotype
-from autofpn.search.random_sample import random_genotype, random_genotypes
+from autofpn.search.random_sample import (NECK_CONV_OPS, identity_neck_with_convs, random_genotype,
+                                          random_genotypes)
 from autofpn.study import (SearchVariant, StudyError, check_study_config, format_report, make_units, plan_entries,
                            shard_units, verdict)
 
@@ -225,8 +226,14 @@ def test_folder_of_another_config_is_refused(tmp_path):
         check_study_config(str(tmp_path), DEMO, ["solver.epochs=9"], 0)
     with pytest.raises(StudyError, match="random-seed"):
         check_study_config(str(tmp_path), DEMO, [], 1)
+    # the kind of random architectures is the folder's once it holds some, before that anyone's
+    drawn = str(tmp_path / "drawn")
+    check_study_config(drawn, DEMO, [], 0, lambdas=["middle"])
+    check_study_config(drawn, DEMO, [], 0, random_parts="head")
+    plan_entries(drawn, [], 1, [], 0, load_config(DEMO), "head")  # the study draws its random heads
+    check_study_config(drawn, DEMO, [], 0, random_parts="head")
     with pytest.raises(StudyError, match="random-parts"):
-        check_study_config(str(tmp_path), DEMO, [], 0, random_parts="head")
+        check_study_config(drawn, DEMO, [], 0, random_parts="both")
     # search settings do not touch the trained units, but a variant keeps its own
     with pytest.raises(StudyError, match="search.arch_lr"):
         check_study_config(str(tmp_path), DEMO, ["search.arch_lr=0.1"], 0, lambdas=["middle"])
@@ -391,8 +398,56 @@ def test_random_necks_and_the_identity_neck_keep_the_mlp_head(tmp_path):
     assert head_params(dense) == head_params(fpn)  # FPN's 2-MLP head, not an Auto-head
     assert dense.neck.state_dict().keys() != fpn.neck.state_dict().keys()
     check_study_config(str(tmp_path / "study"), DEMO, [], 0, random_parts="neck")
+    plan_entries(str(tmp_path / "study"), [], 1, [], 0, cfg, "neck")
     with pytest.raises(StudyError, match="random-parts"):  # a folder of random necks draws no full architectures
         check_study_config(str(tmp_path / "study"), DEMO, [], 0, random_parts="both")
+    with pytest.raises(StudyError, match="random-convs"):  # nor necks of another kind
+        check_study_config(str(tmp_path / "study"), DEMO, [], 0, random_parts="neck", random_convs=3)
+
+
+def test_random_convolutions_on_the_identity_neck(tmp_path):
+    """--random-parts neck --random-convs K: the dense identity neck (every link kept) with K links,
+    drawn uniformly over both layers, made convolutions of the neck's op set; reproducible, the
+    i-th draw independent of the count, distinct draws; retrained with the 2-MLP head; a folder
+    that drew none yet (a study of searches and baselines) takes them, one that did keeps them."""
+    cfg = load_config(DEMO)
+    levels, layers = cfg["model"]["neck"]["levels"], cfg["model"]["neck"]["layers"]
+    links = sorted((s, t) for s in levels for t in levels)
+    dense = json.loads(Path(plan_entries(str(tmp_path / "identity"), ["identity"], 0, [], 0, cfg)[0].genotype_path)
+                       .read_text())
+    entries = plan_entries(str(tmp_path), ["fpn"], 6, [], 0, cfg, "neck", random_convs=5)
+    drawn = [e for e in entries if e.kind == "random"]
+    assert [e.name for e in drawn] == [f"random_conv5_{i:02d}" for i in range(6)]
+    genotypes = [json.loads(Path(e.genotype_path).read_text()) for e in drawn]
+    conv_links = set()
+    for entry, genotype in zip(drawn, genotypes):
+        assert entry.train_args()[:4] == ["--neck", "auto", "--head", "mlp"] and genotype["head"] is None
+        ops = [(i, link["from"], link["to"], link["op"]) for i, layer in enumerate(genotype["neck"]["layers"])
+               for link in layer]
+        assert all(sorted((s, t) for i, s, t, _ in ops if i == layer) == links for layer in range(layers))
+        convs = [op for op in ops if op[3] != "identity"]
+        assert len(convs) == 5 and all(op[3] in NECK_CONV_OPS for op in convs)
+        conv_links |= {op[:3] for op in convs}
+    assert len({json.dumps(g["neck"]) for g in genotypes}) == 6
+    assert {i for i, _, _ in conv_links} == set(range(layers))  # both layers drawn from
+    again = plan_entries(str(tmp_path / "again"), [], 2, [], 0, cfg, "neck", random_convs=5)
+    assert [json.loads(Path(e.genotype_path).read_text()) for e in again] == genotypes[:2]
+    assert identity_neck_with_convs(1, 0, 5, levels, layers)["neck"] != genotypes[0]["neck"]  # another stream
+    depthwise = lambda genotype: sum(  # noqa: E731
+        1 for m in build_detector(load_config(DEMO, ["model.neck.type=auto"]), genotype).neck.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+    assert depthwise(genotypes[0]) >= 5 and depthwise({**genotypes[0], "neck": dense["neck"]}) == 0
+    with pytest.raises(StudyError, match="links"):
+        plan_entries(str(tmp_path), [], 1, [], 0, cfg, "neck", random_convs=layers * len(levels) ** 2 + 1)
+    with pytest.raises(StudyError, match="random-parts neck"):
+        plan_entries(str(tmp_path), [], 1, [], 0, cfg, "both", random_convs=5)
+    folder = str(tmp_path / "study")
+    check_study_config(folder, DEMO, [], 0, lambdas=["large"])  # searches and baselines, no random draw
+    check_study_config(folder, DEMO, [], 0, random_parts="neck", random_convs=5)
+    plan_entries(folder, [], 1, [], 0, cfg, "neck", random_convs=5)
+    assert json.loads(Path(folder, "study_config.json").read_text())["random_convs"] == 5
+    with pytest.raises(StudyError, match="random-convs"):
+        check_study_config(folder, DEMO, [], 0, random_parts="neck", random_convs=9)
 
 
 def test_a_neck_only_variant_searches_and_retrains(finished_study, synthetic_root):

@@ -12,12 +12,19 @@ same space the search explores:
 
 A draw is a function of (seed, index) only, so the i-th random architecture of a study is the
 same whatever the number of architectures asked for.
+
+``identity_neck_with_convs``: the control of a neck search decoded with "none" excluded
+(``argmax_nonnone``), whose neck keeps every link and makes a few of them convolutions: the
+dense identity neck with K links, drawn uniformly without replacement, each given a convolution
+of ``NECK_OPS`` drawn uniformly. A search that chose its K convolutions well beats these.
 """
 import random
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 from autofpn.models.genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
+
+NECK_CONV_OPS = tuple(op for op in NECK_OPS if op not in ("none", "identity"))
 
 
 def _neck_layer(rng: random.Random, levels: Sequence[int]) -> List[Dict[str, Any]]:
@@ -56,16 +63,51 @@ def random_genotype(seed: int, index: int, levels: Sequence[int] = (2, 3, 4, 5),
     return validate_genotype(genotype)
 
 
-def random_genotypes(count: int, seed: int = 0, levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
-                     cells: int = 2) -> List[Dict[str, Any]]:
-    """``count`` distinct random genotypes; a draw equal to an earlier one is skipped (the space
-    holds ~10^40 architectures, so this essentially never happens)."""
+def identity_neck_with_convs(seed: int, index: int, convs: int, levels: Sequence[int] = (2, 3, 4, 5),
+                             layers: int = 2) -> Dict[str, Any]:
+    """The ``index``-th draw of stream ``seed``: every link (source -> target) of every layer
+    kept, ``convs`` of them (uniform without replacement over all layers' links) a convolution of
+    ``NECK_CONV_OPS`` (uniform), the others identity; no head part."""
+    levels = [int(level) for level in levels]
+    links = [(layer, source, target) for layer in range(layers) for target in levels for source in levels]
+    if not 0 < convs <= len(links):
+        raise ValueError(f"convs must be between 1 and the neck's {len(links)} links, got {convs}")
+    rng = random.Random(f"autofpn-identity-neck-convs-{seed}-{convs}-{index}")
+    ops = {link: rng.choice(NECK_CONV_OPS) for link in rng.sample(links, convs)}
+    return validate_genotype({
+        "version": GENOTYPE_VERSION,
+        "name": f"random_conv{convs}_{index:02d}",
+        "description": f"the dense identity neck with {convs} random links made random convolutions "
+                       f"(seed {seed}, index {index})",
+        "neck": {"levels": levels, "layers": [[{"from": s, "to": t, "op": ops.get((layer, s, t), "identity")}
+                                               for (lay, s, t) in links if lay == layer]
+                                              for layer in range(layers)]},
+        "head": None,
+    })
+
+
+def _distinct(count: int, draw: Callable[[int], Dict[str, Any]], prefix: str) -> List[Dict[str, Any]]:
+    """The first ``count`` distinct draws, renamed ``<prefix>NN`` in order (a draw equal to an
+    earlier one is skipped; the spaces are large enough that this essentially never happens)."""
     found, seen, index = [], set(), 0
     while len(found) < count:
-        g = random_genotype(seed, index, levels, layers, cells)
+        g = draw(index)
         key = repr((g["neck"], g["head"]))
         if key not in seen:
             seen.add(key)
-            found.append({**g, "name": f"random_{len(found):02d}"})
+            found.append({**g, "name": f"{prefix}{len(found):02d}"})
         index += 1
     return found
+
+
+def random_genotypes(count: int, seed: int = 0, levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
+                     cells: int = 2) -> List[Dict[str, Any]]:
+    """``count`` distinct random genotypes (the space holds ~10^40 architectures)."""
+    return _distinct(count, lambda index: random_genotype(seed, index, levels, layers, cells), "random_")
+
+
+def identity_necks_with_convs(count: int, convs: int, seed: int = 0, levels: Sequence[int] = (2, 3, 4, 5),
+                              layers: int = 2) -> List[Dict[str, Any]]:
+    """``count`` distinct ``identity_neck_with_convs`` draws, named ``random_conv<convs>_NN``."""
+    return _distinct(count, lambda index: identity_neck_with_convs(seed, index, convs, levels, layers),
+                     f"random_conv{convs}_")

@@ -75,7 +75,7 @@ def test_saved_config_reloads_identically(tmp_path):
     assert load_config(str(tmp_path / "run" / "config.yaml")) == cfg
 
 
-@pytest.mark.parametrize("name", ["base", "demo", "voc", "coco", "bdd", "coco128"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
     if name in ("voc", "coco", "bdd"):  # the paper's settings

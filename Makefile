@@ -27,11 +27,14 @@ install: ext
 # a passing test's tmp_path is deleted as soon as it ends: a full run writes ~10 GB of checkpoints
 # that would otherwise stay in /tmp (3 runs' worth by pytest's default) and fill a shared disk;
 # the 15 slowest tests are listed at the end: the suite should stay near 15 minutes on 2 cores.
-# pytest-xdist runs the test files in TEST_WORKERS processes, a file's tests in one of them (its
-# module fixtures built once): most tests wait on a subprocess or on Python, not on both cores
+# pytest-xdist runs the test files in TEST_WORKERS processes of one thread each, a file's tests in
+# one of them (its module fixtures built once). On a 2-core machine: 14 min 49 s, against 22 min
+# 26 s in one process of two threads and 22 min 58 s for two processes of two threads each
+# (oversubscribed OpenMP threads spin); tests that need two threads set them themselves
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -o tmp_path_retention_policy=failed --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -o tmp_path_retention_policy=failed \
+		--durations=15 tests
 
 demo: install
 	$(PY) -m autofpn.demo --out out/demo

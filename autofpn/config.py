@@ -65,7 +65,9 @@ DEFAULTS: Dict[str, Any] = {
             # pool) | fc (flatten + one fully connected layer of mlp_dim, as the conv head; docs/STUDY.md 32)
             "readout": "gap",
             # auto: each edge's convolution op as a zero-initialised residual branch, x + op(x), as
-            # model.neck.residual_ops for the neck's links; the paper's ops are plain
+            # model.neck.residual_ops for the neck's links; the paper's ops are plain. Not for a
+            # search: its convolutions start as identity, so identity and "none" outrank them on
+            # every edge and the demo's searched heads scored 2-3 AP against FPN's 18.8 (STUDY.md, 44)
             "residual_ops": False,
             # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics
             # over the image batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on

@@ -69,6 +69,10 @@ DEFAULTS: Dict[str, Any] = {
             # search: its convolutions start as identity, so identity and "none" outrank them on
             # every edge and the demo's searched heads scored 2-3 AP against FPN's 18.8 (STUDY.md, 44)
             "residual_ops": False,
+            # auto: average-pool the [R, C, 7, 7] RoI features to cell_size x cell_size before the first
+            # cell (0: no pooling, the paper's). The cells' compute scales with cell_size ** 2: at 3
+            # an Auto-head comes near the FLOPs of FPN's 2-MLP head (docs/STUDY.md, 45)
+            "cell_size": 0,
             # derived Auto-head (and the conv head) when retraining: none | gn | bn. BN (statistics
             # over the image batch's RoIs, as DARTS cells use): without a norm the retrained cells diverged on
             # the demo, and GN followed by the global average pool erased the per-RoI signal

@@ -255,6 +255,17 @@ def test_num_classes_left_null_is_taken_from_the_data_and_recorded(tmp_path):
         load_config(DEMO, ["model.num_classes=1"])
 
 
+def test_head_cell_size_above_the_pooler_size_names_both_keys():
+    from autofpn.models.detector import build_auto_head
+    genotype = {"head": {"cells": [[{"node": 2, "input": 0, "op": "sep_conv_3x3"}]]}}
+    cfg = load_config(DEMO, ["model.head.cells=1", "model.head.cell_size=8"])
+    with pytest.raises(ConfigError, match=r"model.head.cell_size = 8: expected 0 \(no pooling\) up to "
+                                          r"model.roi.pooler_size = 7"):
+        build_auto_head(cfg, 32, genotype, search=False)
+    with pytest.raises(ConfigError, match="'model.head.cell_size' = 'small': expected an integer"):
+        load_config(DEMO, ["model.head.cell_size=small"])
+
+
 # ---- output folders of another config --------------------------------------------------------
 
 def test_folder_of_another_config_is_refused_moved_aside_with_force_and_resumed_when_equal(tmp_path):

@@ -82,12 +82,14 @@ def test_one_hot_neck_supernet_computes_the_decoded_neck(seed):
         torch.testing.assert_close(out_sup[name], out_fixed[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed,readout", [(0, "gap"), (1, "gap"), (0, "fc")])
-def test_one_hot_head_supernet_computes_the_decoded_head(seed, readout):
+@pytest.mark.parametrize("seed,readout,cell_size", [(0, "gap", 0), (1, "gap", 0), (0, "fc", 0), (1, "gap", 3),
+                                                    (0, "fc", 4)])
+def test_one_hot_head_supernet_computes_the_decoded_head(seed, readout, cell_size):
     torch.manual_seed(seed)
     genotype = random_genotype(seed)
-    supernet = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, readout=readout, readout_dim=24)
-    fixed = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, readout=readout, readout_dim=24)
+    supernet = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, readout=readout, readout_dim=24, cell_size=cell_size)
+    fixed = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, readout=readout, readout_dim=24,
+                     cell_size=cell_size)
     sup_state = supernet.state_dict()
     fixed.load_state_dict({k: sup_state[k] for k in fixed.state_dict()}, strict=True)
     x = torch.randn(5, NECK_CH, 7, 7)
@@ -119,6 +121,36 @@ def test_head_readout_fc_keeps_where_in_the_roi_a_feature_was():
         assert not torch.allclose(fc.readout_fc(shuffled.flatten(1)), fc.readout_fc(last.flatten(1)))
     with pytest.raises(ValueError, match="readout must be 'gap' or 'fc'"):
         AutoHead(NECK_CH, 7, HEAD_CH, cells=2, readout="max")
+
+
+def test_head_cell_size_runs_the_cells_on_average_pooled_rois():
+    """cell_size S: the cells see the RoI features average-pooled to S x S, the fc readout reads
+    4C * S * S features; a 7 x 7 RoI whose S x S pooled means agree gives the same head output
+    however its pixels differ within each pooling window; S out of [0, 7] is refused."""
+    genotype = random_genotype(1)
+    full = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, readout="fc", readout_dim=24)
+    small = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, readout="fc", readout_dim=24, cell_size=3)
+    assert small.readout_fc.in_features == 4 * HEAD_CH * 9 and full.readout_fc.in_features == 4 * HEAD_CH * 49
+    small.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("readout_fc.")},
+                          strict=False)
+    small.eval()
+    seen = {}
+    small.cells[0].register_forward_pre_hook(lambda m, args: seen.update(s0=args[0]))
+    x = torch.randn(4, NECK_CH, 7, 7)
+    with torch.no_grad():
+        out = small(x)
+        torch.testing.assert_close(seen["s0"], torch.nn.functional.adaptive_avg_pool2d(x, 3))
+        # the 7 -> 3 adaptive windows are rows / columns [0:3], [2:5], [4:7]: pixels (0, 0) and
+        # (1, 1) lie in window (0, 0) only, so moving mass between them keeps every pooled mean
+        assert out.shape == (4, 24)
+        x2 = x.clone()
+        x2[:, :, 0, 0] += 1.0
+        x2[:, :, 1, 1] -= 1.0
+        torch.testing.assert_close(small(x2), out)
+        assert not torch.allclose(full(x2), full(x))
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="cell_size must be in"):
+            AutoHead(NECK_CH, 7, HEAD_CH, cells=2, cell_size=bad)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -185,6 +217,22 @@ def test_cost_of_decoded_genotype_matches_the_built_modules():
     # and a supernet's exact cost counts what it holds: each link's 1x1 conv once, every op
     assert tables.total()["neck"].params == n_params(supernet_neck)
     assert tables.total()["head"].params == n_params(supernet_head)
+
+
+def test_head_cost_tables_count_the_cells_at_cell_size():
+    """With cell_size 3 the penalty's tables count each op on 3 x 3 RoIs: the decoded head's
+    table cost is what the built head computes on 7 x 7 RoIs (the pooling is free), which is the
+    unpooled head's cost on 3 x 3 RoIs."""
+    tables = ResourceCost(head=AutoHead(NECK_CH, 7, HEAD_CH, cells=2, cell_size=3), num_rois=10)
+    for seed in range(2):
+        genotype = random_genotype(seed)
+        decoded = tables.decoded_cost(genotype)["head"]
+        pooled = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype, cell_size=3)
+        unpooled = AutoHead(NECK_CH, 7, HEAD_CH, cells=2, genotype=genotype)
+        assert decoded.flops == count_cost(pooled, torch.randn(10, NECK_CH, 7, 7)).flops
+        assert decoded.flops == count_cost(unpooled, torch.randn(10, NECK_CH, 3, 3)).flops
+        assert decoded.params == n_params(pooled)
+        assert decoded.flops < ResourceCost(head=unpooled, num_rois=10).total()["head"].flops * 10 / 49
 
 
 def test_flops_by_hand_for_an_identity_neck():

@@ -11,6 +11,10 @@ Structure (paper Sec. 3.2, Fig. 3 right; DARTS cells)::
     cell output = concat(node 2..5)   -> 4 * channels channels.
     head output = global average pool of the last cell -> Tensor[R, 4 * channels].
 
+With ``cell_size`` S < 7 the RoI features are average-pooled to S x S before the first cell (not
+in the paper): every cell op then runs on S * S positions instead of 49, which is what a head of
+convolutions over every RoI needs to come near the FLOPs of FPN's 2-MLP head.
+
 Each cell has its own architecture. Architecture weights for the supernet:
 ``Tensor[cells, 14, len(HEAD_OPS)]`` (softmax over the last dim), edge index in the order of
 ``edge_pairs`` = [(input, node) for node in 2..5 for input in 0..node-1].
@@ -18,6 +22,7 @@ Each cell has its own architecture. Architecture weights for the supernet:
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, head_part
@@ -92,6 +97,8 @@ class AutoHead(nn.Module):
             (the paper's global average pooling, 4C features) or "fc" (Detectron's Xconv1fc:
             flatten, one fully connected layer of ``readout_dim`` and ReLU, keeping where in the
             RoI each feature was).
+        cell_size: the side S the RoI features are average-pooled to before the first cell
+            (``adaptive_avg_pool2d``, [R, in, P, P] -> [R, in, S, S]); 0 or P: no pooling (the paper).
     Attributes: out_channels = 4 * channels ("gap") or readout_dim ("fc"); arch_shape (supernet
     only) = (cells, 14, 8).
     """
@@ -99,10 +106,13 @@ class AutoHead(nn.Module):
     def __init__(self, in_channels: int, pooler_size: int = 7, channels: int = 512,
                  cells: int = 2, genotype: Optional[dict] = None, norm: str = "none",
                  sampled: bool = False, readout: str = "gap", readout_dim: int = 1024,
-                 residual_ops: bool = False):
+                 residual_ops: bool = False, cell_size: int = 0):
         super().__init__()
+        if not 0 <= cell_size <= pooler_size:
+            raise ValueError(f"AutoHead: cell_size must be in [0, pooler_size = {pooler_size}], got {cell_size}")
         self.in_channels = in_channels
         self.pooler_size = pooler_size
+        self.cell_size = cell_size or pooler_size
         self.channels = channels
         self.is_supernet = genotype is None
         if genotype is None:
@@ -124,7 +134,7 @@ class AutoHead(nn.Module):
             self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled, residual_ops))
         if readout not in ("gap", "fc"):
             raise ValueError(f"AutoHead: readout must be 'gap' or 'fc', got {readout!r}")
-        self.readout_fc = nn.Linear(cell_out * pooler_size ** 2, readout_dim) if readout == "fc" else None
+        self.readout_fc = nn.Linear(cell_out * self.cell_size ** 2, readout_dim) if readout == "fc" else None
         self.out_channels = cell_out if readout == "gap" else readout_dim
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -136,6 +146,8 @@ class AutoHead(nn.Module):
                 raise ValueError(f"AutoHead supernet needs weights of shape {self.arch_shape}, got {got}")
         elif weights is not None:
             raise ValueError("a fixed AutoHead takes no architecture weights")
+        if self.cell_size < self.pooler_size:
+            x = F.adaptive_avg_pool2d(x, self.cell_size)  # [R, in, P, P] -> [R, in, S, S]
         s0 = s1 = x
         for m, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, weights[m] if weights is not None else None)

@@ -96,10 +96,14 @@ def build_auto_fusion(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], 
 def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search: bool) -> nn.Module:
     head_genotype, norm = _searched_part(cfg, "head", genotype, search)
     h = cfg["model"]["head"]
-    return AutoHead(in_channels, pooler_size=cfg["model"]["roi"]["pooler_size"], channels=h["channels"],
+    pooler_size = cfg["model"]["roi"]["pooler_size"]
+    if not 0 <= h["cell_size"] <= pooler_size:
+        raise ConfigError(f"model.head.cell_size = {h['cell_size']}: expected 0 (no pooling) up to "
+                          f"model.roi.pooler_size = {pooler_size}")
+    return AutoHead(in_channels, pooler_size=pooler_size, channels=h["channels"],
                     cells=h["cells"], genotype=head_genotype, norm=norm,
                     sampled=search and _sampled_search(cfg), readout=h["readout"], readout_dim=h["mlp_dim"],
-                    residual_ops=h["residual_ops"])
+                    residual_ops=h["residual_ops"], cell_size=h["cell_size"])
 
 
 def _sampled_search(cfg: Dict) -> bool:

@@ -149,7 +149,7 @@ class ResourceCost:
 
     def _build_head(self, head: AutoHead) -> None:
         meta = copy.deepcopy(head).to("meta")
-        r, p, c = self.num_rois, head.pooler_size, head.channels
+        r, p, c = self.num_rois, head.cell_size, head.channels  # the cells run at cell_size
         table = torch.zeros(len(meta.cells), len(EDGE_PAIRS), len(HEAD_OPS), 3, dtype=torch.float64)
         for m, cell in enumerate(meta.cells):
             pre = [count_cost(mod, _meta((r, mod[1].in_channels, p, p))) if mod is not None else None

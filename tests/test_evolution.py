@@ -13,7 +13,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_run import _kill9_at, tiny_opts  # noqa: E402
+from test_search_resume import _kill9_at  # noqa: E402
+from test_search_run import tiny_opts  # noqa: E402
 
 from autofpn.config import ConfigError, load_config  # noqa: E402
 from autofpn.models.genotype import load_genotype, validate_genotype  # noqa: E402

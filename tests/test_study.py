@@ -91,7 +91,7 @@ def test_random_genotypes_valid_reproducible_distinct():
 
 def test_random_genotype_builds_a_detector():
     cfg = load_config(DEMO, ["model.neck.type=auto", "model.head.type=auto"])
-    model = build_detector(cfg, random_genotype(0, 1))
+    model = build_detector(cfg, random_genotype(0, 1, cells=cfg["model"]["head"]["cells"]))
     model.eval()
     with torch.no_grad():
         out = model([torch.rand(3, 96, 128)])

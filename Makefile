@@ -28,7 +28,7 @@ install: ext
 # that would otherwise stay in /tmp (3 runs' worth by pytest's default) and fill a shared disk;
 # the 15 slowest tests are listed at the end: the suite should stay near 15 minutes on 2 cores.
 # pytest-xdist runs the test files in TEST_WORKERS processes of one thread each, a file's tests in
-# one of them (its module fixtures built once). On a 2-core machine: 14 min 49 s, against 22 min
+# one of them (its module fixtures built once). On a 2-core machine: 14 min 9 s, against 22 min
 # 26 s in one process of two threads and 22 min 58 s for two processes of two threads each
 # (oversubscribed OpenMP threads spin); tests that need two threads set them themselves
 TEST_WORKERS ?= 2

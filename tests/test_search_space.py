@@ -153,6 +153,18 @@ def test_head_cell_size_runs_the_cells_on_average_pooled_rois():
             AutoHead(NECK_CH, 7, HEAD_CH, cells=2, cell_size=bad)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6])
+def test_head_pooling_matrix_is_adaptive_avg_pool(size):
+    """The pooled head's [S, 7] matrix (ONNX exports it with a dynamic RoI count, unlike
+    adaptive_avg_pool2d) averages adaptive_avg_pool2d's windows, overlapping or not."""
+    from autofpn.models.auto_head import adaptive_pool_matrix
+    x = torch.randn(5, 3, 7, 7, dtype=torch.float64)
+    matrix = adaptive_pool_matrix(7, size).double()
+    torch.testing.assert_close(matrix @ x @ matrix.t(), torch.nn.functional.adaptive_avg_pool2d(x, size))
+    head = AutoHead(NECK_CH, 7, HEAD_CH, cells=1, cell_size=size).double()
+    assert head.pool_matrix.dtype == torch.float64 and "pool_matrix" not in head.state_dict()
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sampled_supernet_runs_only_the_sampled_ops_and_computes_the_decoded_modules(seed):
     """search.mode gdas: at one-hot weights the supernet runs the chosen op of each link/edge and

@@ -22,7 +22,6 @@ Each cell has its own architecture. Architecture weights for the supernet:
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .genotype import HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, head_part
@@ -78,6 +77,16 @@ class HeadCell(nn.Module):
         return torch.cat(nodes[HEAD_INPUT_NODES:], dim=1)
 
 
+def adaptive_pool_matrix(size: int, out_size: int) -> Tensor:
+    """Tensor[out_size, size]: row i averages the window of ``adaptive_avg_pool2d`` (positions
+    floor(i * size / out_size) up to ceil((i + 1) * size / out_size), exclusive)."""
+    matrix = torch.zeros(out_size, size)
+    for i in range(out_size):
+        start, end = (i * size) // out_size, -((-(i + 1) * size) // out_size)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
 class AutoHead(nn.Module):
     """Auto-head box head; ``genotype=None`` builds the supernet, else the decoded fixed head.
 
@@ -98,7 +107,8 @@ class AutoHead(nn.Module):
             flatten, one fully connected layer of ``readout_dim`` and ReLU, keeping where in the
             RoI each feature was).
         cell_size: the side S the RoI features are average-pooled to before the first cell
-            (``adaptive_avg_pool2d``, [R, in, P, P] -> [R, in, S, S]); 0 or P: no pooling (the paper).
+            (the windows of ``adaptive_avg_pool2d``, [R, in, P, P] -> [R, in, S, S]); 0 or P: no
+            pooling (the paper).
     Attributes: out_channels = 4 * channels ("gap") or readout_dim ("fc"); arch_shape (supernet
     only) = (cells, 14, 8).
     """
@@ -113,6 +123,9 @@ class AutoHead(nn.Module):
         self.in_channels = in_channels
         self.pooler_size = pooler_size
         self.cell_size = cell_size or pooler_size
+        # a buffer so .to() / .double() move it; not persistent: checkpoints stay as they were
+        self.register_buffer("pool_matrix", adaptive_pool_matrix(pooler_size, self.cell_size)
+                             if self.cell_size < pooler_size else None, persistent=False)
         self.channels = channels
         self.is_supernet = genotype is None
         if genotype is None:
@@ -146,8 +159,10 @@ class AutoHead(nn.Module):
                 raise ValueError(f"AutoHead supernet needs weights of shape {self.arch_shape}, got {got}")
         elif weights is not None:
             raise ValueError("a fixed AutoHead takes no architecture weights")
-        if self.cell_size < self.pooler_size:
-            x = F.adaptive_avg_pool2d(x, self.cell_size)  # [R, in, P, P] -> [R, in, S, S]
+        if self.pool_matrix is not None:
+            # [S, P] @ [R, in, P, P] @ [P, S] -> [R, in, S, S]: adaptive_avg_pool2d as two matmuls,
+            # which ONNX exports when R is dynamic (its adaptive pooling needs a static input size)
+            x = self.pool_matrix @ x @ self.pool_matrix.t()
         s0 = s1 = x
         for m, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, weights[m] if weights is not None else None)

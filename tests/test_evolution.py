@@ -106,13 +106,14 @@ def test_normalized_cost_is_the_penalty_at_one_hot_weights():
     cfg = load_config(DEMO)
     supernet = build_detector(cfg, search=True)
     cost = search_resource_cost(cfg, supernet.neck, supernet.roi_heads.box_head)
-    g = random_genotype(1, 2)
+    g = random_genotype(1, 2, cells=cfg["model"]["head"]["cells"])
     exact = cost.decoded_cost(g)
     neck = (torch.tensor(exact["neck"].as_list(), dtype=torch.float64)
             - torch.tensor(cost.neck_const.as_list(), dtype=torch.float64)) / cost.neck_norm
     used = [c for m, edges in enumerate(g["head"]["cells"]) for k, c in enumerate(cost.head_pre[m])
             if c is not None and k in {e["input"] for e in edges}]
     head_const = torch.tensor([sum(c.as_list()[i] for c in used) for i in range(len(METRICS))], dtype=torch.float64)
+    head_const += torch.tensor(cost.head_const.as_list(), dtype=torch.float64)  # the fc readout
     head = (torch.tensor(exact["head"].as_list(), dtype=torch.float64) - head_const) / cost.head_norm
     assert cost.normalized_cost(g) == pytest.approx(float(neck.sum() + head.sum()), rel=1e-9)
     assert cost.normalized_cost({**g, "head": None}) == pytest.approx(float(neck.sum()), rel=1e-9)

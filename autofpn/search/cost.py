@@ -105,6 +105,8 @@ class ResourceCost:
         neck_table: Tensor[layers, links, len(NECK_OPS), 3] (params, FLOPs, MAC); 0 for "none"
         and for ops a fixed neck does not hold. head_table: Tensor[cells, 14, len(HEAD_OPS), 3].
         neck_const: Cost of the input projections. head_pre: per cell, Cost of (pre0, pre1).
+        head_const: Cost of the head's fc readout (none for the paper's average pool), which no
+        architecture weight changes.
         neck_norm / head_norm: Tensor[3], the normalizers of the penalty.
     """
 
@@ -113,7 +115,7 @@ class ResourceCost:
                  size_divisible: int = 32):
         self.image_size, self.num_rois = tuple(image_size), num_rois
         self.neck_table = self.head_table = self.neck_norm = self.head_norm = None
-        self.neck_const, self.head_pre = Cost(), []
+        self.neck_const, self.head_pre, self.head_const = Cost(), [], Cost()
         if neck is not None:
             self._build_neck(neck, size_divisible)
         if head is not None:
@@ -163,6 +165,8 @@ class ResourceCost:
                 for op_name, op in cell.edges[name].ops.items():
                     table[m, idx, HEAD_OPS.index(op_name)] = torch.tensor(count_cost(op, x).as_list(),
                                                                            dtype=torch.float64)
+        if meta.readout_fc is not None:
+            self.head_const = count_cost(meta.readout_fc, _meta((r, meta.readout_fc.in_features)))
         self.head_table = table
         self.head_norm = table.max(dim=2).values.sum(dim=(0, 1))
 
@@ -196,7 +200,7 @@ class ResourceCost:
         if head_weights is not None:
             v = (head_weights.detach().double()[..., None] * self.head_table).sum(dim=(0, 1, 2))
             pre = sum((c for cell in self.head_pre for c in cell if c is not None), Cost())
-            out["head"] = pre + Cost(*v.tolist())
+            out["head"] = self.head_const + pre + Cost(*v.tolist())
         return out
 
     def genotype_weights(self, genotype: dict) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -250,7 +254,7 @@ class ResourceCost:
             out["neck"] = self.neck_const + Cost(*(self.neck_table.sum(dim=(0, 1, 2)) - shared).tolist())
         if self.head_table is not None:
             pre = sum((c for cell in self.head_pre for c in cell if c is not None), Cost())
-            out["head"] = pre + Cost(*self.head_table.sum(dim=(0, 1, 2)).tolist())
+            out["head"] = self.head_const + pre + Cost(*self.head_table.sum(dim=(0, 1, 2)).tolist())
         return out
 
     def decoded_cost(self, genotype: dict) -> Dict[str, Cost]:
@@ -270,7 +274,7 @@ class ResourceCost:
             cells = genotype["head"]["cells"]
             if len(cells) != self.head_table.shape[0]:
                 raise ValueError("genotype head does not match the head the cost tables were built from")
-            cost = Cost()
+            cost = self.head_const
             for m, edges in enumerate(cells):
                 used_inputs = {e["input"] for e in edges}
                 cost = cost + sum((self.head_pre[m][k] for k in (0, 1) if k in used_inputs), Cost())

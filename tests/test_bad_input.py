@@ -266,6 +266,29 @@ def test_head_cell_size_above_the_pooler_size_names_both_keys():
         load_config(DEMO, ["model.head.cell_size=small"])
 
 
+def test_genotype_of_another_shape_names_the_key_and_the_fix(tmp_path):
+    """A genotype searched with the paper's two head cells (or another neck) retrained under a
+    config of another shape: one line naming the key and the --opts that fits, no traceback."""
+    from autofpn.models.detector import build_detector
+    from autofpn.models.genotype import save_genotype
+    from autofpn.search.random_sample import random_genotype
+    save_genotype(random_genotype(0, 0, cells=2), str(tmp_path / "geno.json"))
+    code, _, stderr = run("train.py", "--cfg", DEMO, "--genotype", str(tmp_path / "geno.json"), "--opts",
+                          "model.head.cells=1", f"train.output_dir={tmp_path / 'run'}")
+    assert code == 2 and error_line(stderr) == (
+        "error: the genotype's head has cells = 2 but model.head.cells = 1: use the config its search "
+        "wrote (config.yaml beside geno.json) or --opts model.head.cells=2")
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+    cfg = load_config(DEMO, ["model.neck.type=auto", "model.head.type=mlp", "model.neck.layers=3"])
+    with pytest.raises(ConfigError, match=r"the genotype's neck has layers = 2 but model.neck.layers = 3: .* "
+                                          r"--opts model.neck.layers=2$"):
+        build_detector(cfg, random_genotype(0, 0, cells=2))
+    cfg = load_config(DEMO, ["model.neck.type=auto", "model.head.type=mlp", "model.neck.levels=[3,4,5]"])
+    with pytest.raises(ConfigError, match=r"neck has levels = \[2, 3, 4, 5\] but model.neck.levels = \[3, 4, 5\]: "
+                                          r".* --opts model.neck.levels=\[2,3,4,5\]$"):
+        build_detector(cfg, random_genotype(0, 0, cells=2))
+
+
 # ---- output folders of another config --------------------------------------------------------
 
 def test_folder_of_another_config_is_refused_moved_aside_with_force_and_resumed_when_equal(tmp_path):

@@ -77,7 +77,24 @@ def _searched_part(cfg: Dict, part: str, genotype: Optional[Dict], search: bool)
     if not genotype or not genotype.get(part):
         raise ConfigError(f"model.{part}.type is 'auto' but no genotype with a '{part}' part was given "
                           f"(pass --genotype FILE)")
+    _check_genotype_shape(cfg, part, genotype[part])
     return genotype[part], cfg["model"][part]["norm"]
+
+
+# the config keys that fix a searched part's shape, and how its genotype spells that shape
+_GENOTYPE_SHAPE = {"neck": {"layers": lambda g: len(g["layers"]), "levels": lambda g: list(g["levels"])},
+                   "head": {"cells": lambda g: len(g["cells"])}}
+
+
+def _check_genotype_shape(cfg: Dict, part: str, part_genotype: Dict) -> None:
+    """A genotype decodes only into the shape it was searched in: one line naming the key, not a
+    traceback from the module (a search's config.yaml beside its geno.json has the right keys)."""
+    for key, shape_of in _GENOTYPE_SHAPE[part].items():
+        configured, searched = cfg["model"][part][key], shape_of(part_genotype)
+        if (list(configured) if key == "levels" else configured) != searched:
+            raise ConfigError(f"the genotype's {part} has {key} = {searched} but model.{part}.{key} = {configured}: "
+                              f"use the config its search wrote (config.yaml beside geno.json) or "
+                              f"--opts model.{part}.{key}={str(searched).replace(' ', '')}")
 
 
 def _neck_args(cfg: Dict, backbone: nn.Module) -> Dict:

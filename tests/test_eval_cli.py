@@ -63,10 +63,10 @@ def test_evaluate_a_searched_model_with_cfg_and_genotype_without_imagenet_file(t
             "data.synthetic.num_val=2", "data.synthetic.image_size=64", "model.transform.test_min_size=64",
             "model.transform.max_size=96", "model.transform.min_size=[64]", "model.neck.channels=8",
             "model.head.channels=8", "eval.max_images=1", "model.backbone.weights=imagenet"]
-    genotype = random_genotype(0, 3)
-    save_genotype(genotype, str(tmp_path / "geno.json"))
     cfg = load_config(str(REPO / "configs" / "demo.yaml"),
                       [*opts, "model.backbone.weights=none", "model.neck.type=auto", "model.head.type=auto"])
+    genotype = random_genotype(0, 3, cells=cfg["model"]["head"]["cells"])
+    save_genotype(genotype, str(tmp_path / "geno.json"))
     torch.manual_seed(0)
     model = detector.build_detector(cfg, genotype)
     ckpt = tmp_path / "model_final.pth"

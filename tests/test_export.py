@@ -54,8 +54,9 @@ def _searched_detector(**opts):
                       ["model.num_classes=11", "model.neck.channels=16", "model.head.channels=8",
                        "model.transform.test_min_size=128", "model.transform.max_size=192",
                        *[f"{k}={v}" for k, v in opts.items()]])
-    # a genotype the study's warm-up search found (neck and head), as users get them
-    genotype = load_genotype(os.path.join(REPO, "docs", "study", "demo", "searches", "warm110_seed1", "large",
+    # a genotype the demo config's search found (neck and head: one cell on 3 x 3-pooled RoIs, fc
+    # readout), as users get them
+    genotype = load_genotype(os.path.join(REPO, "docs", "study", "demo_head_cs3_fc", "searches", "middle",
                                           "geno.json"))
     use_genotype(cfg, genotype)
     torch.manual_seed(0)

@@ -268,7 +268,8 @@ def test_whole_supernet_detector_same_loss_and_architecture_gradients(layout):
     torch.manual_seed(0)
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), TINY_DETECTOR + [f"model.memory_format={layout}"])
     model = build_detector(cfg, search=True).double().train()
-    assert set_fused(model, True) == 32 + 28  # every link of the neck, every edge of the head
+    # every link of the neck (16 per layer), every edge of each head cell (14)
+    assert set_fused(model, True) == 32 + 14 * cfg["model"]["head"]["cells"]
     images, targets = float64_batch()
     results = {}
     for fused in (True, False):

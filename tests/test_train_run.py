@@ -193,7 +193,7 @@ def test_genotype_without_cfg_uses_the_config_it_was_searched_with(tmp_path, syn
     searched_cfg = load_config(str(REPO / "configs" / "demo.yaml"),
                                tiny_opts(synthetic_root, str(tmp_path / "unused"), **{"model.head.channels": 8}))
     save_config(searched_cfg, str(search_dir / "config.yaml"))
-    save_genotype(random_genotype(0, 2), str(search_dir / "geno.json"))
+    save_genotype(random_genotype(0, 2, cells=searched_cfg["model"]["head"]["cells"]), str(search_dir / "geno.json"))
     out = tmp_path / "retrain"
     result = subprocess.run([sys.executable, "train.py", "--genotype", str(search_dir / "geno.json"), "--opts",
                              f"train.output_dir={out}", "solver.max_iters=1"],

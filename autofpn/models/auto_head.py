@@ -77,10 +77,12 @@ class HeadCell(nn.Module):
         return torch.cat(nodes[HEAD_INPUT_NODES:], dim=1)
 
 
-def adaptive_pool_matrix(size: int, out_size: int) -> Tensor:
-    """Tensor[out_size, size]: row i averages the window of ``adaptive_avg_pool2d`` (positions
-    floor(i * size / out_size) up to ceil((i + 1) * size / out_size), exclusive)."""
-    matrix = torch.zeros(out_size, size)
+def adaptive_pool_matrix(size: int, out_size: int, like: Optional[Tensor] = None) -> Tensor:
+    """Tensor[out_size, size] (the dtype and device of ``like``): row i averages the window of
+    ``adaptive_avg_pool2d`` (positions floor(i * size / out_size) up to ceil((i + 1) * size /
+    out_size), exclusive)."""
+    matrix = torch.zeros(out_size, size, dtype=None if like is None else like.dtype,
+                         device=None if like is None else like.device)
     for i in range(out_size):
         start, end = (i * size) // out_size, -((-(i + 1) * size) // out_size)
         matrix[i, start:end] = 1.0 / (end - start)
@@ -123,9 +125,6 @@ class AutoHead(nn.Module):
         self.in_channels = in_channels
         self.pooler_size = pooler_size
         self.cell_size = cell_size or pooler_size
-        # a buffer so .to() / .double() move it; not persistent: checkpoints stay as they were
-        self.register_buffer("pool_matrix", adaptive_pool_matrix(pooler_size, self.cell_size)
-                             if self.cell_size < pooler_size else None, persistent=False)
         self.channels = channels
         self.is_supernet = genotype is None
         if genotype is None:
@@ -159,10 +158,12 @@ class AutoHead(nn.Module):
                 raise ValueError(f"AutoHead supernet needs weights of shape {self.arch_shape}, got {got}")
         elif weights is not None:
             raise ValueError("a fixed AutoHead takes no architecture weights")
-        if self.pool_matrix is not None:
+        if self.cell_size < self.pooler_size:
             # [S, P] @ [R, in, P, P] @ [P, S] -> [R, in, S, S]: adaptive_avg_pool2d as two matmuls,
-            # which ONNX exports when R is dynamic (its adaptive pooling needs a static input size)
-            x = self.pool_matrix @ x @ self.pool_matrix.t()
+            # which ONNX exports when R is dynamic (its adaptive pooling needs a static input size);
+            # built in x's dtype, so a float64 head averages with float64 weights
+            pool = adaptive_pool_matrix(self.pooler_size, self.cell_size, like=x)
+            x = pool @ x @ pool.t()
         s0 = s1 = x
         for m, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, weights[m] if weights is not None else None)

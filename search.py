@@ -66,11 +66,12 @@ def _shard(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def draw_search(result, out_dir: str) -> None:
+def draw_search(result, out_dir: str, cfg) -> None:
     """The pictures of a search: ``arch_heatmap_<stage>.png`` (final op weights of each stage
-    run now) and ``geno.png`` / ``geno.svg`` (the found cells)."""
+    run now) and ``geno.png`` / ``geno.svg`` (the found cells, the head's input RoI size from
+    ``cfg``)."""
     from autofpn.viz.arch_heatmap import plot_arch_heatmap
-    from autofpn.viz.genotype_diagram import draw_genotype
+    from autofpn.viz.genotype_diagram import draw_genotype, head_roi_size
     for stage, weights in result.stage_weights.items():
         d = result.decisiveness[stage]
         note = (f"entropy {d['entropy']:.3f} of uniform, mean best-second margin {d['margin']:.3f}, "
@@ -81,7 +82,8 @@ def draw_search(result, out_dir: str) -> None:
         plot_arch_heatmap(weights, stage, os.path.join(out_dir, f"arch_heatmap_{stage}.png"),
                           link_names=result.link_pairs if stage == "neck" else None, note=note)
     for ext in ("png", "svg"):
-        draw_genotype(result.genotype, os.path.join(out_dir, f"geno.{ext}"), title="Auto-FPN (searched)")
+        draw_genotype(result.genotype, os.path.join(out_dir, f"geno.{ext}"), title="Auto-FPN (searched)",
+                      roi_size=head_roi_size(cfg))
 
 
 def main(argv=None) -> int:
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
                 print(f"ERROR: {e}", file=sys.stderr, flush=True)
             return 2
         if ctx.is_main:
-            draw_search(result, out_dir)
+            draw_search(result, out_dir, cfg)
             path = os.path.join(out_dir, "geno.json")
             print(f"genotype written to {path}; diagram {os.path.join(out_dir, 'geno.png')}")
             print(f"retrain: torchrun train.py --cfg {args.cfg or '<cfg>'} --genotype {path}", flush=True)

@@ -232,6 +232,7 @@ def test_search_writes_a_genotype_that_train_py_trains(tmp_path, synthetic_root)
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     geno = load_genotype(os.path.join(out, "geno.json"))
     assert geno["neck"] is not None and geno["head"] is not None
+    assert "RoI feats 3x3" in open(os.path.join(out, "geno.svg")).read()  # the demo's model.head.cell_size
     trajectory = [json.loads(l) for l in open(os.path.join(out, "neck", "arch_trajectory.jsonl"))]
     assert [r["iter"] for r in trajectory] == [0, 1, 2, 3] and len(trajectory[-1]["alpha"]) == 2
     # how decided the search is: logged with every architecture record and written per stage

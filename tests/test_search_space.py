@@ -462,6 +462,12 @@ def test_diagram_renders_png_and_svg(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
     assert "<svg" in svg
     assert any(label in svg for label in ("sep 3x3", "sep 5x5", "dil 3x3 r2", "conv 3x3"))  # op labels
+    assert "RoI feats" in svg and "RoI feats 3x3" not in svg  # no config: the RoI size is unknown
+    # under a config the head's input is labelled with the RoI size its cells see
+    draw_main([str(path), "--out", str(tmp_path / "demo"), "--cfg", str(REPO / "configs/demo.yaml")])
+    assert "RoI feats 3x3" in (tmp_path / "demo.svg").read_text()  # model.head.cell_size: 3
+    draw_main([str(path), "--out", str(tmp_path / "paper"), "--cfg", str(REPO / "configs/voc.yaml")])
+    assert "RoI feats 7x7" in (tmp_path / "paper.svg").read_text()  # cell_size 0: the pooler's 7 x 7
 
 
 def test_decisiveness_of_uniform_one_hot_and_collapsed_weights():

@@ -74,17 +74,19 @@ def draw_neck(ax, neck: Dict) -> None:
     ax.set_ylim(-0.6, y_of[levels[-1]] + 1.1)
 
 
-def draw_cell(ax, edges: Sequence[Dict], index: int) -> None:
+def draw_cell(ax, edges: Sequence[Dict], index: int, roi_size: Optional[int] = None) -> None:
     """Nodes 0 (cell m-2) and 1 (cell m-1) on the left, intermediate nodes 2..5 in a row,
-    the concatenated output on the right."""
+    the concatenated output on the right. ``roi_size``: the side of the RoI feature maps the cells
+    see (``model.head.cell_size``, or the pooler's 7), written on the inputs when known."""
     pos = {0: (0.0, 1.8), 1: (0.0, -1.8), 2: (1.8, 0.0), 3: (3.6, 0.0), 4: (5.4, 0.0), 5: (7.2, 0.0)}
     out = (9.0, 0.0)
-    prev = "RoI feats" if index == 0 else f"cell {index - 2}" if index >= 2 else "RoI feats"
+    rois = "RoI feats" if roi_size is None else f"RoI feats {roi_size}x{roi_size}"
+    prev = rois if index < 2 else f"cell {index - 2}"
     names = {0: "$c_{k-2}$", 1: "$c_{k-1}$"}
     for n, (x, y) in pos.items():
         _node(ax, x, y, names.get(n, str(n)), color="#fde9c9" if n < 2 else "#f4f4f4")
     ax.text(0, 2.35, f"in: {prev}", ha="center", fontsize=8)
-    ax.text(0, -2.5, "in: RoI feats" if index == 0 else f"in: cell {index - 1}", ha="center", fontsize=8)
+    ax.text(0, -2.5, f"in: {rois}" if index == 0 else f"in: cell {index - 1}", ha="center", fontsize=8)
     ax.add_patch(plt.Rectangle((out[0] - 0.45, -0.3), 0.9, 0.6, facecolor="#cfe8cf", edgecolor="black", zorder=3))
     ax.text(*out, "concat", ha="center", va="center", fontsize=9, zorder=4, fontweight="bold")
     for n in range(2, 6):
@@ -102,8 +104,14 @@ def draw_cell(ax, edges: Sequence[Dict], index: int) -> None:
     ax.set_title(f"Auto-head cell {index}", fontsize=11)
 
 
-def draw_genotype(genotype: Dict, path: str, title: Optional[str] = None) -> None:
-    """Render ``genotype`` to ``path`` (format from the extension: .png, .svg, .pdf)."""
+def head_roi_size(cfg: Dict) -> int:
+    """The side of the RoI feature maps an Auto-head's cells see under config ``cfg``."""
+    return cfg["model"]["head"]["cell_size"] or cfg["model"]["roi"]["pooler_size"]
+
+
+def draw_genotype(genotype: Dict, path: str, title: Optional[str] = None, roi_size: Optional[int] = None) -> None:
+    """Render ``genotype`` to ``path`` (format from the extension: .png, .svg, .pdf);
+    ``roi_size``: as in ``draw_cell`` (the genotype alone does not say it)."""
     validate_genotype(genotype)
     neck, head = genotype["neck"], genotype["head"]
     cells = head["cells"] if head else []
@@ -118,7 +126,7 @@ def draw_genotype(genotype: Dict, path: str, title: Optional[str] = None) -> Non
         draw_neck(axes[0], neck)
         axes[0].set_title("Auto-fusion neck", fontsize=11)
     for m, edges in enumerate(cells):
-        draw_cell(axes[(1 if neck else 0) + m], edges, m)
+        draw_cell(axes[(1 if neck else 0) + m], edges, m, roi_size)
     for ax in axes:
         ax.set_aspect("equal")
         ax.axis("off")
@@ -134,10 +142,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("genotype", help="genotype JSON file")
     parser.add_argument("--out", required=True, help="output path without extension")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--cfg", default=None,
+                        help="the config the genotype runs under: labels the head's input with its RoI size")
     args = parser.parse_args(argv)
     genotype = load_genotype(args.genotype)
+    roi_size = None
+    if args.cfg:
+        from autofpn.config import load_config
+        roi_size = head_roi_size(load_config(args.cfg))
     for ext in (".png", ".svg"):
-        draw_genotype(genotype, args.out + ext, args.title)
+        draw_genotype(genotype, args.out + ext, args.title, roi_size)
         print(f"wrote {args.out + ext}")
 
 

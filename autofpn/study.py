@@ -16,7 +16,12 @@ convolutional head, the Auto-head's control, ``plain``: no fusion neck, plain SS
 handcrafted neck; with ``--random-parts neck`` the neck only, with the 2-MLP head, the baseline
 of a ``search.stage=neck`` variant; with ``--random-parts neck --random-convs K`` the dense
 identity neck with K random links made random convolutions, the control of a neck search
-decoded with ``argmax_nonnone``), and one searched genotype per
+decoded with ``argmax_nonnone``), ``--budget-random N --budget-of GENOTYPE ...`` the baseline
+of a search under its resource constraint: N genotypes drawn uniformly from the valid ones
+whose neck + head FLOPs (the penalty's tables, at the search's input size) are at most those of
+the costliest GENOTYPE, e.g. the searches' own ``geno.json`` (entries ``budget_random_XX``, kind
+``budget_random``: uniform draws from the whole space cost more than any searched detector, so
+they compare a search with architectures it was not allowed to pick), and one searched genotype per
 resource-lambda preset (``search.py`` as it is; ``searched_<preset>``). Every entry is
 retrained by ``train.py`` with the same config and budget once per seed (``train.seed``: weight
 init and data order). A config without pretrained backbone weights (the demo) searches with the
@@ -77,6 +82,10 @@ BASELINES = ("fpn", "panet", "ssd")  # the default entries
 # the control a neck search whose decisions are mostly identity has to beat
 OPTIONAL_BASELINES = ("conv", "plain", "identity")
 RANDOM_PARTS = ("both", "head", "neck")
+# the pools of random architectures a searched entry is ranked against, and their names in the report
+RANDOM_KINDS = ("random", "budget_random")
+RANDOM_KIND_NAMES = {"random": "random architectures",
+                     "budget_random": "random architectures within the budget"}
 LAMBDA_PRESETS = ("small", "middle", "large")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ELAPSED_SAVE_PERIOD = 10.0  # seconds between saves of a running unit's elapsed time
@@ -95,7 +104,7 @@ class Entry:
     ``neck`` / ``head`` are train.py's ``--neck`` / ``--head``; ``genotype_path`` its
     ``--genotype`` (for a searched entry it exists once its search is done)."""
     name: str
-    kind: str  # baseline | random | searched
+    kind: str  # baseline | random | budget_random | searched
     neck: str
     head: str
     genotype_path: Optional[str] = None
@@ -129,7 +138,8 @@ class SearchVariant:
 
 def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: Sequence[SearchVariant],
                  random_seed: int, cfg: Dict[str, Any], random_parts: str = "both",
-                 random_convs: int = 0) -> List[Entry]:
+                 random_convs: int = 0, budget_random: int = 0,
+                 budget_of: Sequence[str] = ()) -> List[Entry]:
     """The study's entries (searched ones of every variant, in the order they were added);
     random genotypes (and the ``identity`` baseline's) are written to ``out/genotypes/``.
     ``random_parts``: "both" draws neck and head; "head" draws the head only (entries
@@ -137,7 +147,9 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
     neck; "neck" the neck only (entries ``random_neck_XX``, with the 2-MLP head), the baseline of
     a neck-only search; "neck" with ``random_convs`` K > 0 the dense identity neck with K random
     links made random convolutions (entries ``random_convK_XX``, with the 2-MLP head), the
-    control of a neck search decoded with "none" excluded."""
+    control of a neck search decoded with "none" excluded. ``budget_random`` N: N genotypes
+    (neck and head) within the neck + head FLOPs of the costliest genotype of ``budget_of``
+    (``budget_random_cost``; entries ``budget_random_XX``)."""
     from autofpn.models.genotype import dense_identity_neck
     from autofpn.search.random_sample import identity_necks_with_convs, random_genotypes
     entries = []
@@ -182,6 +194,14 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
         path = os.path.join(out, "genotypes", f"{genotype['name']}.json")
         _save_drawn(genotype, path)
         entries.append(Entry(genotype["name"], "random", neck, head, path))
+    if budget_random:
+        from autofpn.search.random_sample import random_genotypes_within
+        flops, budget = budget_random_cost(cfg, budget_of)
+        for genotype in random_genotypes_within(budget_random, flops, budget, random_seed, levels, layers,
+                                                model["head"]["cells"]):
+            path = os.path.join(out, "genotypes", f"{genotype['name']}.json")
+            _save_drawn(genotype, path)
+            entries.append(Entry(genotype["name"], "budget_random", "auto", "auto", path))
     for variant in variants:
         # a neck-only search (search.stage=neck) decodes no head: its detector keeps FPN's 2-MLP head;
         # a head-only search decodes no neck: its detector keeps the neck it was searched on
@@ -192,6 +212,41 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
             entries.append(Entry(variant.entry_name(preset), "searched", neck, head,
                                  os.path.join(variant.folder(out, preset), "geno.json"), variant, preset))
     return entries
+
+
+def budget_random_cost(cfg: Dict[str, Any], budget_of: Sequence[str]):
+    """(flops, budget): ``flops(genotype)``, the neck + head FLOPs of a decoded ``genotype`` read
+    from the tables of the search's resource penalty (``search_resource_cost``: the search's
+    largest input, the retrain's RoIs per image), and the budget, the largest of those of the
+    genotype files ``budget_of``."""
+    import copy
+
+    from autofpn.models.detector import build_detector
+    from autofpn.models.genotype import load_genotype
+    from autofpn.search.differentiable import search_resource_cost, search_transform
+    if not budget_of:
+        raise StudyError("--budget-random needs --budget-of: the genotype(s) whose neck + head FLOPs are the budget")
+    table_cfg = copy.deepcopy(cfg)
+    table_cfg["model"]["transform"] = search_transform(cfg)
+    table_cfg["model"]["backbone"]["weights"] = "none"  # shapes only
+    table_cfg["model"]["num_classes"] = table_cfg["model"]["num_classes"] or 2  # the predictor is not counted
+    supernet = build_detector(table_cfg, search=True)
+    tables = search_resource_cost(table_cfg, supernet.neck, supernet.roi_heads.box_head)
+
+    def flops(genotype: Dict[str, Any]) -> float:
+        cost = tables.decoded_cost(genotype)
+        return cost["neck"].flops + cost["head"].flops
+
+    budgets = []
+    for path in budget_of:
+        if not os.path.isfile(path):
+            raise StudyError(f"--budget-of {path}: no such genotype file (a search's geno.json exists once it ran)")
+        genotype = load_genotype(path)
+        if genotype.get("neck") is None or genotype.get("head") is None:
+            raise StudyError(f"--budget-of {path}: the budget is a neck + head genotype's, and this one has "
+                             f"no {'neck' if genotype.get('neck') is None else 'head'}")
+        budgets.append(flops(genotype))
+    return flops, max(budgets)
 
 
 def _save_drawn(genotype: Dict[str, Any], path: str) -> None:
@@ -602,14 +657,16 @@ def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
     random ones (by mean AP), from the numbers alone."""
     entries = {e["name"]: e for e in study["entries"]}
     fpn = entries.get("fpn")
-    randoms = [e for e in study["entries"] if e["kind"] == "random" and e["mean"].get("AP") is not None]
-    random_ap = sorted((e["mean"]["AP"] for e in randoms), reverse=True)
-    result: Dict[str, Any] = {"random_AP": {"count": len(random_ap)}, "searched": {}}
-    if random_ap:
-        mean, std = _mean_std(random_ap)
-        result["random_AP"].update(mean=mean, std=std, best=random_ap[0],
-                                   median=random_ap[len(random_ap) // 2] if len(random_ap) % 2 else
-                                   0.5 * (random_ap[len(random_ap) // 2 - 1] + random_ap[len(random_ap) // 2]))
+    pools = {kind: sorted((e["mean"]["AP"] for e in study["entries"]
+                           if e["kind"] == kind and e["mean"].get("AP") is not None), reverse=True)
+             for kind in RANDOM_KINDS}
+    result: Dict[str, Any] = {f"{kind}_AP": {"count": len(ap)} for kind, ap in pools.items()}
+    result["searched"] = {}
+    for kind, ap in pools.items():
+        if ap:
+            mean, std = _mean_std(ap)
+            result[f"{kind}_AP"].update(mean=mean, std=std, best=ap[0], median=ap[len(ap) // 2] if len(ap) % 2 else
+                                        0.5 * (ap[len(ap) // 2 - 1] + ap[len(ap) // 2]))
     for e in study["entries"]:
         if e["kind"] != "searched" or e["mean"].get("AP") is None:
             continue
@@ -627,10 +684,11 @@ def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
                 v["flops_vs_fpn"] = e["flops"] / fpn["flops"]
                 nh_flops = lambda x: x["flops_parts"]["neck"] + x["flops_parts"]["head"]  # noqa: E731
                 v["neck_head_flops_vs_fpn"] = nh_flops(e) / nh_flops(fpn)
-        if random_ap:
-            above = sum(1 for ap in random_ap if e["mean"]["AP"] > ap)
-            v["random_beaten"] = above
-            v["rank_among_random"] = len(random_ap) - above + 1  # 1 = better than every random one
+        for kind, ap in pools.items():
+            if ap:
+                above = sum(1 for x in ap if e["mean"]["AP"] > x)
+                v[f"{kind}_beaten"] = above
+                v[f"rank_among_{kind}"] = len(ap) - above + 1  # 1 = better than every one of them
         result["searched"][e["name"]] = v
     return result
 
@@ -685,10 +743,11 @@ def format_report(study: Dict[str, Any]) -> str:
             _fmt_time(e["mean"].get("train_seconds")), _fmt_time(e["search_seconds"])]) + " |")
     lines += ["", "## Verdict", ""]
     v = study["verdict"]
-    r = v["random_AP"]
-    if r["count"]:
-        lines.append(f"- Random architectures ({r['count']}): mean AP {_fmt_ms(r['mean'], r.get('std'))}, "
-                     f"median {r['median']:.2f}, best {r['best']:.2f}.")
+    for kind in RANDOM_KINDS:
+        r = v.get(f"{kind}_AP", {"count": 0})
+        if r["count"]:
+            lines.append(f"- {RANDOM_KIND_NAMES[kind].capitalize()} ({r['count']}): mean AP "
+                         f"{_fmt_ms(r['mean'], r.get('std'))}, median {r['median']:.2f}, best {r['best']:.2f}.")
     if not v["searched"]:
         lines.append("- No searched entry has finished runs yet.")
     for name, s in v["searched"].items():
@@ -704,9 +763,11 @@ def format_report(study: Dict[str, Any]) -> str:
             parts.append(f"neck + head params {100 * s['neck_head_params_vs_fpn']:.0f} % of FPN's, neck + head "
                          f"FLOPs {100 * s['neck_head_flops_vs_fpn']:.0f} % (whole detector "
                          f"{100 * s['flops_vs_fpn']:.0f} %);")
-        if "rank_among_random" in s:
-            parts.append(f"rank {s['rank_among_random']} of {r['count'] + 1} against the random architectures "
-                         f"(better than {s['random_beaten']} of {r['count']}).")
+        ranks = [f"rank {s[f'rank_among_{kind}']} of {v[f'{kind}_AP']['count'] + 1} against the "
+                 f"{RANDOM_KIND_NAMES[kind]} (better than {s[f'{kind}_beaten']} of {v[f'{kind}_AP']['count']})"
+                 for kind in RANDOM_KINDS if f"rank_among_{kind}" in s]
+        if ranks:
+            parts.append("; ".join(ranks) + ".")
         lines.append(" ".join(parts))
     variants = {e["name"]: e.get("search_opts") for e in study["entries"] if e["kind"] == "searched"}
     if any(variants.values()):
@@ -802,6 +863,12 @@ def parse_args(argv=None):
     p.add_argument("--random-convs", type=int, default=0, metavar="K",
                    help="with --random-parts neck: each random neck is the dense identity neck with K random "
                         "links made random convolutions (the control of a search decoded with argmax_nonnone)")
+    p.add_argument("--budget-random", type=int, default=0, metavar="N",
+                   help="random architectures (neck and head) within the neck + head FLOPs of --budget-of: "
+                        "the baseline of a search under its resource constraint")
+    p.add_argument("--budget-of", nargs="*", default=[], metavar="GENOTYPE",
+                   help="genotype files (e.g. the searches' geno.json): the budget is the costliest one's neck + "
+                        "head FLOPs in the search penalty's tables")
     p.add_argument("--lambdas", nargs="*", default=list(LAMBDA_PRESETS), choices=LAMBDA_PRESETS,
                    help="one search per resource-lambda preset (none: no searched entry)")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES + OPTIONAL_BASELINES,
@@ -819,8 +886,10 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep a finished unit's resume checkpoints (model_final.pth is always kept)")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.random < 0 or args.jobs < 1 or args.random_convs < 0:
-        p.error("--seeds and --jobs must be >= 1, --random and --random-convs >= 0")
+    if args.seeds < 1 or args.random < 0 or args.jobs < 1 or args.random_convs < 0 or args.budget_random < 0:
+        p.error("--seeds and --jobs must be >= 1, --random, --random-convs and --budget-random >= 0")
+    if args.budget_random and not args.budget_of:
+        p.error("--budget-random needs --budget-of: the genotype(s) whose neck + head FLOPs are the budget")
     if args.random_convs and args.random_parts != "neck":
         p.error("--random-convs draws necks only: add --random-parts neck")
     return args
@@ -843,7 +912,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   args.search_opts, args.lambdas, args.random_parts, args.random_convs)
     seeds = list(range(args.seeds))
     entries = plan_entries(args.out, args.baselines, args.random, variants, args.random_seed, cfg,
-                           args.random_parts, args.random_convs)
+                           args.random_parts, args.random_convs, args.budget_random,
+                           [os.path.abspath(path) for path in args.budget_of])
     units = make_units(args, entries, seeds, cfg)
     mine = shard_units(units, args.shard)
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's

@@ -19,9 +19,9 @@ from autofpn.config import ConfigError, load_config
 from autofpn.models.detector import build_detector
 from autofpn.models.genotype import validate_genotype
 from autofpn.search.random_sample import (NECK_CONV_OPS, identity_neck_with_convs, random_genotype,
-                                          random_genotypes)
-from autofpn.study import (SearchVariant, StudyError, check_study_config, format_report, make_units, plan_entries,
-                           shard_units, verdict)
+                                          random_genotype_within, random_genotypes)
+from autofpn.study import (SearchVariant, StudyError, budget_random_cost, check_study_config, format_report,
+                           make_units, plan_entries, shard_units, verdict)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -87,6 +87,90 @@ def test_random_genotypes_valid_reproducible_distinct():
     assert any(len(layer) < 16 for g in drawn for layer in g["neck"]["layers"])
     other = random_genotype(0, 0, levels=(3, 4, 5, 6, 7), layers=3, cells=1)
     assert other["neck"]["levels"] == [3, 4, 5, 6, 7] and len(other["neck"]["layers"]) == 3
+
+
+def test_random_genotypes_within_a_budget_are_uniform_over_it():
+    """On a space small enough to enumerate (one layer over levels 2 and 3: 4 links, no head) with
+    a toy cost (the number of convolutions, at most 1), the walk's draws follow the uniform
+    distribution over the valid genotypes within the budget: 9 without a convolution, 144 with
+    one (36 per link); a walk too short to leave its start would give the identity neck."""
+    import itertools
+    from autofpn.models.operations import NECK_OPS
+    convs = lambda g: sum(link["op"] not in ("none", "identity") for layer in g["neck"]["layers"]  # noqa: E731
+                          for link in layer)
+    links = [(s, t) for t in (2, 3) for s in (2, 3)]
+    states = [ops for ops in itertools.product(NECK_OPS, repeat=4)
+              if all(any(op != "none" for (s, t), op in zip(links, ops) if t == target) for target in (2, 3))
+              and sum(op not in ("none", "identity") for op in ops) <= 1]
+    assert len(states) == 153
+    draws = [random_genotype_within(0, i, convs, 1, levels=(2, 3), layers=1, cells=0) for i in range(1500)]
+    assert all(convs(g) <= 1 and g["head"] is None for g in draws)
+    counts = {}
+    for g in draws:
+        validate_genotype(g)
+        conv_link = [(link["from"], link["to"]) for link in g["neck"]["layers"][0]
+                     if link["op"] not in ("none", "identity")]
+        counts[tuple(conv_link)] = counts.get(tuple(conv_link), 0) + 1
+    for key, p in [((), 9 / 153)] + [(((s, t),), 36 / 153) for s, t in links]:
+        sd = (1500 * p * (1 - p)) ** 0.5
+        assert abs(counts.get(key, 0) - 1500 * p) < 5 * sd, (key, counts, 1500 * p)
+    assert random_genotype_within(0, 7, convs, 1, levels=(2, 3), layers=1, cells=0) == draws[7]  # (seed, index)
+    with pytest.raises(ValueError, match="below the cheapest"):
+        random_genotype_within(0, 0, lambda g: 1.0 + convs(g), 0.5, levels=(2, 3), layers=1, cells=0)
+
+
+def test_budget_random_entries_cost_no_more_than_the_budget(tmp_path):
+    """--budget-random N --budget-of G: neck + head genotypes within the FLOPs of G (the search
+    penalty's tables), reproducible, trained as full Auto-FPNs; a budget that is not a neck +
+    head genotype, or no such file, is one clear error."""
+    cfg = load_config(DEMO)
+    reference = tmp_path / "ref.json"  # a cheap genotype: the identity neck with a 3-edge head
+    cells = cfg["model"]["head"]["cells"]
+    reference.write_text(json.dumps({**random_genotype(0, 0, cells=cells), "neck": {
+        "levels": [2, 3, 4, 5], "layers": [[{"from": t, "to": t, "op": "identity"} for t in (2, 3, 4, 5)]] * 2},
+        "head": {"cells": [[{"node": n, "input": 0, "op": "sep_conv_3x3" if n < 5 else "identity"}
+                            for n in range(2, 6)]] * cells}}))
+    flops, budget = budget_random_cost(cfg, [str(reference)])
+    assert budget == flops(json.loads(reference.read_text()))
+    assert budget < min(flops(random_genotype(0, i, cells=cells)) for i in range(20))  # out of uniform reach
+    entries = plan_entries(str(tmp_path / "study"), ["fpn"], 1, [], 0, cfg, budget_random=3,
+                           budget_of=[str(reference)])
+    drawn = [e for e in entries if e.kind == "budget_random"]
+    assert [e.name for e in drawn] == ["budget_random_00", "budget_random_01", "budget_random_02"]
+    genotypes = [json.loads(Path(e.genotype_path).read_text()) for e in drawn]
+    for entry, genotype in zip(drawn, genotypes):
+        validate_genotype(genotype)
+        assert entry.train_args()[:4] == ["--neck", "auto", "--head", "auto"]
+        assert flops(genotype) <= budget and len(genotype["head"]["cells"]) == cells
+    assert len({json.dumps([g["neck"], g["head"]]) for g in genotypes}) == 3
+    again = plan_entries(str(tmp_path / "study"), [], 0, [], 0, cfg, budget_random=2, budget_of=[str(reference)])
+    assert [json.loads(Path(e.genotype_path).read_text()) for e in again] == genotypes[:2]
+    with pytest.raises(StudyError, match="no such genotype"):
+        plan_entries(str(tmp_path / "x"), [], 0, [], 0, cfg, budget_random=1, budget_of=[str(tmp_path / "no.json")])
+    with pytest.raises(StudyError, match="no head"):
+        plan_entries(str(tmp_path / "x"), [], 0, [], 0, cfg, budget_random=1,
+                     budget_of=[str(REPO / "configs/genotypes/fpn.json")])
+
+
+def test_verdict_ranks_the_searches_against_each_pool_of_random_architectures():
+    def entry(name, kind, ap):
+        return {"name": name, "kind": kind, "runs": [{"seed": 0, "metrics": {"AP": ap}}], "mean": {"AP": ap},
+                "std": {"AP": None}, "params": None, "flops": None, "flops_parts": None, "failed_seeds": [],
+                "search_seconds": None}
+    study = {"entries": [entry("random_00", "random", 20.0), entry("random_01", "random", 24.0),
+                         entry("budget_random_00", "budget_random", 15.0),
+                         entry("budget_random_01", "budget_random", 19.0),
+                         entry("budget_random_02", "budget_random", 22.0), entry("searched_middle", "searched", 21.0)]}
+    v = verdict(study)
+    assert v["random_AP"]["best"] == 24.0 and v["budget_random_AP"]["median"] == 19.0
+    s = v["searched"]["searched_middle"]
+    assert (s["rank_among_random"], s["random_beaten"]) == (2, 1)
+    assert (s["rank_among_budget_random"], s["budget_random_beaten"]) == (2, 2)
+    study.update(config="c.yaml", seeds=[0], jobs=1, threads_per_unit=1, machine="m", verdict=v)
+    report = format_report(study)
+    assert "- Random architectures within the budget (3): mean AP 18.67" in report
+    assert ("rank 2 of 3 against the random architectures (better than 1 of 2); rank 2 of 4 against the random "
+            "architectures within the budget (better than 2 of 3).") in report
 
 
 def test_random_genotype_builds_a_detector():

@@ -264,23 +264,23 @@ class ResourceCost:
             g = genotype["neck"]
             if g["levels"] != self.neck_levels or len(g["layers"]) != self.neck_table.shape[0]:
                 raise ValueError("genotype neck does not match the neck the cost tables were built from")
-            cost = self.neck_const
+            cost, table = self.neck_const, self.neck_table.tolist()  # lists: indexing a tensor per link is slow
             for k, links in enumerate(g["layers"]):
                 for l in links:
                     idx = self.neck_pairs.index((l["from"], l["to"]))
-                    cost = cost + Cost(*self.neck_table[k, idx, NECK_OPS.index(l["op"])].tolist())
+                    cost = cost + Cost(*table[k][idx][NECK_OPS.index(l["op"])])
             out["neck"] = cost
         if genotype.get("head") is not None and self.head_table is not None:
             cells = genotype["head"]["cells"]
             if len(cells) != self.head_table.shape[0]:
                 raise ValueError("genotype head does not match the head the cost tables were built from")
-            cost = self.head_const
+            cost, table = self.head_const, self.head_table.tolist()
             for m, edges in enumerate(cells):
                 used_inputs = {e["input"] for e in edges}
                 cost = cost + sum((self.head_pre[m][k] for k in (0, 1) if k in used_inputs), Cost())
                 for e in edges:
                     idx = EDGE_PAIRS.index((e["input"], e["node"]))
-                    cost = cost + Cost(*self.head_table[m, idx, HEAD_OPS.index(e["op"])].tolist())
+                    cost = cost + Cost(*table[m][idx][HEAD_OPS.index(e["op"])])
             out["head"] = cost
         return out
 

@@ -17,9 +17,20 @@ same whatever the number of architectures asked for.
 (``argmax_nonnone``), whose neck keeps every link and makes a few of them convolutions: the
 dense identity neck with K links, drawn uniformly without replacement, each given a convolution
 of ``NECK_OPS`` drawn uniformly. A search that chose its K convolutions well beats these.
+
+``random_genotype_within``: the baseline of a search under a resource constraint, uniform over
+the valid genotypes whose cost (e.g. neck + head FLOPs from the penalty's tables) is at most a
+budget. Uniform draws from the whole space almost never fall under a searched detector's cost
+(on the demo config none of 3000 came within 15 % above the searches' neck + head FLOPs), so
+rejection is hopeless; instead each draw is the end of its own random walk (Metropolis with a
+symmetric proposal: one link / edge, drawn uniformly, takes an op drawn uniformly; the move is
+kept when the genotype stays valid and within the budget). Its stationary distribution is
+uniform over the valid genotypes within the budget (every one of which reaches the cheapest
+genotype by cheapening one link at a time, so the walk can go everywhere), and the walk starts
+from that cheapest genotype and takes ``sweeps`` moves per link / edge.
 """
 import random
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from autofpn.models.genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
@@ -61,6 +72,63 @@ def random_genotype(seed: int, index: int, levels: Sequence[int] = (2, 3, 4, 5),
         "head": {"cells": [_head_cell(rng) for _ in range(cells)]},
     }
     return validate_genotype(genotype)
+
+
+def _as_genotype(neck_ops: Dict[Tuple[int, int, int], str], head_ops: Dict[Tuple[int, int, int], str],
+                 levels: Sequence[int], layers: int, cells: int, name: str, description: str) -> Dict[str, Any]:
+    """A genotype from one op per neck link (layer, source, target) and head edge (cell, node,
+    input), "none" left out; ``cells`` = 0: no head part."""
+    return {
+        "version": GENOTYPE_VERSION, "name": name, "description": description,
+        "neck": {"levels": list(levels),
+                 "layers": [[{"from": s, "to": t, "op": neck_ops[(k, s, t)]} for t in levels for s in levels
+                             if neck_ops[(k, s, t)] != "none"] for k in range(layers)]},
+        "head": None if cells == 0 else {
+            "cells": [[{"node": n, "input": i, "op": head_ops[(m, n, i)]}
+                       for n in range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)
+                       for i in range(n) if head_ops[(m, n, i)] != "none"] for m in range(cells)]},
+    }
+
+
+def random_genotype_within(seed: int, index: int, cost: Callable[[Dict[str, Any]], float], budget: float,
+                           levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2, cells: int = 2,
+                           sweeps: int = 50) -> Dict[str, Any]:
+    """The ``index``-th genotype of stream ``seed`` drawn uniformly from the valid genotypes with
+    ``cost(genotype) <= budget`` (the module docstring: a random walk of ``sweeps`` moves per
+    link / edge from the cheapest genotype). ``cost``: genotype -> float, e.g. neck + head FLOPs;
+    cheaper ops must cost no more (identity <= a convolution, "none" <= identity), which makes
+    the all-identity self-link neck with an identity head the cheapest genotype.
+
+    Raises ValueError when even that genotype costs more than ``budget``."""
+    levels = [int(level) for level in levels]
+    nodes = range(HEAD_INPUT_NODES, HEAD_INPUT_NODES + HEAD_INTERMEDIATE_NODES)
+    neck = {(k, s, t): "identity" if s == t else "none" for k in range(layers) for t in levels for s in levels}
+    head = {(m, n, i): "identity" if i == 0 else "none" for m in range(cells) for n in nodes for i in range(n)}
+    name, description = f"budget_random_{index:02d}", (
+        f"drawn uniformly from the genotypes of the search space costing at most {budget:.6g} "
+        f"(seed {seed}, index {index})")
+    cheapest = cost(_as_genotype(neck, head, levels, layers, cells, name, description))
+    if cheapest > budget:
+        raise ValueError(f"the budget {budget:.6g} is below the cheapest genotype of the space ({cheapest:.6g})")
+    positions = [(neck, key, NECK_OPS) for key in neck] + [(head, key, HEAD_OPS) for key in head]
+    rng = random.Random(f"autofpn-random-genotype-within-{seed}-{index}-{budget!r}")
+    for _ in range(sweeps * len(positions)):
+        ops, key, choices = rng.choice(positions)
+        old, new = ops[key], rng.choice(choices)
+        if new == old:
+            continue
+        ops[key] = new
+        if new == "none":  # the target level / node must keep an input
+            if ops is neck:
+                valid = any(neck[(key[0], s, key[2])] != "none" for s in levels)
+            else:
+                valid = any(head[(key[0], key[1], i)] != "none" for i in range(key[1]))
+            if not valid:
+                ops[key] = old
+                continue
+        if cost(_as_genotype(neck, head, levels, layers, cells, name, description)) > budget:
+            ops[key] = old
+    return validate_genotype(_as_genotype(neck, head, levels, layers, cells, name, description))
 
 
 def identity_neck_with_convs(seed: int, index: int, convs: int, levels: Sequence[int] = (2, 3, 4, 5),
@@ -111,3 +179,11 @@ def identity_necks_with_convs(count: int, convs: int, seed: int = 0, levels: Seq
     """``count`` distinct ``identity_neck_with_convs`` draws, named ``random_conv<convs>_NN``."""
     return _distinct(count, lambda index: identity_neck_with_convs(seed, index, convs, levels, layers),
                      f"random_conv{convs}_")
+
+
+def random_genotypes_within(count: int, cost: Callable[[Dict[str, Any]], float], budget: float, seed: int = 0,
+                            levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
+                            cells: int = 2) -> List[Dict[str, Any]]:
+    """``count`` distinct ``random_genotype_within`` draws, named ``budget_random_NN``."""
+    return _distinct(count, lambda index: random_genotype_within(seed, index, cost, budget, levels, layers, cells),
+                     "budget_random_")

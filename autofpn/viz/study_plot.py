@@ -37,16 +37,16 @@ def _save(fig, path: str) -> str:
 
 def plot_pareto(study: Dict[str, Any], path: str) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    searched, random_labelled = 0, False
+    searched, random_labelled = 0, set()
     for e in study["entries"]:
         ap, std = e["mean"].get("AP"), e["std"].get("AP")
         if ap is None or not e["params"]:
             continue
         x = (e["params"]["neck"] + e["params"]["head"]) / 1e6
-        if e["kind"] == "random":
-            style = dict(color="0.6", marker="o", markersize=6)
-            label = None if random_labelled else "random"
-            random_labelled = True
+        if e["kind"] in ("random", "budget_random"):
+            style = dict(color="0.6" if e["kind"] == "random" else "tab:cyan", marker="o", markersize=6)
+            label = None if e["kind"] in random_labelled else e["kind"].replace("_", " ")
+            random_labelled.add(e["kind"])
         elif e["kind"] == "baseline":
             style = dict(color="black", marker="s", markersize=7)
             label = None
@@ -68,7 +68,7 @@ def plot_pareto(study: Dict[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
-KIND_MARKERS = {"baseline": ("s", 7), "random": ("o", 6), "searched": ("*", 13)}
+KIND_MARKERS = {"baseline": ("s", 7), "random": ("o", 6), "budget_random": ("o", 6), "searched": ("*", 13)}
 
 
 def flops_points(studies: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
@@ -100,7 +100,7 @@ def plot_ap_against_flops(studies: List[Tuple[str, Dict[str, Any]]], path: str) 
         ax.errorbar([p["gflops"]], [p["ap"]], yerr=[p["std"]], capsize=3, linestyle="none", marker=marker,
                     markersize=size, color=colours[p["study"]], label=None if p["study"] in labelled else p["study"])
         labelled.add(p["study"])
-        if p["kind"] != "random":
+        if p["kind"] not in ("random", "budget_random"):
             ax.annotate(p["name"], (p["gflops"], p["ap"]), textcoords="offset points", xytext=(6, 3), fontsize=8)
     fpn = sorted((p["gflops"], p["ap"]) for p in points if p["kind"] == "baseline" and p["name"] == "fpn")
     if len(fpn) > 1:

@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-SEARCHED_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
+SEARCHED_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
 
 
 def _save(fig, path: str) -> str:

@@ -219,19 +219,11 @@ def budget_random_cost(cfg: Dict[str, Any], budget_of: Sequence[str]):
     from the tables of the search's resource penalty (``search_resource_cost``: the search's
     largest input, the retrain's RoIs per image), and the budget, the largest of those of the
     genotype files ``budget_of``."""
-    import copy
-
-    from autofpn.models.detector import build_detector
     from autofpn.models.genotype import load_genotype
-    from autofpn.search.differentiable import search_resource_cost, search_transform
+    from autofpn.search.differentiable import supernet_cost_tables
     if not budget_of:
         raise StudyError("--budget-random needs --budget-of: the genotype(s) whose neck + head FLOPs are the budget")
-    table_cfg = copy.deepcopy(cfg)
-    table_cfg["model"]["transform"] = search_transform(cfg)
-    table_cfg["model"]["backbone"]["weights"] = "none"  # shapes only
-    table_cfg["model"]["num_classes"] = table_cfg["model"]["num_classes"] or 2  # the predictor is not counted
-    supernet = build_detector(table_cfg, search=True)
-    tables = search_resource_cost(table_cfg, supernet.neck, supernet.roi_heads.box_head)
+    tables = supernet_cost_tables(cfg)
 
     def flops(genotype: Dict[str, Any]) -> float:
         cost = tables.decoded_cost(genotype)

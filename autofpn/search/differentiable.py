@@ -27,12 +27,13 @@ convolutions are trained but neither searched nor counted in the resource penalt
 (``model.detector: ssd``) likewise: the supernet over ``model.neck.levels`` of its levels inside
 ``SSDNeck``, whose fc6 / fc7 and extra layers are trained, not searched, not counted.
 """
+import copy
 import json
 import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +141,21 @@ def search_resource_cost(cfg: Dict[str, Any], neck: Optional[nn.Module], head: O
         neck = neck.base
     return ResourceCost(neck, head, search_image_size(cfg), num_rois=cfg["model"]["roi"]["batch_size_per_image"],
                         size_divisible=cfg["model"]["transform"]["size_divisible"])
+
+
+def supernet_cost_tables(cfg: Dict[str, Any], parts: Sequence[str] = ("neck", "head")):
+    """``search_resource_cost`` of the supernet ``cfg``'s search builds, for the searched
+    ``parts`` ("neck" and/or "head"): the supernet is built at the search's input sizes without
+    backbone weights (shapes only); a config whose class count is filled in from its data later
+    gets a placeholder one (the box predictor is not counted)."""
+    from autofpn.models.detector import build_detector
+    table_cfg = copy.deepcopy(cfg)
+    table_cfg["model"]["transform"] = search_transform(cfg)
+    table_cfg["model"]["backbone"]["weights"] = "none"
+    table_cfg["model"]["num_classes"] = table_cfg["model"]["num_classes"] or 2
+    supernet = build_detector(table_cfg, search=True)
+    return search_resource_cost(table_cfg, supernet.neck if "neck" in parts else None,
+                                supernet.roi_heads.box_head if "head" in parts else None)
 
 
 def searched_neck(model: nn.Module) -> nn.Module:
@@ -469,7 +485,6 @@ def stage_config(cfg: Dict[str, Any], stage: str, neck_genotype: Optional[Dict[s
     """The config a stage builds its detector from: the search's input sizes; the neck stage keeps
     the standard 2-MLP head; the head stage uses the searched neck (or FPN when
     ``head_with_searched_neck`` is off) and a head supernet ``search.head_channels`` wide."""
-    import copy
     cfg = copy.deepcopy(cfg)
     cfg["model"]["transform"] = search_transform(cfg)
     cfg["model"]["head"]["type"] = "mlp"
@@ -606,7 +621,6 @@ def search_ensemble_stage(cfg: Dict[str, Any], stage: str, neck_part: Optional[D
     initialisation disagree between seeds and average out, those the members share stay
     (docs/STUDY.md, section 1). A member that finished earlier is read back, not searched again.
     Returns the stage and its report (members, their agreement, decisiveness of the mean)."""
-    import copy
     from autofpn.search.agreement import movement_agreement, trajectory_movement
     from autofpn.search.decode import decisiveness, decode_weights
     base, count = search_seed(cfg), int(cfg["search"]["ensemble"])

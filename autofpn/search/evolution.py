@@ -54,8 +54,8 @@ from autofpn.engine import distributed as du
 from autofpn.engine.checkpoint import atomic_write_json
 from autofpn.models.genotype import GENOTYPE_VERSION, HEAD_INPUT_NODES, HEAD_INTERMEDIATE_NODES, validate_genotype
 from autofpn.models.operations import HEAD_OPS, NECK_OPS
-from autofpn.search.differentiable import (SearchResult, resource_lambda, search_halves, search_resource_cost,
-                                           search_seed, search_transform, stages_to_run)
+from autofpn.search.differentiable import (SearchResult, resource_lambda, search_halves, search_seed,
+                                           search_transform, stages_to_run, supernet_cost_tables)
 
 PARTS = ("neck", "head")
 
@@ -376,15 +376,9 @@ def check_manifest(out_dir: str, manifest: Dict[str, Any], is_main: bool) -> Non
 def candidate_job(cfg: Dict[str, Any], ctx: du.DistContext, dataset=None) -> Candidate:
     """What scoring any candidate of ``cfg``'s evolution needs (the halves, the searched parts'
     cost tables as the gradient search builds them, lambda); the same in a worker subprocess."""
-    from autofpn.models.detector import build_detector
     parts = searched_parts(cfg)
     half_a, half_b = search_halves(cfg, dataset)  # fills model.num_classes in
-    table_cfg = copy.deepcopy(cfg)
-    table_cfg["model"]["transform"] = search_transform(cfg)
-    table_cfg["model"]["backbone"]["weights"] = "none"  # shapes only
-    supernet = build_detector(table_cfg, search=True)
-    cost = search_resource_cost(table_cfg, supernet.neck if "neck" in parts else None,
-                                supernet.roi_heads.box_head if "head" in parts else None)
+    cost = supernet_cost_tables(cfg, parts)
     return Candidate(cfg, evolution_settings(cfg), half_a, unaugmented(half_b), cost,
                      resource_lambda(cfg["search"]), ctx)
 

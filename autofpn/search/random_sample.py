@@ -95,9 +95,10 @@ def random_genotype_within(seed: int, index: int, cost: Callable[[Dict[str, Any]
                            sweeps: int = 50) -> Dict[str, Any]:
     """The ``index``-th genotype of stream ``seed`` drawn uniformly from the valid genotypes with
     ``cost(genotype) <= budget`` (the module docstring: a random walk of ``sweeps`` moves per
-    link / edge from the cheapest genotype). ``cost``: genotype -> float, e.g. neck + head FLOPs;
-    cheaper ops must cost no more (identity <= a convolution, "none" <= identity), which makes
-    the all-identity self-link neck with an identity head the cheapest genotype.
+    link / edge). ``cost``: genotype -> float, e.g. neck + head FLOPs, where "none" costs no more
+    than identity and identity no more than a convolution; the walk starts from identity
+    self-links in the neck (each level fed by itself) and identity edges from the head's first
+    input, the cheapest genotype under such a cost.
 
     Raises ValueError when even that genotype costs more than ``budget``."""
     levels = [int(level) for level in levels]

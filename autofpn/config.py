@@ -266,6 +266,11 @@ DEFAULTS: Dict[str, Any] = {
         "max_size": None,
         "output_dir": "out/search",
         "decode_rule": "argmax",  # the paper's; the others in autofpn/search/decode.py
+        # what the decode rule reads: the softmax weights ("weights", the paper) or each op's
+        # importance, the rise of the supernet's loss on search.selection_batches batches of half B
+        # when that op is removed ("perturbation", DARTS-PT; autofpn/search/perturbation.py)
+        "selection": "weights",
+        "selection_batches": 8,
         "max_iters": 0,
         # search.strategy: evolution (regularized / aging evolution, Real et al. 2019; the paper's
         # Table 8 "evolutionary algorithm with early stopping"): each candidate is trained alone
@@ -332,6 +337,7 @@ CHOICES: Dict[str, tuple] = {
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas", "sampled_weights"),
     "search.amp": ("none", "bfloat16", "float16"),
+    "search.selection": ("weights", "perturbation"),
     "data.bad_images": ("stop", "skip"),
     "search.decode_rule": ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity",
                            "argmax_head_dropidentity"),
@@ -378,6 +384,10 @@ def check_value(dotted: str, value: Any, default: Any) -> Optional[str]:
         if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
             return None
         return "expected an integer >= 2 (the classes + background), or null to take it from the data"
+    if dotted == "search.selection_batches":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return None
+        return "expected an integer >= 1 (batches of half B the op importances are measured on)"
     if dotted == "search.ensemble":
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return None

@@ -69,6 +69,7 @@ class Architecture(nn.Module):
         self.alpha = nn.Parameter(1e-3 * torch.randn(*neck_shape)) if neck_shape is not None else None
         self.beta = nn.Parameter(1e-3 * torch.randn(*head_shape)) if head_shape is not None else None
         self._sampling: Optional[Tuple[float, int, bool]] = None  # (tau, seed, hard) inside ``sampled``
+        self._override: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None  # inside ``overridden``
 
     def neck_weights(self) -> Optional[Tensor]:
         """softmax(alpha) over the op dimension (last), or None when the neck is not searched."""
@@ -91,10 +92,24 @@ class Architecture(nn.Module):
         finally:
             self._sampling = None
 
+    @contextmanager
+    def overridden(self, neck: Optional[Tensor], head: Optional[Tensor]) -> Iterator[None]:
+        """Forwards inside multiply the ops by these weights (shaped like ``neck_weights()`` /
+        ``head_weights()``; None where a part is not searched) instead of the softmax: e.g. the
+        softmax with one op of one link zeroed, to measure what that op adds
+        (``autofpn.search.perturbation``)."""
+        self._override = (neck, head)
+        try:
+            yield
+        finally:
+            self._override = None
+
     def forward_weights(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(neck, head) weights the supernet multiplies its ops by: the softmax, or inside
         ``sampled`` a Gumbel-softmax sample of each link/edge (alpha's noise drawn first, then
-        beta's, from one generator)."""
+        beta's, from one generator), or inside ``overridden`` the given weights."""
+        if self._override is not None:
+            return self._override
         if self._sampling is None:
             return self.neck_weights(), self.head_weights()
         tau, seed, hard = self._sampling

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from autofpn.engine import distributed as du
-from autofpn.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from autofpn.engine.checkpoint import (CheckpointManager, atomic_write_json, capture_rng_state, load_checkpoint,
+                                      restore_rng_state)
 from autofpn.engine.logging import MetricsLog, Progress, RunClock, TensorBoard, read_metrics
 from autofpn.engine.trainer import (check_finite_losses, inject_nan_for_test,
                                     move_to_device, parse_nan_hook, seed_everything, set_loader_position)
@@ -456,10 +457,41 @@ class Searcher:
         return self.decode()
 
     def decode(self) -> Dict[str, Any]:
-        from autofpn.search.decode import decode
+        """This stage's genotype: ``search.decode_rule`` applied to the softmax weights
+        (``search.selection: weights``, the paper) or to the ops' importances measured by removing
+        each from the trained supernet (``perturbation``: ``autofpn.search.perturbation``)."""
+        from autofpn.search.decode import decode, decode_weights
         neck = searched_neck(self.model) if self.stage == "neck" else None
         head = self.model.roi_heads.box_head if self.stage == "head" else None
-        return decode(self.model.arch, neck, head, rule=self.search_cfg["decode_rule"])
+        rule = self.search_cfg["decode_rule"]
+        if self.search_cfg["selection"] == "weights":
+            return decode(self.model.arch, neck, head, rule=rule)
+        scores = self.op_importance()
+        return decode_weights(scores if neck is not None else None, scores if head is not None else None,
+                              neck.levels if neck is not None else (2, 3, 4, 5), rule)
+
+    def op_importance(self) -> Tensor:
+        """``Tensor[layers or cells, rows, ops]``: how much the detection loss on the first
+        ``search.selection_batches`` batches of half B rises when each op is removed from the
+        trained supernet; written to ``op_importance.json`` and read back by a rerun at the same
+        iteration (a stage killed after its last step does not measure again)."""
+        from autofpn.search.perturbation import fixed_batches, importance_record, op_importance
+        path = os.path.join(self.out_dir, "op_importance.json")
+        count = int(self.search_cfg["selection_batches"])
+        if os.path.isfile(path):
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("iter") == self.iter and record.get("batches") == count:
+                return torch.tensor(record["importance"], dtype=torch.float32)
+        batches = fixed_batches(self.loader_b, count, self.ctx.device)
+        self.set_train_mode()
+        scores = op_importance(self.model, self.stage, batches, seed=search_seed(self.cfg),
+                               progress=self.ctx.is_main)
+        if self.ctx.is_main:
+            ops = NECK_OPS if self.stage == "neck" else HEAD_OPS
+            atomic_write_json(importance_record(scores, ops, self.iter, len(batches)), path)
+        du.barrier()
+        return scores
 
 
 # ----------------------------------------------------------------------------------- stages

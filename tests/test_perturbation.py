@@ -19,6 +19,7 @@ from autofpn.models.genotype import load_genotype  # noqa: E402
 from autofpn.models.operations import HEAD_OPS, NECK_OPS  # noqa: E402
 from autofpn.search import perturbation  # noqa: E402
 from autofpn.search.decode import decode_weights  # noqa: E402
+from autofpn.search.differentiable import final_weights  # noqa: E402
 from autofpn.search.perturbation import _mean_loss, fixed_batches, op_importance  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -81,23 +82,32 @@ def test_importance_leaves_the_global_rng_where_it_was(tmp_path, synthetic_root)
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_the_decode_rules_read_importances_like_weights():
+def test_the_decode_keeps_the_rules_links_and_picks_their_ops_by_importance():
     levels = [2, 3, 4, 5]
-    neck = torch.zeros(1, 16, len(NECK_OPS))
-    neck[0, :, 1] = 0.5  # identity matters on every link ...
-    neck[0, 5, 6] = 0.9  # ... sep_conv_3x3 more on link 5 (P3 -> P3)
-    neck[0, 7, 1:] = -0.1  # removing any op of link 7 (P5 -> P3) helps: argmax drops it
-    geno = decode_weights(neck, None, levels, "argmax")
-    ops = {(e["from"], e["to"]): e["op"] for e in geno["neck"]["layers"][0]}
-    assert ops[(3, 3)] == "sep_conv_3x3" and ops[(2, 2)] == "identity" and (5, 3) not in ops
-    assert len(ops) == 15
-    # the head rules that leave identity out take the next op even when every importance is negative
-    head = torch.full((1, 14, len(HEAD_OPS)), -2.0)
-    head[..., 0] = 0.0
-    head[..., 1] = 1.0  # identity would win every edge
-    head[..., 6] = -1.5  # conv_3x3 is the least harmful convolution
-    geno = decode_weights(None, head, levels, "argmax_head_noidentity")
-    assert {e["op"] for e in geno["head"]["cells"][0]} == {"conv_3x3"}  # the fallback keeps an input per node
+    weights = torch.full((1, 16, len(NECK_OPS)), 0.1)
+    weights[0, :, 1] = 0.3  # identity wins every link by weight ...
+    weights[0, 7, 0] = 0.5  # ... but "none" link 7 (P5 -> P3): argmax drops it
+    scores = torch.zeros(1, 16, len(NECK_OPS))
+    scores[0, :, 1:] = -0.2  # removing any op lowers the loss (the common shift) ...
+    scores[0, 5, 6] = -0.1  # ... least for sep_conv_3x3 on link 5 (P3 -> P3)
+    scores[0, 9, 1] = -0.15  # and for identity on link 9 (P3 -> P4)
+    by_weights = decode_weights(weights, None, levels, "argmax")
+    by_scores = decode_weights(weights, None, levels, "argmax", neck_scores=scores)
+    ops = {(e["from"], e["to"]): e["op"] for e in by_scores["neck"]["layers"][0]}
+    kept = lambda g: {(e["from"], e["to"]) for e in g["neck"]["layers"][0]}  # noqa: E731
+    assert kept(by_scores) == kept(by_weights) and (5, 3) not in ops and len(ops) == 15  # "none" never picked
+    assert ops[(3, 3)] == "sep_conv_3x3" and ops[(3, 4)] == "identity"
+    assert ops[(2, 2)] == "identity"  # a tie: the first of the allowed ops
+    # the head rules that leave identity out leave it out of the scored choice too
+    head_w = torch.full((1, 14, len(HEAD_OPS)), 0.1)
+    head_w[..., 2] = 0.3  # sep_conv_3x3 wins every edge by weight
+    head_s = torch.full((1, 14, len(HEAD_OPS)), -2.0)
+    head_s[..., 1] = 1.0  # identity would win every edge by importance
+    head_s[..., 6] = -1.5  # conv_3x3 is the most important convolution
+    geno = decode_weights(None, head_w, levels, "argmax_head_noidentity", head_scores=head_s)
+    assert [e["op"] for e in geno["head"]["cells"][0]] == ["conv_3x3"] * 14
+    with pytest.raises(ValueError, match="scores of shape"):
+        decode_weights(None, head_w, levels, "argmax", head_scores=head_s[:, :3])
 
 
 def test_a_search_with_perturbation_selection_decodes_its_importances_and_reads_them_back(tmp_path, synthetic_root,
@@ -112,9 +122,9 @@ def test_a_search_with_perturbation_selection_decodes_its_importances_and_reads_
         record = json.load(open(os.path.join(out, stage, "op_importance.json")))
         assert record["iter"] == 2 and record["batches"] == 1
         assert record["ops"] == list(NECK_OPS if stage == "neck" else HEAD_OPS)
-        scores = torch.tensor(record["importance"])
-        decoded = decode_weights(scores if stage == "neck" else None, scores if stage == "head" else None,
-                                 [2, 3, 4, 5], rule)
+        scores, weights = torch.tensor(record["importance"]), final_weights(os.path.join(out, stage), stage)
+        decoded = (decode_weights(weights, None, [2, 3, 4, 5], rule, neck_scores=scores) if stage == "neck"
+                   else decode_weights(None, weights, rule=rule, head_scores=scores))
         assert load_genotype(os.path.join(out, stage, "genotype.json"))[stage] == decoded[stage]
     # a stage killed after its last step and run again reads its importances back, measuring nothing
     neck_geno = load_genotype(os.path.join(out, "neck", "genotype.json"))

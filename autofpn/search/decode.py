@@ -1,6 +1,8 @@
 """Decode architecture weights into a genotype, and a command line to do it from a checkpoint.
 
-Rules (the op of a link/edge is always chosen by argmax of its softmax weights):
+Rules (the op of a link/edge is chosen by argmax of its softmax weights, or with
+``search.selection: perturbation`` by its importance among the ops the rule may pick; which
+links/edges are kept is always the rule's on the softmax weights):
 
 - ``"argmax"`` (the paper: "argmax per link/edge"): argmax over all ops, "none" included. A
   link/edge whose argmax is "none" is dropped, so the decoded neck keeps only the links the
@@ -41,13 +43,22 @@ HEAD_IDENTITY_RULES = ("argmax_head_noidentity", "argmax_head_dropidentity")
 
 
 def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str],
-            rule: str) -> List[Tuple[Tuple[int, int], str]]:
+            rule: str, scores: Optional[Tensor] = None) -> List[Tuple[Tuple[int, int], str]]:
     """weights: Tensor[len(pairs), len(ops)] (softmaxed) of one layer / cell; pairs (src, dst).
-    Returns the kept [((src, dst), op), ...] in ``pairs`` order."""
+    ``scores`` (same shape, e.g. the ops' importances of ``search.selection: perturbation``):
+    the op of each kept link/edge is its best-scored op among those the rule may pick ("none"
+    never; identity not under the head-identity rules), the kept links/edges still the rule's on
+    ``weights``. Returns the kept [((src, dst), op), ...] in ``pairs`` order."""
     assert ops[0] == "none"
+    identity = ops.index("identity")
+    if scores is not None:
+        allowed = scores.detach().float().cpu().clone()
+        allowed[:, 0] = float("-inf")
+        if rule in HEAD_IDENTITY_RULES:
+            allowed[:, identity] = float("-inf")
+        scored_k = allowed.argmax(dim=1)
     if rule in HEAD_IDENTITY_RULES:  # the head's rules (the neck is decoded with "argmax")
         weights = weights.clone()
-        identity = ops.index("identity")
         if rule == "argmax_head_dropidentity":  # "none" wins wherever identity or "none" did
             weights[:, 0] = torch.maximum(weights[:, 0], weights[:, identity])
         weights[:, identity] = float("-inf")  # below any weight or importance: never chosen
@@ -62,6 +73,8 @@ def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str
         keep = set()
     else:
         raise ValueError(f"unknown decode rule '{rule}'; valid: {', '.join(DECODE_RULES)}")
+    if scores is not None:
+        best_k = scored_k
     for dst in sorted({d for _, d in pairs}):
         incoming = [i for i, (_, d) in enumerate(pairs) if d == dst]
         ranked = sorted(incoming, key=lambda i: -best_w[i].item())
@@ -73,9 +86,16 @@ def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str
 
 
 def decode_weights(neck_weights: Optional[Tensor], head_weights: Optional[Tensor],
-                   levels: Sequence[int] = (2, 3, 4, 5), rule: str = "argmax") -> Dict[str, Any]:
+                   levels: Sequence[int] = (2, 3, 4, 5), rule: str = "argmax",
+                   neck_scores: Optional[Tensor] = None, head_scores: Optional[Tensor] = None) -> Dict[str, Any]:
     """neck_weights: Tensor[layers, len(levels)**2, len(NECK_OPS)] or None; head_weights:
-    Tensor[cells, 14, len(HEAD_OPS)] or None (both softmaxed). Returns a validated genotype."""
+    Tensor[cells, 14, len(HEAD_OPS)] or None (both softmaxed). ``neck_scores`` / ``head_scores``
+    (shaped like the weights, or None): the ops of the kept links/edges by these instead (see
+    ``_choose``). Returns a validated genotype."""
+    for name, scores, weights in (("neck", neck_scores, neck_weights), ("head", head_scores, head_weights)):
+        if scores is not None and (weights is None or tuple(scores.shape) != tuple(weights.shape)):
+            raise ValueError(f"{name} scores of shape {tuple(scores.shape)} do not match its weights "
+                             f"{None if weights is None else tuple(weights.shape)}")
     genotype: Dict[str, Any] = {"version": GENOTYPE_VERSION, "decode_rule": rule,
                                 "neck": None, "head": None}
     if neck_weights is not None:
@@ -86,15 +106,17 @@ def decode_weights(neck_weights: Optional[Tensor], head_weights: Optional[Tensor
                              f"{levels} (expected [layers, {len(pairs)}, {len(NECK_OPS)}])")
         genotype["neck"] = {"levels": levels, "layers": [
             [{"from": s, "to": t, "op": op}
-             for (s, t), op in _choose(w, pairs, NECK_OPS, "argmax" if rule in HEAD_IDENTITY_RULES else rule)]
-            for w in neck_weights.detach().float().cpu()]}
+             for (s, t), op in _choose(w, pairs, NECK_OPS, "argmax" if rule in HEAD_IDENTITY_RULES else rule,
+                                       None if neck_scores is None else neck_scores[g])]
+            for g, w in enumerate(neck_weights.detach().float().cpu())]}
     if head_weights is not None:
         if tuple(head_weights.shape[1:]) != (len(EDGE_PAIRS), len(HEAD_OPS)):
             raise ValueError(f"head weights of shape {tuple(head_weights.shape)}, expected "
                              f"[cells, {len(EDGE_PAIRS)}, {len(HEAD_OPS)}]")
         genotype["head"] = {"cells": [
-            [{"node": n, "input": k, "op": op} for (k, n), op in _choose(w, EDGE_PAIRS, HEAD_OPS, rule)]
-            for w in head_weights.detach().float().cpu()]}
+            [{"node": n, "input": k, "op": op}
+             for (k, n), op in _choose(w, EDGE_PAIRS, HEAD_OPS, rule, None if head_scores is None else head_scores[c])]
+            for c, w in enumerate(head_weights.detach().float().cpu())]}
     return validate_genotype(genotype)
 
 

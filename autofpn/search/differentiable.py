@@ -457,18 +457,19 @@ class Searcher:
         return self.decode()
 
     def decode(self) -> Dict[str, Any]:
-        """This stage's genotype: ``search.decode_rule`` applied to the softmax weights
-        (``search.selection: weights``, the paper) or to the ops' importances measured by removing
-        each from the trained supernet (``perturbation``: ``autofpn.search.perturbation``)."""
+        """This stage's genotype: ``search.decode_rule`` applied to the softmax weights; with
+        ``search.selection: perturbation`` the op of each kept link/edge is then the one whose
+        removal from the trained supernet raises the loss most (``autofpn.search.perturbation``)."""
         from autofpn.search.decode import decode, decode_weights
         neck = searched_neck(self.model) if self.stage == "neck" else None
         head = self.model.roi_heads.box_head if self.stage == "head" else None
         rule = self.search_cfg["decode_rule"]
         if self.search_cfg["selection"] == "weights":
             return decode(self.model.arch, neck, head, rule=rule)
-        scores = self.op_importance()
-        return decode_weights(scores if neck is not None else None, scores if head is not None else None,
-                              neck.levels if neck is not None else (2, 3, 4, 5), rule)
+        weights, scores = self.stage_weights(), self.op_importance()
+        if neck is not None:
+            return decode_weights(weights, None, neck.levels, rule, neck_scores=scores)
+        return decode_weights(None, weights, rule=rule, head_scores=scores)
 
     def op_importance(self) -> Tensor:
         """``Tensor[layers or cells, rows, ops]``: how much the detection loss on the first

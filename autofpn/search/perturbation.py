@@ -13,9 +13,12 @@ same RoI samples (the torch RNG reseeded before each forward), so the difference
 No fine-tuning between decisions (DARTS-PT's tuning epochs): one pass over all ops.
 
 ``importance[g, r, o] = loss(supernet with op o of row r of group g weighted 0) - loss(supernet)``,
-0 for "none" (it outputs zeros: removing it changes nothing). The decode rules read it in place
-of the softmax weights: "argmax" keeps a link whose best op's removal hurts (importance > 0)
-and drops it when removing any op helps.
+0 for "none" (it outputs zeros: removing it changes nothing). The decode picks the op of each
+kept link / edge by it, among the ops its rule allows, and keeps the rule's links / edges on the
+softmax weights (``decode._choose``): removing any op also shrinks the link's output by its
+weight, a shift common to all ops of the link that on the demo's searches lowered the loss for
+most ops of most links, so the sign of an importance says little about whether to keep a link,
+while the differences between the ops of one link cancel that shift.
 """
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Sequence, Tuple

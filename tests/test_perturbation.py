@@ -143,3 +143,42 @@ def test_selection_settings_are_checked(synthetic_root, tmp_path):
         load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **{"search.selection": "gradient"}))
     with pytest.raises(ConfigError, match="search.selection_batches"):
         load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **{"search.selection_batches": 0}))
+
+
+def test_within_cost_buys_the_most_important_ops_the_budget_allows():
+    from autofpn.search.perturbation import within_cost
+    # two rows of three ops: a cheap one (cost 1) and two dear ones (cost 3 and 5)
+    costs = torch.tensor([[[1.0, 3.0, 5.0], [1.0, 3.0, 5.0]]])
+    importance = torch.tensor([[[0.0, 0.2, 0.25], [0.0, 0.5, 0.52]]])
+
+    def cost_of(scores):
+        return float(costs.gather(-1, scores.argmax(-1, keepdim=True)).sum())
+
+    assert within_cost(importance, costs, cost_of, 10.0) == (importance, 0.0)  # the best ops fit: no price
+    scores, price = within_cost(importance, costs, cost_of, 4.0)  # one dear op: row 1's, the larger gain
+    assert scores.argmax(-1).tolist() == [[0, 1]] and cost_of(scores) == 4.0
+    assert cost_of(importance - 0.99 * price * costs) > 4.0  # the smallest price that fits
+    scores, _ = within_cost(importance, costs, cost_of, 2.0)  # only the cheap ops
+    assert scores.argmax(-1).tolist() == [[0, 0]]
+
+
+def test_a_search_within_cost_keeps_the_weights_decodes_cost(tmp_path, synthetic_root):
+    out = str(tmp_path / "search")
+    opts = tiny_opts(synthetic_root, out, **{"search.max_iters": 2, "search.selection": "perturbation_within_cost",
+                                             "search.selection_batches": 1, "model.neck.channels": 4,
+                                             "model.neck.layers": 1, "model.head.channels": 4,
+                                             "search.stage": "neck"})
+    assert search_script.main(["--cfg", DEMO, "--opts", *opts]) == 0
+    cfg = load_config(DEMO, opts)
+    searcher, _, _ = _searcher(cfg, "neck", str(tmp_path))
+    weights = final_weights(os.path.join(out, "neck"), "neck")
+    scores = torch.tensor(json.load(open(os.path.join(out, "neck", "op_importance.json")))["importance"])
+    rule = cfg["search"]["decode_rule"]
+    found = load_genotype(os.path.join(out, "neck", "genotype.json"))
+    by_weights = decode_weights(weights, None, [2, 3, 4, 5], rule)
+    by_importance = decode_weights(weights, None, [2, 3, 4, 5], rule, neck_scores=scores)
+    cost = searcher.cost.normalized_cost
+    assert cost(found) <= cost(by_weights) + 1e-9
+    assert cost(by_importance) > cost(by_weights)  # unconstrained, the importances pick dearer ops here
+    kept = lambda g: [(e["from"], e["to"]) for e in g["neck"]["layers"][0]]  # noqa: E731
+    assert kept(found) == kept(by_weights)

@@ -268,9 +268,7 @@ DEFAULTS: Dict[str, Any] = {
         "decode_rule": "argmax",  # the paper's; the others in autofpn/search/decode.py
         # what the decode rule reads: the softmax weights ("weights", the paper) or each op's
         # importance, the rise of the supernet's loss on search.selection_batches batches of half B
-        # when that op is removed ("perturbation", DARTS-PT; autofpn/search/perturbation.py), or
-        # the most important ops that cost no more than the weights' own decode
-        # ("perturbation_within_cost": the search's resource constraint kept)
+        # when that op is removed ("perturbation", DARTS-PT; autofpn/search/perturbation.py)
         "selection": "weights",
         "selection_batches": 8,
         "max_iters": 0,
@@ -339,7 +337,7 @@ CHOICES: Dict[str, tuple] = {
     "search.stage": ("neck", "head", "both"),
     "search.mode": ("full", "gdas", "sampled_weights"),
     "search.amp": ("none", "bfloat16", "float16"),
-    "search.selection": ("weights", "perturbation", "perturbation_within_cost"),
+    "search.selection": ("weights", "perturbation"),
     "data.bad_images": ("stop", "skip"),
     "search.decode_rule": ("argmax", "argmax_nonnone", "top2", "argmax_head_noidentity",
                            "argmax_head_dropidentity"),

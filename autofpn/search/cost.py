@@ -183,24 +183,12 @@ class ResourceCost:
             if table is None or tuple(w.shape) != tuple(table.shape[:-1]):
                 raise ValueError(f"weights of shape {tuple(w.shape)} do not match the cost table "
                                  f"{None if table is None else tuple(table.shape[:-1])}")
-            c = (w * self._per_op(table, norm).to(w)).sum()
+            per_op = (table / norm.clamp(min=1e-12)).sum(-1).to(w)  # Tensor[..., ops]
+            c = (w * per_op).sum()
             total = c if total is None else total + c
         if total is None:
             raise ValueError("expected_cost needs neck and/or head weights")
         return total
-
-    @staticmethod
-    def _per_op(table: Tensor, norm: Tensor) -> Tensor:
-        return (table / norm.clamp(min=1e-12)).sum(-1)  # Tensor[..., ops]
-
-    def op_costs(self, part: str) -> Tensor:
-        """The penalty's cost of each op of each link / edge of ``part`` ("neck" or "head"):
-        ``Tensor[layers or cells, rows, ops]`` (float64), each metric normalised as in
-        ``expected_cost``, which is the sum of the weights times these."""
-        table, norm = (self.neck_table, self.neck_norm) if part == "neck" else (self.head_table, self.head_norm)
-        if table is None:
-            raise ValueError(f"no cost table for the {part}")
-        return self._per_op(table, norm)
 
     def expected_raw(self, neck_weights: Optional[Tensor] = None,
                      head_weights: Optional[Tensor] = None) -> Dict[str, Cost]:

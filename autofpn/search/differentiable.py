@@ -459,9 +459,7 @@ class Searcher:
     def decode(self) -> Dict[str, Any]:
         """This stage's genotype: ``search.decode_rule`` applied to the softmax weights; with
         ``search.selection: perturbation`` the op of each kept link/edge is then the one whose
-        removal from the trained supernet raises the loss most (``autofpn.search.perturbation``);
-        ``perturbation_within_cost``: the most important ops whose penalty cost stays within the
-        weights' own decode's (``perturbation.within_cost``)."""
+        removal from the trained supernet raises the loss most (``autofpn.search.perturbation``)."""
         from autofpn.search.decode import decode, decode_weights
         neck = searched_neck(self.model) if self.stage == "neck" else None
         head = self.model.roi_heads.box_head if self.stage == "head" else None
@@ -469,22 +467,9 @@ class Searcher:
         if self.search_cfg["selection"] == "weights":
             return decode(self.model.arch, neck, head, rule=rule)
         weights, scores = self.stage_weights(), self.op_importance()
-
-        def decode_by(scores: Optional[Tensor]) -> Dict[str, Any]:
-            if neck is not None:
-                return decode_weights(weights, None, neck.levels, rule, neck_scores=scores)
-            return decode_weights(None, weights, rule=rule, head_scores=scores)
-
-        if self.search_cfg["selection"] == "perturbation_within_cost":
-            from autofpn.search.perturbation import within_cost
-            budget = self.cost.normalized_cost(decode_by(None))  # the weights' own decode
-            scores, price = within_cost(scores, self.cost.op_costs(self.stage),
-                                        lambda s: self.cost.normalized_cost(decode_by(s)), budget)
-            if self.ctx.is_main:
-                print(f"search {self.stage}: ops by importance within the cost of the weights' decode "
-                      f"({budget:.4f}): {self.cost.normalized_cost(decode_by(scores)):.4f} at a price of "
-                      f"{price:.3g} per unit of cost", flush=True)
-        return decode_by(scores)
+        if neck is not None:
+            return decode_weights(weights, None, neck.levels, rule, neck_scores=scores)
+        return decode_weights(None, weights, rule=rule, head_scores=scores)
 
     def op_importance(self) -> Tensor:
         """``Tensor[layers or cells, rows, ops]``: how much the detection loss on the first

@@ -21,7 +21,7 @@ most ops of most links, so the sign of an importance says little about whether t
 while the differences between the ops of one link cancel that shift.
 """
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -137,33 +137,3 @@ def fixed_batches(loader, count: int, device: torch.device) -> List[Tuple[List[T
 def importance_record(importance: Tensor, ops: Sequence[str], iteration: int, batches: int) -> Dict[str, Any]:
     """The JSON record a stage writes (``<stage>/op_importance.json``)."""
     return {"iter": iteration, "batches": batches, "ops": list(ops), "importance": importance.tolist()}
-
-
-def within_cost(importance: Tensor, op_costs: Tensor, cost_of: Callable[[Tensor], float],
-                budget: float) -> Tuple[Tensor, float]:
-    """``(importance - lam * op_costs, lam)`` with the smallest ``lam >= 0`` (to a relative 1e-6)
-    at which the scores' decode costs at most ``budget``: the ops picked by importance, each
-    link / edge paying for its op's cost at one common price, the most important ops the budget
-    allows (the Lagrangian of the multiple-choice knapsack, as the search's own loss + lambda x
-    cost is of the architecture). ``cost_of(scores)``: the penalty's cost of the scores' decode,
-    non-increasing in ``lam``; the budget must be reachable as ``lam`` grows (the weights' own
-    decode's cost is: the cheapest op of each kept link / edge costs no more)."""
-    costs = op_costs.to(importance)
-    if cost_of(importance) <= budget:
-        return importance, 0.0
-    spread = float(importance.max() - importance.min()) or 1.0
-    high = spread / max(float(costs[costs > 0].min()) if (costs > 0).any() else 1.0, 1e-12) * 1e-6
-    for _ in range(200):
-        if cost_of(importance - high * costs) <= budget:
-            break
-        high *= 2.0
-    else:
-        raise ValueError(f"no price keeps the decode within the budget {budget}")
-    low = 0.0
-    while high - low > 1e-6 * high:
-        mid = 0.5 * (low + high)
-        if cost_of(importance - mid * costs) <= budget:
-            high = mid
-        else:
-            low = mid
-    return importance - high * costs, high

@@ -61,7 +61,7 @@ def _choose(weights: Tensor, pairs: Sequence[Tuple[int, int]], ops: Sequence[str
         weights = weights.clone()
         if rule == "argmax_head_dropidentity":  # "none" wins wherever identity or "none" did
             weights[:, 0] = torch.maximum(weights[:, 0], weights[:, identity])
-        weights[:, identity] = float("-inf")  # below any weight or importance: never chosen
+        weights[:, identity] = float("-inf")  # below any weight: never chosen
         rule = "argmax"
     best_w, best_k = weights[:, 1:].max(dim=1)  # strongest non-none op per link
     best_k = best_k + 1

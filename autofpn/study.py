@@ -218,7 +218,10 @@ def budget_random_cost(cfg: Dict[str, Any], budget_of: Sequence[str]):
     """(flops, budget): ``flops(genotype)``, the neck + head FLOPs of a decoded ``genotype`` read
     from the tables of the search's resource penalty (``search_resource_cost``: the search's
     largest input, the retrain's RoIs per image), and the budget, the largest of those of the
-    genotype files ``budget_of``."""
+    genotype files ``budget_of``. The Auto-head's fc readout is left out of both: it is the same
+    for every genotype, so it changes no draw's place under the budget, while the draws' random
+    stream is keyed by the budget's value (the tables have counted it since 2352727; the first
+    folder with these draws, docs/study/demo_head_cs3_fc, was drawn without it)."""
     from autofpn.models.genotype import load_genotype
     from autofpn.search.differentiable import supernet_cost_tables
     if not budget_of:
@@ -227,7 +230,7 @@ def budget_random_cost(cfg: Dict[str, Any], budget_of: Sequence[str]):
 
     def flops(genotype: Dict[str, Any]) -> float:
         cost = tables.decoded_cost(genotype)
-        return cost["neck"].flops + cost["head"].flops
+        return cost["neck"].flops + cost["head"].flops - tables.head_const.flops
 
     budgets = []
     for path in budget_of:

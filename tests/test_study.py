@@ -17,9 +17,10 @@ import yaml
 
 from autofpn.config import ConfigError, load_config
 from autofpn.models.detector import build_detector
-from autofpn.models.genotype import validate_genotype
+from autofpn.models.genotype import load_genotype, validate_genotype
+from autofpn.search.differentiable import supernet_cost_tables
 from autofpn.search.random_sample import (NECK_CONV_OPS, identity_neck_with_convs, random_genotype,
-                                          random_genotype_within, random_genotypes)
+                                          random_genotype_within, random_genotypes, random_genotypes_within)
 from autofpn.study import (SearchVariant, StudyError, budget_random_cost, check_study_config, format_report,
                            make_units, plan_entries, shard_units, verdict)
 
@@ -150,6 +151,26 @@ def test_budget_random_entries_cost_no_more_than_the_budget(tmp_path):
     with pytest.raises(StudyError, match="no head"):
         plan_entries(str(tmp_path / "x"), [], 0, [], 0, cfg, budget_random=1,
                      budget_of=[str(REPO / "configs/genotypes/fpn.json")])
+
+
+def test_the_committed_studys_budget_draws_are_drawn_again_identically():
+    """docs/study/demo_head_cs3_fc drew its random architectures within the searches' FLOPs before
+    the cost tables counted the fc readout (a constant): the draws, whose stream is keyed by the
+    budget, must come out the same, or the folder could not be resumed or collected."""
+    folder = REPO / "docs" / "study" / "demo_head_cs3_fc"
+    if not (folder / "genotypes" / "budget_random_00.json").is_file():
+        pytest.skip("the study folder is not in this checkout")
+    opts = json.loads((folder / "study_config.json").read_text())["opts"]
+    cfg = load_config(DEMO, opts)
+    searches = [str(folder / "searches" / s / "geno.json") for s in ("middle", "seed1/middle", "seed2/middle")]
+    flops, budget = budget_random_cost(cfg, searches)
+    tables = supernet_cost_tables(cfg)
+    cost = tables.decoded_cost(load_genotype(searches[0]))
+    assert flops(load_genotype(searches[0])) == cost["neck"].flops + cost["head"].flops - tables.head_const.flops
+    stored = sorted((folder / "genotypes").glob("budget_random_*.json"))
+    drawn = random_genotypes_within(len(stored), flops, budget, 0, cfg["model"]["neck"]["levels"],
+                                    cfg["model"]["neck"]["layers"], cfg["model"]["head"]["cells"])
+    assert drawn == [json.loads(p.read_text()) for p in stored]
 
 
 def test_verdict_ranks_the_searches_against_each_pool_of_random_architectures():

@@ -266,9 +266,10 @@ DEFAULTS: Dict[str, Any] = {
         "max_size": None,
         "output_dir": "out/search",
         "decode_rule": "argmax",  # the paper's; the others in autofpn/search/decode.py
-        # what the decode rule reads: the softmax weights ("weights", the paper) or each op's
-        # importance, the rise of the supernet's loss on search.selection_batches batches of half B
-        # when that op is removed ("perturbation", DARTS-PT; autofpn/search/perturbation.py)
+        # how the op of each link / edge the decode rule keeps is picked: by its softmax weight
+        # ("weights", the paper) or by its importance, the rise of the supernet's loss on
+        # search.selection_batches batches of half B when that op is removed ("perturbation",
+        # DARTS-PT; autofpn/search/perturbation.py; on the demo no better: docs/STUDY.md, 49)
         "selection": "weights",
         "selection_batches": 8,
         "max_iters": 0,

@@ -120,7 +120,7 @@ def test_a_search_with_perturbation_selection_decodes_its_importances_and_reads_
     rule = load_config(DEMO, opts)["search"]["decode_rule"]
     for stage in ("neck", "head"):
         record = json.load(open(os.path.join(out, stage, "op_importance.json")))
-        assert record["iter"] == 2 and record["batches"] == 1
+        assert record["iter"] == 2 and record["batches"] == record["requested"] == 1
         assert record["ops"] == list(NECK_OPS if stage == "neck" else HEAD_OPS)
         scores, weights = torch.tensor(record["importance"]), final_weights(os.path.join(out, stage), stage)
         decoded = (decode_weights(weights, None, [2, 3, 4, 5], rule, neck_scores=scores) if stage == "neck"
@@ -139,6 +139,16 @@ def test_a_search_with_perturbation_selection_decodes_its_importances_and_reads_
 
 
 def test_selection_settings_are_checked(synthetic_root, tmp_path):
+    from autofpn.search import differentiable, evolution, snas
+    cfg = load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **{"search.selection": "perturbation",
+                                                                         "search.ensemble": 2}))
+    for strategy in (differentiable, snas):
+        with pytest.raises(ConfigError, match="search.ensemble"):
+            strategy.check_config(cfg)
+    cfg["search"]["ensemble"] = 1
+    differentiable.check_config(cfg)
+    with pytest.raises(ConfigError, match="trains no supernet"):
+        evolution.check_config(cfg)
     with pytest.raises(ConfigError, match="search.selection"):
         load_config(DEMO, tiny_opts(synthetic_root, str(tmp_path), **{"search.selection": "gradient"}))
     with pytest.raises(ConfigError, match="search.selection_batches"):

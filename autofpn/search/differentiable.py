@@ -482,7 +482,7 @@ class Searcher:
         if os.path.isfile(path):
             with open(path) as f:
                 record = json.load(f)
-            if record.get("iter") == self.iter and record.get("batches") == count:
+            if record.get("iter") == self.iter and record.get("requested") == count:
                 return torch.tensor(record["importance"], dtype=torch.float32)
         batches = fixed_batches(self.loader_b, count, self.ctx.device)
         self.set_train_mode()
@@ -490,7 +490,7 @@ class Searcher:
                                progress=self.ctx.is_main)
         if self.ctx.is_main:
             ops = NECK_OPS if self.stage == "neck" else HEAD_OPS
-            atomic_write_json(importance_record(scores, ops, self.iter, len(batches)), path)
+            atomic_write_json({**importance_record(scores, ops, self.iter, len(batches)), "requested": count}, path)
         du.barrier()
         return scores
 
@@ -581,8 +581,13 @@ def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
 
 
 def check_config(cfg: Dict[str, Any]) -> None:
-    """A stage the detector lacks fails before search.py claims the output folder."""
+    """A stage the detector lacks, or a selection an ensemble cannot use, fails before search.py
+    claims the output folder."""
+    from autofpn.config import ConfigError
     stages_to_run(cfg)
+    if cfg["search"]["selection"] != "weights" and int(cfg["search"]["ensemble"]) > 1:
+        raise ConfigError(f"'search.selection' = {cfg['search']['selection']!r} measures one trained supernet; "
+                          f"search.ensemble > 1 decodes the mean weights of several: use one of the two")
 
 
 @dataclass

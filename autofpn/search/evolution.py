@@ -90,8 +90,12 @@ def evolution_settings(cfg: Dict[str, Any]) -> EvolutionSettings:
 
 def check_config(cfg: Dict[str, Any]) -> None:
     """What ``search.py`` checks before it claims the output folder."""
+    from autofpn.config import ConfigError
     evolution_settings(cfg)
     searched_parts(cfg)
+    if cfg["search"]["selection"] != "weights":
+        raise ConfigError(f"'search.selection' = {cfg['search']['selection']!r} picks ops from a trained supernet; "
+                          f"search.strategy=evolution trains no supernet (leave search.selection=weights)")
 
 
 def searched_parts(cfg: Dict[str, Any]) -> Tuple[str, ...]:

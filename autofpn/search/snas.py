@@ -61,6 +61,8 @@ def check_config(cfg: Dict[str, Any]) -> None:
     """SNAS samples its own (soft) op weights on every step: ``search.mode`` must stay ``full``
     (gdas / sampled_weights build a supernet that runs one op per link/edge)."""
     from autofpn.config import ConfigError
+    from autofpn.search.differentiable import check_config as check_differentiable
+    check_differentiable(cfg)  # its stages, ensembles and decode
     if cfg["search"]["mode"] != "full":
         raise ConfigError(f"'search.mode' = {cfg['search']['mode']!r}: search.strategy=snas weights every op by a "
                           f"soft Gumbel-softmax sample on both steps; leave search.mode=full (gdas is the "

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 import search as search_script  # noqa: E402
-from test_search_run import _searcher, tiny_opts  # noqa: E402
+from test_search_run import _searcher, synthetic_root, tiny_opts  # noqa: E402,F401  (synthetic_root: a fixture)
 
 from autofpn.config import ConfigError, load_config  # noqa: E402
 from autofpn.models.genotype import load_genotype  # noqa: E402
@@ -23,11 +23,6 @@ from autofpn.search.differentiable import final_weights  # noqa: E402
 from autofpn.search.perturbation import _mean_loss, fixed_batches, op_importance  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic"))
 
 
 def _trained_searcher(tmp_path, synthetic_root, stage, steps=2):

@@ -221,6 +221,19 @@ def test_voc_difficult_and_joined_roots(tmp_path):
     assert [a["difficult"] for a in anns] == [0, 1] and anns[1]["iscrowd"] == 1
 
 
+def test_voc_config_with_more_splits_than_roots_names_the_key(tmp_path):
+    # configs/voc.yaml joins 07 + 12 (two roots, two splits); a user who points data.train.root at
+    # one folder and keeps both splits gets one line naming the key (it was a bare ValueError)
+    from autofpn.config import ConfigError
+    root = write_voc(tmp_path / "VOC", "train", {"x": (20, 20, [("dog", 1, 1, 5, 5, 0)])})
+    voc_yaml = str(Path(__file__).resolve().parents[1] / "configs" / "voc.yaml")
+    cfg = load_config(voc_yaml, [f"data.train.root={root}"])
+    with pytest.raises(ConfigError, match=r"^data\.train\.splits: 2 splits for 1 data\.train\.root folders"):
+        build_dataset(cfg, "train")
+    assert len(build_dataset(load_config(voc_yaml, [f"data.train.root={root}", "data.train.splits=train"]),
+                             "train")) == 1
+
+
 def test_voc_unknown_class_lists_known_ones(tmp_path):
     root = write_voc(tmp_path / "VOC", "val", {"x": (20, 20, [("unicorn", 1, 1, 5, 5, 0)])})
     with pytest.raises(AnnotationError, match=r"x\.xml: object 0: unknown class 'unicorn'; "

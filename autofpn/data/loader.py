@@ -64,13 +64,22 @@ def build_dataset(cfg: Dict[str, Any], split: str) -> DetectionDataset:
     if kind == "voc" and (spec.get("annotations") or spec.get("images")):
         return _voc_folder_dataset(data_cfg, split, need("annotations"), need("images"), common)
     if kind == "voc":
-        return VocDataset(need("root"), need("splits"), class_names=data_cfg.get("class_names"),
+        roots, splits = need("root"), need("splits")
+        if _entries(splits) not in (1, _entries(roots)):
+            raise ConfigError(f"data.{split}.splits: {_entries(splits)} splits for {_entries(roots)} "
+                              f"data.{split}.root folders; give one split for all, or one per root")
+        return VocDataset(roots, splits, class_names=data_cfg.get("class_names"),
                           use_difficult=bool(data_cfg.get("use_difficult", False)), **common)
     if kind == "bdd":
         return BddDataset(need("root"), need("ann_file"), class_names=data_cfg.get("class_names"),
                           **common)
     raise ConfigError(f"data.{split}.type must be one of {', '.join(DATASET_TYPES)}, "
                      f"got {kind!r}")
+
+
+def _entries(value: Any) -> int:
+    """How many entries a config value of one string or a list holds."""
+    return 1 if isinstance(value, str) else len(value)
 
 
 def _is_voc_folder(spec: Any) -> bool:

@@ -5,6 +5,7 @@ at the same training budget? (The paper's Tables 2 and 8, at any scale, with see
         [--seeds 3] [--random 8] [--lambdas small middle large] [--jobs 2]
     python -m autofpn.study --cfg ... --out DIR --collect           # table from the folders only
     python -m autofpn.study --cfg ... --out DIR --tag fastarch --search-opts search.arch_lr=0.03
+    python -m autofpn.study --cfg ... --out DIR --seeds 7 --only fpn searched_middle   # more seeds for two
     python -m autofpn.study --cfg ... --out DIR --shard 0/4 --launcher "torchrun --nproc_per_node 8"
 
 Entries: the handcrafted baselines (``fpn``: FPN + 2-MLP head; ``panet`` and ``ssd``: the
@@ -551,6 +552,28 @@ def make_units(args, entries: List[Entry], seeds: List[int], cfg: Dict[str, Any]
     return units
 
 
+def select_units(units: List[Unit], entries: List[Entry], only: Sequence[str]) -> List[Unit]:
+    """The units of the entries named in ``only`` (all when empty), in the study's order, with
+    every unit they wait on that is not done yet (a searched entry's search, the FPN run lending
+    it the backbone): more seeds for a few entries without training the rest again."""
+    if not only:
+        return units
+    names = [e.name for e in entries]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise StudyError(f"--only {unknown[0]}: no such entry in this study (its entries: {', '.join(names)})")
+    by_key = {u.key: u for u in units}
+    wanted = {u.key for u in units if u.key.split("/seed_")[0] in only}
+    pending = list(wanted)
+    while pending:  # a unit that is done runs nothing, so it needs nothing
+        unit = by_key[pending.pop()]
+        for dep in [] if unit.is_done() else unit.deps:
+            if dep not in wanted and not by_key[dep].is_done():
+                wanted.add(dep)
+                pending.append(dep)
+    return [u for u in units if u.key in wanted]
+
+
 def shard_units(units: List[Unit], shard: Optional[str]) -> List[Unit]:
     """The units of shard ``i/n``: every n-th unit from the i-th, in the study's order."""
     if not shard:
@@ -873,6 +896,8 @@ def parse_args(argv=None):
                    help="overrides for the searches only (a way of searching to try), named by --tag")
     p.add_argument("--tag", default="", help="name of the search variant (entries searched_<preset>_<tag>)")
     p.add_argument("--jobs", type=int, default=1, help="units run in parallel (threads divided between them)")
+    p.add_argument("--only", nargs="+", default=[], metavar="ENTRY",
+                   help="run the units of these entries only (e.g. more --seeds for a few); the report covers all")
     p.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N disjoint slices of the units")
     p.add_argument("--launcher", default=None,
                    help='how a unit runs its script, e.g. "torchrun --nproc_per_node 8" (default: this python)')
@@ -910,7 +935,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            args.random_parts, args.random_convs, args.budget_random,
                            [os.path.abspath(path) for path in args.budget_of])
     units = make_units(args, entries, seeds, cfg)
-    mine = shard_units(units, args.shard)
+    mine = shard_units(select_units(units, entries, args.only), args.shard)
     by_key = {u.key: u for u in units}  # every unit of the folder: this shard's needs may be another's
     finished_before = {u.key for u in mine if u.is_done() or u.has_failed()}
     status = {} if args.collect else run_units(mine, args.jobs, threads_per_job(args.jobs), args.retry_failed,

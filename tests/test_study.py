@@ -745,3 +745,51 @@ def test_ap_against_flops_over_study_folders_draws_a_shared_unit_once(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="study_plot: .*nowhere/study.json not found"):
         main([str(tmp_path / "nowhere"), "--out", str(out)])
+
+
+def test_only_runs_the_named_entries_and_what_they_wait_for(tmp_path):
+    """--only: more seeds for a few entries without training the others again; a searched entry
+    brings its search and the FPN run lending it the backbone while they are not done."""
+    from autofpn.study import select_units
+    cfg = load_config(DEMO)
+    args = Namespace(out=str(tmp_path), cfg=DEMO, opts=[], launcher=None, keep_checkpoints=False, jobs=1)
+    entries = plan_entries(str(tmp_path), ["fpn", "panet"], 2, [SearchVariant("", [], ["small", "large"])], 0, cfg)
+    units = make_units(args, entries, [0, 1], cfg)
+    keys = lambda selected: [u.key for u in selected]  # noqa: E731
+    assert keys(select_units(units, entries, [])) == keys(units)
+    assert keys(select_units(units, entries, ["random_01", "panet"])) == [
+        "panet/seed_0", "random_01/seed_0", "panet/seed_1", "random_01/seed_1"]
+    assert keys(select_units(units, entries, ["searched_large"])) == [
+        "fpn/seed_0", "search/large", "searched_large/seed_0", "searched_large/seed_1"]
+    # once the search is done it is not run again, nor the lender it needed
+    done = tmp_path / "searches" / "large"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text("{}")
+    assert keys(select_units(units, entries, ["searched_large"])) == ["searched_large/seed_0", "searched_large/seed_1"]
+    with pytest.raises(StudyError, match="--only searched_middle: no such entry"):
+        select_units(units, entries, ["searched_middle"])
+
+
+def test_study_compare_pairs_runs_by_seed(tmp_path):
+    """python -m autofpn.study_compare: AP per seed, paired differences to the first entry over
+    the seeds both finished, restricted to --seeds; an unknown entry is one error line."""
+    from autofpn.study_compare import compare, format_comparison
+    runs = lambda aps: [{"seed": s, "metrics": {"AP": ap}} for s, ap in aps.items()]  # noqa: E731
+    study = {"entries": [{"name": "fpn", "runs": runs({0: 10.0, 1: 12.0, 3: 11.0})},
+                         {"name": "random_02", "runs": runs({0: 13.0, 1: 12.5, 3: 10.0, 4: 9.0})}]}
+    result = compare(study, ["fpn", "random_02"])
+    assert result["seeds"] == [0, 1, 3, 4]
+    diff = result["entries"][1]["vs_first"]
+    assert diff["n"] == 3 and diff["above"] == 2
+    assert diff["mean"] == pytest.approx((3.0 + 0.5 - 1.0) / 3)
+    assert diff["se"] == pytest.approx(torch.tensor([3.0, 0.5, -1.0]).std().item() / 3 ** 0.5)
+    held_out = compare(study, ["fpn", "random_02"], seeds=[3, 4])
+    assert held_out["entries"][1]["ap"] == {3: 10.0, 4: 9.0} and held_out["entries"][1]["vs_first"]["n"] == 1
+    assert held_out["entries"][1]["vs_first"]["se"] is None
+    table = format_comparison(held_out)
+    assert "| random_02 | 10.00 | 9.00 | 9.50 ± 0.71 | -1.00 (0 of 1 above) |" in table
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    result = subprocess.run([sys.executable, "-m", "autofpn.study_compare", str(tmp_path), "fpn", "panet"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'study.json'}: no entry 'panet' (entries: fpn, random_02)"

@@ -1,0 +1,95 @@
+"""Entries of one study compared run by run: AP per training seed and, for every entry after the
+first, its paired difference to the first (mean ± standard error over the seeds both finished,
+and on how many of them it scored higher).
+
+    python -m autofpn.study_compare docs/study/demo_head_cs3_fc fpn searched_middle random_02
+    python -m autofpn.study_compare DIR fpn random_02 --seeds 3 4 5 6   # held-out seeds only
+
+Runs of one seed share the data order and the initialisation draws, so paired differences
+are the fair comparison; restricting to seeds that were not used to pick an entry (the best of
+several random architectures, say) gives its AP without the winner's bias of the pick."""
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from autofpn.study import StudyError, read_json
+
+
+def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, float]:
+    """{seed: AP} of the entry ``name`` of a study.json."""
+    entry = next((e for e in study["entries"] if e["name"] == name), None)
+    if entry is None:
+        raise StudyError(f"{where}: no entry {name!r} (entries: {', '.join(e['name'] for e in study['entries'])})")
+    return {int(run["seed"]): float(run["metrics"]["AP"]) for run in entry["runs"]
+            if run["metrics"].get("AP") is not None}
+
+
+def _mean_se(values: List[float]):
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequence[int]] = None,
+            where: str = "study.json") -> Dict[str, Any]:
+    """{"seeds": the seeds shown, "entries": [{name, ap: {seed: AP}, mean, std, vs_first: {n,
+    mean, se, above} or None}]}; ``seeds`` None: every seed any of them finished."""
+    runs = {name: entry_ap(study, name, where) for name in names}
+    shown = sorted(set(seeds) if seeds is not None else {s for ap in runs.values() for s in ap})
+    first = runs[names[0]]
+    out = []
+    for name in names:
+        ap = {s: runs[name][s] for s in shown if s in runs[name]}
+        mean, se = _mean_se(list(ap.values())) if ap else (None, None)
+        row = {"name": name, "ap": ap, "mean": mean, "std": None if se is None else se * math.sqrt(len(ap)),
+               "vs_first": None}
+        shared = [s for s in ap if s in first]
+        if name != names[0] and shared:
+            diffs = [ap[s] - first[s] for s in shared]
+            d_mean, d_se = _mean_se(diffs)
+            row["vs_first"] = {"n": len(diffs), "mean": d_mean, "se": d_se, "above": sum(d > 0 for d in diffs)}
+        out.append(row)
+    return {"seeds": shown, "entries": out}
+
+
+def format_comparison(result: Dict[str, Any]) -> str:
+    seeds, rows = result["seeds"], result["entries"]
+    first = rows[0]["name"]
+    lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± std | − {first}, paired |",
+             "|---|" + "--:|" * (len(seeds) + 2)]
+    for row in rows:
+        cells = [f"{row['ap'][s]:.2f}" if s in row["ap"] else "-" for s in seeds]
+        mean = "-" if row["mean"] is None else (f"{row['mean']:.2f}" + (
+            f" ± {row['std']:.2f}" if row["std"] is not None else ""))
+        v = row["vs_first"]
+        paired = "" if v is None else (f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f}" if v["se"] is not None else "")
+                                       + f" ({v['above']} of {v['n']} above)")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {mean} | {paired} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("study", help="a study folder (its study.json) or a study.json")
+    p.add_argument("entries", nargs="+", help="entry names; the first is the reference")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="only these training seeds")
+    args = p.parse_args(argv)
+    path = os.path.join(args.study, "study.json") if os.path.isdir(args.study) else args.study
+    if not os.path.isfile(path):
+        raise StudyError(f"{path}: no such study.json (run python -m autofpn.study ... --collect first)")
+    try:
+        study = read_json(path)
+    except ValueError as e:
+        raise StudyError(f"{path}: not a study.json ({e})") from None
+    print(format_comparison(compare(study, args.entries, args.seeds, path)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    from autofpn.cli import run_command
+    sys.exit(run_command(main))

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. search.resource_lambda=small search.stage=neck")
     p.add_argument("--neck-genotype", default=None,
-                   help="genotype JSON whose neck the head stage uses (when search.stage=head)")
+                   help="genotype JSON whose neck the head stage uses (when search.stage=head); the same as "
+                        "--opts search.neck_genotype=PATH")
     p.add_argument("--force", action="store_true",
                    help="the output folder holds a search of another config: move it aside and start anew")
     p.add_argument("--dry-run", action="store_true",
@@ -89,11 +90,21 @@ def draw_search(result, out_dir: str, cfg) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from autofpn.config import load_config, save_config
-    cfg = load_config(args.cfg, args.opts)
+    # the kept neck is a setting of the search: its folder's config.yaml records it, so a search
+    # resumed on another neck is refused like one of another config
+    opts = args.opts + ([f"search.neck_genotype={os.path.abspath(args.neck_genotype)}"] if args.neck_genotype else [])
+    cfg = load_config(args.cfg, opts)
     neck_genotype = None
-    if args.neck_genotype:
+    if cfg["search"]["neck_genotype"]:
+        from autofpn.config import ConfigError
         from autofpn.models.genotype import load_genotype
-        neck_genotype = load_genotype(args.neck_genotype)
+        if cfg["search"]["stage"] != "head":
+            raise ConfigError(f"search.neck_genotype: the neck a head-only search keeps; search.stage is "
+                              f"{cfg['search']['stage']!r}, which searches the neck (use search.stage=head)")
+        if not cfg["search"]["head_with_searched_neck"]:
+            raise ConfigError("search.neck_genotype: search.head_with_searched_neck is false, so the head would be "
+                              "searched on the config's handcrafted neck, not on this one; set one or the other")
+        neck_genotype = load_genotype(cfg["search"]["neck_genotype"])
 
     train_set = None
     if cfg["model"]["num_classes"] is None:  # taken from the data, before the folder check and the plan

@@ -234,6 +234,9 @@ DEFAULTS: Dict[str, Any] = {
         "freeze_backbone": True,
         "searched_norm": "none",  # none | bn : norm inside the searched modules
         "head_with_searched_neck": True,
+        # search.stage=head: a genotype JSON whose neck the head is searched on (search.py
+        # --neck-genotype sets it; recorded in the search folder's config.yaml like any setting)
+        "neck_genotype": None,
         "resource_lambda": "middle",  # small | middle | large | a number | 0 (off)
         "resource_lambda_scale": 1.0,  # VOC: 0.5 (the paper halves the presets)
         "split_seed": 0,

@@ -48,7 +48,9 @@ Search variants. ``--search-opts search.k=v ... --tag NAME`` adds a way of searc
 folder: its entries are ``searched_<preset>_<NAME>``, searched with those overrides (with
 ``search.stage=neck``, the searched neck retrained with FPN's 2-MLP head; with
 ``search.stage=head search.head_with_searched_neck=false``, the Auto-head searched and retrained
-on the config's handcrafted neck, the paper's Auto-head alone). Training
+on the config's handcrafted neck, the paper's Auto-head alone; with ``search.stage=head
+search.neck_genotype=GENOTYPE``, the Auto-head searched on that genotype's neck and retrained
+with it). Training
 does not read ``search.*``, so the folder's baselines and random architectures serve every
 variant: trying an idea costs its searches and their retraining, and the table compares all
 the variants the folder holds.
@@ -208,7 +210,10 @@ def plan_entries(out: str, baselines: Sequence[str], num_random: int, variants: 
         # a head-only search decodes no neck: its detector keeps the neck it was searched on
         stage = variant_stage(cfg, variant)
         head = "mlp" if stage == "neck" else "auto"
-        neck = handcrafted_neck(cfg, f"search variant '{variant.tag}'") if stage == "head" else "auto"
+        # a head searched on a given neck: the search's geno.json holds that neck too
+        on_given_neck = stage == "head" and _variant_search_value(cfg, variant, "head_with_searched_neck")
+        neck = handcrafted_neck(cfg, f"search variant '{variant.tag}'") if stage == "head" and not on_given_neck \
+            else "auto"
         for preset in variant.lambdas:
             entries.append(Entry(variant.entry_name(preset), "searched", neck, head,
                                  os.path.join(variant.folder(out, preset), "geno.json"), variant, preset))
@@ -274,12 +279,14 @@ def _variant_search_value(cfg: Dict[str, Any], variant: SearchVariant, key: str)
 
 
 def variant_stage(cfg: Dict[str, Any], variant: SearchVariant) -> str:
-    """``search.stage`` of ``variant``: both, neck, or head (on the config's handcrafted neck)."""
+    """``search.stage`` of ``variant``: both, neck, or head (on the config's handcrafted neck, or
+    on the neck of ``search.neck_genotype``)."""
     stage = _variant_search_value(cfg, variant, "stage")
-    if stage == "head" and _variant_search_value(cfg, variant, "head_with_searched_neck"):
-        raise StudyError(f"search variant '{variant.tag}': search.stage=head on a searched neck needs the neck of "
-                         f"another search (search.py --neck-genotype); the study searches 'both', 'neck', or "
-                         f"'head' with search.head_with_searched_neck=false (on the config's handcrafted neck)")
+    if (stage == "head" and _variant_search_value(cfg, variant, "head_with_searched_neck")
+            and not _variant_search_value(cfg, variant, "neck_genotype")):
+        raise StudyError(f"search variant '{variant.tag}': search.stage=head on a searched neck needs that neck: "
+                         f"search.neck_genotype=<a genotype JSON>, or search.head_with_searched_neck=false "
+                         f"(the head on the config's handcrafted neck)")
     return stage
 
 

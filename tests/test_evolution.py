@@ -293,11 +293,16 @@ def test_head_evolution_keeps_the_given_neck(tmp_path, synthetic_root):
     _run(cmd + ["--neck-genotype", str(neck_path)])
     history = json.load(open(os.path.join(out, "history.json")))
     assert all(r["genotype"]["neck"] == neck["neck"] and r["genotype"]["head"] is not None for r in history)
-    # the same folder with another kept neck is refused (the config alone does not show it)
+    # the same folder with another kept neck is refused: the config records the neck's file
+    # (search.neck_genotype), the evolution's state its content (kept_neck: the same file rewritten)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(random_genotype(12, 0)))
     result = subprocess.run(cmd + ["--neck-genotype", str(other)], cwd=str(REPO), capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2 and "search.neck_genotype" in result.stderr, result.stderr[-2000:]
+    neck_path.write_text(json.dumps(random_genotype(12, 0)))
+    result = subprocess.run(cmd + ["--neck-genotype", str(neck_path)], cwd=str(REPO), capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 2 and "kept_neck" in result.stderr, result.stderr[-2000:]
 
 

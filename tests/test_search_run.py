@@ -290,3 +290,30 @@ def _read_events(folder: str):
     board = EventAccumulator(folder, size_guidance={"scalars": 0, "images": 0})
     board.Reload()
     return board
+
+
+def test_a_head_search_on_a_given_neck_records_it_and_refuses_another(tmp_path, synthetic_root):
+    """search.stage=head with --neck-genotype (= search.neck_genotype): the head supernet runs on
+    that neck, geno.json keeps it, the folder's config.yaml records it, and the same folder with
+    another neck is refused instead of resumed; with a neck-searching stage it is an error."""
+    import yaml
+    from autofpn.config import ConfigError
+    from autofpn.engine.runs import FolderInUseError
+    from autofpn.search.random_sample import random_genotype
+    cfg = str(REPO / "configs" / "demo.yaml")
+    necks = []
+    for seed in (1, 2):
+        path = tmp_path / f"neck{seed}.json"
+        path.write_text(json.dumps(random_genotype(seed, 0)))
+        necks.append(path)
+    out = str(tmp_path / "search")
+    opts = tiny_opts(synthetic_root, out, **{"search.max_iters": 2, "search.stage": "head"})
+    assert search_script.main(["--cfg", cfg, "--neck-genotype", str(necks[0]), "--opts", *opts]) == 0
+    assert load_genotype(os.path.join(out, "geno.json"))["neck"] == load_genotype(str(necks[0]))["neck"]
+    saved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert saved["search"]["neck_genotype"] == str(necks[0])
+    with pytest.raises(FolderInUseError, match="search.neck_genotype"):
+        search_script.main(["--cfg", cfg, "--neck-genotype", str(necks[1]), "--opts", *opts])
+    with pytest.raises(ConfigError, match="search.stage is 'both'"):
+        search_script.main(["--cfg", cfg, "--opts", *tiny_opts(synthetic_root, str(tmp_path / "both")),
+                            f"search.neck_genotype={necks[0]}"])

@@ -474,6 +474,14 @@ def test_a_head_only_variant_and_random_heads_keep_the_handcrafted_neck(tmp_path
                                   "head", ["--neck", "fpn", "--head", "auto"])
     with pytest.raises(StudyError, match="handcrafted"):
         plan_entries(str(tmp_path), ["fpn"], 0, [head_only], 0, load_config(DEMO, ["model.neck.type=auto"]))
+    # a head searched on a given neck (search.neck_genotype) retrains with the search's geno.json,
+    # which holds that neck; without the neck the variant is refused
+    on_neck = SearchVariant("on", ["search.stage=head", "search.neck_genotype=/x/geno.json"], ["large"])
+    entry = plan_entries(str(tmp_path), ["fpn"], 0, [on_neck], 0, cfg)[-1]
+    assert entry.train_args() == ["--neck", "auto", "--head", "auto", "--genotype",
+                                  str(tmp_path / "searches" / "on" / "large" / "geno.json")]
+    with pytest.raises(StudyError, match="search.neck_genotype"):
+        plan_entries(str(tmp_path), ["fpn"], 0, [SearchVariant("x", ["search.stage=head"], ["large"])], 0, cfg)
 
 
 def test_random_necks_and_the_identity_neck_keep_the_mlp_head(tmp_path):

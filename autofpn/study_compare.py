@@ -4,10 +4,13 @@ and on how many of them it scored higher).
 
     python -m autofpn.study_compare docs/study/demo_head_cs3_fc fpn searched_middle random_02
     python -m autofpn.study_compare DIR fpn random_02 --seeds 3 4 5 6   # held-out seeds only
+    python -m autofpn.study_compare DIR fpn searched_middle+searched_middle_seed1   # pooled runs
 
 Runs of one seed share the data order and the initialisation draws, so paired differences
 are the fair comparison; restricting to seeds that were not used to pick an entry (the best of
-several random architectures, say) gives its AP without the winner's bias of the pick."""
+several random architectures, say) gives its AP without the winner's bias of the pick. Names
+joined by "+" pool those entries' runs (several searches of one method): each run is paired with
+the first entry's run of its seed, and a seed's column shows the pooled runs' mean."""
 import argparse
 import json
 import math
@@ -18,13 +21,18 @@ from typing import Any, Dict, List, Optional, Sequence
 from autofpn.study import StudyError, read_json
 
 
-def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, float]:
-    """{seed: AP} of the entry ``name`` of a study.json."""
-    entry = next((e for e in study["entries"] if e["name"] == name), None)
-    if entry is None:
-        raise StudyError(f"{where}: no entry {name!r} (entries: {', '.join(e['name'] for e in study['entries'])})")
-    return {int(run["seed"]): float(run["metrics"]["AP"]) for run in entry["runs"]
-            if run["metrics"].get("AP") is not None}
+def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, List[float]]:
+    """{seed: [AP, ...]} of the entry ``name`` of a study.json, or of the entries "a+b+..."
+    pooled (one AP per entry that finished the seed)."""
+    by_name = {e["name"]: e for e in study["entries"]}
+    runs: Dict[int, List[float]] = {}
+    for part in name.split("+"):
+        if part not in by_name:
+            raise StudyError(f"{where}: no entry {part!r} (entries: {', '.join(by_name)})")
+        for run in by_name[part]["runs"]:
+            if run["metrics"].get("AP") is not None:
+                runs.setdefault(int(run["seed"]), []).append(float(run["metrics"]["AP"]))
+    return runs
 
 
 def _mean_se(values: List[float]):
@@ -37,20 +45,23 @@ def _mean_se(values: List[float]):
 
 def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequence[int]] = None,
             where: str = "study.json") -> Dict[str, Any]:
-    """{"seeds": the seeds shown, "entries": [{name, ap: {seed: AP}, mean, std, vs_first: {n,
-    mean, se, above} or None}]}; ``seeds`` None: every seed any of them finished."""
+    """{"seeds": the seeds shown, "entries": [{name, ap: {seed: AP (pooled: the mean)}, runs, mean,
+    std (over the runs), vs_first: {n, mean, se, above} or None}]}; ``seeds`` None: every seed any
+    of them finished."""
+    if "+" in names[0]:
+        raise StudyError(f"{names[0]}: the first entry is the reference of the pairs; pool the others")
     runs = {name: entry_ap(study, name, where) for name in names}
     shown = sorted(set(seeds) if seeds is not None else {s for ap in runs.values() for s in ap})
-    first = runs[names[0]]
+    first = {s: aps[0] for s, aps in runs[names[0]].items()}
     out = []
     for name in names:
-        ap = {s: runs[name][s] for s in shown if s in runs[name]}
-        mean, se = _mean_se(list(ap.values())) if ap else (None, None)
-        row = {"name": name, "ap": ap, "mean": mean, "std": None if se is None else se * math.sqrt(len(ap)),
-               "vs_first": None}
-        shared = [s for s in ap if s in first]
-        if name != names[0] and shared:
-            diffs = [ap[s] - first[s] for s in shared]
+        kept = {s: runs[name][s] for s in shown if s in runs[name]}
+        values = [v for aps in kept.values() for v in aps]
+        mean, se = _mean_se(values) if values else (None, None)
+        row = {"name": name, "ap": {s: sum(aps) / len(aps) for s, aps in kept.items()}, "runs": len(values),
+               "mean": mean, "std": None if se is None else se * math.sqrt(len(values)), "vs_first": None}
+        diffs = [v - first[s] for s, aps in kept.items() if s in first for v in aps]
+        if name != names[0] and diffs:
             d_mean, d_se = _mean_se(diffs)
             row["vs_first"] = {"n": len(diffs), "mean": d_mean, "se": d_se, "above": sum(d > 0 for d in diffs)}
         out.append(row)
@@ -60,8 +71,8 @@ def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequenc
 def format_comparison(result: Dict[str, Any]) -> str:
     seeds, rows = result["seeds"], result["entries"]
     first = rows[0]["name"]
-    lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± std | − {first}, paired |",
-             "|---|" + "--:|" * (len(seeds) + 2)]
+    lines = ["| entry | " + " | ".join(f"seed {s}" for s in seeds) + f" | runs | mean ± std | − {first}, paired |",
+             "|---|" + "--:|" * (len(seeds) + 3)]
     for row in rows:
         cells = [f"{row['ap'][s]:.2f}" if s in row["ap"] else "-" for s in seeds]
         mean = "-" if row["mean"] is None else (f"{row['mean']:.2f}" + (
@@ -69,7 +80,7 @@ def format_comparison(result: Dict[str, Any]) -> str:
         v = row["vs_first"]
         paired = "" if v is None else (f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f}" if v["se"] is not None else "")
                                        + f" ({v['above']} of {v['n']} above)")
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {mean} | {paired} |")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['runs']} | {mean} | {paired} |")
     return "\n".join(lines) + "\n"
 
 

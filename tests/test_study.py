@@ -795,7 +795,13 @@ def test_study_compare_pairs_runs_by_seed(tmp_path):
     assert held_out["entries"][1]["ap"] == {3: 10.0, 4: 9.0} and held_out["entries"][1]["vs_first"]["n"] == 1
     assert held_out["entries"][1]["vs_first"]["se"] is None
     table = format_comparison(held_out)
-    assert "| random_02 | 10.00 | 9.00 | 9.50 ± 0.71 | -1.00 (0 of 1 above) |" in table
+    assert "| random_02 | 10.00 | 9.00 | 2 | 9.50 ± 0.71 | -1.00 (0 of 1 above) |" in table
+    # "a+b" pools the runs of two entries, each paired with the reference's run of its seed
+    pooled = compare(study, ["fpn", "random_02+fpn"])["entries"][1]
+    assert pooled["runs"] == 7 and pooled["ap"][0] == pytest.approx(11.5) and pooled["ap"][4] == 9.0
+    assert pooled["vs_first"]["n"] == 6 and pooled["vs_first"]["mean"] == pytest.approx((3.0 + 0.5 - 1.0) / 6)
+    with pytest.raises(StudyError, match="reference"):
+        compare(study, ["fpn+random_02", "fpn"])
     (tmp_path / "study.json").write_text(json.dumps(study))
     result = subprocess.run([sys.executable, "-m", "autofpn.study_compare", str(tmp_path), "fpn", "panet"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -676,10 +676,18 @@ def paired_differences(entry: Dict[str, Any], fpn: Dict[str, Any]) -> Optional[D
             "above": sum(1 for d in diffs if d > 0)}
 
 
+def _mean_ap_on_shared_seeds(entry: Dict[str, Any], other: Dict[str, Any]) -> float:
+    """``entry``'s mean AP over the training seeds ``other`` also finished (all its runs when they
+    share none): an entry given more seeds (--only) is ranked on the seeds its rival has."""
+    ap = {run["seed"]: run["metrics"]["AP"] for run in entry["runs"] if run["metrics"].get("AP") is not None}
+    shared = [v for s, v in ap.items() if any(r["seed"] == s for r in other["runs"])]
+    return sum(shared) / len(shared) if shared else entry["mean"]["AP"]
+
+
 def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
     """Searched - FPN AP with its standard error (unpaired, and paired by training seed), and
-    each searched entry's rank among the
-    random ones (by mean AP), from the numbers alone."""
+    each searched entry's rank among the random ones (by mean AP over the seeds both finished),
+    from the numbers alone."""
     entries = {e["name"]: e for e in study["entries"]}
     fpn = entries.get("fpn")
     pools = {kind: sorted((e["mean"]["AP"] for e in study["entries"]
@@ -711,7 +719,8 @@ def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
                 v["neck_head_flops_vs_fpn"] = nh_flops(e) / nh_flops(fpn)
         for kind, ap in pools.items():
             if ap:
-                above = sum(1 for x in ap if e["mean"]["AP"] > x)
+                rivals = [x for x in study["entries"] if x["kind"] == kind and x["mean"].get("AP") is not None]
+                above = sum(1 for x in rivals if _mean_ap_on_shared_seeds(e, x) > _mean_ap_on_shared_seeds(x, e))
                 v[f"{kind}_beaten"] = above
                 v[f"rank_among_{kind}"] = len(ap) - above + 1  # 1 = better than every one of them
         result["searched"][e["name"]] = v

@@ -194,6 +194,23 @@ def test_verdict_ranks_the_searches_against_each_pool_of_random_architectures():
             "architectures within the budget (better than 2 of 3).") in report
 
 
+def test_verdict_ranks_on_the_seeds_both_finished():
+    """A random architecture given more seeds (--only) is ranked against a searched entry on the
+    searched entry's seeds: its runs of the other seeds are not part of that comparison."""
+    def entry(name, kind, aps):
+        mean = sum(aps.values()) / len(aps)
+        return {"name": name, "kind": kind, "runs": [{"seed": s, "metrics": {"AP": ap}} for s, ap in aps.items()],
+                "mean": {"AP": mean}, "std": {"AP": None}, "params": None, "flops": None, "flops_parts": None,
+                "failed_seeds": [], "search_seconds": None}
+    lucky = entry("random_00", "random", {0: 23.0, 1: 22.0, 2: 22.0, 3: 16.0, 4: 17.0})  # 20.0 over all five
+    study = {"entries": [lucky, entry("random_01", "random", {0: 15.0}),
+                         entry("searched_middle", "searched", {0: 21.0, 1: 21.0, 2: 21.0})]}
+    s = verdict(study)["searched"]["searched_middle"]
+    assert (s["rank_among_random"], s["random_beaten"]) == (2, 1)  # 21 < 22.33 on seeds 0-2
+    study["entries"][2]["runs"] += [{"seed": 3, "metrics": {"AP": 21.0}}, {"seed": 4, "metrics": {"AP": 21.0}}]
+    assert verdict(study)["searched"]["searched_middle"]["rank_among_random"] == 1  # 21 > 20 on seeds 0-4
+
+
 def test_random_genotype_builds_a_detector():
     cfg = load_config(DEMO, ["model.neck.type=auto", "model.head.type=auto"])
     model = build_detector(cfg, random_genotype(0, 1, cells=cfg["model"]["head"]["cells"]))

@@ -679,8 +679,9 @@ def paired_differences(entry: Dict[str, Any], fpn: Dict[str, Any]) -> Optional[D
 def _mean_ap_on_shared_seeds(entry: Dict[str, Any], other: Dict[str, Any]) -> float:
     """``entry``'s mean AP over the training seeds ``other`` also finished (all its runs when they
     share none): an entry given more seeds (--only) is ranked on the seeds its rival has."""
-    ap = {run["seed"]: run["metrics"]["AP"] for run in entry["runs"] if run["metrics"].get("AP") is not None}
-    shared = [v for s, v in ap.items() if any(r["seed"] == s for r in other["runs"])]
+    theirs = {run["seed"] for run in other["runs"]}
+    shared = [run["metrics"]["AP"] for run in entry["runs"]
+              if run["seed"] in theirs and run["metrics"].get("AP") is not None]
     return sum(shared) / len(shared) if shared else entry["mean"]["AP"]
 
 

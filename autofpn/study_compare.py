@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from autofpn.study import StudyError, read_json
+from autofpn.study import StudyError, _mean_std, read_json
 
 
 def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, List[float]]:
@@ -35,14 +35,6 @@ def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, List[flo
     return runs
 
 
-def _mean_se(values: List[float]):
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequence[int]] = None,
             where: str = "study.json") -> Dict[str, Any]:
     """{"seeds": the seeds shown, "entries": [{name, ap: {seed: AP (pooled: the mean)}, runs, mean,
@@ -57,13 +49,14 @@ def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequenc
     for name in names:
         kept = {s: runs[name][s] for s in shown if s in runs[name]}
         values = [v for aps in kept.values() for v in aps]
-        mean, se = _mean_se(values) if values else (None, None)
+        mean, std = _mean_std(values)
         row = {"name": name, "ap": {s: sum(aps) / len(aps) for s, aps in kept.items()}, "runs": len(values),
-               "mean": mean, "std": None if se is None else se * math.sqrt(len(values)), "vs_first": None}
+               "mean": mean, "std": std, "vs_first": None}
         diffs = [v - first[s] for s, aps in kept.items() if s in first for v in aps]
         if name != names[0] and diffs:
-            d_mean, d_se = _mean_se(diffs)
-            row["vs_first"] = {"n": len(diffs), "mean": d_mean, "se": d_se, "above": sum(d > 0 for d in diffs)}
+            d_mean, d_std = _mean_std(diffs)
+            row["vs_first"] = {"n": len(diffs), "mean": d_mean, "above": sum(d > 0 for d in diffs),
+                               "se": None if d_std is None else d_std / math.sqrt(len(diffs))}
         out.append(row)
     return {"seeds": shown, "entries": out}
 

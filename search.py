@@ -10,7 +10,7 @@ RoI head: ``both`` searches its neck only). A run restarts where it stopped: fin
 an interrupted stage resumes from its newest checkpoint. Outputs in ``search.output_dir``:
 ``geno.json`` (neck + head), ``neck/`` and ``head/`` (stage genotype, checkpoints,
 ``metrics.jsonl``, ``arch_trajectory.jsonl``), ``arch_heatmap_<stage>.png``, ``geno.png/.svg``,
-``config.yaml``. With ``search.ensemble=K`` each stage is K searches (seeds search.seed ..
+``config.yaml`` (and ``neck_genotype.json``, the neck a head-only search keeps). With ``search.ensemble=K`` each stage is K searches (seeds search.seed ..
 +K-1) in ``<stage>/seed_<s>/``, decoded from their mean weights (``<stage>/ensemble.json``).
 ``search.strategy=evolution`` runs regularized evolution instead: ``candidates/<i>/`` (genotype,
 training run, result), ``history.json``, ``geno.json`` (the fittest candidate); no heat maps;
@@ -23,6 +23,8 @@ Then: ``torchrun train.py --cfg ... --genotype <output_dir>/geno.json``.
 import argparse
 import os
 import sys
+
+KEPT_NECK_FILE = "neck_genotype.json"  # in a head-only search's folder: the neck it was searched on
 
 
 def parse_args(argv=None):
@@ -144,9 +146,15 @@ def main(argv=None) -> int:
     try:
         if cfg["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        claim_folder(out_dir, cfg, None, args.force, "search", ctx)
+        # the kept neck's content too, not only its path: a file rewritten in place is another neck
+        kept_neck = None if neck_genotype is None else {"neck": neck_genotype["neck"]}
+        claim_folder(out_dir, cfg, kept_neck, args.force, "search", ctx, genotype_file=KEPT_NECK_FILE,
+                     genotype_label="search.neck_genotype (the neck in that file)")
         if ctx.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
+            if kept_neck is not None:
+                from autofpn.engine.checkpoint import atomic_write_json
+                atomic_write_json(kept_neck, os.path.join(out_dir, KEPT_NECK_FILE))
         try:
             result = run_search(cfg, ctx, out_dir, neck_genotype, dataset=train_set, **options)
         except NonFiniteLossError as e:

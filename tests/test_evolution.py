@@ -294,7 +294,7 @@ def test_head_evolution_keeps_the_given_neck(tmp_path, synthetic_root):
     history = json.load(open(os.path.join(out, "history.json")))
     assert all(r["genotype"]["neck"] == neck["neck"] and r["genotype"]["head"] is not None for r in history)
     # the same folder with another kept neck is refused: the config records the neck's file
-    # (search.neck_genotype), the evolution's state its content (kept_neck: the same file rewritten)
+    # (search.neck_genotype), the folder's neck_genotype.json its content (the same file rewritten)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(random_genotype(12, 0)))
     result = subprocess.run(cmd + ["--neck-genotype", str(other)], cwd=str(REPO), capture_output=True, text=True,
@@ -303,7 +303,8 @@ def test_head_evolution_keeps_the_given_neck(tmp_path, synthetic_root):
     neck_path.write_text(json.dumps(random_genotype(12, 0)))
     result = subprocess.run(cmd + ["--neck-genotype", str(neck_path)], cwd=str(REPO), capture_output=True,
                             text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 2 and "kept_neck" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "search.neck_genotype (the neck in that file)" in result.stderr, \
+        result.stderr[-2000:]
 
 
 def test_a_candidate_trains_on_the_retrain_schedule_scaled_to_its_epochs():

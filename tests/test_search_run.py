@@ -294,8 +294,10 @@ def _read_events(folder: str):
 
 def test_a_head_search_on_a_given_neck_records_it_and_refuses_another(tmp_path, synthetic_root):
     """search.stage=head with --neck-genotype (= search.neck_genotype): the head supernet runs on
-    that neck, geno.json keeps it, the folder's config.yaml records it, and the same folder with
-    another neck is refused instead of resumed; with a neck-searching stage it is an error."""
+    that neck, geno.json keeps it, the folder's config.yaml records it (its path) and
+    neck_genotype.json (its content), and the same folder with another neck (another path, or
+    the same path rewritten) is refused instead of resumed; with a neck-searching stage it is an
+    error."""
     import yaml
     from autofpn.config import ConfigError
     from autofpn.engine.runs import FolderInUseError
@@ -314,6 +316,15 @@ def test_a_head_search_on_a_given_neck_records_it_and_refuses_another(tmp_path, 
     assert saved["search"]["neck_genotype"] == str(necks[0])
     with pytest.raises(FolderInUseError, match="search.neck_genotype"):
         search_script.main(["--cfg", cfg, "--neck-genotype", str(necks[1]), "--opts", *opts])
+    # the same path with another neck written into it: refused by the neck the folder recorded
+    # (the config's path alone would let it resume on the new neck)
+    assert json.load(open(os.path.join(out, "neck_genotype.json"))) == {"neck": load_genotype(str(necks[0]))["neck"]}
+    first_neck = necks[0].read_text()
+    necks[0].write_text(necks[1].read_text())
+    with pytest.raises(FolderInUseError, match=r"search.neck_genotype \(the neck in that file\)"):
+        search_script.main(["--cfg", cfg, "--neck-genotype", str(necks[0]), "--opts", *opts])
+    necks[0].write_text(first_neck)  # the neck it was searched on: resumed (here: found done)
+    assert search_script.main(["--cfg", cfg, "--neck-genotype", str(necks[0]), "--opts", *opts]) == 0
     with pytest.raises(ConfigError, match="search.stage is 'both'"):
         search_script.main(["--cfg", cfg, "--opts", *tiny_opts(synthetic_root, str(tmp_path / "both")),
                             f"search.neck_genotype={necks[0]}"])

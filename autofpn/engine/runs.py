@@ -26,11 +26,12 @@ class FolderInUseError(RuntimeError):
 
 
 def folder_differences(folder: str, cfg: Dict[str, Any], genotype: Optional[Dict[str, Any]] = None,
-                       ignore: Tuple[str, ...] = ()) -> List[str]:
-    """The config keys (and "genotype") in which the run recorded in ``folder`` (its config.yaml,
-    genotype.json) differs from ``cfg`` / ``genotype``, ignoring RESULT_NEUTRAL_KEYS and keys
-    under the ``ignore`` prefixes (e.g. "search." for a training run); [] for a folder with no
-    recorded run."""
+                       ignore: Tuple[str, ...] = (), genotype_file: str = "genotype.json",
+                       genotype_label: str = "genotype") -> List[str]:
+    """The config keys (and ``genotype_label``) in which the run recorded in ``folder`` (its
+    config.yaml, ``genotype_file``) differs from ``cfg`` / ``genotype``, ignoring
+    RESULT_NEUTRAL_KEYS and keys under the ``ignore`` prefixes (e.g. "search." for a training
+    run); [] for a folder with no recorded run."""
     import yaml
     from autofpn.config import complete_config, diff_keys
     path = os.path.join(folder, "config.yaml")
@@ -39,25 +40,27 @@ def folder_differences(folder: str, cfg: Dict[str, Any], genotype: Optional[Dict
     with open(path) as f:
         saved = complete_config(yaml.safe_load(f) or {}, where=path)
     diff = [k for k in diff_keys(saved, cfg) if k not in RESULT_NEUTRAL_KEYS and not k.startswith(tuple(ignore))]
-    geno_path = os.path.join(folder, "genotype.json")
+    geno_path = os.path.join(folder, genotype_file)
     saved_genotype = None
     if os.path.isfile(geno_path):
         with open(geno_path) as f:
             saved_genotype = json.load(f)
     if diff_keys(saved_genotype, genotype):
-        diff.append("genotype")
+        diff.append(genotype_label)
     return diff
 
 
 def claim_folder(folder: str, cfg: Dict[str, Any], genotype: Optional[Dict[str, Any]] = None,
-                 force: bool = False, what: str = "run", ctx=None, ignore: Tuple[str, ...] = ()) -> Optional[str]:
+                 force: bool = False, what: str = "run", ctx=None, ignore: Tuple[str, ...] = (),
+                 genotype_file: str = "genotype.json", genotype_label: str = "genotype") -> Optional[str]:
     """Make ``folder`` safe for a run of ``cfg`` before anything is written there: a folder that
-    holds a run of the same config (and genotype) is resumed; one of another config raises
-    FolderInUseError naming the keys that differ (on every rank), or with ``force`` is moved
-    aside to ``<folder>.old[N]`` by the main rank (nothing is deleted). Returns that path."""
+    holds a run of the same config (and genotype, recorded in ``genotype_file``) is resumed; one of
+    another config raises FolderInUseError naming the keys that differ (on every rank), or with
+    ``force`` is moved aside to ``<folder>.old[N]`` by the main rank (nothing is deleted). Returns
+    that path."""
     from autofpn.engine import distributed as du
     is_main = ctx is None or ctx.is_main
-    diff = folder_differences(folder, cfg, genotype, ignore)
+    diff = folder_differences(folder, cfg, genotype, ignore, genotype_file, genotype_label)
     du.barrier()  # every rank has read the folder before the main rank may move it
     if not diff:
         return None

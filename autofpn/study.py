@@ -685,14 +685,26 @@ def _mean_ap_on_shared_seeds(entry: Dict[str, Any], other: Dict[str, Any]) -> fl
     return sum(shared) / len(shared) if shared else entry["mean"]["AP"]
 
 
+def _pool_means(pool: List[Dict[str, Any]]) -> List[float]:
+    """Each entry's mean AP over the training seeds every entry of ``pool`` finished (all its runs
+    when they share none): a pool's mean, median and best are not lifted or lowered by the extra
+    seeds a few entries were given (--only)."""
+    seed_sets = [{run["seed"] for run in e["runs"] if run["metrics"].get("AP") is not None} for e in pool]
+    shared = set.intersection(*seed_sets) if seed_sets else set()
+    if not shared:
+        return [e["mean"]["AP"] for e in pool]
+    return [sum(run["metrics"]["AP"] for run in e["runs"] if run["seed"] in shared) / len(shared) for e in pool]
+
+
 def verdict(study: Dict[str, Any]) -> Dict[str, Any]:
-    """Searched - FPN AP with its standard error (unpaired, and paired by training seed), and
-    each searched entry's rank among the random ones (by mean AP over the seeds both finished),
-    from the numbers alone."""
+    """Searched - FPN AP with its standard error (unpaired, and paired by training seed), each
+    random pool's mean / median / best (over the seeds all its entries finished), and each
+    searched entry's rank among the random ones (by mean AP over the seeds both finished), from
+    the numbers alone."""
     entries = {e["name"]: e for e in study["entries"]}
     fpn = entries.get("fpn")
-    pools = {kind: sorted((e["mean"]["AP"] for e in study["entries"]
-                           if e["kind"] == kind and e["mean"].get("AP") is not None), reverse=True)
+    pools = {kind: sorted(_pool_means([e for e in study["entries"]
+                                       if e["kind"] == kind and e["mean"].get("AP") is not None]), reverse=True)
              for kind in RANDOM_KINDS}
     result: Dict[str, Any] = {f"{kind}_AP": {"count": len(ap)} for kind, ap in pools.items()}
     result["searched"] = {}

@@ -196,7 +196,8 @@ def test_verdict_ranks_the_searches_against_each_pool_of_random_architectures():
 
 def test_verdict_ranks_on_the_seeds_both_finished():
     """A random architecture given more seeds (--only) is ranked against a searched entry on the
-    searched entry's seeds: its runs of the other seeds are not part of that comparison."""
+    searched entry's seeds, and enters the random pool's summary on the pool's shared seeds: its
+    runs of the other seeds are not part of either."""
     def entry(name, kind, aps):
         mean = sum(aps.values()) / len(aps)
         return {"name": name, "kind": kind, "runs": [{"seed": s, "metrics": {"AP": ap}} for s, ap in aps.items()],
@@ -205,8 +206,11 @@ def test_verdict_ranks_on_the_seeds_both_finished():
     lucky = entry("random_00", "random", {0: 23.0, 1: 22.0, 2: 22.0, 3: 16.0, 4: 17.0})  # 20.0 over all five
     study = {"entries": [lucky, entry("random_01", "random", {0: 15.0}),
                          entry("searched_middle", "searched", {0: 21.0, 1: 21.0, 2: 21.0})]}
-    s = verdict(study)["searched"]["searched_middle"]
+    v = verdict(study)
+    s = v["searched"]["searched_middle"]
     assert (s["rank_among_random"], s["random_beaten"]) == (2, 1)  # 21 < 22.33 on seeds 0-2
+    # the pool's summary on the seed both random entries finished (0): 23 and 15, not 20 and 15
+    assert (v["random_AP"]["best"], v["random_AP"]["median"]) == (23.0, 19.0)
     study["entries"][2]["runs"] += [{"seed": 3, "metrics": {"AP": 21.0}}, {"seed": 4, "metrics": {"AP": 21.0}}]
     assert verdict(study)["searched"]["searched_middle"]["rank_among_random"] == 1  # 21 > 20 on seeds 0-4
 

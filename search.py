@@ -10,8 +10,9 @@ RoI head: ``both`` searches its neck only). A run restarts where it stopped: fin
 an interrupted stage resumes from its newest checkpoint. Outputs in ``search.output_dir``:
 ``geno.json`` (neck + head), ``neck/`` and ``head/`` (stage genotype, checkpoints,
 ``metrics.jsonl``, ``arch_trajectory.jsonl``), ``arch_heatmap_<stage>.png``, ``geno.png/.svg``,
-``config.yaml`` (and ``neck_genotype.json``, the neck a head-only search keeps). With ``search.ensemble=K`` each stage is K searches (seeds search.seed ..
-+K-1) in ``<stage>/seed_<s>/``, decoded from their mean weights (``<stage>/ensemble.json``).
+``config.yaml`` (and ``neck_genotype.json``, the neck a head-only search keeps). With
+``search.ensemble=K`` each stage is K searches (seeds search.seed .. +K-1) in ``<stage>/seed_<s>/``,
+decoded from their mean weights (``<stage>/ensemble.json``).
 ``search.strategy=evolution`` runs regularized evolution instead: ``candidates/<i>/`` (genotype,
 training run, result), ``history.json``, ``geno.json`` (the fittest candidate); no heat maps;
 ``--jobs J`` trains up to J candidates of a round at once (``search.evolution.round_size``) and

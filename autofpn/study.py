@@ -676,13 +676,17 @@ def paired_differences(entry: Dict[str, Any], fpn: Dict[str, Any]) -> Optional[D
             "above": sum(1 for d in diffs if d > 0)}
 
 
+def _mean_ap_on_seeds(entry: Dict[str, Any], seeds) -> float:
+    """``entry``'s mean AP over its runs of ``seeds`` (all its runs when it has none of them)."""
+    aps = [run["metrics"]["AP"] for run in entry["runs"]
+           if run["seed"] in seeds and run["metrics"].get("AP") is not None]
+    return sum(aps) / len(aps) if aps else entry["mean"]["AP"]
+
+
 def _mean_ap_on_shared_seeds(entry: Dict[str, Any], other: Dict[str, Any]) -> float:
     """``entry``'s mean AP over the training seeds ``other`` also finished (all its runs when they
     share none): an entry given more seeds (--only) is ranked on the seeds its rival has."""
-    theirs = {run["seed"] for run in other["runs"]}
-    shared = [run["metrics"]["AP"] for run in entry["runs"]
-              if run["seed"] in theirs and run["metrics"].get("AP") is not None]
-    return sum(shared) / len(shared) if shared else entry["mean"]["AP"]
+    return _mean_ap_on_seeds(entry, {run["seed"] for run in other["runs"]})
 
 
 def _pool_means(pool: List[Dict[str, Any]]) -> List[float]:
@@ -691,9 +695,7 @@ def _pool_means(pool: List[Dict[str, Any]]) -> List[float]:
     seeds a few entries were given (--only)."""
     seed_sets = [{run["seed"] for run in e["runs"] if run["metrics"].get("AP") is not None} for e in pool]
     shared = set.intersection(*seed_sets) if seed_sets else set()
-    if not shared:
-        return [e["mean"]["AP"] for e in pool]
-    return [sum(run["metrics"]["AP"] for run in e["runs"] if run["seed"] in shared) / len(shared) for e in pool]
+    return [_mean_ap_on_seeds(e, shared) for e in pool]
 
 
 def verdict(study: Dict[str, Any]) -> Dict[str, Any]:

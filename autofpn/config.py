@@ -262,6 +262,11 @@ DEFAULTS: Dict[str, Any] = {
         # the genotype does not depend on the width; the head stage's compute scales about with its
         # square (docs/SEARCH_PLAN.md). The resource penalty is counted on the supernet as searched
         "head_channels": 0,
+        # K > 1: every mixed op of the supernets runs its ops on 1 / K of the channels, the others
+        # pass by (partial channel connections, PC-DARTS, Xu et al. 2020): about 1 / K of the ops'
+        # compute and activation memory. 1: every channel (the paper). The decoded modules and the
+        # resource penalty are at full width (docs/SEARCH_PLAN.md)
+        "partial_channels": 1,
         # input sizes of both search stages (null: model.transform's, the retrain's). The paper
         # searches at 400-800 px and retrains at 400-1300; a smaller search input makes every
         # search iteration cheaper (the supernet's cost grows with the pixels)

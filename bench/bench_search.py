@@ -11,6 +11,8 @@ On one config (default configs/demo.yaml) and the same batches, measures
     (the head supernet trains on K RoIs per image),
   - with ``--recompute``: both search iterations with ``search.recompute`` (every mixed op
     recomputed in the backward pass instead of keeping its ops' activations),
+  - with ``--partial K ...``: both search iterations with ``search.partial_channels=K`` (PC-DARTS:
+    every mixed op runs its ops on 1 / K of its channels),
   - with ``--genotype G``: a training step of the detector decoded from G (what train.py
     retrains after the search),
   - with ``--unfused``: every search variant (and the decoded step) a second time as built, the
@@ -24,7 +26,7 @@ iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channe
 variant runs in each memory layout (``model.memory_format``) and the ratio of the two is printed;
 without it, in the config's.
 
-    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute]
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute] [--partial 2 4]
                                  [--layouts contiguous channels_last] [--unfused] [--cpu-time] [--no-memory] [--opts k=v ...]
 """
 import argparse
@@ -44,7 +46,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu", fused: bool = True) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
-    "head_rois<K>", "neck_recompute", "head_recompute") on fixed batches, on ``device`` (the
+    "head_rois<K>", "neck_recompute", "head_recompute", "neck_pc<K>", "head_pc<K>") on fixed
+    batches, on ``device`` (the
     search variants with the config's ``search.amp``; ``fused=False``: the reference, every
     op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
     convs as their modules, ``ops_as_built``)."""
@@ -92,6 +95,8 @@ def _variant_step(name: str, cfg, genotype_path: str, device: str, fused: bool) 
     # "head": the retrained detector's RoI batch (whatever the config's search uses); "head_rois<K>": K
     stage_cfg["search"]["head_rois_per_image"] = int(variant[len("rois"):]) if variant.startswith("rois") else 0
     stage_cfg["search"]["recompute"] = variant == "recompute"
+    if variant.startswith("pc"):  # "neck_pc<K>": partial channels, 1 / K of each mixed op's
+        stage_cfg["search"]["partial_channels"] = int(variant[len("pc"):])
     model = build_detector(stage_cfg, search=stage)
     set_fused(model, fused)
     loader_a, loader_b = build_search_loaders(stage_cfg, ctx)
@@ -116,6 +121,8 @@ def main() -> None:
                         help="also time the head-search iteration at these search.head_rois_per_image")
     parser.add_argument("--recompute", action="store_true",
                         help="also time both search iterations with search.recompute (ops recomputed in the backward)")
+    parser.add_argument("--partial", nargs="*", type=int, default=[],
+                        help="also time both search iterations at these search.partial_channels (PC-DARTS)")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one neck search iteration")
     parser.add_argument("--genotype", default=None, help="also time a training step of the detector decoded from it")
     parser.add_argument("--layouts", nargs="*", choices=("contiguous", "channels_last"), default=[],
@@ -135,7 +142,8 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     variants = (("fpn",) + (("decoded",) if args.genotype else ()) + ("neck", "head", "neck_gdas", "head_gdas")
                 + tuple(f"head_rois{k}" for k in args.head_rois)
-                + (("neck_recompute", "head_recompute") if args.recompute else ()))
+                + (("neck_recompute", "head_recompute") if args.recompute else ())
+                + tuple(f"{stage}_pc{k}" for k in args.partial for stage in ("neck", "head")))
     layouts = args.layouts or [cfg["model"]["memory_format"]]
     layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
     searched = [name for name in variants if name != "fpn"]  # and "decoded": what runs otherwise as built
@@ -164,7 +172,8 @@ def main() -> None:
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
               **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois},
-              "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute"}
+              "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
+              **{f"{stage}_pc{k}": f"{stage} search, 1/{k} channels" for k in args.partial for stage in ("neck", "head")}}
     for fused in ((True, False) if args.unfused else (True,)):
         for layout in layouts:
             title = [f"layout {layout}"] if len(layouts) > 1 else []

@@ -79,15 +79,17 @@ def test_split_is_disjoint_seeded_and_complete():
     assert (a, b) == split_halves(11, seed=3) and (a, b) != split_halves(11, seed=4)
 
 
-@pytest.mark.parametrize("stage, mode, residual", [("neck", "full", False), ("head", "full", False),
-                                                   ("neck", "gdas", False), ("head", "gdas", False),
-                                                   ("head", "sampled_weights", False), ("neck", "full", True),
-                                                   ("head", "full", True)])
-def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synthetic_root, stage, mode, residual):
+@pytest.mark.parametrize("stage, mode, residual, partial", [
+    ("neck", "full", False, 1), ("head", "full", False, 1), ("neck", "gdas", False, 1), ("head", "gdas", False, 1),
+    ("head", "sampled_weights", False, 1), ("neck", "full", True, 1), ("head", "full", True, 1),
+    ("neck", "full", False, 4), ("head", "gdas", True, 2)])
+def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path, synthetic_root, stage, mode, residual,
+                                                                 partial):
     cfg = load_config(str(REPO / "configs" / "demo.yaml"),
                       tiny_opts(synthetic_root, str(tmp_path), **{"search.mode": mode,
                                                                   "model.neck.residual_ops": residual,
-                                                                  "model.head.residual_ops": residual}))
+                                                                  "model.head.residual_ops": residual,
+                                                                  "search.partial_channels": partial}))
     searcher, loader_a, loader_b = _searcher(cfg, stage, str(tmp_path))
     images_a, targets_a = next(iter(loader_a))
     images_b, targets_b = next(iter(loader_b))

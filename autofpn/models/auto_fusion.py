@@ -58,11 +58,11 @@ class FusionLink(nn.Module):
     The resampling to the target level is done by the layer (it needs the target size)."""
 
     def __init__(self, channels: int, norm: str, chosen: Optional[Sequence[str]] = None,
-                 sampled: bool = False, residual: bool = False):
+                 sampled: bool = False, residual: bool = False, partial: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1, bias=norm == "none")
         self.norm = make_norm(norm, channels)
-        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen, sampled, residual)
+        self.mixed = MixedOp(channels, NECK_OPS, norm, chosen, sampled, residual, partial)
 
     def project(self, x: Tensor) -> Tensor:
         """norm(conv1x1(x)); in a training or search step the 1x1 conv as ``pointwise`` (the same
@@ -70,8 +70,9 @@ class FusionLink(nn.Module):
         return self.norm(step_conv1x1(self.conv, x))
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Optional[Tensor]:
-        """None when a sampled path chose "none" for this link (nothing computed)."""
-        if self.mixed.sampled and weights is not None:
+        """None when a sampled path chose "none" for this link (nothing computed; with partial
+        channels the link still passes its other channels on)."""
+        if self.mixed.sampled and weights is not None and self.mixed.partial == 1:
             active = self.mixed.active(weights)  # one host sync per link, shared with the mixed op
             return self.mixed(self.project(x), weights, active) if active else None
         return self.mixed(self.project(x), weights)
@@ -98,6 +99,8 @@ class AutoFusionNeck(nn.Module):
         extra_pool_level: add P_{top+1} = max_pool2d(P_top, 1, stride 2) for the RPN.
         residual_ops: every convolution op of a link is a residual branch, ``x + op(x)``,
             zero-initialised (``MixedOp``'s ``residual``); the paper's ops are plain.
+        partial_channels: supernet only: K > 1 runs each link's ops on 1 / K of its channels
+            (``MixedOp``'s ``partial``, ``search.partial_channels``); 1: all (the paper).
     Attributes:
         out_channels: int; strides: {"p2": 4, ..., "p6": 64}; arch_shape (supernet only):
         (layers, len(levels)**2, len(NECK_OPS)); link_pairs: [(src, dst), ...] in weight order.
@@ -106,7 +109,8 @@ class AutoFusionNeck(nn.Module):
     def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], channels: int,
                  levels: Sequence[int] = (2, 3, 4, 5), layers: int = 2,
                  genotype: Optional[dict] = None, norm: str = "none",
-                 extra_pool_level: bool = True, sampled: bool = False, residual_ops: bool = False):
+                 extra_pool_level: bool = True, sampled: bool = False, residual_ops: bool = False,
+                 partial_channels: int = 1):
         super().__init__()
         self.levels = [int(lv) for lv in levels]
         self.out_channels = channels
@@ -147,7 +151,7 @@ class AutoFusionNeck(nn.Module):
             # keep link_pairs order so the module order is the same in supernet and fixed neck
             self.layers.append(nn.ModuleDict({
                 link_name(s, t): FusionLink(channels, norm, chosen[(s, t)], sampled and genotype is None,
-                                            residual_ops)
+                                            residual_ops, partial_channels if genotype is None else 1)
                 for (s, t) in self.link_pairs if (s, t) in chosen}))
 
     def forward(self, feats: Dict[str, Tensor], weights: Optional[Tensor] = None) -> Dict[str, Tensor]:

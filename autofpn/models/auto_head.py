@@ -41,7 +41,8 @@ class HeadCell(nn.Module):
     supernet (every edge, every op)."""
 
     def __init__(self, in_prev_prev: int, in_prev: int, channels: int, norm: str,
-                 chosen: Optional[dict] = None, sampled: bool = False, residual: bool = False):
+                 chosen: Optional[dict] = None, sampled: bool = False, residual: bool = False,
+                 partial: int = 1):
         super().__init__()
         self.channels = channels
         pairs = EDGE_PAIRS if chosen is None else [p for p in EDGE_PAIRS if p in chosen]
@@ -51,7 +52,7 @@ class HeadCell(nn.Module):
         self.pre1 = ReLUConvNorm(in_prev, channels, 1, norm) if 1 in used_inputs else None
         self.edges = nn.ModuleDict({
             edge_name(k, n): MixedOp(channels, HEAD_OPS, norm, None if chosen is None else chosen[(k, n)],
-                                     sampled and chosen is None, residual)
+                                     sampled and chosen is None, residual, partial if chosen is None else 1)
             for (k, n) in pairs})
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -111,6 +112,8 @@ class AutoHead(nn.Module):
         cell_size: the side S the RoI features are average-pooled to before the first cell
             (the windows of ``adaptive_avg_pool2d``, [R, in, P, P] -> [R, in, S, S]); 0 or P: no
             pooling (the paper).
+        partial_channels: supernet only: K > 1 runs each edge's ops on 1 / K of its channels
+            (``MixedOp``'s ``partial``, ``search.partial_channels``); 1: all (the paper).
     Attributes: out_channels = 4 * channels ("gap") or readout_dim ("fc"); arch_shape (supernet
     only) = (cells, 14, 8).
     """
@@ -118,7 +121,7 @@ class AutoHead(nn.Module):
     def __init__(self, in_channels: int, pooler_size: int = 7, channels: int = 512,
                  cells: int = 2, genotype: Optional[dict] = None, norm: str = "none",
                  sampled: bool = False, readout: str = "gap", readout_dim: int = 1024,
-                 residual_ops: bool = False, cell_size: int = 0):
+                 residual_ops: bool = False, cell_size: int = 0, partial_channels: int = 1):
         super().__init__()
         if not 0 <= cell_size <= pooler_size:
             raise ValueError(f"AutoHead: cell_size must be in [0, pooler_size = {pooler_size}], got {cell_size}")
@@ -143,7 +146,8 @@ class AutoHead(nn.Module):
         for m, chosen in enumerate(chosen_per_cell):
             in_prev_prev = in_channels if m < 2 else cell_out
             in_prev = in_channels if m < 1 else cell_out
-            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled, residual_ops))
+            self.cells.append(HeadCell(in_prev_prev, in_prev, channels, norm, chosen, sampled, residual_ops,
+                                       partial_channels))
         if readout not in ("gap", "fc"):
             raise ValueError(f"AutoHead: readout must be 'gap' or 'fc', got {readout!r}")
         self.readout_fc = nn.Linear(cell_out * self.cell_size ** 2, readout_dim) if readout == "fc" else None

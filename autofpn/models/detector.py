@@ -107,7 +107,8 @@ def build_auto_fusion(cfg: Dict, backbone: nn.Module, genotype: Optional[Dict], 
     neck_genotype, norm = _searched_part(cfg, "neck", genotype, search)
     return AutoFusionNeck(layers=cfg["model"]["neck"]["layers"], genotype=neck_genotype, norm=norm,
                           sampled=search and _sampled_search(cfg),
-                          residual_ops=cfg["model"]["neck"]["residual_ops"], **_neck_args(cfg, backbone))
+                          residual_ops=cfg["model"]["neck"]["residual_ops"],
+                          partial_channels=partial_channels(cfg, "neck") if search else 1, **_neck_args(cfg, backbone))
 
 
 def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], search: bool) -> nn.Module:
@@ -120,7 +121,20 @@ def build_auto_head(cfg: Dict, in_channels: int, genotype: Optional[Dict], searc
     return AutoHead(in_channels, pooler_size=pooler_size, channels=h["channels"],
                     cells=h["cells"], genotype=head_genotype, norm=norm,
                     sampled=search and _sampled_search(cfg), readout=h["readout"], readout_dim=h["mlp_dim"],
-                    residual_ops=h["residual_ops"], cell_size=h["cell_size"])
+                    residual_ops=h["residual_ops"], cell_size=h["cell_size"],
+                    partial_channels=partial_channels(cfg, "head") if search else 1)
+
+
+def partial_channels(cfg: Dict, part: str) -> int:
+    """``search.partial_channels`` K (1: the paper's mixed op on every channel), checked against
+    the width of the ``part`` ("neck" or "head") supernet, whose ops run on 1 / K of it."""
+    k = cfg.get("search", {}).get("partial_channels", 1)
+    width = cfg["model"][part]["channels"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or width % k:
+        raise ConfigError(f"'search.partial_channels' = {k!r}: expected a positive int that divides the "
+                          f"{part} supernet's {width} channels (model.{part}.channels"
+                          f"{' or search.head_channels' if part == 'head' else ''}); 1 = every channel")
+    return k
 
 
 def _sampled_search(cfg: Dict) -> bool:

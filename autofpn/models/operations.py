@@ -336,6 +336,26 @@ def set_fused(model: nn.Module, enabled: bool = True) -> int:
     return len(mixed)
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous() else torch.contiguous_format)
+
+
+def shuffle_partial(y: Tensor, rest: Tensor, groups: int) -> Tensor:
+    """PC-DARTS's ``channel_shuffle(cat([y, rest], 1), groups)`` in one pass: y: Tensor[N, c, H, W]
+    (the ops' output), rest: Tensor[N, (groups - 1) c, H, W] (the channels that passed by).
+    Output channel j * groups + g is channel g * c + j of the concatenation: y's channels land at
+    0, groups, 2 groups, ..., the g-th part of ``rest`` at g, g + groups, ... The result keeps
+    y's memory format (channels-last stays channels-last) and, under autocast, its dtype."""
+    c = y.shape[1]
+    out = torch.empty((y.shape[0], c * groups) + tuple(y.shape[2:]), dtype=y.dtype, device=y.device,
+                      memory_format=_memory_format(y))
+    out[:, 0::groups] = y
+    for g in range(1, groups):
+        out[:, g::groups] = rest[:, (g - 1) * c:g * c]
+    return out
+
+
 class MixedOp(nn.Module):
     """The ops of one link/edge.
 
@@ -362,6 +382,13 @@ class MixedOp(nn.Module):
     sum up to float rounding, with the parameters read from ``self.ops`` (same state_dict keys).
     With a norm inside the ops, or one active op of a sampled path, the ops run as built.
 
+    ``partial`` = K > 1 (a supernet searched with ``search.partial_channels``; PC-DARTS, Xu et al.
+    2020): the ops are built ``channels // K`` wide and run on the first ``channels // K`` channels
+    of x only; the other channels pass by unchanged, "none" included, and the two parts are
+    interleaved by PC-DARTS's channel shuffle (``shuffle_partial``), so that the next mixed op
+    works on other channels. The ops' compute and saved activations are about 1 / K of the full
+    mixed op's. A decoded module is always built at full width.
+
     ``residual`` (``model.neck.residual_ops``): every convolution op is a residual branch,
     ``x + op(x)``, its last norm (or, without one, its last conv) initialised to zero so that it
     starts as the identity; the supernet's sum is ``sum_k w_k op_k(x) + (sum of the convolutions'
@@ -369,17 +396,24 @@ class MixedOp(nn.Module):
     """
 
     def __init__(self, channels: int, op_table: Sequence[str], norm: str = "none",
-                 chosen: Sequence[str] = None, sampled: bool = False, residual: bool = False):
+                 chosen: Sequence[str] = None, sampled: bool = False, residual: bool = False,
+                 partial: int = 1):
         super().__init__()
+        if partial < 1 or channels % partial:
+            raise ValueError(f"partial channels: {channels} channels do not split into {partial} equal parts")
+        if partial > 1 and chosen is not None:
+            raise ValueError("partial channels are a supernet's: a decoded op is built at full width")
         self.sampled = sampled
         self.residual = residual
         self.recompute = False
+        self.partial, self.channels, self.norm = partial, channels, norm
+        self.op_channels = channels // partial  # the width the ops are built and run at
         names = [n for n in (op_table if chosen is None else chosen) if n != "none"]
         for n in names:
             if n not in op_table:
                 raise ValueError(f"op '{n}' is not in this op table ({', '.join(op_table)})")
         self.op_table = tuple(op_table)
-        self.ops = nn.ModuleDict({n: build_op(n, channels, norm) for n in names})
+        self.ops = nn.ModuleDict({n: build_op(n, self.op_channels, norm) for n in names})
         # positions in the weight vector of the ops held here ("none" is skipped)
         self.register_buffer("op_index", torch.tensor([self.op_table.index(n) for n in names]),
                              persistent=False)
@@ -396,7 +430,8 @@ class MixedOp(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor = None, active: Optional[List[int]] = None) -> Tensor:
         """x: Tensor[N, C, H, W]; weights: Tensor[len(op_table)] or None (fixed, single op);
-        ``active``: ``self.active(weights)`` when the caller already has it (sampled only)."""
+        ``active``: ``self.active(weights)`` when the caller already has it (sampled only).
+        None when a sampled path chose "none" (with partial channels: the passed-by channels)."""
         if weights is None:
             if len(self.ops) != 1:
                 raise ValueError(f"a MixedOp with {len(self.ops)} ops needs architecture weights")
@@ -404,6 +439,14 @@ class MixedOp(nn.Module):
             return x + y if self.residual_branch else y
         if weights.shape != (len(self.op_table),):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
+        if self.partial == 1:
+            return self._mix(x, weights, active)
+        part = x[:, :self.op_channels].contiguous(memory_format=_memory_format(x))
+        y = self._mix(part, weights, active)
+        return shuffle_partial(torch.zeros_like(part) if y is None else y, x[:, self.op_channels:], self.partial)
+
+    def _mix(self, x: Tensor, weights: Tensor, active: Optional[List[int]]) -> Optional[Tensor]:
+        """The weighted sum of the ops on x (Tensor[N, op_channels, H, W])."""
         w = weights.index_select(0, self.op_index.to(weights.device))
         ops = list(self.ops.values())
         conv_mask = self.conv_mask
@@ -424,6 +467,18 @@ class MixedOp(nn.Module):
         else:
             y = fn(*args)
         return y if skip is None else add_weighted(y, x, skip)
+
+    def at_full_width_(self) -> "MixedOp":
+        """In place: a partial-channel mixed op's ops rebuilt at full width (new parameters, on
+        the device of the old ones) and ``partial`` 1; for counting what the decoded op costs
+        (the resource penalty's tables, ``autofpn.search.cost``). Returns self."""
+        if self.partial > 1:
+            device = next(self.parameters()).device
+            with torch.device(device):
+                self.ops = nn.ModuleDict({n: build_op(n, self.channels, self.norm) for n in self.ops})
+            self.kinds = [_fusable_kind(op) for op in self.ops.values()]
+            self.partial, self.op_channels = 1, self.channels
+        return self
 
     def active(self, weights: Tensor) -> List[int]:
         """Positions (in ``self.ops``) of the ops with a non-zero weight (one host sync)."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from autofpn.models.auto_head import EDGE_PAIRS, AutoHead, edge_name
 from autofpn.models.auto_fusion import AutoFusionNeck, link_name
-from autofpn.models.operations import HEAD_OPS, NECK_OPS, ops_as_built
+from autofpn.models.operations import HEAD_OPS, NECK_OPS, MixedOp, ops_as_built
 
 METRICS = ("params", "flops", "mac")
 
@@ -92,6 +92,17 @@ def _meta(x: Sequence[int]) -> Tensor:
     return torch.empty(*x, device="meta")
 
 
+def _at_full_width(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the "meta" device whose partial-channel mixed ops
+    (``search.partial_channels``) hold their ops at full width: the penalty counts what the
+    decoded module will cost, not the 1 / K of the channels the supernet computes."""
+    meta = copy.deepcopy(module).to("meta")
+    for m in meta.modules():
+        if isinstance(m, MixedOp):
+            m.at_full_width_()
+    return meta
+
+
 class ResourceCost:
     """Cost tables of a neck and/or head (supernet or decoded) at one input size.
 
@@ -123,7 +134,7 @@ class ResourceCost:
 
     # ----- tables
     def _build_neck(self, neck: AutoFusionNeck, size_divisible: int) -> None:
-        meta = copy.deepcopy(neck).to("meta")
+        meta = _at_full_width(neck)
         self.neck_levels, self.neck_pairs = list(neck.levels), list(neck.link_pairs)
         sizes = level_sizes(self.image_size, neck.levels, size_divisible)
         c = neck.out_channels
@@ -150,7 +161,7 @@ class ResourceCost:
         self.neck_norm = table.max(dim=2).values.sum(dim=(0, 1))  # most expensive decodable neck
 
     def _build_head(self, head: AutoHead) -> None:
-        meta = copy.deepcopy(head).to("meta")
+        meta = _at_full_width(head)
         r, p, c = self.num_rois, head.cell_size, head.channels  # the cells run at cell_size
         table = torch.zeros(len(meta.cells), len(EDGE_PAIRS), len(HEAD_OPS), 3, dtype=torch.float64)
         for m, cell in enumerate(meta.cells):

@@ -256,6 +256,7 @@ def sampled_path_saving(module: nn.Module, run) -> float:
             h.remove()
     saving = 0.0
     for mixed, x in zip(mixed_ops, inputs):
+        x = x[:, :mixed.op_channels]  # a partial-channel op's ops run on its first channels
         costs = [count_cost(op, x).flops for op in mixed.ops.values()]
         saving += sum(costs) - sum(costs) / len(mixed.op_table)
     return saving

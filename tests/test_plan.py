@@ -112,12 +112,13 @@ def test_plan_counts_the_search_stages_at_the_search_input_size():
     assert "(the decoded model: 256x256)" in format_plan(plan)
 
 
-def measure(stages, genotype_path: str, recompute: bool = False) -> dict:
+def measure(stages, genotype_path: str, search_opts: dict = None) -> dict:
     """Run one fresh process per stage, concurrently (RSS is per process, so they do not disturb
     each other's figures; see the module docstring). Returns {stage: {"measured_bytes": peak
     growth of one training step, "rois": RoIs the box head saw}}."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    procs = {s: subprocess.Popen([sys.executable, __file__, s, genotype_path, str(recompute)], env=env, cwd=str(REPO),
+    procs = {s: subprocess.Popen([sys.executable, __file__, s, genotype_path, json.dumps(search_opts or {})], env=env,
+                                 cwd=str(REPO),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for s in stages}
     results = {}
@@ -136,14 +137,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure_in_this_process(stage: str, genotype_path: str, recompute: bool = False) -> dict:
+def _measure_in_this_process(stage: str, genotype_path: str, search_opts: dict = None) -> dict:
     import gc
 
     from autofpn.models.genotype import load_genotype
 
     torch.set_num_threads(1)
     cfg = small_cfg()
-    cfg["search"]["recompute"] = recompute
+    cfg["search"].update(search_opts or {})
     model = build_stage_model(cfg, stage, load_genotype(genotype_path), device="cpu")
     rois = []
     model.roi_heads.box_head.register_forward_pre_hook(lambda mod, args: rois.append(args[0].shape[0]))
@@ -167,21 +168,23 @@ def _measure_in_this_process(stage: str, genotype_path: str, recompute: bool = F
     return {"measured_bytes": (peak - before) * 1024, "rois": rois[-1]}
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-def test_activation_estimate_within_25_percent_of_measured_peak(tmp_path, recompute):
+@pytest.mark.parametrize("search_opts", [{}, {"recompute": True}, {"partial_channels": 4}],
+                         ids=["saved", "recompute", "partial4"])
+def test_activation_estimate_within_25_percent_of_measured_peak(tmp_path, search_opts):
     """search.recompute: the search stages keep a fraction of the activations (the mixed ops'
-    inputs, and one op's activations while it is recomputed), and the plan still matches."""
+    inputs, and one op's activations while it is recomputed), and the plan still matches;
+    search.partial_channels: the mixed ops run on a quarter of the channels, the plan matches."""
     if not os.path.exists("/proc/self/clear_refs") or not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak-RSS mark")
     cfg = small_cfg()
-    cfg["search"]["recompute"] = recompute
+    cfg["search"].update(search_opts)
     genotype = representative_genotype(cfg)
     path = tmp_path / "genotype.json"
     path.write_text(json.dumps(genotype))
     plan = plan_search(cfg, genotype)
     rows = []
-    stages = STAGES[:2] if recompute else STAGES  # the decoded model has nothing to recompute
-    measured = measure(stages, str(path), recompute)
+    stages = STAGES[:2] if search_opts else STAGES  # the decoded model is the same for every setting
+    measured = measure(stages, str(path), search_opts)
     for stage in stages:
         got = measured[stage]
         assert got["rois"] == plan["num_rois"], f"{stage}: the box head saw {got['rois']} RoIs"
@@ -194,8 +197,8 @@ def test_activation_estimate_within_25_percent_of_measured_peak(tmp_path, recomp
         assert abs(estimate - measured) <= 0.25 * measured, report
 
 
-if __name__ == "__main__":  # the measuring subprocess: python tests/test_plan.py STAGE GENOTYPE RECOMPUTE
-    print(json.dumps(_measure_in_this_process(sys.argv[1], sys.argv[2], sys.argv[3] == "True")))
+if __name__ == "__main__":  # the measuring subprocess: python tests/test_plan.py STAGE GENOTYPE SEARCH_OPTS_JSON
+    print(json.dumps(_measure_in_this_process(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))))
 
 
 def test_search_compute_counts_weight_and_architecture_steps():

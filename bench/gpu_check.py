@@ -4,7 +4,8 @@
    float64 ground truth, float32 weights with half inputs, gradcheck / opcheck on the device).
 2. Time per step (median of --reps, synchronised) and peak GPU memory (``max_memory_allocated``)
    of an FPN training step and of a neck and a head search iteration on the config (default the
-   demo's), once in float32 and once with ``search.amp`` (bfloat16 where the GPU has it, else
+   demo's; also with ``search.mode=gdas`` and with ``search.partial_channels=4``), once in
+   float32 and once with ``search.amp`` (bfloat16 where the GPU has it, else
    float16), printed as a table with the ratio to the FPN step.
 3. A short search (``search.py``, both stages) and a short training of its genotype
    (``train.py``) on the device, end to end, as a user runs them.
@@ -32,9 +33,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-VARIANTS = ("fpn", "neck", "head")  # the default rows; --variants takes any of bench_search's
+# the default rows: the paper's full mixed op, and the two cheaper ways of searching (one sampled op
+# per link / edge; the ops on a quarter of the channels); --variants takes any of bench_search's
+VARIANTS = ("fpn", "neck", "head", "neck_gdas", "head_gdas", "neck_pc4", "head_pc4")
 LABELS = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
-          "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute"}
+          "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
+          "neck_gdas": "neck search, gdas", "head_gdas": "head search, gdas",
+          "neck_pc4": "neck search, 1/4 ch.", "head_pc4": "head search, 1/4 ch."}
 
 
 def amp_dtype_for(device: str) -> str:

@@ -136,3 +136,15 @@ def test_a_partial_supernet_detector_trains_alpha_and_beta(mode):
 def test_partial_channels_that_do_not_divide_the_width_name_the_key(value):
     with pytest.raises(ConfigError, match=r"search\.partial_channels"):
         build_detector(load_config(None, TINY + [f"search.partial_channels={value}"]), search=True)
+
+
+def test_search_checks_partial_channels_against_each_searched_width_before_it_starts():
+    """check_config (search.py runs it before claiming its folder): the neck's width, and the
+    head supernet's (search.head_channels when set) for a head stage."""
+    from autofpn.search.differentiable import check_config
+    check_config(load_config(None, TINY + ["search.partial_channels=8"]))  # 16 and 8 channels
+    with pytest.raises(ConfigError, match=r"search\.partial_channels.*head supernet's 12 channels"):
+        check_config(load_config(None, TINY + ["search.partial_channels=8", "search.head_channels=12"]))
+    # a neck-only search does not build the head supernet
+    check_config(load_config(None, TINY + ["search.partial_channels=8", "search.head_channels=12",
+                                           "search.stage=neck"]))

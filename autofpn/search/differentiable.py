@@ -581,10 +581,12 @@ def stages_to_run(cfg: Dict[str, Any]) -> List[str]:
 
 
 def check_config(cfg: Dict[str, Any]) -> None:
-    """A stage the detector lacks, or a selection an ensemble cannot use, fails before search.py
-    claims the output folder."""
+    """A stage the detector lacks, a selection an ensemble cannot use, or partial channels that
+    do not divide a supernet's width fail before search.py claims the output folder."""
     from autofpn.config import ConfigError
-    stages_to_run(cfg)
+    from autofpn.models.detector import partial_channels
+    for stage in stages_to_run(cfg):  # the width each searched supernet is built at
+        partial_channels(stage_config(cfg, stage, None), stage)
     if cfg["search"]["selection"] != "weights" and int(cfg["search"]["ensemble"]) > 1:
         raise ConfigError(f"'search.selection' = {cfg['search']['selection']!r} measures one trained supernet; "
                           f"search.ensemble > 1 decodes the mean weights of several: use one of the two")

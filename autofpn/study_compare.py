@@ -5,12 +5,16 @@ and on how many of them it scored higher).
     python -m autofpn.study_compare docs/study/demo_head_cs3_fc fpn searched_middle random_02
     python -m autofpn.study_compare DIR fpn random_02 --seeds 3 4 5 6   # held-out seeds only
     python -m autofpn.study_compare DIR fpn searched_middle+searched_middle_seed1   # pooled runs
+    python -m autofpn.study_compare DIR searched_middle+searched_middle_seed1 searched_middle_pc4+searched_middle_pc4_seed1
 
 Runs of one seed share the data order and the initialisation draws, so paired differences
 are the fair comparison; restricting to seeds that were not used to pick an entry (the best of
 several random architectures, say) gives its AP without the winner's bias of the pick. Names
 joined by "+" pool those entries' runs (several searches of one method): each run is paired with
-the first entry's run of its seed, and a seed's column shows the pooled runs' mean."""
+the first entry's run of its seed, and a seed's column shows the pooled runs' mean. A pooled
+first entry pairs part by part: every other entry pools as many entries, and its i-th entry's run
+of a seed is paired with the reference's i-th entry's run of that seed (two ways of searching,
+each run with the same search seeds)."""
 import argparse
 import json
 import math
@@ -40,11 +44,15 @@ def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequenc
     """{"seeds": the seeds shown, "entries": [{name, ap: {seed: AP (pooled: the mean)}, runs, mean,
     std (over the runs), vs_first: {n, mean, se, above} or None}]}; ``seeds`` None: every seed any
     of them finished."""
-    if "+" in names[0]:
-        raise StudyError(f"{names[0]}: the first entry is the reference of the pairs; pool the others")
+    reference = names[0].split("+")
+    for name in names[1:]:
+        if len(reference) > 1 and len(name.split("+")) != len(reference):
+            raise StudyError(f"{name}: a pooled reference ({names[0]}) is paired part by part: "
+                             f"pool {len(reference)} entries here too")
     runs = {name: entry_ap(study, name, where) for name in names}
+    part_ap = {part: {s: aps[0] for s, aps in entry_ap(study, part, where).items()}
+               for name in names for part in name.split("+")}
     shown = sorted(set(seeds) if seeds is not None else {s for ap in runs.values() for s in ap})
-    first = {s: aps[0] for s, aps in runs[names[0]].items()}
     out = []
     for name in names:
         kept = {s: runs[name][s] for s in shown if s in runs[name]}
@@ -52,7 +60,10 @@ def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequenc
         mean, std = _mean_std(values)
         row = {"name": name, "ap": {s: sum(aps) / len(aps) for s, aps in kept.items()}, "runs": len(values),
                "mean": mean, "std": std, "vs_first": None}
-        diffs = [v - first[s] for s, aps in kept.items() if s in first for v in aps]
+        parts = name.split("+")
+        pairs = zip(parts, reference) if len(reference) > 1 else ((part, names[0]) for part in parts)
+        diffs = [part_ap[part][s] - part_ap[ref][s] for part, ref in pairs
+                 for s in shown if s in part_ap[part] and s in part_ap[ref]]
         if name != names[0] and diffs:
             d_mean, d_std = _mean_std(diffs)
             row["vs_first"] = {"n": len(diffs), "mean": d_mean, "above": sum(d > 0 for d in diffs),

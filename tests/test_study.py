@@ -821,7 +821,10 @@ def test_study_compare_pairs_runs_by_seed(tmp_path):
     pooled = compare(study, ["fpn", "random_02+fpn"])["entries"][1]
     assert pooled["runs"] == 7 and pooled["ap"][0] == pytest.approx(11.5) and pooled["ap"][4] == 9.0
     assert pooled["vs_first"]["n"] == 6 and pooled["vs_first"]["mean"] == pytest.approx((3.0 + 0.5 - 1.0) / 6)
-    with pytest.raises(StudyError, match="reference"):
+    # a pooled reference pairs part by part: random_02 with fpn, fpn with random_02, seed by seed
+    matched = compare(study, ["fpn+random_02", "random_02+fpn"])["entries"][1]["vs_first"]
+    assert matched["n"] == 6 and matched["mean"] == pytest.approx(0.0) and matched["above"] == 3
+    with pytest.raises(StudyError, match="pool 2 entries here too"):
         compare(study, ["fpn+random_02", "fpn"])
     (tmp_path / "study.json").write_text(json.dumps(study))
     result = subprocess.run([sys.executable, "-m", "autofpn.study_compare", str(tmp_path), "fpn", "panet"],

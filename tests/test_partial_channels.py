@@ -148,3 +148,19 @@ def test_search_checks_partial_channels_against_each_searched_width_before_it_st
     # a neck-only search does not build the head supernet
     check_config(load_config(None, TINY + ["search.partial_channels=8", "search.head_channels=12",
                                            "search.stage=neck"]))
+
+
+def test_a_partial_supernet_runs_under_bfloat16_autocast_in_channels_last():
+    """search.amp with partial channels: the shuffle takes the ops' bfloat16 output and the
+    float32 channels that passed by; the losses and alpha / beta's gradients are finite."""
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY + ["search.partial_channels=2", "model.memory_format=channels_last"])
+    model = build_detector(cfg, search=True).train()
+    images, targets = float64_batch()
+    images = [i.float() for i in images]
+    targets = [{**t, "boxes": t["boxes"].float()} for t in targets]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0 for a in model.arch_parameters())

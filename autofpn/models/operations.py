@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from autofpn.ops.depthwise import depthwise_conv2d, depthwise_same_conv
+from autofpn.ops.layout import memory_format_of
 from autofpn.ops.pointwise import add_weighted, concat_pointwise, depthwise_concat_pointwise
 from autofpn.ops.weighted_convs import merged_kernel, weighted_convs
 from autofpn.ops.mixed_sum import mixed_sum  # fused extension, or the PyTorch reference
@@ -336,11 +337,6 @@ def set_fused(model: nn.Module, enabled: bool = True) -> int:
     return len(mixed)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    return (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous() else torch.contiguous_format)
-
-
 def shuffle_partial(y: Tensor, rest: Tensor, groups: int) -> Tensor:
     """PC-DARTS's ``channel_shuffle(cat([y, rest], 1), groups)`` in one pass: y: Tensor[N, c, H, W]
     (the ops' output), rest: Tensor[N, (groups - 1) c, H, W] (the channels that passed by).
@@ -349,7 +345,7 @@ def shuffle_partial(y: Tensor, rest: Tensor, groups: int) -> Tensor:
     y's memory format (channels-last stays channels-last) and, under autocast, its dtype."""
     c = y.shape[1]
     out = torch.empty((y.shape[0], c * groups) + tuple(y.shape[2:]), dtype=y.dtype, device=y.device,
-                      memory_format=_memory_format(y))
+                      memory_format=memory_format_of(y))
     out[:, 0::groups] = y
     for g in range(1, groups):
         out[:, g::groups] = rest[:, (g - 1) * c:g * c]
@@ -441,7 +437,7 @@ class MixedOp(nn.Module):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected ({len(self.op_table)},)")
         if self.partial == 1:
             return self._mix(x, weights, active)
-        part = x[:, :self.op_channels].contiguous(memory_format=_memory_format(x))
+        part = x[:, :self.op_channels].contiguous(memory_format=memory_format_of(x))
         y = self._mix(part, weights, active)
         return shuffle_partial(torch.zeros_like(part) if y is None else y, x[:, self.op_channels:], self.partial)
 

@@ -4,7 +4,8 @@ architecture record of each search's head/arch_trajectory.jsonl (x 1e-3; > 0: th
 
     python docs/study/demo/diagnostics/head_weight_drift.py [KIND=search,search ...]
 
-Default: the three full-channel searches against the three at search.partial_channels=4 and 2.
+Default: the three full-channel searches against the three at search.partial_channels=4 and 2
+and the three with the head supernet at half the width (search.head_channels=8).
 """
 import json
 import os
@@ -17,7 +18,8 @@ from autofpn.models.operations import HEAD_OPS
 SEARCHES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "searches")
 KINDS = {"full": ["middle", "seed1/middle", "seed2/middle"],
          "pc4": ["pc4/middle", "pc4_seed1/middle", "pc4_seed2/middle"],
-         "pc2": ["pc2/middle", "pc2_seed1/middle", "pc2_seed2/middle"]}
+         "pc2": ["pc2/middle", "pc2_seed1/middle", "pc2_seed2/middle"],
+         "hc8": ["hc8/middle", "hc8_seed1/middle", "hc8_seed2/middle"]}
 
 
 def drift(search: str) -> np.ndarray:

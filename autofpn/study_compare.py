@@ -25,18 +25,13 @@ from typing import Any, Dict, List, Optional, Sequence
 from autofpn.study import StudyError, _mean_std, read_json
 
 
-def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, List[float]]:
-    """{seed: [AP, ...]} of the entry ``name`` of a study.json, or of the entries "a+b+..."
-    pooled (one AP per entry that finished the seed)."""
+def entry_ap(study: Dict[str, Any], name: str, where: str) -> Dict[int, float]:
+    """{seed: AP} of the entry ``name`` of a study.json (the seeds it finished)."""
     by_name = {e["name"]: e for e in study["entries"]}
-    runs: Dict[int, List[float]] = {}
-    for part in name.split("+"):
-        if part not in by_name:
-            raise StudyError(f"{where}: no entry {part!r} (entries: {', '.join(by_name)})")
-        for run in by_name[part]["runs"]:
-            if run["metrics"].get("AP") is not None:
-                runs.setdefault(int(run["seed"]), []).append(float(run["metrics"]["AP"]))
-    return runs
+    if name not in by_name:
+        raise StudyError(f"{where}: no entry {name!r} (entries: {', '.join(by_name)})")
+    return {int(run["seed"]): float(run["metrics"]["AP"]) for run in by_name[name]["runs"]
+            if run["metrics"].get("AP") is not None}
 
 
 def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequence[int]] = None,
@@ -49,9 +44,13 @@ def compare(study: Dict[str, Any], names: Sequence[str], seeds: Optional[Sequenc
         if len(reference) > 1 and len(name.split("+")) != len(reference):
             raise StudyError(f"{name}: a pooled reference ({names[0]}) is paired part by part: "
                              f"pool {len(reference)} entries here too")
-    runs = {name: entry_ap(study, name, where) for name in names}
-    part_ap = {part: {s: aps[0] for s, aps in entry_ap(study, part, where).items()}
-               for name in names for part in name.split("+")}
+    # {entry: {seed: AP}} of every entry named, pooled or not; a pooled name's runs are its parts'
+    part_ap = {part: entry_ap(study, part, where) for name in names for part in name.split("+")}
+    runs = {name: {} for name in names}
+    for name in names:
+        for part in name.split("+"):
+            for s, ap in part_ap[part].items():
+                runs[name].setdefault(s, []).append(ap)
     shown = sorted(set(seeds) if seeds is not None else {s for ap in runs.values() for s in ap})
     out = []
     for name in names:

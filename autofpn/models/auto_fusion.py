@@ -15,14 +15,17 @@ Architecture weights for the supernet: ``Tensor[layers, len(levels)**2, len(NECK
 (softmax over the last dim), link index ``t * len(levels) + s`` for target level
 ``levels[t]`` and source level ``levels[s]`` (see ``link_pairs``).
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autofpn.ops.layout import memory_format_of
+from autofpn.ops.pointwise import concat_pointwise
+
 from .genotype import neck_part
-from .operations import NECK_OPS, MixedOp, make_norm, step_conv1x1
+from .operations import NECK_OPS, MixedOp, make_norm, shuffle_partial, stackable, stacked_weighted_sum, step_conv1x1
 
 
 def resample(x: Tensor, src_level: int, dst_level: int, size: Tuple[int, int]) -> Tensor:
@@ -76,6 +79,35 @@ class FusionLink(nn.Module):
             active = self.mixed.active(weights)  # one host sync per link, shared with the mixed op
             return self.mixed(self.project(x), weights, active) if active else None
         return self.mixed(self.project(x), weights)
+
+
+def stacked_links(links: Sequence[FusionLink], x: Tensor, weights: Tensor) -> List[Tensor]:
+    """``[link(x, w) for link, w in zip(links, weights)]`` for the supernet links that leave one
+    source level, computed as one (``stacks(links, x)``): one 1x1 projection with the links' weights
+    stacked, then ``stacked_weighted_sum`` (one call per op for all links instead of one per link
+    and op: at the demo's widths a neck search iteration is mostly fixed cost per call). With
+    partial channels the projection's op channels and passed-by channels are two products, so
+    neither is sliced from the other. x: Tensor[N, C, H, W]; weights: Tensor[G, len(NECK_OPS)].
+    Returns G tensors [N, C, H, W] in x's layout."""
+    mixed = [link.mixed for link in links]
+    c, parts = mixed[0].op_channels, mixed[0].partial
+    weight = torch.stack([link.conv.weight for link in links])  # [G, C, C, 1, 1]
+    bias = torch.stack([link.conv.bias for link in links])  # [G, C]
+    ops_in = concat_pointwise([x], weight[:, :c].flatten(0, 1), bias[:, :c].flatten())  # [N, G c, H, W]
+    y = stacked_weighted_sum(mixed, ops_in, weights)
+    layout = memory_format_of(x)
+    if parts == 1:
+        return [part.contiguous(memory_format=layout) for part in y.chunk(len(links), 1)]
+    rest = concat_pointwise([x], weight[:, c:].flatten(0, 1), bias[:, c:].flatten())  # [N, G (C - c), H, W]
+    return [shuffle_partial(y_g, rest_g, parts, layout) for y_g, rest_g in zip(y.chunk(len(links), 1),
+                                                                          rest.chunk(len(links), 1))]
+
+
+def stacks(links: Sequence[FusionLink], x: Tensor) -> bool:
+    """Whether ``stacked_links`` runs ``links`` on x (Tensor[N, C, H, W]): norm-free links (the
+    paper's search) whose mixed ops are ``stackable`` at x's N H W pixels."""
+    return (all(isinstance(link.norm, nn.Identity) and link.conv.bias is not None for link in links)
+            and stackable([link.mixed for link in links], x.shape[0] * x.shape[2] * x.shape[3]))
 
 
 def link_name(src: int, dst: int) -> str:
@@ -154,6 +186,22 @@ class AutoFusionNeck(nn.Module):
                                             residual_ops, partial_channels if genotype is None else 1)
                 for (s, t) in self.link_pairs if (s, t) in chosen}))
 
+    def _layer_links(self, layer: nn.ModuleDict, x: Dict[int, Tensor],
+                     weights: Optional[Tensor]) -> Iterator[Tuple[int, int, Optional[Tensor]]]:
+        """(source, target, the link's output before resampling, None for a sampled "none") for
+        each link of ``layer`` (weights: Tensor[len(link_pairs), len(NECK_OPS)] or None), source by
+        source; the links of a source that ``stacks`` are computed at once (``stacked_links``)."""
+        for s in self.levels:
+            pairs = [(idx, t) for idx, (src, t) in enumerate(self.link_pairs)
+                     if src == s and link_name(s, t) in layer]  # "none" in a decoded neck: no link
+            links = [layer[link_name(s, t)] for _, t in pairs]
+            if weights is not None and stacks(links, x[s]):
+                rows = weights[[idx for idx, _ in pairs]]
+                yield from ((s, t, y) for (_, t), y in zip(pairs, stacked_links(links, x[s], rows)))
+                continue
+            for (idx, t), link in zip(pairs, links):
+                yield s, t, link(x[s], None if weights is None else weights[idx])
+
     def forward(self, feats: Dict[str, Tensor], weights: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """feats: {"c2": Tensor[N, C2, H/4, W/4], ...}; weights: Tensor[arch_shape] (softmaxed)
         for the supernet, None for a fixed neck. Returns {"p2": Tensor[N, channels, H/4, W/4],
@@ -168,12 +216,7 @@ class AutoFusionNeck(nn.Module):
         sizes = {lv: tuple(x[lv].shape[-2:]) for lv in self.levels}
         for k, layer in enumerate(self.layers):
             out: Dict[int, Tensor] = {}
-            for idx, (s, t) in enumerate(self.link_pairs):
-                name = link_name(s, t)
-                if name not in layer:  # "none" in a decoded neck: nothing computed
-                    continue
-                w = weights[k, idx] if weights is not None else None
-                y = layer[name](x[s], w)
+            for s, t, y in self._layer_links(layer, x, None if weights is None else weights[k]):
                 if y is None:  # a sampled "none"
                     continue
                 y = resample(y, s, t, sizes[t])

@@ -276,6 +276,85 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     return conv if identity is None else add_weighted(conv, x, identity)
 
 
+# The largest block-diagonal product ``stacked_weighted_sum`` runs, in multiply-adds (pixels x
+# (links x op channels)^2): its pointwise convolutions are block-diagonal, G times the FLOPs of
+# the G links' own, which pays for G times fewer calls only while the products are small. On this
+# project's 2-core CPU (a neck search iteration of configs/demo.yaml, docs/BENCHMARKS.md):
+# stacking every level of 4 links x 32 channels took 1.45x the time of the links run one by one,
+# stacking the levels up to 1008 pixels 0.90x.
+MAX_STACKED_MACS = 2 ** 24
+
+
+def stackable(mixed: Sequence["MixedOp"], pixels: int) -> bool:
+    """Whether ``stacked_weighted_sum`` runs the mixed ops ``mixed`` (e.g. the links that leave
+    one source level of a neck supernet) as one on inputs of ``pixels`` = N H W: fused supernet
+    ops of one op table and width, not sampled, of the kinds "identity", "dil" and "sep" only,
+    with block-diagonal products of at most ``MAX_STACKED_MACS``."""
+    first = mixed[0]
+    return (len(mixed) > 1 and pixels * (first.op_channels * len(mixed)) ** 2 <= MAX_STACKED_MACS
+            and all(runs_fused(m) and not m.sampled and list(m.ops) == list(first.ops) and m.kinds == first.kinds
+                    and (m.op_channels, m.residual, m.recompute) == (first.op_channels, first.residual, first.recompute)
+                    for m in mixed)
+            and all(kind in ("identity", "dil", "sep") for kind in first.kinds)
+            and any(kind != "identity" for kind in first.kinds))
+
+
+def stacked_weighted_sum(mixed: Sequence["MixedOp"], x: Tensor, weights: Tensor) -> Tensor:
+    """The G mixed ops' weighted sums at once (``stackable(mixed)``): x: Tensor[N, G c, H, W],
+    mixed op g's input in channels g c .. (g + 1) c - 1 (c = ``op_channels``); weights:
+    Tensor[G, len(op_table)], row g mixed op g's. Returns Tensor[N, G c, H, W], channels
+    g c .. (g + 1) c - 1 equal (up to float rounding) to ``mixed[g]._mix(x_g, weights[g])``.
+
+    Recomputed in the backward pass when the ops are (``MixedOp.recompute``)."""
+    if mixed[0].recompute and torch.is_grad_enabled():
+        return checkpoint(_stacked_sum, mixed, x, weights, use_reentrant=False)
+    return _stacked_sum(mixed, x, weights)
+
+
+def _stacked_sum(mixed: Sequence["MixedOp"], x: Tensor, weights: Tensor) -> Tensor:
+    """``_fused_weighted_sum`` of G mixed ops stacked along the channels: one ReLU, one depthwise
+    convolution per op over the G stacked kernels (G times fewer calls), and every pointwise
+    convolution with a block-diagonal weight, block g mixed op g's (times its architecture weight
+    in the final one). Identity (and a residual op's skip) is a weight per channel."""
+    first = mixed[0]
+    c = first.op_channels
+    w = weights.index_select(1, first.op_index.to(weights.device))  # [G, ops held]
+    identity = None  # [G]
+    if first.residual:  # sum_k w_k (x + op_k(x)) over the convolutions adds their weights' sum times x
+        identity = w.masked_fill(~first.conv_mask.to(w.device), 0).sum(1)
+    r = torch.relu(x)
+    hs: List[Tensor] = []  # the inputs of the final depthwise convs, stacked
+    kernels: List[Tensor] = []
+    dilations: List[int] = []
+    blocks: List[Tensor] = []  # block-diag(w_gk W_gk) per op
+    biases: List[Tensor] = []  # concat_g(w_gk b_gk) per op
+    for k, (name, kind) in enumerate(zip(first.ops, first.kinds)):
+        if kind == "identity":
+            identity = w[:, k] if identity is None else identity + w[:, k]
+            continue
+        ops = [m.ops[name] for m in mixed]
+        if kind == "sep":  # the first block: depthwise, block-diagonal pointwise, ReLU
+            firsts = [op[0] for op in ops]
+            d = depthwise_conv2d(r, torch.cat([b[1].weight for b in firsts]), firsts[0][1].padding[0],
+                                 firsts[0][1].dilation[0])
+            block = torch.block_diag(*[b[2].weight.flatten(1) for b in firsts])
+            h = torch.relu(concat_pointwise([d], block[:, :, None, None], torch.cat([b[2].bias for b in firsts])))
+            ops = [op[1] for op in ops]
+        else:
+            h = r
+        hs.append(h)
+        kernels.append(torch.cat([op[1].weight for op in ops]))
+        dilations.append(ops[0][1].dilation[0])
+        wk = w[:, k]
+        blocks.append(torch.block_diag(*(torch.stack([op[2].weight.flatten(1) for op in ops])
+                                         * wk.view(-1, 1, 1)).unbind()))
+        biases.append((torch.stack([op[2].bias for op in ops]) * wk.view(-1, 1)).flatten())
+    residual_weight = None if identity is None else identity.repeat_interleave(c).view(-1, 1, 1)
+    return depthwise_concat_pointwise(hs, kernels, dilations, torch.cat(blocks, 1)[:, :, None, None],
+                                      functools.reduce(torch.add, biases), None,
+                                      x if identity is not None else None, residual_weight)
+
+
 def _zero_last_layer(op: nn.Module) -> None:
     """Zero the scale of ``op``'s last norm layer (its last conv's weight and bias when it has no
     norm), so that ``x + op(x)`` starts as the identity (the zero-initialised residual branch of
@@ -337,18 +416,20 @@ def set_fused(model: nn.Module, enabled: bool = True) -> int:
     return len(mixed)
 
 
-def shuffle_partial(y: Tensor, rest: Tensor, groups: int) -> Tensor:
+def shuffle_partial(y: Tensor, rest: Tensor, groups: int, memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """PC-DARTS's ``channel_shuffle(cat([y, rest], 1), groups)`` in one pass: y: Tensor[N, c, H, W]
     (the ops' output), rest: Tensor[N, (groups - 1) c, H, W] (the channels that passed by).
     Output channel j * groups + g is channel g * c + j of the concatenation: y's channels land at
     0, groups, 2 groups, ..., the g-th part of ``rest`` at g, g + groups, ... The result keeps
-    y's memory format (channels-last stays channels-last) and, under autocast, its dtype."""
+    y's memory format (channels-last stays channels-last; or ``memory_format`` when given) and,
+    under autocast, its dtype; two copies whatever ``groups`` (y's and rest's, each into a view
+    of the output)."""
     c = y.shape[1]
     out = torch.empty((y.shape[0], c * groups) + tuple(y.shape[2:]), dtype=y.dtype, device=y.device,
-                      memory_format=memory_format_of(y))
-    out[:, 0::groups] = y
-    for g in range(1, groups):
-        out[:, g::groups] = rest[:, (g - 1) * c:g * c]
+                      memory_format=memory_format or memory_format_of(y))
+    parts = out.unflatten(1, (c, groups))  # [N, c, groups, H, W]: channel j * groups + g
+    parts[:, :, 0] = y
+    parts[:, :, 1:] = rest.unflatten(1, (groups - 1, c)).transpose(1, 2)
     return out
 
 

@@ -160,12 +160,16 @@ def _epilogue_grads(ctx, grad_out: Tensor, grad: Tensor, residual: Optional[Tens
     grad_residual = grad_residual_weight = None
     if residual is not None:
         if needs[3]:
-            grad_residual = grad_out * residual_weight
+            grad_residual = grad_out * (residual_weight if residual_weight.dim() == 0
+                                        else residual_weight.to(grad_out.dtype))
         if needs[4]:
-            flat = grad.reshape(-1), _pixels(residual).reshape(-1)
-            if flat[0].dtype != residual_weight.dtype:  # half precision: accumulate in float32
-                flat = tuple(f.to(residual_weight.dtype) for f in flat)
-            grad_residual_weight = torch.dot(*flat)
+            pixels = grad, _pixels(residual)
+            if pixels[0].dtype != residual_weight.dtype:  # half precision: accumulate in float32
+                pixels = tuple(p.to(residual_weight.dtype) for p in pixels)
+            if residual_weight.dim() == 0:
+                grad_residual_weight = torch.dot(pixels[0].reshape(-1), pixels[1].reshape(-1))
+            else:  # one weight per channel
+                grad_residual_weight = (pixels[0] * pixels[1]).sum(0).view_as(residual_weight)
     return grad_bias, grad_extra, grad_residual, grad_residual_weight
 
 
@@ -178,8 +182,8 @@ def concat_pointwise(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor
         xs: K tensors [N, C_k, H, W] of one dtype and layout.
         weight: [C_out, sum C_k, 1, 1]; bias: [C_out] or None.
         extra: [N, C_out, H, W] added as it is, or None.
-        residual: [N, C_out, H, W] and residual_weight, a 0-d tensor (an architecture weight),
-            or both None.
+        residual: [N, C_out, H, W] and residual_weight, a 0-d tensor (an architecture weight)
+            or, in ``depthwise_concat_pointwise``, one per channel ([C_out, 1, 1]); or both None.
     Returns [N, C_out, H, W], in the layout of xs. Under autocast: in its dtype, with the
     residual rounded to it and residual_weight's gradient accumulated in residual_weight's dtype.
     """

@@ -1,0 +1,166 @@
+"""Stacked neck links (``stacked_links``): a neck supernet computes the links that leave one source
+level at once (one projection, one depthwise convolution per op, block-diagonal pointwise ones),
+with the same values and gradients as the links run one by one. Float64 where values are
+compared."""
+import pytest
+import torch
+
+from autofpn.models import auto_fusion, operations
+from autofpn.models.auto_fusion import AutoFusionNeck
+from autofpn.models.operations import MixedOp, NECK_OPS, set_recompute, stackable
+from autofpn.ops.pointwise import depthwise_concat_pointwise
+
+TOL = dict(rtol=1e-10, atol=1e-11)
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+LEVELS = (2, 3, 4, 5)
+
+
+def _neck(partial=1, residual=False, recompute=False, sampled=False, norm="none", dtype=torch.float64):
+    torch.manual_seed(0)
+    neck = AutoFusionNeck({f"c{lv}": 8 for lv in LEVELS}, {f"c{lv}": 2 ** lv for lv in LEVELS}, 16,
+                          partial_channels=partial, residual_ops=residual, sampled=sampled, norm=norm).to(dtype)
+    with torch.no_grad():  # random values everywhere (a residual op's last conv starts at zero)
+        for p in neck.parameters():
+            p.normal_(0, 0.3)
+    if recompute:
+        set_recompute(neck)
+    return neck
+
+
+def _feats(layout, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    return {f"c{lv}": torch.randn(2, 8, 24 >> (lv - 2), 16 >> (lv - 2), generator=gen, dtype=dtype)
+            .contiguous(memory_format=LAYOUTS[layout]) for lv in LEVELS}
+
+
+def _run(neck, feats, weights, stacked, monkeypatch):
+    """Outputs, gradients (features, weights, parameters) and how many times ``stacked_links``
+    ran, with stacking on (every block-diagonal product allowed) or off."""
+    monkeypatch.setattr(operations, "MAX_STACKED_MACS", 2 ** 40 if stacked else 0)
+    calls = []
+    original = auto_fusion.stacked_links
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+    monkeypatch.setattr(auto_fusion, "stacked_links", counted)
+    feats = {k: v.detach().clone().requires_grad_() for k, v in feats.items()}
+    weights = weights.detach().clone().requires_grad_()
+    neck.zero_grad(set_to_none=True)
+    out = neck(feats, weights)
+    gen = torch.Generator().manual_seed(3)
+    sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in out.values()).backward()
+    grads = [feats[k].grad for k in feats] + [weights.grad] + [p.grad for p in neck.parameters()]
+    return out, grads, len(calls)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("partial, variant", [(1, "plain"), (4, "plain"),
+                                              (2, "residual"), (2, "recompute")])
+def test_stacked_links_equal_the_links_one_by_one(partial, layout, variant, monkeypatch):
+    """Each source level's four links run as one (twice per level: two layers); outputs, their
+    layout, and the gradients of the features, the architecture weights and every parameter
+    equal those of the links run one by one."""
+    neck = _neck(partial, residual=variant == "residual", recompute=variant == "recompute")
+    feats = _feats(layout)
+    weights = torch.randn(neck.arch_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weights = weights.softmax(-1)
+    out, grads, calls = _run(neck, feats, weights, True, monkeypatch)
+    ref_out, ref_grads, ref_calls = _run(neck, feats, weights, False, monkeypatch)
+    assert (calls, ref_calls) == (2 * len(LEVELS), 0)
+    for name in ref_out:
+        torch.testing.assert_close(out[name], ref_out[name], **TOL)
+        assert out[name].is_contiguous(memory_format=LAYOUTS[layout])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_stacking_makes_one_depthwise_convolution_per_op_and_source_level(monkeypatch):
+    """What it is for: 4x fewer depthwise convolution calls in a training step's forward (8 per
+    source level and layer: 6 ops' final ones, 2 sep-convs' first ones; 4 links per level)."""
+    neck = _neck(2, dtype=torch.float32)
+    feats = _feats("channels_last", torch.float32)
+    weights = torch.full(neck.arch_shape, 1.0 / len(NECK_OPS))
+    counts = []
+    for limit in (2 ** 40, 0):
+        monkeypatch.setattr(operations, "MAX_STACKED_MACS", limit)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            neck(feats, weights)
+        depthwise = [e for e in prof.events() if e.name == "aten::convolution"]
+        counts.append(len(depthwise))
+    assert counts == [2 * len(LEVELS) * 8, 2 * len(LEVELS) * 4 * 8]
+
+
+@pytest.mark.parametrize("case", ["sampled", "gn", "as_built", "too_large"])
+def test_links_that_do_not_stack_run_one_by_one(case, monkeypatch):
+    """Sampled paths (each link its own ops), a norm inside the links, the cost-counting pass
+    (``ops_as_built``: its hooks must see each op) and products above ``MAX_STACKED_MACS`` run
+    link by link."""
+    neck = _neck(sampled=case == "sampled", norm="gn" if case == "gn" else "none", dtype=torch.float32)
+    feats = _feats("nchw", torch.float32)
+    weights = torch.full(neck.arch_shape, 1.0 / len(NECK_OPS))
+    if case == "sampled":
+        weights = torch.nn.functional.one_hot(torch.arange(neck.arch_shape[1]) % len(NECK_OPS),
+                                              len(NECK_OPS)).float().expand(neck.arch_shape)
+    calls = []
+    original = auto_fusion.stacked_links
+    monkeypatch.setattr(auto_fusion, "stacked_links", lambda *a: calls.append(1) or original(*a))
+    if case == "too_large":  # 24 x 16 pixels x 2 images x (4 links x 16 channels)^2 > the limit
+        monkeypatch.setattr(operations, "MAX_STACKED_MACS", 2 * 24 * 16 * 64 ** 2 - 1)
+    if case == "as_built":
+        with operations.ops_as_built():
+            neck(feats, weights)
+    else:
+        neck(feats, weights)
+    if case == "too_large":
+        assert len(calls) == 2 * (len(LEVELS) - 1)  # every level but the largest
+    else:
+        assert calls == []
+
+
+def test_stackable_counts_the_block_diagonal_products_multiply_adds():
+    mixed = [MixedOp(8, NECK_OPS, partial=2) for _ in range(4)]  # 4 links x 4 op channels
+    assert stackable(mixed, operations.MAX_STACKED_MACS // 16 ** 2)
+    assert not stackable(mixed, operations.MAX_STACKED_MACS // 16 ** 2 + 1)
+    assert not stackable(mixed[:1], 1)  # one link: nothing to stack
+    assert not stackable(mixed[:2] + [MixedOp(8, NECK_OPS, partial=4)], 1)  # other widths
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_depthwise_concat_pointwise_with_one_residual_weight_per_channel(layout):
+    """The stacked identity: ``residual_weight`` [C, 1, 1] (one architecture weight per link,
+    repeated over its channels); values and every gradient against the composition."""
+    gen = torch.Generator().manual_seed(0)
+    fmt = LAYOUTS[layout]
+    h = torch.randn(1, 4, 6, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    kernel = torch.randn(4, 1, 3, 3, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, 4, 1, 1, generator=gen, dtype=torch.float64)
+    residual = torch.randn(1, 4, 6, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    rw = torch.randn(4, 1, 1, generator=gen, dtype=torch.float64)
+    tensors = tuple(t.clone().requires_grad_() for t in (h, kernel, weight, residual, rw))
+
+    def fused(h_, v_, w_, res_, rw_):
+        return depthwise_concat_pointwise([h_], [v_], [2], w_, None, None, res_, rw_)
+    want = torch.nn.functional.conv2d(torch.nn.functional.conv2d(h, kernel, None, 1, 2, 2, 4), weight) + rw * residual
+    torch.testing.assert_close(fused(*tensors), want, **TOL)
+    assert torch.autograd.gradcheck(fused, tensors, fast_mode=True)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stacked_links_under_bfloat16_autocast(layout, monkeypatch):
+    """search.amp: the stacked neck computes in bfloat16 like the links one by one (close to
+    them), and the architecture weights' gradient stays float32 and finite."""
+    neck = _neck(2, residual=True, dtype=torch.float32)
+    feats = _feats(layout, torch.float32)
+    weights = torch.randn(neck.arch_shape, generator=torch.Generator().manual_seed(2)).softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads, calls = _run(neck, feats, weights, True, monkeypatch)
+        ref_out, ref_grads, _ = _run(neck, feats, weights, False, monkeypatch)
+    assert calls == 2 * len(LEVELS)
+    for name in ref_out:
+        assert out[name].dtype == torch.bfloat16
+        scale = ref_out[name].float().abs().max().item()  # bfloat16 rounds to 2^-8 of the values
+        torch.testing.assert_close(out[name].float(), ref_out[name].float(), rtol=0.05, atol=0.02 * scale)
+    w_grad, ref_w_grad = grads[len(LEVELS)], ref_grads[len(LEVELS)]
+    assert w_grad.dtype == torch.float32 and torch.isfinite(w_grad).all()
+    torch.testing.assert_close(w_grad, ref_w_grad, rtol=0.05, atol=0.05 * ref_w_grad.abs().max().item())

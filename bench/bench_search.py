@@ -15,6 +15,9 @@ On one config (default configs/demo.yaml) and the same batches, measures
     every mixed op runs its ops on 1 / K of its channels),
   - with ``--genotype G``: a training step of the detector decoded from G (what train.py
     retrains after the search),
+  - with ``--unstacked``: every neck-search variant a second time with the links of a source
+    level run one by one (``MAX_STACKED_MACS`` 0; by default they run stacked where
+    autofpn/models/operations.py's rule allows), and the time ratio one by one / stacked,
   - with ``--unfused``: every search variant (and the decoded step) a second time as built, the
     reference: the supernet's mixed ops unfused (every op run as built, then the weighted sum)
     and every depthwise and 1x1 conv of the ops run as its module (``ops_as_built``; outside it a
@@ -27,7 +30,8 @@ variant runs in each memory layout (``model.memory_format``) and the ratio of th
 without it, in the config's.
 
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute] [--partial 2 4]
-                                 [--layouts contiguous channels_last] [--unfused] [--cpu-time] [--no-memory] [--opts k=v ...]
+                                 [--layouts contiguous channels_last] [--unfused] [--unstacked] [--cpu-time] [--no-memory]
+                                 [--opts k=v ...]
 """
 import argparse
 import os
@@ -43,15 +47,27 @@ from peak_memory import peak_in_fresh_process, profile_table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu", fused: bool = True) -> Callable[[], None]:
+def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu", fused: bool = True,
+                  stacked: bool = True) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
     "head_rois<K>", "neck_recompute", "head_recompute", "neck_pc<K>", "head_pc<K>") on fixed
     batches, on ``device`` (the
     search variants with the config's ``search.amp``; ``fused=False``: the reference, every
     op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
-    convs as their modules, ``ops_as_built``)."""
+    convs as their modules, ``ops_as_built``; ``stacked=False``: a neck supernet's links run one
+    by one, ``MAX_STACKED_MACS`` 0)."""
     step = _variant_step(name, cfg, genotype_path, device, fused)
+    if not stacked:
+        from autofpn.models import operations
+
+        def one_by_one():
+            limit, operations.MAX_STACKED_MACS = operations.MAX_STACKED_MACS, 0
+            try:
+                step()
+            finally:
+                operations.MAX_STACKED_MACS = limit
+        return one_by_one
     if fused:
         return step
     from autofpn.models.operations import ops_as_built
@@ -130,6 +146,9 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true",
                         help="also time every search variant and the decoded step as built (the reference: mixed ops "
                              "unfused, every conv module as built), and the ratio")
+    parser.add_argument("--unstacked", action="store_true",
+                        help="also time every neck-search variant with the links of a source level run one by one "
+                             "(not stacked), and the ratio")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--cpu-time", action="store_true",
                         help="also print the median process CPU time (all threads) of each variant")
@@ -147,10 +166,13 @@ def main() -> None:
     layouts = args.layouts or [cfg["model"]["memory_format"]]
     layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
     searched = [name for name in variants if name != "fpn"]  # and "decoded": what runs otherwise as built
-    runs = [(name, layout, True) for layout in layouts for name in variants]
-    runs += [(name, layout, False) for layout in layouts for name in searched] if args.unfused else []
+    necks = [name for name in variants if name.startswith("neck")]
+    # (variant, layout, fused, stacked)
+    runs = [(name, layout, True, True) for layout in layouts for name in variants]
+    runs += [(name, layout, False, True) for layout in layouts for name in searched] if args.unfused else []
+    runs += [(name, layout, True, False) for layout in layouts for name in necks] if args.unstacked else []
     steps: Dict[tuple, Callable[[], None]] = {
-        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2]) for run in runs}
+        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2], stacked=run[3]) for run in runs}
     for step in steps.values():
         step()
     times = {run: [] for run in steps}
@@ -165,40 +187,46 @@ def main() -> None:
     cpu = {run: statistics.median(v) for run, v in cpu_times.items()}
     if args.profile:
         print("profile of one neck search iteration:")
-        print(profile_table(steps[("neck", layouts[0], True)]))
+        print(profile_table(steps[("neck", layouts[0], True, True)]))
     memory = {run: float("nan") if args.no_memory else
-              peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", run[2])
+              peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", *run[2:])
               for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
               **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois},
               "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
               **{f"{stage}_pc{k}": f"{stage} search, 1/{k} channels" for k in args.partial for stage in ("neck", "head")}}
-    for fused in ((True, False) if args.unfused else (True,)):
+    tables = [(True, True, variants)] + ([(False, True, ("fpn", *searched))] if args.unfused else [])
+    tables += [(True, False, ("fpn", *necks))] if args.unstacked else []
+    for fused, stacked, names in tables:
         for layout in layouts:
             title = [f"layout {layout}"] if len(layouts) > 1 else []
             title += ["fused / faster convs" if fused else "as built (the reference)"] if args.unfused else []
+            title += ["neck links stacked" if stacked else "neck links one by one"] if args.unstacked else []
             if title:
                 print(", ".join(title) + ":")
             print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}"
                   + (f"{'CPU (s)':>10}{'x FPN':>8}" if args.cpu_time else ""))
-            for name in (variants if fused else ("fpn", *searched)):
-                run, fpn = (name, layout, fused if name in searched else True), ("fpn", layout, True)
+            for name in names:
+                fpn = ("fpn", layout, True, True)
+                run = (name, layout, fused, stacked) if name != "fpn" else fpn
                 print(f"{labels[name]:<24}{median[run]:>10.3f}{median[run] / median[fpn]:>12.2f}"
                       f"{memory[run]:>10.0f}{memory[run] / memory[fpn]:>8.2f}"
                       + (f"{cpu[run]:>10.3f}{cpu[run] / cpu[fpn]:>8.2f}" if args.cpu_time else ""))
-    if args.unfused:
+    comparisons = [("as built / fused", "ours is faster", searched, (False, True))] if args.unfused else []
+    comparisons += [("one by one / stacked", "stacked is faster", necks, (True, False))] if args.unstacked else []
+    for what, meaning, names, other in comparisons:
         for layout in layouts:
-            print(f"time as built / fused{f' ({layout})' if len(layouts) > 1 else ''} (> 1: ours is faster): "
-                  + ", ".join(f"{name} {median[(name, layout, False)] / median[(name, layout, True)]:.2f}"
-                              for name in searched)
-                  + ("; CPU time: " + ", ".join(f"{name} {cpu[(name, layout, False)] / cpu[(name, layout, True)]:.2f}"
-                                                for name in searched) if args.cpu_time else ""))
+            print(f"time {what}{f' ({layout})' if len(layouts) > 1 else ''} (> 1: {meaning}): "
+                  + ", ".join(f"{name} {median[(name, layout, *other)] / median[(name, layout, True, True)]:.2f}"
+                              for name in names)
+                  + ("; CPU time: " + ", ".join(f"{name} {cpu[(name, layout, *other)] / cpu[(name, layout, True, True)]:.2f}"
+                                                for name in names) if args.cpu_time else ""))
     if len(layouts) > 1:
         first, *others = layouts
         for other in others:
             print(f"time {first} / {other} (> 1: {other} is faster): " + ", ".join(
-                f"{name} {median[(name, first, True)] / median[(name, other, True)]:.2f}" for name in variants))
+                f"{name} {median[(name, first, True, True)] / median[(name, other, True, True)]:.2f}" for name in variants))
 
 
 if __name__ == "__main__":

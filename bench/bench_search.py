@@ -16,8 +16,9 @@ On one config (default configs/demo.yaml) and the same batches, measures
   - with ``--genotype G``: a training step of the detector decoded from G (what train.py
     retrains after the search),
   - with ``--unstacked``: every neck-search variant a second time with the links of a source
-    level run one by one (``MAX_STACKED_MACS`` 0; by default they run stacked where
-    autofpn/models/operations.py's rule allows), and the time ratio one by one / stacked,
+    level run one by one (``MAX_STACKED_MACS`` 0; otherwise they run stacked where
+    autofpn/models/operations.py's rule allows, or up to ``--stack-limit``), and the time ratio
+    one by one / stacked,
   - with ``--unfused``: every search variant (and the decoded step) a second time as built, the
     reference: the supernet's mixed ops unfused (every op run as built, then the weighted sum)
     and every depthwise and 1x1 conv of the ops run as its module (``ops_as_built``; outside it a
@@ -30,7 +31,8 @@ variant runs in each memory layout (``model.memory_format``) and the ratio of th
 without it, in the config's.
 
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute] [--partial 2 4]
-                                 [--layouts contiguous channels_last] [--unfused] [--unstacked] [--cpu-time] [--no-memory]
+                                 [--layouts contiguous channels_last] [--unfused] [--unstacked] [--stack-limit M]
+                                 [--cpu-time] [--no-memory]
                                  [--opts k=v ...]
 """
 import argparse
@@ -38,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from bench_detector import train_step_fn
@@ -48,26 +50,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu", fused: bool = True,
-                  stacked: bool = True) -> Callable[[], None]:
+                  stack_limit: Optional[int] = None) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
     "head_rois<K>", "neck_recompute", "head_recompute", "neck_pc<K>", "head_pc<K>") on fixed
     batches, on ``device`` (the
     search variants with the config's ``search.amp``; ``fused=False``: the reference, every
     op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
-    convs as their modules, ``ops_as_built``; ``stacked=False``: a neck supernet's links run one
-    by one, ``MAX_STACKED_MACS`` 0)."""
+    convs as their modules, ``ops_as_built``; ``stack_limit``: the neck supernet's links stacked
+    up to that ``MAX_STACKED_MACS``, 0: one by one; None: the library's limit)."""
     step = _variant_step(name, cfg, genotype_path, device, fused)
-    if not stacked:
+    if stack_limit is not None:
         from autofpn.models import operations
 
-        def one_by_one():
-            limit, operations.MAX_STACKED_MACS = operations.MAX_STACKED_MACS, 0
+        def with_limit():
+            limit, operations.MAX_STACKED_MACS = operations.MAX_STACKED_MACS, stack_limit
             try:
                 step()
             finally:
                 operations.MAX_STACKED_MACS = limit
-        return one_by_one
+        return with_limit
     if fused:
         return step
     from autofpn.models.operations import ops_as_built
@@ -149,6 +151,9 @@ def main() -> None:
     parser.add_argument("--unstacked", action="store_true",
                         help="also time every neck-search variant with the links of a source level run one by one "
                              "(not stacked), and the ratio")
+    parser.add_argument("--stack-limit", type=int, default=None,
+                        help="stack the neck links up to this many multiply-adds per block-diagonal product "
+                             "(autofpn.models.operations.MAX_STACKED_MACS; default: the library's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--cpu-time", action="store_true",
                         help="also print the median process CPU time (all threads) of each variant")
@@ -171,8 +176,10 @@ def main() -> None:
     runs = [(name, layout, True, True) for layout in layouts for name in variants]
     runs += [(name, layout, False, True) for layout in layouts for name in searched] if args.unfused else []
     runs += [(name, layout, True, False) for layout in layouts for name in necks] if args.unstacked else []
+    limits = {True: args.stack_limit, False: 0}
     steps: Dict[tuple, Callable[[], None]] = {
-        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2], stacked=run[3]) for run in runs}
+        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2], stack_limit=limits[run[3]])
+        for run in runs}
     for step in steps.values():
         step()
     times = {run: [] for run in steps}
@@ -189,7 +196,8 @@ def main() -> None:
         print("profile of one neck search iteration:")
         print(profile_table(steps[("neck", layouts[0], True, True)]))
     memory = {run: float("nan") if args.no_memory else
-              peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", *run[2:])
+              peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", run[2],
+                                    limits[run[3]])
               for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",

@@ -279,9 +279,10 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
 # The largest block-diagonal product ``stacked_weighted_sum`` runs, in multiply-adds (pixels x
 # (links x op channels)^2): its pointwise convolutions are block-diagonal, G times the FLOPs of
 # the G links' own, which pays for G times fewer calls only while the products are small. On this
-# project's 2-core CPU (a neck search iteration of configs/demo.yaml, docs/BENCHMARKS.md):
-# stacking every level of 4 links x 32 channels took 1.45x the time of the links run one by one,
-# stacking the levels up to 1008 pixels 0.90x.
+# project's 2-core CPU, a demo neck search iteration (docs/BENCHMARKS.md, "Stacked neck links";
+# ``bench/bench_search.py --unstacked [--stack-limit M]``): every level of 4 links x 32 channels
+# stacked took 1.21x the time of the links one by one, with this limit 0.92x; at 4 x 8 channels
+# (partial channels, K = 4) 0.70x.
 MAX_STACKED_MACS = 2 ** 24
 
 

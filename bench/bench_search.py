@@ -7,6 +7,8 @@ On one config (default configs/demo.yaml) and the same batches, measures
     RoI batch ``model.roi.batch_size_per_image``),
   - the same two with ``search.mode=gdas`` (one Gumbel-sampled op per link/edge; a new path
     every iteration),
+  - with ``--sampled-weights``: both with ``search.mode=sampled_weights`` (the weight step on a
+    sampled op per link/edge, the architecture step on the full mixed ops),
   - with ``--head-rois K ...``: the head-search iteration with ``search.head_rois_per_image=K``
     (the head supernet trains on K RoIs per image),
   - with ``--recompute``: both search iterations with ``search.recompute`` (every mixed op
@@ -30,7 +32,7 @@ iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channe
 variant runs in each memory layout (``model.memory_format``) and the ratio of the two is printed;
 without it, in the config's.
 
-    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--head-rois 16 32] [--recompute] [--partial 2 4]
+    python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--sampled-weights] [--head-rois 16 32] [--recompute] [--partial 2 4]
                                  [--layouts contiguous channels_last] [--unfused] [--unstacked] [--stack-limit M]
                                  [--cpu-time] [--no-memory]
                                  [--opts k=v ...]
@@ -53,9 +55,9 @@ def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu"
                   stack_limit: Optional[int] = None) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
-    "head_rois<K>", "neck_recompute", "head_recompute", "neck_pc<K>", "head_pc<K>") on fixed
-    batches, on ``device`` (the
-    search variants with the config's ``search.amp``; ``fused=False``: the reference, every
+    "neck_sampled_weights", "head_sampled_weights", "head_rois<K>", "neck_recompute",
+    "head_recompute", "neck_pc<K>", "head_pc<K>") on fixed batches, on ``device`` (the search
+    variants with the config's ``search.amp``; ``fused=False``: the reference, every
     op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
     convs as their modules, ``ops_as_built``; ``stack_limit``: the neck supernet's links stacked
     up to that ``MAX_STACKED_MACS``, 0: one by one; None: the library's limit)."""
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--cfg", default=os.path.join(REPO, "configs", "demo.yaml"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--opts", nargs="*", default=[])
+    parser.add_argument("--sampled-weights", action="store_true",
+                        help="also time both search iterations with search.mode=sampled_weights")
     parser.add_argument("--head-rois", nargs="*", type=int, default=[],
                         help="also time the head-search iteration at these search.head_rois_per_image")
     parser.add_argument("--recompute", action="store_true",
@@ -165,6 +169,7 @@ def main() -> None:
           f"{cfg['model']['roi']['batch_size_per_image']} RoIs/image, layout {cfg['model']['memory_format']}, "
           f"threads {torch.get_num_threads()}")
     variants = (("fpn",) + (("decoded",) if args.genotype else ()) + ("neck", "head", "neck_gdas", "head_gdas")
+                + (("neck_sampled_weights", "head_sampled_weights") if args.sampled_weights else ())
                 + tuple(f"head_rois{k}" for k in args.head_rois)
                 + (("neck_recompute", "head_recompute") if args.recompute else ())
                 + tuple(f"{stage}_pc{k}" for k in args.partial for stage in ("neck", "head")))
@@ -201,6 +206,7 @@ def main() -> None:
               for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
+              "neck_sampled_weights": "neck search, sampled_w.", "head_sampled_weights": "head search, sampled_w.",
               **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois},
               "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
               **{f"{stage}_pc{k}": f"{stage} search, 1/{k} channels" for k in args.partial for stage in ("neck", "head")}}
@@ -225,11 +231,11 @@ def main() -> None:
     comparisons += [("one by one / stacked", "stacked is faster", necks, (True, False))] if args.unstacked else []
     for what, meaning, names, other in comparisons:
         for layout in layouts:
-            print(f"time {what}{f' ({layout})' if len(layouts) > 1 else ''} (> 1: {meaning}): "
-                  + ", ".join(f"{name} {median[(name, layout, *other)] / median[(name, layout, True, True)]:.2f}"
-                              for name in names)
-                  + ("; CPU time: " + ", ".join(f"{name} {cpu[(name, layout, *other)] / cpu[(name, layout, True, True)]:.2f}"
-                                                for name in names) if args.cpu_time else ""))
+            def ratios(values):
+                return ", ".join(f"{name} {values[(name, layout, *other)] / values[(name, layout, True, True)]:.2f}"
+                                 for name in names)
+            print(f"time {what}{f' ({layout})' if len(layouts) > 1 else ''} (> 1: {meaning}): {ratios(median)}"
+                  + (f"; CPU time: {ratios(cpu)}" if args.cpu_time else ""))
     if len(layouts) > 1:
         first, *others = layouts
         for other in others:

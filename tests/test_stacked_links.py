@@ -49,19 +49,21 @@ def _run(neck, feats, weights, stacked, monkeypatch):
     neck.zero_grad(set_to_none=True)
     out = neck(feats, weights)
     gen = torch.Generator().manual_seed(3)
-    sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in out.values()).backward()
+    sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum() for o in out.values()).backward()
     grads = [feats[k].grad for k in feats] + [weights.grad] + [p.grad for p in neck.parameters()]
     return out, grads, len(calls)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("partial, variant", [(1, "plain"), (4, "plain"),
-                                              (2, "residual"), (2, "recompute")])
+                                              (2, "residual"), (2, "recompute"), (2, "sampled")])
 def test_stacked_links_equal_the_links_one_by_one(partial, layout, variant, monkeypatch):
     """Each source level's four links run as one (twice per level: two layers); outputs, their
     layout, and the gradients of the features, the architecture weights and every parameter
-    equal those of the links run one by one."""
-    neck = _neck(partial, residual=variant == "residual", recompute=variant == "recompute")
+    equal those of the links run one by one. "sampled": a sampled supernet's links with no zero
+    weight (the architecture step of search.mode sampled_weights) stack too."""
+    neck = _neck(partial, residual=variant == "residual", recompute=variant == "recompute",
+                 sampled=variant == "sampled")
     feats = _feats(layout)
     weights = torch.randn(neck.arch_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     weights = weights.softmax(-1)
@@ -93,7 +95,8 @@ def test_stacking_makes_one_depthwise_convolution_per_op_and_source_level(monkey
 
 @pytest.mark.parametrize("case", ["sampled", "gn", "as_built", "too_large"])
 def test_links_that_do_not_stack_run_one_by_one(case, monkeypatch):
-    """Sampled paths (each link its own ops), a norm inside the links, the cost-counting pass
+    """Sampled paths (each link its own op: gdas, the weight step of sampled_weights), a norm
+    inside the links, the cost-counting pass
     (``ops_as_built``: its hooks must see each op) and products above ``MAX_STACKED_MACS`` run
     link by link."""
     neck = _neck(sampled=case == "sampled", norm="gn" if case == "gn" else "none", dtype=torch.float32)
@@ -164,3 +167,19 @@ def test_stacked_links_under_bfloat16_autocast(layout, monkeypatch):
     w_grad, ref_w_grad = grads[len(LEVELS)], ref_grads[len(LEVELS)]
     assert w_grad.dtype == torch.float32 and torch.isfinite(w_grad).all()
     torch.testing.assert_close(w_grad, ref_w_grad, rtol=0.05, atol=0.05 * ref_w_grad.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("partial", [1, 4])
+def test_stacked_links_on_cuda_equal_the_links_one_by_one(partial, monkeypatch):
+    neck = _neck(partial).cuda()
+    feats = {k: v.cuda() for k, v in _feats("nchw").items()}
+    weights = torch.randn(neck.arch_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weights = weights.softmax(-1).cuda()
+    out, grads, calls = _run(neck, feats, weights, True, monkeypatch)
+    ref_out, ref_grads, _ = _run(neck, feats, weights, False, monkeypatch)
+    assert calls == 2 * len(LEVELS)
+    for name in ref_out:
+        torch.testing.assert_close(out[name], ref_out[name], rtol=1e-9, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

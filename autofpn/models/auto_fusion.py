@@ -83,12 +83,12 @@ class FusionLink(nn.Module):
 
 def stacked_links(links: Sequence[FusionLink], x: Tensor, weights: Tensor) -> List[Tensor]:
     """``[link(x, w) for link, w in zip(links, weights)]`` for the supernet links that leave one
-    source level, computed as one (``stacks(links, x)``): one 1x1 projection with the links' weights
-    stacked, then ``stacked_weighted_sum`` (one call per op for all links instead of one per link
-    and op: at the demo's widths a neck search iteration is mostly fixed cost per call). With
-    partial channels the projection's op channels and passed-by channels are two products, so
-    neither is sliced from the other. x: Tensor[N, C, H, W]; weights: Tensor[G, len(NECK_OPS)].
-    Returns G tensors [N, C, H, W] in x's layout."""
+    source level, computed as one (``stacks(links, x, weights)``): one 1x1 projection with the
+    links' weights stacked, then ``stacked_weighted_sum`` (one call per op for all links instead
+    of one per link and op: at the demo's widths a neck search iteration is mostly fixed cost per
+    call). With partial channels the projection's op channels and passed-by channels are two
+    products, so neither is sliced from the other. x: Tensor[N, C, H, W]; weights: Tensor[G,
+    len(NECK_OPS)]. Returns G tensors [N, C, H, W] in x's layout."""
     mixed = [link.mixed for link in links]
     c, parts = mixed[0].op_channels, mixed[0].partial
     weight = torch.stack([link.conv.weight for link in links])  # [G, C, C, 1, 1]
@@ -99,15 +99,23 @@ def stacked_links(links: Sequence[FusionLink], x: Tensor, weights: Tensor) -> Li
     if parts == 1:
         return [part.contiguous(memory_format=layout) for part in y.chunk(len(links), 1)]
     rest = concat_pointwise([x], weight[:, c:].flatten(0, 1), bias[:, c:].flatten())  # [N, G (C - c), H, W]
-    return [shuffle_partial(y_g, rest_g, parts, layout) for y_g, rest_g in zip(y.chunk(len(links), 1),
-                                                                          rest.chunk(len(links), 1))]
+    return [shuffle_partial(y_g, rest_g, parts, layout)
+            for y_g, rest_g in zip(y.chunk(len(links), 1), rest.chunk(len(links), 1))]
 
 
-def stacks(links: Sequence[FusionLink], x: Tensor) -> bool:
-    """Whether ``stacked_links`` runs ``links`` on x (Tensor[N, C, H, W]): norm-free links (the
-    paper's search) whose mixed ops are ``stackable`` at x's N H W pixels."""
-    return (all(isinstance(link.norm, nn.Identity) and link.conv.bias is not None for link in links)
-            and stackable([link.mixed for link in links], x.shape[0] * x.shape[2] * x.shape[3]))
+def stacks(links: Sequence[FusionLink], x: Tensor, weights: Tensor) -> bool:
+    """Whether ``stacked_links`` runs ``links`` on x (Tensor[N, C, H, W]) with ``weights``
+    (Tensor[G, len(NECK_OPS)]): norm-free links (the paper's search) whose mixed ops are
+    ``stackable`` at x's N H W pixels (sampled links: when every op of every link is active; one
+    host sync for the group)."""
+    if not all(isinstance(link.norm, nn.Identity) and link.conv.bias is not None for link in links):
+        return False
+    mixed = [link.mixed for link in links]
+    every_op_active = False
+    if any(m.sampled for m in mixed) and stackable(mixed, x.shape[0] * x.shape[2] * x.shape[3], True):
+        held = weights.detach().index_select(1, mixed[0].op_index.to(weights.device))
+        every_op_active = bool(held.ne(0).all())
+    return stackable(mixed, x.shape[0] * x.shape[2] * x.shape[3], every_op_active)
 
 
 def link_name(src: int, dst: int) -> str:
@@ -195,8 +203,8 @@ class AutoFusionNeck(nn.Module):
             pairs = [(idx, t) for idx, (src, t) in enumerate(self.link_pairs)
                      if src == s and link_name(s, t) in layer]  # "none" in a decoded neck: no link
             links = [layer[link_name(s, t)] for _, t in pairs]
-            if weights is not None and stacks(links, x[s]):
-                rows = weights[[idx for idx, _ in pairs]]
+            rows = None if weights is None else weights[[idx for idx, _ in pairs]]
+            if rows is not None and stacks(links, x[s], rows):
                 yield from ((s, t, y) for (_, t), y in zip(pairs, stacked_links(links, x[s], rows)))
                 continue
             for (idx, t), link in zip(pairs, links):

@@ -286,14 +286,17 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
 MAX_STACKED_MACS = 2 ** 24
 
 
-def stackable(mixed: Sequence["MixedOp"], pixels: int) -> bool:
+def stackable(mixed: Sequence["MixedOp"], pixels: int, every_op_active: bool = False) -> bool:
     """Whether ``stacked_weighted_sum`` runs the mixed ops ``mixed`` (e.g. the links that leave
     one source level of a neck supernet) as one on inputs of ``pixels`` = N H W: fused supernet
-    ops of one op table and width, not sampled, of the kinds "identity", "dil" and "sep" only,
-    with block-diagonal products of at most ``MAX_STACKED_MACS``."""
+    ops of one op table and width, of the kinds "identity", "dil" and "sep" only, with
+    block-diagonal products of at most ``MAX_STACKED_MACS``; sampled ones (``MixedOp.sampled``)
+    only when ``every_op_active`` (no held op's weight is zero, e.g. the architecture step of
+    ``search.mode: sampled_weights``: then they compute every op, as a full mixed op does)."""
     first = mixed[0]
     return (len(mixed) > 1 and pixels * (first.op_channels * len(mixed)) ** 2 <= MAX_STACKED_MACS
-            and all(runs_fused(m) and not m.sampled and list(m.ops) == list(first.ops) and m.kinds == first.kinds
+            and all(runs_fused(m) and (every_op_active or not m.sampled) and list(m.ops) == list(first.ops)
+                    and m.kinds == first.kinds
                     and (m.op_channels, m.residual, m.recompute) == (first.op_channels, first.residual, first.recompute)
                     for m in mixed)
             and all(kind in ("identity", "dil", "sep") for kind in first.kinds)
@@ -417,7 +420,8 @@ def set_fused(model: nn.Module, enabled: bool = True) -> int:
     return len(mixed)
 
 
-def shuffle_partial(y: Tensor, rest: Tensor, groups: int, memory_format: Optional[torch.memory_format] = None) -> Tensor:
+def shuffle_partial(y: Tensor, rest: Tensor, groups: int,
+                    memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """PC-DARTS's ``channel_shuffle(cat([y, rest], 1), groups)`` in one pass: y: Tensor[N, c, H, W]
     (the ops' output), rest: Tensor[N, (groups - 1) c, H, W] (the channels that passed by).
     Output channel j * groups + g is channel g * c + j of the concatenation: y's channels land at

@@ -56,11 +56,14 @@ def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu"
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
     "neck_sampled_weights", "head_sampled_weights", "head_rois<K>", "neck_recompute",
-    "head_recompute", "neck_pc<K>", "head_pc<K>") on fixed batches, on ``device`` (the search
+    "head_recompute", "neck_pc<K>", "head_pc<K>"; "<name>@<M>": with ``stack_limit`` M, e.g.
+    "neck@0" the neck links one by one) on fixed batches, on ``device`` (the search
     variants with the config's ``search.amp``; ``fused=False``: the reference, every
     op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
     convs as their modules, ``ops_as_built``; ``stack_limit``: the neck supernet's links stacked
     up to that ``MAX_STACKED_MACS``, 0: one by one; None: the library's limit)."""
+    name, _, limit = name.partition("@")
+    stack_limit = int(limit) if limit else stack_limit
     step = _variant_step(name, cfg, genotype_path, device, fused)
     if stack_limit is not None:
         from autofpn.models import operations

@@ -4,7 +4,8 @@
    float64 ground truth, float32 weights with half inputs, gradcheck / opcheck on the device).
 2. Time per step (median of --reps, synchronised) and peak GPU memory (``max_memory_allocated``)
    of an FPN training step and of a neck and a head search iteration on the config (default the
-   demo's; also with ``search.mode=gdas`` and with ``search.partial_channels=4``), once in
+   demo's; also with ``search.mode=gdas`` and with ``search.partial_channels=4``, and the neck
+   ones with the links of a source level run one by one, not stacked), once in
    float32 and once with ``search.amp`` (bfloat16 where the GPU has it, else
    float16), printed as a table with the ratio to the FPN step.
 3. A short search (``search.py``, both stages) and a short training of its genotype
@@ -34,12 +35,21 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 # the default rows: the paper's full mixed op, and the two cheaper ways of searching (one sampled op
-# per link / edge; the ops on a quarter of the channels); --variants takes any of bench_search's
-VARIANTS = ("fpn", "neck", "head", "neck_gdas", "head_gdas", "neck_pc4", "head_pc4")
+# per link / edge; the ops on a quarter of the channels); the neck rows again with the links of a
+# source level one by one ("@0": not stacked; the stacking rule, MAX_STACKED_MACS, was measured on
+# a CPU only); --variants takes any of bench_search's
+VARIANTS = ("fpn", "neck", "head", "neck_gdas", "head_gdas", "neck_pc4", "head_pc4", "neck@0", "neck_pc4@0")
 LABELS = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
           "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
           "neck_gdas": "neck search, gdas", "head_gdas": "head search, gdas",
           "neck_pc4": "neck search, 1/4 ch.", "head_pc4": "head search, 1/4 ch."}
+
+
+def label(variant: str) -> str:
+    """The row's name: "neck@0" (bench_search's stack-limit suffix) -> "neck search iteration, 1 by 1"."""
+    name, _, limit = variant.partition("@")
+    suffix = "" if not limit else ", 1 by 1" if int(limit) == 0 else f", stack {limit}"
+    return LABELS.get(name, name) + suffix
 
 
 def amp_dtype_for(device: str) -> str:
@@ -90,14 +100,14 @@ def step_table(cfg_path: str, opts: List[str], device: str, reps: int,
 
 def format_table(rows: List[Dict]) -> str:
     fpn = next(r["seconds"] for r in rows if r["variant"] == "fpn")
-    lines = [f"{'':<24}{'search.amp':>11}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}"]
+    lines = [f"{'':<32}{'search.amp':>11}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}"]
     seen = set()
     for r in rows:
         key = (r["variant"], r["amp"])
         if key in seen:  # the FPN step is timed in both passes; print it once
             continue
         seen.add(key)
-        lines.append(f"{LABELS.get(r['variant'], r['variant']):<24}{r['amp']:>11}{r['seconds']:>10.3f}{r['seconds'] / fpn:>12.2f}"
+        lines.append(f"{label(r['variant']):<32}{r['amp']:>11}{r['seconds']:>10.3f}{r['seconds'] / fpn:>12.2f}"
                      f"{r['peak_mib']:>10.0f}")
     return "\n".join(lines)
 

@@ -111,11 +111,13 @@ def stacks(links: Sequence[FusionLink], x: Tensor, weights: Tensor) -> bool:
     if not all(isinstance(link.norm, nn.Identity) and link.conv.bias is not None for link in links):
         return False
     mixed = [link.mixed for link in links]
-    every_op_active = False
-    if any(m.sampled for m in mixed) and stackable(mixed, x.shape[0] * x.shape[2] * x.shape[3], True):
-        held = weights.detach().index_select(1, mixed[0].op_index.to(weights.device))
-        every_op_active = bool(held.ne(0).all())
-    return stackable(mixed, x.shape[0] * x.shape[2] * x.shape[3], every_op_active)
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    if not any(m.sampled for m in mixed):
+        return stackable(mixed, pixels)
+    if not stackable(mixed, pixels, every_op_active=True):  # decided before the host sync
+        return False
+    held = weights.detach().index_select(1, mixed[0].op_index.to(weights.device))
+    return bool(held.ne(0).all())
 
 
 def link_name(src: int, dst: int) -> str:

@@ -21,6 +21,9 @@ On one config (default configs/demo.yaml) and the same batches, measures
     level run one by one (``MAX_STACKED_MACS`` 0; otherwise they run stacked where
     autofpn/models/operations.py's rule allows, or up to ``--stack-limit``), and the time ratio
     one by one / stacked,
+  - with ``--block-diagonal``: every neck-search variant a second time with every stacked
+    pointwise product block-diagonal (``MAX_BLOCK_DIAGONAL_CHANNELS`` unbounded; otherwise the
+    larger ones run as G products at once), and the time ratio block-diagonal / the library's,
   - with ``--unfused``: every search variant (and the decoded step) a second time as built, the
     reference: the supernet's mixed ops unfused (every op run as built, then the weighted sum)
     and every depthwise and 1x1 conv of the ops run as its module (``ops_as_built``; outside it a
@@ -33,7 +36,7 @@ variant runs in each memory layout (``model.memory_format``) and the ratio of th
 without it, in the config's.
 
     python bench/bench_search.py [--cfg configs/demo.yaml] [--reps 5] [--profile] [--sampled-weights] [--head-rois 16 32] [--recompute] [--partial 2 4]
-                                 [--layouts contiguous channels_last] [--unfused] [--unstacked] [--stack-limit M]
+                                 [--layouts contiguous channels_last] [--unfused] [--unstacked] [--block-diagonal] [--stack-limit M]
                                  [--cpu-time] [--no-memory]
                                  [--opts k=v ...]
 """
@@ -52,7 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu", fused: bool = True,
-                  stack_limit: Optional[int] = None) -> Callable[[], None]:
+                  stack_limit: Optional[int] = None, block_diagonal: bool = False) -> Callable[[], None]:
     """A closure running one iteration of ``name`` ("fpn", "decoded" (a training step of the
     detector decoded from ``genotype_path``), "neck", "head", "neck_gdas", "head_gdas",
     "neck_sampled_weights", "head_sampled_weights", "head_rois<K>", "neck_recompute",
@@ -61,20 +64,26 @@ def build_variant(name: str, cfg, genotype_path: str = None, device: str = "cpu"
     variants with the config's ``search.amp``; ``fused=False``: the reference, every
     op and conv module run as built: the supernet's mixed ops unfused, the ops' depthwise and 1x1
     convs as their modules, ``ops_as_built``; ``stack_limit``: the neck supernet's links stacked
-    up to that ``MAX_STACKED_MACS``, 0: one by one; None: the library's limit)."""
+    up to that ``MAX_STACKED_MACS``, 0: one by one; None: the library's limit; ``block_diagonal``:
+    every stacked pointwise product block-diagonal)."""
     name, _, limit = name.partition("@")
     stack_limit = int(limit) if limit else stack_limit
     step = _variant_step(name, cfg, genotype_path, device, fused)
-    if stack_limit is not None:
+    if stack_limit is not None or block_diagonal:
         from autofpn.models import operations
+        settings = {"MAX_STACKED_MACS": stack_limit, "MAX_BLOCK_DIAGONAL_CHANNELS": 2 ** 40 if block_diagonal else None}
+        settings = {key: value for key, value in settings.items() if value is not None}
 
-        def with_limit():
-            limit, operations.MAX_STACKED_MACS = operations.MAX_STACKED_MACS, stack_limit
+        def with_settings():
+            library = {key: getattr(operations, key) for key in settings}
+            for key, value in settings.items():
+                setattr(operations, key, value)
             try:
                 step()
             finally:
-                operations.MAX_STACKED_MACS = limit
-        return with_limit
+                for key, value in library.items():
+                    setattr(operations, key, value)
+        return with_settings
     if fused:
         return step
     from autofpn.models.operations import ops_as_built
@@ -158,8 +167,11 @@ def main() -> None:
     parser.add_argument("--unstacked", action="store_true",
                         help="also time every neck-search variant with the links of a source level run one by one "
                              "(not stacked), and the ratio")
+    parser.add_argument("--block-diagonal", action="store_true",
+                        help="also time every neck-search variant with every stacked pointwise product "
+                             "block-diagonal, and the ratio")
     parser.add_argument("--stack-limit", type=int, default=None,
-                        help="stack the neck links up to this many multiply-adds per block-diagonal product "
+                        help="stack the neck links of a level up to this pixels x (links x op channels)^2 "
                              "(autofpn.models.operations.MAX_STACKED_MACS; default: the library's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--cpu-time", action="store_true",
@@ -180,13 +192,17 @@ def main() -> None:
     layout_cfgs = {layout: load_config(args.cfg, args.opts + [f"model.memory_format={layout}"]) for layout in layouts}
     searched = [name for name in variants if name != "fpn"]  # and "decoded": what runs otherwise as built
     necks = [name for name in variants if name.startswith("neck")]
-    # (variant, layout, fused, stacked)
-    runs = [(name, layout, True, True) for layout in layouts for name in variants]
-    runs += [(name, layout, False, True) for layout in layouts for name in searched] if args.unfused else []
-    runs += [(name, layout, True, False) for layout in layouts for name in necks] if args.unstacked else []
-    limits = {True: args.stack_limit, False: 0}
+    # (variant, layout, fused, stacking): stacking "library" (the library's rule, or --stack-limit),
+    # "one_by_one", "block_diagonal"
+    runs = [(name, layout, True, "library") for layout in layouts for name in variants]
+    runs += [(name, layout, False, "library") for layout in layouts for name in searched] if args.unfused else []
+    runs += [(name, layout, True, "one_by_one") for layout in layouts for name in necks] if args.unstacked else []
+    runs += [(name, layout, True, "block_diagonal") for layout in layouts for name in necks] if args.block_diagonal else []
+    stackings = {"library": (args.stack_limit, False), "one_by_one": (0, False),
+                 "block_diagonal": (args.stack_limit, True)}
     steps: Dict[tuple, Callable[[], None]] = {
-        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2], stack_limit=limits[run[3]])
+        run: build_variant(run[0], layout_cfgs[run[1]], args.genotype, fused=run[2], stack_limit=stackings[run[3]][0],
+                           block_diagonal=stackings[run[3]][1])
         for run in runs}
     for step in steps.values():
         step()
@@ -202,10 +218,10 @@ def main() -> None:
     cpu = {run: statistics.median(v) for run, v in cpu_times.items()}
     if args.profile:
         print("profile of one neck search iteration:")
-        print(profile_table(steps[("neck", layouts[0], True, True)]))
+        print(profile_table(steps[("neck", layouts[0], True, "library")]))
     memory = {run: float("nan") if args.no_memory else
               peak_in_fresh_process(build_variant, run[0], layout_cfgs[run[1]], args.genotype, "cpu", run[2],
-                                    limits[run[3]])
+                                    *stackings[run[3]])
               for run in steps}
     labels = {"fpn": "FPN training step", "decoded": "decoded training step", "neck": "neck search iteration", "head": "head search iteration",
               "neck_gdas": "neck search iter., gdas", "head_gdas": "head search iter., gdas",
@@ -213,29 +229,34 @@ def main() -> None:
               **{f"head_rois{k}": f"head search, {k} RoIs/im" for k in args.head_rois},
               "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
               **{f"{stage}_pc{k}": f"{stage} search, 1/{k} channels" for k in args.partial for stage in ("neck", "head")}}
-    tables = [(True, True, variants)] + ([(False, True, ("fpn", *searched))] if args.unfused else [])
-    tables += [(True, False, ("fpn", *necks))] if args.unstacked else []
-    for fused, stacked, names in tables:
+    tables = [(True, "library", variants)] + ([(False, "library", ("fpn", *searched))] if args.unfused else [])
+    tables += [(True, "one_by_one", ("fpn", *necks))] if args.unstacked else []
+    tables += [(True, "block_diagonal", ("fpn", *necks))] if args.block_diagonal else []
+    stacking_titles = {"library": "neck links stacked", "one_by_one": "neck links one by one",
+                       "block_diagonal": "neck links stacked, every product block-diagonal"}
+    for fused, stacking, names in tables:
         for layout in layouts:
             title = [f"layout {layout}"] if len(layouts) > 1 else []
             title += ["fused / faster convs" if fused else "as built (the reference)"] if args.unfused else []
-            title += ["neck links stacked" if stacked else "neck links one by one"] if args.unstacked else []
+            title += [stacking_titles[stacking]] if args.unstacked or args.block_diagonal else []
             if title:
                 print(", ".join(title) + ":")
             print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}"
                   + (f"{'CPU (s)':>10}{'x FPN':>8}" if args.cpu_time else ""))
             for name in names:
-                fpn = ("fpn", layout, True, True)
-                run = (name, layout, fused, stacked) if name != "fpn" else fpn
+                fpn = ("fpn", layout, True, "library")
+                run = (name, layout, fused, stacking) if name != "fpn" else fpn
                 print(f"{labels[name]:<24}{median[run]:>10.3f}{median[run] / median[fpn]:>12.2f}"
                       f"{memory[run]:>10.0f}{memory[run] / memory[fpn]:>8.2f}"
                       + (f"{cpu[run]:>10.3f}{cpu[run] / cpu[fpn]:>8.2f}" if args.cpu_time else ""))
-    comparisons = [("as built / fused", "ours is faster", searched, (False, True))] if args.unfused else []
-    comparisons += [("one by one / stacked", "stacked is faster", necks, (True, False))] if args.unstacked else []
+    comparisons = [("as built / fused", "ours is faster", searched, (False, "library"))] if args.unfused else []
+    comparisons += [("one by one / stacked", "stacked is faster", necks, (True, "one_by_one"))] if args.unstacked else []
+    comparisons += ([("block-diagonal / the library's", "the library's forms are faster", necks,
+                      (True, "block_diagonal"))] if args.block_diagonal else [])
     for what, meaning, names, other in comparisons:
         for layout in layouts:
             def ratios(values):
-                return ", ".join(f"{name} {values[(name, layout, *other)] / values[(name, layout, True, True)]:.2f}"
+                return ", ".join(f"{name} {values[(name, layout, *other)] / values[(name, layout, True, 'library')]:.2f}"
                                  for name in names)
             print(f"time {what}{f' ({layout})' if len(layouts) > 1 else ''} (> 1: {meaning}): {ratios(median)}"
                   + (f"; CPU time: {ratios(cpu)}" if args.cpu_time else ""))
@@ -243,7 +264,7 @@ def main() -> None:
         first, *others = layouts
         for other in others:
             print(f"time {first} / {other} (> 1: {other} is faster): " + ", ".join(
-                f"{name} {median[(name, first, True, True)] / median[(name, other, True, True)]:.2f}" for name in variants))
+                f"{name} {median[(name, first, True, 'library')] / median[(name, other, True, 'library')]:.2f}" for name in variants))
 
 
 if __name__ == "__main__":

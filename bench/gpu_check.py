@@ -5,7 +5,8 @@
 2. Time per step (median of --reps, synchronised) and peak GPU memory (``max_memory_allocated``)
    of an FPN training step and of a neck and a head search iteration on the config (default the
    demo's; also with ``search.mode=gdas`` and with ``search.partial_channels=4``, and the neck
-   ones with the links of a source level run one by one, not stacked), once in
+   ones with the links of a source level run one by one, not stacked, and the full neck with
+   every level stacked), once in
    float32 and once with ``search.amp`` (bfloat16 where the GPU has it, else
    float16), printed as a table with the ratio to the FPN step.
 3. A short search (``search.py``, both stages) and a short training of its genotype
@@ -36,9 +37,12 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 # the default rows: the paper's full mixed op, and the two cheaper ways of searching (one sampled op
 # per link / edge; the ops on a quarter of the channels); the neck rows again with the links of a
-# source level one by one ("@0": not stacked; the stacking rule, MAX_STACKED_MACS, was measured on
-# a CPU only); --variants takes any of bench_search's
-VARIANTS = ("fpn", "neck", "head", "neck_gdas", "head_gdas", "neck_pc4", "head_pc4", "neck@0", "neck_pc4@0")
+# source level one by one ("@0": not stacked) and the full neck with every level stacked ("@2^40";
+# the stacking rule, MAX_STACKED_MACS and MAX_BLOCK_DIAGONAL_CHANNELS, was measured on a CPU
+# only); --variants takes any of bench_search's
+ALL_STACKED = 2 ** 40
+VARIANTS = ("fpn", "neck", "head", "neck_gdas", "head_gdas", "neck_pc4", "head_pc4", "neck@0", "neck_pc4@0",
+            f"neck@{ALL_STACKED}")
 LABELS = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "head search iteration",
           "neck_recompute": "neck search, recompute", "head_recompute": "head search, recompute",
           "neck_gdas": "neck search, gdas", "head_gdas": "head search, gdas",
@@ -46,9 +50,11 @@ LABELS = {"fpn": "FPN training step", "neck": "neck search iteration", "head": "
 
 
 def label(variant: str) -> str:
-    """The row's name: "neck@0" (bench_search's stack-limit suffix) -> "neck search iteration, 1 by 1"."""
+    """The row's name: "neck@0" (bench_search's stack-limit suffix) -> "neck search iteration, 1 by 1";
+    "neck@1099511627776" (2^40 and above) -> "neck search iteration, all stacked"."""
     name, _, limit = variant.partition("@")
-    suffix = "" if not limit else ", 1 by 1" if int(limit) == 0 else f", stack {limit}"
+    suffix = ("" if not limit else ", 1 by 1" if int(limit) == 0 else ", all stacked" if int(limit) >= ALL_STACKED
+              else f", stack {limit}")
     return LABELS.get(name, name) + suffix
 
 

@@ -22,7 +22,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for label in ("FPN training step", "neck search iteration", "head search iteration", "neck search, gdas",
                   "head search, gdas", "neck search, 1/4 ch.", "head search, 1/4 ch.",
-                  "neck search iteration, 1 by 1", "neck search, 1/4 ch., 1 by 1"):
+                  "neck search iteration, 1 by 1", "neck search, 1/4 ch., 1 by 1", "neck search iteration, all stacked"):
         assert label in out.stdout
     assert "bfloat16" in out.stdout  # the search iterations timed with search.amp too
     assert "end to end: search.py (2 iterations per stage)" in out.stdout

@@ -276,21 +276,29 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
     return conv if identity is None else add_weighted(conv, x, identity)
 
 
-# The largest block-diagonal product ``stacked_weighted_sum`` runs, in multiply-adds (pixels x
-# (links x op channels)^2): its pointwise convolutions are block-diagonal, G times the FLOPs of
-# the G links' own, which pays for G times fewer calls only while the products are small. On this
-# project's 2-core CPU, a demo neck search iteration (docs/BENCHMARKS.md, "Stacked neck links";
-# ``bench/bench_search.py --unstacked [--stack-limit M]``): every level of 4 links x 32 channels
-# stacked took 1.21x the time of the links one by one, with this limit 0.92x; at 4 x 8 channels
-# (partial channels, K = 4) 0.70x.
+# Stacked links (``stacked_weighted_sum``) multiply their pointwise convolutions in one of two
+# forms: one product with a block-diagonal weight (G times the multiply-adds of the G links' own
+# products, one call), or the G products at once (``torch.bmm`` over strided views: the links'
+# own multiply-adds, plus a copy). Alone, on this project's 2-core CPU, the block-diagonal product
+# was the faster at 4 links x 8 channels, the batched one at 4 x 32 and above, either at 4 x 16;
+# in a demo neck search iteration the two forms took the same time within the bench's noise
+# (docs/BENCHMARKS.md, "Stacked neck links"). Up to this many stacked channels (G c): block-diagonal.
+MAX_BLOCK_DIAGONAL_CHANNELS = 64
+
+# The largest level that stacks, as pixels x (G c)^2 (the block-diagonal product's multiply-adds).
+# Stacking makes G times fewer calls on G times larger tensors; on this CPU that pays only while
+# they stay small: a demo neck search iteration with every level of 4 links x 32 channels
+# stacked took 1.21x the time of the links one by one with block-diagonal products (the form of
+# the time) and about as long as one by one with batched ones; with this limit 0.92x; at 4 x 8
+# channels (partial channels, K = 4) 0.70x (``bench/bench_search.py --unstacked [--stack-limit M]``).
 MAX_STACKED_MACS = 2 ** 24
 
 
 def stackable(mixed: Sequence["MixedOp"], pixels: int, every_op_active: bool = False) -> bool:
     """Whether ``stacked_weighted_sum`` runs the mixed ops ``mixed`` (e.g. the links that leave
     one source level of a neck supernet) as one on inputs of ``pixels`` = N H W: fused supernet
-    ops of one op table and width, of the kinds "identity", "dil" and "sep" only, with
-    block-diagonal products of at most ``MAX_STACKED_MACS``; sampled ones (``MixedOp.sampled``)
+    ops of one op table and width, of the kinds "identity", "dil" and "sep" only, at most
+    ``MAX_STACKED_MACS`` in pixels x (G c)^2; sampled ones (``MixedOp.sampled``)
     only when ``every_op_active`` (no held op's weight is zero, e.g. the architecture step of
     ``search.mode: sampled_weights``: then they compute every op, as a full mixed op does)."""
     first = mixed[0]
@@ -318,10 +326,13 @@ def stacked_weighted_sum(mixed: Sequence["MixedOp"], x: Tensor, weights: Tensor)
 def _stacked_sum(mixed: Sequence["MixedOp"], x: Tensor, weights: Tensor) -> Tensor:
     """``_fused_weighted_sum`` of G mixed ops stacked along the channels: one ReLU, one depthwise
     convolution per op over the G stacked kernels (G times fewer calls), and every pointwise
-    convolution with a block-diagonal weight, block g mixed op g's (times its architecture weight
-    in the final one). Identity (and a residual op's skip) is a weight per channel."""
+    convolution grouped, group g mixed op g's weight (times its architecture weight in the final
+    one): G products at once, or one with a block-diagonal weight while G c is at most
+    ``MAX_BLOCK_DIAGONAL_CHANNELS``. Identity (and a residual op's skip) is a weight per channel."""
     first = mixed[0]
     c = first.op_channels
+    groups = len(mixed)
+    batched = groups * c > MAX_BLOCK_DIAGONAL_CHANNELS  # else the block-diagonal form
     w = weights.index_select(1, first.op_index.to(weights.device))  # [G, ops held]
     identity = None  # [G]
     if first.residual:  # sum_k w_k (x + op_k(x)) over the convolutions adds their weights' sum times x
@@ -330,19 +341,24 @@ def _stacked_sum(mixed: Sequence["MixedOp"], x: Tensor, weights: Tensor) -> Tens
     hs: List[Tensor] = []  # the inputs of the final depthwise convs, stacked
     kernels: List[Tensor] = []
     dilations: List[int] = []
-    blocks: List[Tensor] = []  # block-diag(w_gk W_gk) per op
+    blocks: List[Tensor] = []  # per op: w_gk W_gk stacked [G, c, c], or block-diag(w_gk W_gk) [G c, G c]
     biases: List[Tensor] = []  # concat_g(w_gk b_gk) per op
     for k, (name, kind) in enumerate(zip(first.ops, first.kinds)):
         if kind == "identity":
             identity = w[:, k] if identity is None else identity + w[:, k]
             continue
         ops = [m.ops[name] for m in mixed]
-        if kind == "sep":  # the first block: depthwise, block-diagonal pointwise, ReLU
+        if kind == "sep":  # the first block: depthwise, grouped pointwise, ReLU
             firsts = [op[0] for op in ops]
             d = depthwise_conv2d(r, torch.cat([b[1].weight for b in firsts]), firsts[0][1].padding[0],
                                  firsts[0][1].dilation[0])
-            block = torch.block_diag(*[b[2].weight.flatten(1) for b in firsts])
-            h = torch.relu(concat_pointwise([d], block[:, :, None, None], torch.cat([b[2].bias for b in firsts])))
+            first_bias = torch.cat([b[2].bias for b in firsts])
+            if batched:
+                h = concat_pointwise([d], torch.cat([b[2].weight for b in firsts]), first_bias, groups=groups)
+            else:
+                block = torch.block_diag(*[b[2].weight.flatten(1) for b in firsts])
+                h = concat_pointwise([d], block[:, :, None, None], first_bias)
+            h = torch.relu(h)
             ops = [op[1] for op in ops]
         else:
             h = r
@@ -350,13 +366,15 @@ def _stacked_sum(mixed: Sequence["MixedOp"], x: Tensor, weights: Tensor) -> Tens
         kernels.append(torch.cat([op[1].weight for op in ops]))
         dilations.append(ops[0][1].dilation[0])
         wk = w[:, k]
-        blocks.append(torch.block_diag(*(torch.stack([op[2].weight.flatten(1) for op in ops])
-                                         * wk.view(-1, 1, 1)).unbind()))
+        scaled = torch.stack([op[2].weight.flatten(1) for op in ops]) * wk.view(-1, 1, 1)  # [G, c, c]
+        blocks.append(scaled if batched else torch.block_diag(*scaled.unbind()))
         biases.append((torch.stack([op[2].bias for op in ops]) * wk.view(-1, 1)).flatten())
     residual_weight = None if identity is None else identity.repeat_interleave(c).view(-1, 1, 1)
-    return depthwise_concat_pointwise(hs, kernels, dilations, torch.cat(blocks, 1)[:, :, None, None],
-                                      functools.reduce(torch.add, biases), None,
-                                      x if identity is not None else None, residual_weight)
+    # [G c, K c] (group g's rows: its K ops' blocks side by side) or [G c, K G c]
+    weight = torch.cat(blocks, -1).flatten(0, 1 if batched else 0)[:, :, None, None]
+    return depthwise_concat_pointwise(hs, kernels, dilations, weight, functools.reduce(torch.add, biases), None,
+                                      x if identity is not None else None, residual_weight,
+                                      groups if batched else 1)
 
 
 def _zero_last_layer(op: nn.Module) -> None:

@@ -42,6 +42,7 @@ without it, in the config's.
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -208,8 +209,10 @@ def main() -> None:
         step()
     times = {run: [] for run in steps}
     cpu_times = {run: [] for run in steps}
-    for _ in range(args.reps):
-        for run, step in steps.items():
+    for rep in range(args.reps):  # each repetition in its own order: no variant always runs after the same one
+        order = list(steps.items())
+        random.Random(rep).shuffle(order)
+        for run, step in order:
             start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times[run].append(time.perf_counter() - start)

@@ -279,8 +279,9 @@ def _fused_weighted_sum(kinds: Sequence[str], ops: Sequence[nn.Module], x: Tenso
 # Stacked links (``stacked_weighted_sum``) multiply their pointwise convolutions in one of two
 # forms: one product with a block-diagonal weight (G times the multiply-adds of the G links' own
 # products, one call), or the G products at once (``torch.bmm`` over strided views: the links'
-# own multiply-adds, plus a copy). Alone, on this project's 2-core CPU, the block-diagonal product
-# was the faster at 4 links x 8 channels, the batched one at 4 x 32 and above, either at 4 x 16;
+# own multiply-adds, plus a copy). Timed alone (a throwaway micro-benchmark on this project's 2-core
+# CPU), the block-diagonal product was the faster at 4 links x 8 channels, the batched one at 4 x 32
+# and above, either at 4 x 16;
 # in a demo neck search iteration the two forms took the same time within the bench's noise
 # (docs/BENCHMARKS.md, "Stacked neck links"). Up to this many stacked channels (G c): block-diagonal.
 MAX_BLOCK_DIAGONAL_CHANNELS = 64

@@ -29,7 +29,7 @@ On one config (default configs/demo.yaml) and the same batches, measures
     and every depthwise and 1x1 conv of the ops run as its module (``ops_as_built``; outside it a
     training step runs them through the faster-backward ops, autofpn/models/operations.py), and
     the time ratio as built / fused,
-interleaved, median of --reps (``--cpu-time``: also the process's CPU time, all threads; on a machine
+interleaved, median of --reps and its interquartile range in % of it (``--cpu-time``: also the process's CPU time, all threads; on a machine
 shared with other jobs it counts this process's work, not the time it waited for a core); and, in a fresh subprocess per variant, the peak memory of one
 iteration (bench/peak_memory.py; Linux only). With ``--layouts contiguous channels_last`` every
 variant runs in each memory layout (``model.memory_format``) and the ratio of the two is printed;
@@ -218,6 +218,10 @@ def main() -> None:
             times[run].append(time.perf_counter() - start)
             cpu_times[run].append(time.process_time() - cpu_start)
     median = {run: statistics.median(v) for run, v in times.items()}
+    # the interquartile range of each variant's times, in % of its median: how far apart two
+    # repetitions of the same step land on this machine (ratios between rows closer than that say nothing)
+    spread = {run: float("nan") if len(v) < 2 else
+              100 * (lambda q: q[2] - q[0])(statistics.quantiles(v, n=4)) / median[run] for run, v in times.items()}
     cpu = {run: statistics.median(v) for run, v in cpu_times.items()}
     if args.profile:
         print("profile of one neck search iteration:")
@@ -244,12 +248,12 @@ def main() -> None:
             title += [stacking_titles[stacking]] if args.unstacked or args.block_diagonal else []
             if title:
                 print(", ".join(title) + ":")
-            print(f"{'':<24}{'time (s)':>10}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}"
+            print(f"{'':<24}{'time (s)':>10}{'IQR %':>7}{'x FPN step':>12}{'peak MiB':>10}{'x FPN':>8}"
                   + (f"{'CPU (s)':>10}{'x FPN':>8}" if args.cpu_time else ""))
             for name in names:
                 fpn = ("fpn", layout, True, "library")
                 run = (name, layout, fused, stacking) if name != "fpn" else fpn
-                print(f"{labels[name]:<24}{median[run]:>10.3f}{median[run] / median[fpn]:>12.2f}"
+                print(f"{labels[name]:<24}{median[run]:>10.3f}{spread[run]:>7.0f}{median[run] / median[fpn]:>12.2f}"
                       f"{memory[run]:>10.0f}{memory[run] / memory[fpn]:>8.2f}"
                       + (f"{cpu[run]:>10.3f}{cpu[run] / cpu[fpn]:>8.2f}" if args.cpu_time else ""))
     comparisons = [("as built / fused", "ours is faster", searched, (False, "library"))] if args.unfused else []

@@ -49,6 +49,14 @@ def _ungrouped(batch: Tensor) -> Tensor:
     return batch.transpose(0, 1).reshape(batch.shape[1], -1)
 
 
+def _weight_grad(grad: Tensor, pixels: Tensor, groups: int) -> Tensor:
+    """The gradient of a 1x1 convolution's weight from grad (P, C_out) and its input pixels
+    (P, C_in): (C_out, C_in), grouped (G, C_out / G, C_in / G)."""
+    if groups == 1:
+        return grad.t().mm(pixels)
+    return torch.bmm(_grouped(grad, groups).transpose(1, 2), _grouped(pixels, groups))
+
+
 def _grouped_matrix(weight: Tensor, groups: int) -> Tensor:
     """A 1x1 convolution's weight [C_out, C_in / G, 1, 1] -> (G, C_out / G, C_in / G)."""
     return weight.reshape(groups, weight.shape[0] // groups, -1)
@@ -84,10 +92,7 @@ class _ConcatPointwise(torch.autograd.Function):
         needs = ctx.needs_input_grad
         groups = ctx.groups
         grad = _pixels(grad_out)  # (N*H*W, C_out); a copy only when grad_out is not channels-last
-        grad_weight = None
-        if needs[0]:
-            grad_weight = (grad.t().mm(pixels) if groups == 1 else
-                           torch.bmm(_grouped(grad, groups).transpose(1, 2), _grouped(pixels, groups))).view(ctx.has[2])
+        grad_weight = _weight_grad(grad, pixels, groups).view(ctx.has[2]) if needs[0] else None
         grad_xs: List[Optional[Tensor]] = []
         start = 0
         for shape, needed in zip(ctx.shapes, needs[6:]):
@@ -158,9 +163,7 @@ class _DepthwiseConcatPointwise(torch.autograd.Function):
         for i, (h, v, d, shape) in enumerate(zip(hs, kernels, ctx.dilations, ctx.shapes)):
             stop = start + shape[1] // groups
             if needs[0]:  # d_k computed again, and dropped before the next block's
-                d_pixels = _pixels(_depthwise_forward(h, v, d))
-                weight_blocks.append(grad.t().mm(d_pixels) if groups == 1 else
-                                     torch.bmm(_grouped(grad, groups).transpose(1, 2), _grouped(d_pixels, groups)))
+                weight_blocks.append(_weight_grad(grad, _pixels(_depthwise_forward(h, v, d)), groups))
             if needs[7 + i] or needs[7 + k + i]:
                 grad_d = _block_input_grad(grad, matrix[..., start:stop], shape, groups)
                 grad_hs[i], grad_kernels[i] = depthwise_conv2d_backward(

@@ -11,6 +11,7 @@ Without cuda_ext/ sources the package installs alone.
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -51,18 +52,23 @@ def extension_modules():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3"]
+    # at::parallel_for (ATen/Parallel-inl.h) runs the kernels' loops on torch's OpenMP threads only
+    # when the extension itself is compiled and linked with -fopenmp; without it, it runs them
+    # serially (tests/test_extension_parallel.py). Linking libgomp.so.1 reuses the copy torch has
+    # already loaded (the same soname), so torch.set_num_threads applies to these loops too.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3"] + openmp
     include_dirs = [os.path.abspath("cuda_ext")]
     if cuda_home is not None:
         print(f"autofpn._C: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
         extension = CUDAExtension(
             "autofpn._C", cpp_sources + cu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=openmp)
     else:
         print("autofpn._C: building the CPU kernel only (no nvcc / CUDA toolkit found)")
         extension = CppExtension("autofpn._C", cpp_sources, include_dirs=include_dirs,
-                                 extra_compile_args=cxx_flags)
+                                 extra_compile_args=cxx_flags, extra_link_args=openmp)
     return [extension], {"build_ext": BuildExtension}
 
 

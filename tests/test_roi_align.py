@@ -63,3 +63,39 @@ def test_opcheck_and_empty_rois():
     torch.library.opcheck(torch.ops.autofpn.roi_align.default, (feats.requires_grad_(), rois, 0.25, 7, 7, 2, False))
     out = ra.roi_align(feats, rois[:0], (7, 7), 0.25, 2, False)
     assert out.shape == (0, 5, 7, 7)
+
+
+def test_channels_last_input_gives_the_same_output_and_gradient():
+    # the forward reads channels-last; an NCHW input is copied to it, a channels-last one is not
+    feats, rois = _case(torch.float32, num_rois=30)
+    a = feats.clone().requires_grad_()
+    b = feats.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out_a = ra.roi_align(a, rois, (7, 7), 0.25, 2, False)
+    out_b = ra.roi_align(b, rois, (7, 7), 0.25, 2, False)
+    assert out_a.is_contiguous() and out_b.is_contiguous()
+    assert torch.equal(out_a, out_b)
+    grad = torch.randn_like(out_a)
+    out_a.backward(grad)
+    out_b.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_pyramid_pooling_matches_torchvision_and_a_nan_box_stays_zero():
+    g = torch.Generator().manual_seed(1)
+    names, strides = ["p2", "p3", "p4", "p5"], {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+    feats = {n: torch.randn(2, 8, 256 // s, 320 // s, generator=g) for n, s in strides.items()}
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(25, 2, generator=g) * 150
+        wh = torch.exp(torch.empty(25, 2).uniform_(2.0, 6.8, generator=g))  # 7-900 px: every level
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    ours = ra.MultiLevelRoIAlign(names, strides, output_size=7, sampling_ratio=2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
+    image_sizes = [(256, 320), (256, 320)]
+    expected = theirs(feats, boxes, image_sizes)
+    assert ours.assign_levels(torch.cat(boxes)).unique().numel() == 4, "the case covers every level"
+    torch.testing.assert_close(ours(feats, boxes), expected, atol=1e-5, rtol=1e-5)
+    with_nan = [torch.cat([boxes[0], torch.full((1, 4), float("nan"))]), boxes[1]]
+    pooled = ours(feats, with_nan)
+    assert torch.equal(pooled[25], torch.zeros_like(pooled[25]))
+    torch.testing.assert_close(torch.cat([pooled[:25], pooled[26:]]), expected, atol=1e-5, rtol=1e-5)

@@ -125,7 +125,11 @@ class MultiLevelRoIAlign(nn.Module):
             return self._pool(feats[0], rois, self.scales[0])
         levels = self.assign_levels(rois[:, 1:])
         num_channels = feats[0].shape[1]
-        out = feats[0].new_zeros((rois.shape[0], num_channels, self.output_size, self.output_size))
+        # every row is written below (the levels are clamped into range), so no zero fill of
+        # this [R, C, S, S] tensor; a row whose box is NaN has no level and stays zero
+        shape = (rois.shape[0], num_channels, self.output_size, self.output_size)
+        assigned = not torch.jit.is_tracing() and bool(((levels >= 0) & (levels < len(feats))).all())
+        out = feats[0].new_empty(shape) if assigned else feats[0].new_zeros(shape)
         for level, (feature, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.where(levels == level)[0]
             pooled = self._pool(feature, rois[idx], scale).to(out.dtype)

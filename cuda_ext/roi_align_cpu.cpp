@@ -8,9 +8,10 @@
 // reused for every channel. The forward reads the features channels-last (a copy when they are
 // NCHW), so each tap is a contiguous run of C values and the loop over channels vectorises (AVX2
 // when the CPU has it); it is parallel over RoIs (each writes its own output rows). The backward
-// is parallel over channels: a thread owns a channel range of grad_input for all
-// RoIs, so no two threads write the same element and no atomics are needed. Within a channel the
-// RoIs are visited in order, so the result does not depend on the number of threads.
+// scatters into a channels-last input gradient the same way, parallel over channels: a thread
+// owns a channel range of grad_input for all RoIs, so no two threads write the same element and
+// no atomics are needed. Within a channel the RoIs are visited in order, so the result does not
+// depend on the number of threads.
 //
 // On CUDA the Python wrapper (autofpn/ops/roi_align.py) uses torchvision's kernel.
 #include <ATen/ATen.h>
@@ -177,8 +178,7 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input_, const at::Tensor& roi
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
   // every element is written below
-  at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options().memory_format(
-                                                                              at::MemoryFormat::Contiguous));
+  at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options());
   if (num_rois == 0 || output.numel() == 0) return output;
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "autofpn_roi_align_forward", [&] {
@@ -201,6 +201,49 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input_, const at::Tensor& roi
   return output;
 }
 
+// Scatters one RoI's output gradient into channels c_begin..c_end of the channels-last input
+// gradient, as the NCHW loop (torchvision's) does per channel: += g * w / count for every bin,
+// sample and tap, in that order; here over the channel range at once.
+//   grad_rows: [bins, C] of the RoI; gin: [H * W, C] of the RoI's image
+template <typename T>
+AUTOFPN_ALWAYS_INLINE void scatter_roi_channels_last(const T* __restrict grad_rows, const SamplePoint<T>* points,
+                                                     int64_t bins, int64_t per_bin, T count, int64_t channels,
+                                                     int64_t c_begin, int64_t c_end, T* __restrict gin) {
+  for (int64_t b = 0; b < bins; ++b) {
+    const T* g = grad_rows + b * channels;
+    for (int64_t s = 0; s < per_bin; ++s, ++points) {
+      for (int k = 0; k < 4; ++k) {
+        T* dst = gin + points->pos[k] * channels;
+        const T w = points->w[k];
+        for (int64_t c = c_begin; c < c_end; ++c) dst[c] += g[c] * w / count;
+      }
+    }
+  }
+}
+
+template <typename T>
+void scatter_roi(const T* grad_rows, const SamplePoint<T>* points, int64_t bins, int64_t per_bin, T count,
+                 int64_t channels, int64_t c_begin, int64_t c_end, T* gin) {
+  scatter_roi_channels_last<T>(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void scatter_roi_float_avx2(const float* grad_rows,
+                                                                 const SamplePoint<float>* points, int64_t bins,
+                                                                 int64_t per_bin, float count, int64_t channels,
+                                                                 int64_t c_begin, int64_t c_end, float* gin) {
+  scatter_roi_channels_last<float>(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+}
+
+template <>
+void scatter_roi<float>(const float* grad_rows, const SamplePoint<float>* points, int64_t bins, int64_t per_bin,
+                        float count, int64_t channels, int64_t c_begin, int64_t c_end, float* gin) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return scatter_roi_float_avx2(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+  scatter_roi_channels_last<float>(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+}
+#endif
+
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& rois_, double spatial_scale,
                                   int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                   int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
@@ -209,42 +252,35 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& roi
                   grad_.size(2) == pooled_h && grad_.size(3) == pooled_w,
               "roi_align_backward: grad must be [R, C, pooled_h, pooled_w] = [", rois_.size(0), ", ", channels,
               ", ", pooled_h, ", ", pooled_w, "], got ", grad_.sizes());
-  const at::Tensor grad = grad_.contiguous();
   const at::Tensor rois = rois_.contiguous();
-  at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options());
   const int64_t num_rois = rois.size(0);
-  if (num_rois == 0 || grad_input.numel() == 0) return grad_input;
+  const int64_t bins = pooled_h * pooled_w;
+  if (num_rois == 0 || batch_size * channels * height * width == 0) {
+    return at::zeros({batch_size, channels, height, width}, grad_.options());
+  }
+  // [R, C, ph, pw] -> rows [R, bins, C], and the input gradient channels-last: the channel loop
+  // reads and writes contiguous values; NCHW again at the end, the layout the op returns
+  const at::Tensor grad_rows = grad_.reshape({num_rois, channels, bins}).transpose(1, 2).contiguous();
+  at::Tensor grad_input = at::zeros({batch_size, height, width, channels}, grad_.options());  // NHWC
 
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "autofpn_roi_align_backward", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(grad_.scalar_type(), "autofpn_roi_align_backward", [&] {
+    const scalar_t* g = grad_rows.data_ptr<scalar_t>();
     const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
     scalar_t* gin = grad_input.data_ptr<scalar_t>();
-    const int64_t bins = pooled_h * pooled_w;
-    // Each task owns a channel range of grad_input: race-free scatter without atomics.
-    at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
+    // Each task owns a channel range of grad_input: race-free scatter without atomics, and every
+    // element sums its terms in the same order for any number of threads.
+    at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
       std::vector<SamplePoint<scalar_t>> points;
       for (int64_t n = 0; n < num_rois; ++n) {
         const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, spatial_scale, pooled_h, pooled_w,
                                                   sampling_ratio, aligned, height, width, points);
-        const int64_t per_bin = geo.grid_h * geo.grid_w;
-        const scalar_t count = static_cast<scalar_t>(geo.count);
-        for (int64_t c = c_begin; c < c_end; ++c) {
-          scalar_t* plane = gin + (geo.batch_index * channels + c) * height * width;
-          const scalar_t* go = g + (n * channels + c) * bins;
-          const SamplePoint<scalar_t>* p = points.data();
-          for (int64_t b = 0; b < bins; ++b) {
-            const scalar_t gb = go[b];
-            for (int64_t s = 0; s < per_bin; ++s, ++p) {
-              for (int k = 0; k < 4; ++k) {
-                plane[p->pos[k]] += gb * p->w[k] / count;
-              }
-            }
-          }
-        }
+        scatter_roi<scalar_t>(g + n * bins * channels, points.data(), bins, geo.grid_h * geo.grid_w,
+                              static_cast<scalar_t>(geo.count), channels, c_begin, c_end,
+                              gin + geo.batch_index * height * width * channels);
       }
     });
   });
-  return grad_input;
+  return grad_input.permute({0, 3, 1, 2}).contiguous();
 }
 
 }  // namespace

@@ -4,8 +4,10 @@ Both detectors get the same backbone (ResNet-18-FPN or MobileNetV2-FPN with froz
 trainable stages), the same weights (copied from torchvision's model into ours), the same
 image size, proposal and sampling numbers. Ours runs as its config runs it (``model.memory_format:
 auto``: NCHW for this FPN detector), and once more in channels-last, whose time is printed beside
-(``ours CL``). Repetitions are interleaved (ours, theirs, ours, ...) and the median is reported. Peak memory is the extra peak resident memory of one train
-step (bench/peak_memory.py), in a fresh subprocess per detector.
+(``ours CL``). Repetitions are interleaved (ours, theirs, ours, ...) and the median is reported,
+with each side's interquartile range in % of its median (``IQR %``: ratios closer to 1 than that
+are noise). Peak memory is the extra peak resident memory of one train step
+(bench/peak_memory.py), in a fresh subprocess per detector.
 
 The distance to the physical limit: the FLOPs of one train step and one inference of each
 (``torch.utils.flop_counter``: convolutions and matrix products, forward and backward, a
@@ -128,8 +130,9 @@ def counted_flops(fn: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2,
-                       sync: Callable[[], None] = lambda: None) -> Dict[str, float]:
+def interleaved_times(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2,
+                      sync: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+    """Seconds of each of ``reps`` calls of every function, the functions taking turns."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -141,7 +144,21 @@ def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: in
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_median(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2,
+                       sync: Callable[[], None] = lambda: None) -> Dict[str, float]:
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, reps, warmup, sync).items()}
+
+
+def iqr_percent(times: List[float]) -> float:
+    """The interquartile range of repeated timings in % of their median: how far apart two
+    repetitions of the same call land on this machine (ratios closer to 1 than that say nothing)."""
+    if len(times) < 2:
+        return float("nan")
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return 100 * (q3 - q1) / statistics.median(times)
 
 
 def train_step_for(which: str, backbone: str, size: int) -> Callable[[], None]:
@@ -183,7 +200,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {where}, "
           f"{IMAGES_PER_BATCH} images/batch at min size {args.size}, median of {args.reps} interleaved reps")
     header = (f"{'backbone':<14}{'mode':<11}{'ours (s)':>10}{'torchvision (s)':>17}{'ratio':>8}"
-              f"{'ours CL (s)':>13}{'CL / ours':>11}")
+              f"{'IQR % ours / tv':>17}{'ours CL (s)':>13}{'CL / ours':>11}")
     rows = []
     layout_ratio, cl_time = {}, {}
     flops: Dict[Tuple[str, str, str], float] = {}  # (backbone, mode, who) -> FLOPs of one call
@@ -204,7 +221,8 @@ def main() -> None:
         train_fns = {"ours": train_step_fn(ours, opt_ours, images, targets),
                      "torchvision": train_step_fn(theirs, opt_theirs, images, targets),
                      "ours_cl": train_step_fn(ours_cl, opt_cl, images, targets)}
-        train = interleaved_median(train_fns, args.reps, sync=sync)
+        train_times = interleaved_times(train_fns, args.reps, sync=sync)
+        train = {who: statistics.median(t) for who, t in train_times.items()}
         cuda_mem = ({w: cuda_peak_mib(train_fns[w]) for w in ("ours", "torchvision")}
                     if args.device == "cuda" and not args.no_memory else None)
         for who in ("ours", "torchvision"):
@@ -214,30 +232,34 @@ def main() -> None:
             model.eval()
         infer_fns = {"ours": infer_fn(ours, images), "torchvision": infer_fn(theirs, images),
                      "ours_cl": infer_fn(ours_cl, images)}
-        infer = interleaved_median(infer_fns, args.reps, sync=sync)
+        infer_times = interleaved_times(infer_fns, args.reps, sync=sync)
+        infer = {who: statistics.median(t) for who, t in infer_times.items()}
         for who in ("ours", "torchvision"):
             flops[backbone, "inference", who] = counted_flops(infer_fns[who])
             seconds[backbone, "inference", who] = infer[who]
         layout_ratio[backbone] = {"train step": train["ours_cl"] / train["ours"],
                                   "inference": infer["ours_cl"] / infer["ours"]}
         cl_time[backbone] = {"train step": train["ours_cl"], "inference": infer["ours_cl"]}
-        rows.append((backbone, "train step", train["ours"], train["torchvision"]))
+        rows.append((backbone, "train step", train["ours"], train["torchvision"],
+                     iqr_percent(train_times["ours"]), iqr_percent(train_times["torchvision"])))
         if args.profile:
             for name, model, opt in (("ours", ours, opt_ours), ("torchvision", theirs, opt_theirs)):
                 print(f"profile of one {backbone} train step, {name}:")
                 model.train()
                 print(profile_table(train_step_fn(model, opt, images, targets)))
-        rows.append((backbone, "inference", infer["ours"], infer["torchvision"]))
+        rows.append((backbone, "inference", infer["ours"], infer["torchvision"],
+                     iqr_percent(infer_times["ours"]), iqr_percent(infer_times["torchvision"])))
         if cuda_mem is not None:  # measured above, while the models were in train mode
-            rows.append((backbone, "peak MiB", cuda_mem["ours"], cuda_mem["torchvision"]))
+            rows.append((backbone, "peak MiB", cuda_mem["ours"], cuda_mem["torchvision"], None, None))
         elif not args.no_memory:
             mem = {w: peak_in_fresh_process(train_step_for, w, backbone, args.size) for w in ("ours", "torchvision")}
-            rows.append((backbone, "peak MiB", mem["ours"], mem["torchvision"]))
+            rows.append((backbone, "peak MiB", mem["ours"], mem["torchvision"], None, None))
     print(header)
-    for backbone, mode, a, b in rows:
+    for backbone, mode, a, b, spread_a, spread_b in rows:
+        spread = f"{spread_a:>11.0f} / {spread_b:<3.0f}" if spread_a is not None else f"{'':>17}"
         cl = (f"{cl_time[backbone][mode]:>13.3f}{layout_ratio[backbone][mode]:>11.2f}"
               if mode in layout_ratio[backbone] else "")
-        print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}{cl}")
+        print(f"{backbone:<14}{mode:<11}{a:>10.3f}{b:>17.3f}{a / b:>8.2f}{spread}{cl}")
     if args.device == "cuda":
         # cuDNN runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), and
         # they are most of a step's FLOPs: the peak to compare with is the matmul's in that precision

@@ -49,7 +49,7 @@ import time
 from typing import Callable, Dict, Optional
 
 import torch
-from bench_detector import train_step_fn
+from bench_detector import iqr_percent, train_step_fn
 from peak_memory import peak_in_fresh_process, profile_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,10 +218,7 @@ def main() -> None:
             times[run].append(time.perf_counter() - start)
             cpu_times[run].append(time.process_time() - cpu_start)
     median = {run: statistics.median(v) for run, v in times.items()}
-    # the interquartile range of each variant's times, in % of its median: how far apart two
-    # repetitions of the same step land on this machine (ratios between rows closer than that say nothing)
-    spread = {run: float("nan") if len(v) < 2 else
-              100 * (lambda q: q[2] - q[0])(statistics.quantiles(v, n=4)) / median[run] for run, v in times.items()}
+    spread = {run: iqr_percent(v) for run, v in times.items()}
     cpu = {run: statistics.median(v) for run, v in cpu_times.items()}
     if args.profile:
         print("profile of one neck search iteration:")

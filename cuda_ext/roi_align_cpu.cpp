@@ -203,44 +203,52 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input_, const at::Tensor& roi
 
 // Scatters one RoI's output gradient into channels c_begin..c_end of the channels-last input
 // gradient, as the NCHW loop (torchvision's) does per channel: += g * w / count for every bin,
-// sample and tap, in that order; here over the channel range at once.
-//   grad_rows: [bins, C] of the RoI; gin: [H * W, C] of the RoI's image
+// sample and tap, in that order; here over the channel range at once. The RoI's gradient rows of
+// those channels are first transposed to [bins, c_end - c_begin] in `rows` (small, in cache).
+//   grad: [C, bins] of the RoI (NCHW); rows: bins * (c_end - c_begin) scratch; gin: [H * W, C] of
+//   the RoI's image
 template <typename T>
-AUTOFPN_ALWAYS_INLINE void scatter_roi_channels_last(const T* __restrict grad_rows, const SamplePoint<T>* points,
+AUTOFPN_ALWAYS_INLINE void scatter_roi_channels_last(const T* __restrict grad, const SamplePoint<T>* points,
                                                      int64_t bins, int64_t per_bin, T count, int64_t channels,
-                                                     int64_t c_begin, int64_t c_end, T* __restrict gin) {
+                                                     int64_t c_begin, int64_t c_end, T* __restrict rows,
+                                                     T* __restrict gin) {
+  const int64_t width = c_end - c_begin;
+  for (int64_t c = 0; c < width; ++c) {
+    for (int64_t b = 0; b < bins; ++b) rows[b * width + c] = grad[(c_begin + c) * bins + b];
+  }
+  gin += c_begin;
   for (int64_t b = 0; b < bins; ++b) {
-    const T* g = grad_rows + b * channels;
+    const T* g = rows + b * width;
     for (int64_t s = 0; s < per_bin; ++s, ++points) {
       for (int k = 0; k < 4; ++k) {
         T* dst = gin + points->pos[k] * channels;
         const T w = points->w[k];
-        for (int64_t c = c_begin; c < c_end; ++c) dst[c] += g[c] * w / count;
+        for (int64_t c = 0; c < width; ++c) dst[c] += g[c] * w / count;
       }
     }
   }
 }
 
 template <typename T>
-void scatter_roi(const T* grad_rows, const SamplePoint<T>* points, int64_t bins, int64_t per_bin, T count,
-                 int64_t channels, int64_t c_begin, int64_t c_end, T* gin) {
-  scatter_roi_channels_last<T>(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+void scatter_roi(const T* grad, const SamplePoint<T>* points, int64_t bins, int64_t per_bin, T count,
+                 int64_t channels, int64_t c_begin, int64_t c_end, T* rows, T* gin) {
+  scatter_roi_channels_last<T>(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx2,fma"))) void scatter_roi_float_avx2(const float* grad_rows,
-                                                                 const SamplePoint<float>* points, int64_t bins,
-                                                                 int64_t per_bin, float count, int64_t channels,
-                                                                 int64_t c_begin, int64_t c_end, float* gin) {
-  scatter_roi_channels_last<float>(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+__attribute__((target("avx2,fma"))) void scatter_roi_float_avx2(const float* grad, const SamplePoint<float>* points,
+                                                                 int64_t bins, int64_t per_bin, float count,
+                                                                 int64_t channels, int64_t c_begin, int64_t c_end,
+                                                                 float* rows, float* gin) {
+  scatter_roi_channels_last<float>(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
 }
 
 template <>
-void scatter_roi<float>(const float* grad_rows, const SamplePoint<float>* points, int64_t bins, int64_t per_bin,
-                        float count, int64_t channels, int64_t c_begin, int64_t c_end, float* gin) {
+void scatter_roi<float>(const float* grad, const SamplePoint<float>* points, int64_t bins, int64_t per_bin,
+                        float count, int64_t channels, int64_t c_begin, int64_t c_end, float* rows, float* gin) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return scatter_roi_float_avx2(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
-  scatter_roi_channels_last<float>(grad_rows, points, bins, per_bin, count, channels, c_begin, c_end, gin);
+  if (avx2) return scatter_roi_float_avx2(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
+  scatter_roi_channels_last<float>(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
 }
 #endif
 
@@ -258,24 +266,25 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& roi
   if (num_rois == 0 || batch_size * channels * height * width == 0) {
     return at::zeros({batch_size, channels, height, width}, grad_.options());
   }
-  // [R, C, ph, pw] -> rows [R, bins, C], and the input gradient channels-last: the channel loop
-  // reads and writes contiguous values; NCHW again at the end, the layout the op returns
-  const at::Tensor grad_rows = grad_.reshape({num_rois, channels, bins}).transpose(1, 2).contiguous();
+  // the input gradient channels-last: the channel loop reads and writes contiguous values; NCHW
+  // again at the end, the layout the op returns
+  const at::Tensor grad = grad_.contiguous();
   at::Tensor grad_input = at::zeros({batch_size, height, width, channels}, grad_.options());  // NHWC
 
   AT_DISPATCH_FLOATING_TYPES(grad_.scalar_type(), "autofpn_roi_align_backward", [&] {
-    const scalar_t* g = grad_rows.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
     const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
     scalar_t* gin = grad_input.data_ptr<scalar_t>();
     // Each task owns a channel range of grad_input: race-free scatter without atomics, and every
     // element sums its terms in the same order for any number of threads.
     at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
       std::vector<SamplePoint<scalar_t>> points;
+      std::vector<scalar_t> rows(bins * (c_end - c_begin));
       for (int64_t n = 0; n < num_rois; ++n) {
         const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, spatial_scale, pooled_h, pooled_w,
                                                   sampling_ratio, aligned, height, width, points);
-        scatter_roi<scalar_t>(g + n * bins * channels, points.data(), bins, geo.grid_h * geo.grid_w,
-                              static_cast<scalar_t>(geo.count), channels, c_begin, c_end,
+        scatter_roi<scalar_t>(g + n * channels * bins, points.data(), bins, geo.grid_h * geo.grid_w,
+                              static_cast<scalar_t>(geo.count), channels, c_begin, c_end, rows.data(),
                               gin + geo.batch_index * height * width * channels);
       }
     });

@@ -1,9 +1,10 @@
 """RoIAlign over a feature pyramid.
 
 ``roi_align`` is torchvision's operator, except on the CPU when the autofpn._C extension is
-built: then ``torch.ops.autofpn.roi_align`` runs, the same arithmetic multi-threaded, with a
+built: then ``torch.ops.autofpn.roi_align`` runs, the same arithmetic multi-threaded, reading
+the features and writing their gradient channels-last (vectorised over the channels), with a
 backward that computes each RoI's sampling weights once instead of per channel and bin
-(cuda_ext/roi_align_cpu.cpp).
+(cuda_ext/roi_align_cpu.cpp). Its output is NCHW, as torchvision's.
 """
 import logging
 import math

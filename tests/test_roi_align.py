@@ -92,9 +92,18 @@ def test_pyramid_pooling_matches_torchvision_and_a_nan_box_stays_zero():
     ours = ra.MultiLevelRoIAlign(names, strides, output_size=7, sampling_ratio=2)
     theirs = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
     image_sizes = [(256, 320), (256, 320)]
-    expected = theirs(feats, boxes, image_sizes)
+    feats_theirs = {n: f.clone().requires_grad_() for n, f in feats.items()}
+    feats_ours = {n: f.clone().requires_grad_() for n, f in feats.items()}
+    expected = theirs(feats_theirs, boxes, image_sizes)
     assert ours.assign_levels(torch.cat(boxes)).unique().numel() == 4, "the case covers every level"
-    torch.testing.assert_close(ours(feats, boxes), expected, atol=1e-5, rtol=1e-5)
+    pooled = ours(feats_ours, boxes)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(expected.shape, generator=g)
+    expected.backward(grad)
+    pooled.backward(grad)
+    for name in names:  # the rows go back to their levels in the backward too
+        torch.testing.assert_close(feats_ours[name].grad, feats_theirs[name].grad, atol=1e-5, rtol=1e-5)
+    expected = expected.detach()
     with_nan = [torch.cat([boxes[0], torch.full((1, 4), float("nan"))]), boxes[1]]
     pooled = ours(feats, with_nan)
     assert torch.equal(pooled[25], torch.zeros_like(pooled[25]))

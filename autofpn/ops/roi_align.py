@@ -125,17 +125,35 @@ class MultiLevelRoIAlign(nn.Module):
         if len(feats) == 1:
             return self._pool(feats[0], rois, self.scales[0])
         levels = self.assign_levels(rois[:, 1:])
-        num_channels = feats[0].shape[1]
-        # every row is written below (the levels are clamped into range), so no zero fill of
-        # this [R, C, S, S] tensor; a row whose box is NaN has no level and stays zero
-        shape = (rois.shape[0], num_channels, self.output_size, self.output_size)
-        assigned = not torch.jit.is_tracing() and bool(((levels >= 0) & (levels < len(feats))).all())
-        out = feats[0].new_empty(shape) if assigned else feats[0].new_zeros(shape)
-        for level, (feature, scale) in enumerate(zip(feats, self.scales)):
-            idx = torch.where(levels == level)[0]
-            pooled = self._pool(feature, rois[idx], scale).to(out.dtype)
-            if torch.jit.is_tracing():  # an exported index_put fails on a level with no RoI
-                out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(pooled), pooled)
-            else:
-                out[idx] = pooled
+        shape = (rois.shape[0], feats[0].shape[1], self.output_size, self.output_size)
+        indices = [torch.where(levels == level)[0] for level in range(len(feats))]
+        pooled = [self._pool(feature, rois[idx], scale) for feature, scale, idx in zip(feats, self.scales, indices)]
+        if torch.jit.is_tracing():  # an exported index_put fails on a level with no RoI
+            out = pooled[0].new_zeros(shape)
+            for idx, rows in zip(indices, pooled):
+                out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(rows), rows.to(out.dtype))
+            return out
+        return _RowsInBoxOrder.apply(shape, *indices, *pooled)
+
+
+class _RowsInBoxOrder(torch.autograd.Function):
+    """The per-level results' rows back in the boxes' order: out[indices[l]] = pooled[l], an [R, C,
+    S, S] tensor. Autograd's own index_put would clone the whole gradient once per level in the
+    backward (four [R, C, 7, 7] copies, about 4 % of a Faster R-CNN train step on the CPU); here the
+    backward only gathers each level's rows. A row that no level claims (a NaN box) stays zero."""
+
+    @staticmethod
+    def forward(ctx, shape, *indices_and_pooled):
+        num_levels = len(indices_and_pooled) // 2
+        indices, pooled = indices_and_pooled[:num_levels], indices_and_pooled[num_levels:]
+        claimed = sum(int(idx.numel()) for idx in indices)
+        out = pooled[0].new_empty(shape) if claimed == shape[0] else pooled[0].new_zeros(shape)
+        for idx, rows in zip(indices, pooled):
+            out[idx] = rows.to(out.dtype)
+        ctx.save_for_backward(*indices)
         return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices = ctx.saved_tensors
+        return (None, *[None] * len(indices), *[grad[idx] for idx in indices])

@@ -133,7 +133,7 @@ class MultiLevelRoIAlign(nn.Module):
             for idx, rows in zip(indices, pooled):
                 out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(rows), rows.to(out.dtype))
             return out
-        return _RowsInBoxOrder.apply(shape, *indices, *pooled)
+        return _RowsInBoxOrder.apply(shape, feats[0].dtype, *indices, *pooled)
 
 
 class _RowsInBoxOrder(torch.autograd.Function):
@@ -143,11 +143,12 @@ class _RowsInBoxOrder(torch.autograd.Function):
     backward only gathers each level's rows. A row that no level claims (a NaN box) stays zero."""
 
     @staticmethod
-    def forward(ctx, shape, *indices_and_pooled):
+    def forward(ctx, shape, dtype, *indices_and_pooled):
         num_levels = len(indices_and_pooled) // 2
         indices, pooled = indices_and_pooled[:num_levels], indices_and_pooled[num_levels:]
         claimed = sum(int(idx.numel()) for idx in indices)
-        out = pooled[0].new_empty(shape) if claimed == shape[0] else pooled[0].new_zeros(shape)
+        make = pooled[0].new_empty if claimed == shape[0] else pooled[0].new_zeros
+        out = make(shape, dtype=dtype)  # the features' dtype, whatever a level's kernel returned
         for idx, rows in zip(indices, pooled):
             out[idx] = rows.to(out.dtype)
         ctx.save_for_backward(*indices)
@@ -156,4 +157,4 @@ class _RowsInBoxOrder(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         indices = ctx.saved_tensors
-        return (None, *[None] * len(indices), *[grad[idx] for idx in indices])
+        return (None, None, *[None] * len(indices), *[grad[idx] for idx in indices])

@@ -129,7 +129,7 @@ class MultiLevelRoIAlign(nn.Module):
         indices = [torch.where(levels == level)[0] for level in range(len(feats))]
         pooled = [self._pool(feature, rois[idx], scale) for feature, scale, idx in zip(feats, self.scales, indices)]
         if torch.jit.is_tracing():  # an exported index_put fails on a level with no RoI
-            out = pooled[0].new_zeros(shape)
+            out = feats[0].new_zeros(shape)
             for idx, rows in zip(indices, pooled):
                 out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(rows), rows.to(out.dtype))
             return out

@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -90,8 +92,7 @@ __attribute__((target("avx2,fma"))) void accumulate_rows_float_avx2(const float*
 
 FloatRows float_rows() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return accumulate_rows_float_avx2;
+  if (cpu_has_avx2_fma()) return accumulate_rows_float_avx2;
 #endif
   return accumulate_rows_float;
 }

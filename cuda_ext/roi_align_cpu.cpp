@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -120,12 +122,6 @@ void check_inputs(const at::Tensor& input, const at::Tensor& rois, const char* n
               " but rois are ", rois.scalar_type());
 }
 
-#if defined(__GNUC__)
-#define AUTOFPN_ALWAYS_INLINE inline __attribute__((always_inline))  // so the avx2 clone compiles it as AVX2
-#else
-#define AUTOFPN_ALWAYS_INLINE inline
-#endif
-
 // Pools one RoI's bins from channels-last features into its NCHW output rows. Per channel the
 // arithmetic and its order are the NCHW loop's (torchvision's): value += w0 * a + w1 * b + w2 * c +
 // w3 * d over the bin's samples, then / count; here each step runs over all C channels at once.
@@ -164,8 +160,7 @@ __attribute__((target("avx2,fma"))) void pool_roi_float_avx2(const float* feat, 
 template <>
 void pool_roi<float>(const float* feat, const SamplePoint<float>* points, int64_t bins, int64_t per_bin,
                      float count, int64_t channels, float* acc, float* out) {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return pool_roi_float_avx2(feat, points, bins, per_bin, count, channels, acc, out);
+  if (cpu_has_avx2_fma()) return pool_roi_float_avx2(feat, points, bins, per_bin, count, channels, acc, out);
   pool_roi_channels_last<float>(feat, points, bins, per_bin, count, channels, acc, out);
 }
 #endif
@@ -246,8 +241,7 @@ __attribute__((target("avx2,fma"))) void scatter_roi_float_avx2(const float* gra
 template <>
 void scatter_roi<float>(const float* grad, const SamplePoint<float>* points, int64_t bins, int64_t per_bin,
                         float count, int64_t channels, int64_t c_begin, int64_t c_end, float* rows, float* gin) {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return scatter_roi_float_avx2(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
+  if (cpu_has_avx2_fma()) return scatter_roi_float_avx2(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
   scatter_roi_channels_last<float>(grad, points, bins, per_bin, count, channels, c_begin, c_end, rows, gin);
 }
 #endif

@@ -286,6 +286,124 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& roi
   return grad_input.permute({0, 3, 1, 2}).contiguous();
 }
 
+// The pyramid pooler in one call: RoI r pooled from features[levels[r]] at scales[levels[r]] into row
+// r of one [R, C, pooled_h, pooled_w] output, in the boxes' order, so the caller neither gathers
+// each level's boxes nor writes each level's rows back (nor, in the backward, gathers each level's
+// gradient rows). A level outside 0..L-1 (a NaN box's) leaves its row zero. Per RoI and element
+// the arithmetic is roi_align's, so the result equals the per-level calls bit for bit; so does
+// the backward, whose per-level sums visit the RoIs in the same (ascending) order.
+std::vector<at::Tensor> channels_last_levels(const at::TensorList& features, const at::Tensor& rois,
+                                             const std::vector<double>& scales, const char* name) {
+  TORCH_CHECK(!features.empty() && features.size() == scales.size(), name, ": ", features.size(),
+              " feature levels but ", scales.size(), " scales");
+  std::vector<at::Tensor> levels;
+  for (const at::Tensor& f : features) {
+    check_inputs(f, rois, name);
+    TORCH_CHECK(f.size(0) == features[0].size(0) && f.size(1) == features[0].size(1), name,
+                ": every level must have the first level's batch and channels ", features[0].sizes().slice(0, 2),
+                ", got ", f.sizes());
+    levels.push_back(f.contiguous(at::MemoryFormat::ChannelsLast));
+  }
+  return levels;
+}
+
+at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::Tensor& rois_,
+                                            const at::Tensor& levels_, c10::ArrayRef<double> scales_,
+                                            int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  const std::vector<double> scales(scales_.begin(), scales_.end());
+  const std::vector<at::Tensor> inputs = channels_last_levels(features, rois_, scales, "multilevel_roi_align");
+  TORCH_CHECK(levels_.dim() == 1 && levels_.size(0) == rois_.size(0) && levels_.scalar_type() == at::kLong,
+              "multilevel_roi_align: levels must be int64 [", rois_.size(0), "], got ", levels_.scalar_type(), " ",
+              levels_.sizes());
+  const at::Tensor rois = rois_.contiguous();
+  const at::Tensor levels = levels_.contiguous();
+  const int64_t num_rois = rois.size(0), channels = inputs[0].size(1);
+  const int64_t num_levels = static_cast<int64_t>(inputs.size());
+  bool every_row_pooled = true;
+  for (int64_t r = 0; r < num_rois; ++r) {
+    const int64_t l = levels.data_ptr<int64_t>()[r];
+    every_row_pooled = every_row_pooled && l >= 0 && l < num_levels;
+  }
+  at::Tensor output = every_row_pooled ? at::empty({num_rois, channels, pooled_h, pooled_w}, inputs[0].options())
+                                       : at::zeros({num_rois, channels, pooled_h, pooled_w}, inputs[0].options());
+  if (num_rois == 0 || output.numel() == 0) return output;
+
+  AT_DISPATCH_FLOATING_TYPES(inputs[0].scalar_type(), "autofpn_multilevel_roi_align_forward", [&] {
+    const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
+    const int64_t* level_ptr = levels.data_ptr<int64_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    const int64_t bins = pooled_h * pooled_w;
+    at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
+      std::vector<SamplePoint<scalar_t>> points;
+      std::vector<scalar_t> acc(channels);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t l = level_ptr[n];
+        if (l < 0 || l >= num_levels) continue;
+        const at::Tensor& input = inputs[l];
+        const int64_t height = input.size(2), width = input.size(3);
+        const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, scales[l], pooled_h, pooled_w, sampling_ratio,
+                                                  aligned, height, width, points);
+        pool_roi<scalar_t>(input.data_ptr<scalar_t>() + geo.batch_index * height * width * channels, points.data(),
+                           bins, geo.grid_h * geo.grid_w, static_cast<scalar_t>(geo.count), channels, acc.data(),
+                           out + n * channels * bins);
+      }
+    });
+  });
+  return output;
+}
+
+// shapes: [N, C, H_0, W_0, H_1, W_1, ...], the levels' sizes; returns each level's NCHW gradient
+std::vector<at::Tensor> multilevel_roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& rois_,
+                                                          const at::Tensor& levels_, c10::ArrayRef<double> scales_,
+                                                          int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+                                                          bool aligned, c10::IntArrayRef shapes) {
+  const std::vector<double> scales(scales_.begin(), scales_.end());
+  const int64_t num_levels = static_cast<int64_t>(scales.size());
+  TORCH_CHECK(static_cast<int64_t>(shapes.size()) == 2 + 2 * num_levels, "multilevel_roi_align_backward: shapes must be"
+              " [N, C, H_0, W_0, ...] for ", num_levels, " levels, got ", shapes);
+  const int64_t batch_size = shapes[0], channels = shapes[1];
+  const int64_t num_rois = rois_.size(0);
+  TORCH_CHECK(grad_.dim() == 4 && grad_.size(0) == num_rois && grad_.size(1) == channels &&
+                  grad_.size(2) == pooled_h && grad_.size(3) == pooled_w,
+              "multilevel_roi_align_backward: grad must be [", num_rois, ", ", channels, ", ", pooled_h, ", ",
+              pooled_w, "], got ", grad_.sizes());
+  TORCH_CHECK(rois_.scalar_type() == grad_.scalar_type(), "multilevel_roi_align_backward: grad is ",
+              grad_.scalar_type(), " but rois are ", rois_.scalar_type());
+  const at::Tensor rois = rois_.contiguous();
+  const at::Tensor levels = levels_.contiguous();
+  const at::Tensor grad = grad_.contiguous();
+  std::vector<at::Tensor> grad_inputs;  // NHWC: the channel loop reads and writes contiguous values
+  for (int64_t l = 0; l < num_levels; ++l) {
+    grad_inputs.push_back(at::zeros({batch_size, shapes[2 + 2 * l], shapes[3 + 2 * l], channels}, grad_.options()));
+  }
+  const int64_t bins = pooled_h * pooled_w;
+  if (num_rois > 0 && batch_size * channels > 0) {
+    AT_DISPATCH_FLOATING_TYPES(grad_.scalar_type(), "autofpn_multilevel_roi_align_backward", [&] {
+      const scalar_t* g = grad.data_ptr<scalar_t>();
+      const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
+      const int64_t* level_ptr = levels.data_ptr<int64_t>();
+      // as roi_align_backward_cpu: each task owns a channel range of every level's gradient
+      at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
+        std::vector<SamplePoint<scalar_t>> points;
+        std::vector<scalar_t> rows(bins * (c_end - c_begin));
+        for (int64_t n = 0; n < num_rois; ++n) {
+          const int64_t l = level_ptr[n];
+          if (l < 0 || l >= num_levels) continue;
+          const int64_t height = shapes[2 + 2 * l], width = shapes[3 + 2 * l];
+          if (height * width == 0) continue;
+          const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, scales[l], pooled_h, pooled_w, sampling_ratio,
+                                                    aligned, height, width, points);
+          scatter_roi<scalar_t>(g + n * channels * bins, points.data(), bins, geo.grid_h * geo.grid_w,
+                                static_cast<scalar_t>(geo.count), channels, c_begin, c_end, rows.data(),
+                                grad_inputs[l].data_ptr<scalar_t>() + geo.batch_index * height * width * channels);
+        }
+      });
+    });
+  }
+  for (at::Tensor& gin : grad_inputs) gin = gin.permute({0, 3, 1, 2}).contiguous();
+  return grad_inputs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(autofpn, m) {
@@ -293,11 +411,17 @@ TORCH_LIBRARY_FRAGMENT(autofpn, m) {
         "int sampling_ratio, bool aligned) -> Tensor");
   m.def("roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_h, int pooled_w, "
         "int sampling_ratio, bool aligned, int batch_size, int channels, int height, int width) -> Tensor");
+  m.def("multilevel_roi_align(Tensor[] features, Tensor rois, Tensor levels, float[] scales, int pooled_h, "
+        "int pooled_w, int sampling_ratio, bool aligned) -> Tensor");
+  m.def("multilevel_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] scales, int pooled_h, "
+        "int pooled_w, int sampling_ratio, bool aligned, int[] shapes) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(autofpn, CPU, m) {
   m.impl("roi_align", &roi_align_forward_cpu);
   m.impl("roi_align_backward", &roi_align_backward_cpu);
+  m.impl("multilevel_roi_align", &multilevel_roi_align_forward_cpu);
+  m.impl("multilevel_roi_align_backward", &multilevel_roi_align_backward_cpu);
 }
 
 }  // namespace autofpn

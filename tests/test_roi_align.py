@@ -108,3 +108,67 @@ def test_pyramid_pooling_matches_torchvision_and_a_nan_box_stays_zero():
     pooled = ours(feats, with_nan)
     assert torch.equal(pooled[25], torch.zeros_like(pooled[25]))
     torch.testing.assert_close(torch.cat([pooled[:25], pooled[26:]]), expected, atol=1e-5, rtol=1e-5)
+
+
+def _pyramid_case(dtype, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+    feats = {n: torch.randn(2, 6, 128 // s, 192 // s, generator=g, dtype=dtype) for n, s in strides.items()}
+    feats["p3"] = feats["p3"].contiguous(memory_format=torch.channels_last)  # layouts may differ per level
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(30, 2, generator=g, dtype=dtype) * 100
+        wh = torch.exp(torch.empty(30, 2, dtype=dtype).uniform_(1.5, 5.3, generator=g))  # 4-200 px: p2, p3
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    boxes[0][:2] = torch.tensor([[10.0, 5.0, 260.0, 250.0], [0.0, 0.0, 300.0, 200.0]], dtype=dtype)  # p4
+    boxes[1][7] = float("nan")  # no level: a zero row; p5 gets no RoI
+    return strides, feats, boxes, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_multilevel_call_equals_a_call_per_level(dtype, monkeypatch):
+    """torch.ops.autofpn.multilevel_roi_align gives the per-level path's output and feature
+    gradients bit for bit, with a level that gets no RoI and a NaN box."""
+    strides, feats, boxes, g = _pyramid_case(dtype)
+    pooler = ra.MultiLevelRoIAlign(list(strides), strides, output_size=7, sampling_ratio=2)
+    levels = pooler.assign_levels(torch.cat(boxes))
+    assert (levels == 3).sum() == 0 and (levels == 0).any() and (levels == 2).any(), "the case: p5 gets no RoI"
+    grad = torch.randn(60, 6, 7, 7, generator=g, dtype=dtype)
+    results = []
+    for one_call in (True, False):
+        monkeypatch.setattr(ra.MultiLevelRoIAlign, "_one_kernel_call", staticmethod(lambda feats, v=one_call: v))
+        leaves = {n: f.clone().requires_grad_() for n, f in feats.items()}
+        out = pooler(leaves, boxes)
+        out.backward(grad)
+        results.append((out.detach(), {n: f.grad for n, f in leaves.items()}))
+    (out_one, grads_one), (out_per_level, grads_per_level) = results
+    assert torch.equal(out_one, out_per_level)
+    assert torch.equal(out_one[37], torch.zeros_like(out_one[37]))
+    for name in strides:
+        assert torch.equal(grads_one[name], grads_per_level[name]), name
+    assert torch.equal(grads_one["p5"], torch.zeros_like(grads_one["p5"]))
+
+
+def test_multilevel_call_is_used_does_not_depend_on_threads_and_passes_opcheck():
+    strides, feats, boxes, g = _pyramid_case(torch.float32)
+    pooler = ra.MultiLevelRoIAlign(list(strides), strides, output_size=7, sampling_ratio=2)
+    assert pooler._one_kernel_call(list(feats.values()))
+    grad = torch.randn(60, 6, 7, 7, generator=g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = {name: f.clone().requires_grad_() for name, f in feats.items()}
+            out = pooler(leaves, boxes)
+            assert out.grad_fn is not None and "multilevel_roi_align" in out.grad_fn.name()
+            out.backward(grad)
+            results.append([out.detach()] + [f.grad for f in leaves.values()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    rois = ra.boxes_to_rois([b[:20] for b in boxes])
+    levels = pooler.assign_levels(rois[:, 1:])
+    torch.library.opcheck(torch.ops.autofpn.multilevel_roi_align.default,
+                          ([f.clone().requires_grad_() for f in feats.values()], rois, levels, pooler.scales, 7, 7, 2,
+                           False))

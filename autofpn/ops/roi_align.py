@@ -4,7 +4,9 @@
 built: then ``torch.ops.autofpn.roi_align`` runs, the same arithmetic multi-threaded, reading
 the features and writing their gradient channels-last (vectorised over the channels), with a
 backward that computes each RoI's sampling weights once instead of per channel and bin
-(cuda_ext/roi_align_cpu.cpp). Its output is NCHW, as torchvision's.
+(cuda_ext/roi_align_cpu.cpp). Its output is NCHW, as torchvision's. ``MultiLevelRoIAlign`` then
+pools all levels in one call of ``torch.ops.autofpn.multilevel_roi_align``, each RoI written
+straight into its row in the boxes' order.
 """
 import logging
 import math
@@ -49,7 +51,35 @@ def _load_cpu_kernel() -> bool:
     return True
 
 
+def _load_multilevel_cpu_kernel() -> bool:
+    if not extension_has("multilevel_roi_align"):
+        return False
+
+    @torch.library.register_fake("autofpn::multilevel_roi_align")
+    def _fake(features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned):
+        return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_h, pooled_w))
+
+    @torch.library.register_fake("autofpn::multilevel_roi_align_backward")
+    def _fake_backward(grad, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned, shapes):
+        return [grad.new_empty((shapes[0], shapes[1], h, w)) for h, w in zip(shapes[2::2], shapes[3::2])]
+
+    def _setup_context(ctx, inputs, output):
+        features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned = inputs
+        ctx.save_for_backward(rois, levels)
+        shapes = list(features[0].shape[:2]) + [size for f in features for size in f.shape[2:]]
+        ctx.args = (scales, pooled_h, pooled_w, sampling_ratio, aligned, shapes)
+
+    def _backward(ctx, grad):
+        rois, levels = ctx.saved_tensors
+        grads = torch.ops.autofpn.multilevel_roi_align_backward(grad, rois, levels, *ctx.args)
+        return list(grads), None, None, None, None, None, None, None
+
+    torch.library.register_autograd("autofpn::multilevel_roi_align", _backward, setup_context=_setup_context)
+    return True
+
+
 _CPU_KERNEL = _load_cpu_kernel()
+_CPU_MULTILEVEL_KERNEL = _CPU_KERNEL and _load_multilevel_cpu_kernel()
 
 
 def roi_align(input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float,
@@ -125,6 +155,10 @@ class MultiLevelRoIAlign(nn.Module):
         if len(feats) == 1:
             return self._pool(feats[0], rois, self.scales[0])
         levels = self.assign_levels(rois[:, 1:])
+        if self._one_kernel_call(feats):
+            return torch.ops.autofpn.multilevel_roi_align(
+                feats, rois.to(feats[0].dtype), levels, self.scales, self.output_size, self.output_size,
+                self.sampling_ratio, self.aligned)
         shape = (rois.shape[0], feats[0].shape[1], self.output_size, self.output_size)
         indices = [torch.where(levels == level)[0] for level in range(len(feats))]
         pooled = [self._pool(feature, rois[idx], scale) for feature, scale, idx in zip(feats, self.scales, indices)]
@@ -134,6 +168,15 @@ class MultiLevelRoIAlign(nn.Module):
                 out = out.scatter(0, idx.view(-1, 1, 1, 1).expand_as(rows), rows.to(out.dtype))
             return out
         return _RowsInBoxOrder.apply(shape, feats[0].dtype, *indices, *pooled)
+
+
+    @staticmethod
+    def _one_kernel_call(feats: List[Tensor]) -> bool:
+        """Whether the extension pools every level in one call, each RoI straight into its row (the
+        CPU, float32 / float64 levels of one dtype; the same values as a call per level)."""
+        dtype = feats[0].dtype
+        return (_CPU_MULTILEVEL_KERNEL and dtype in (torch.float32, torch.float64) and not torch.jit.is_tracing()
+                and all(f.device.type == "cpu" and f.dtype == dtype for f in feats))
 
 
 class _RowsInBoxOrder(torch.autograd.Function):

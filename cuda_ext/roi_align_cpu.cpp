@@ -165,37 +165,6 @@ void pool_roi<float>(const float* feat, const SamplePoint<float>* points, int64_
 }
 #endif
 
-at::Tensor roi_align_forward_cpu(const at::Tensor& input_, const at::Tensor& rois_, double spatial_scale,
-                                 int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  check_inputs(input_, rois_, "roi_align");
-  const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor rois = rois_.contiguous();
-  const int64_t num_rois = rois.size(0), channels = input.size(1);
-  const int64_t height = input.size(2), width = input.size(3);
-  // every element is written below
-  at::Tensor output = at::empty({num_rois, channels, pooled_h, pooled_w}, input.options());
-  if (num_rois == 0 || output.numel() == 0) return output;
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "autofpn_roi_align_forward", [&] {
-    const scalar_t* in = input.data_ptr<scalar_t>();
-    const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
-    scalar_t* out = output.data_ptr<scalar_t>();
-    const int64_t bins = pooled_h * pooled_w;
-    at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
-      std::vector<SamplePoint<scalar_t>> points;
-      std::vector<scalar_t> acc(channels);
-      for (int64_t n = begin; n < end; ++n) {
-        const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, spatial_scale, pooled_h, pooled_w,
-                                                  sampling_ratio, aligned, height, width, points);
-        pool_roi<scalar_t>(in + geo.batch_index * height * width * channels, points.data(), bins,
-                           geo.grid_h * geo.grid_w, static_cast<scalar_t>(geo.count), channels,
-                           acc.data(), out + n * channels * bins);
-      }
-    });
-  });
-  return output;
-}
-
 // Scatters one RoI's output gradient into channels c_begin..c_end of the channels-last input
 // gradient, as the NCHW loop (torchvision's) does per channel: += g * w / count for every bin,
 // sample and tap, in that order; here over the channel range at once. The RoI's gradient rows of
@@ -246,52 +215,13 @@ void scatter_roi<float>(const float* grad, const SamplePoint<float>* points, int
 }
 #endif
 
-at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& rois_, double spatial_scale,
-                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
-                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
-  check_inputs(at::empty({batch_size, channels, height, width}, grad_.options()), rois_, "roi_align_backward");
-  TORCH_CHECK(grad_.dim() == 4 && grad_.size(0) == rois_.size(0) && grad_.size(1) == channels &&
-                  grad_.size(2) == pooled_h && grad_.size(3) == pooled_w,
-              "roi_align_backward: grad must be [R, C, pooled_h, pooled_w] = [", rois_.size(0), ", ", channels,
-              ", ", pooled_h, ", ", pooled_w, "], got ", grad_.sizes());
-  const at::Tensor rois = rois_.contiguous();
-  const int64_t num_rois = rois.size(0);
-  const int64_t bins = pooled_h * pooled_w;
-  if (num_rois == 0 || batch_size * channels * height * width == 0) {
-    return at::zeros({batch_size, channels, height, width}, grad_.options());
-  }
-  // the input gradient channels-last: the channel loop reads and writes contiguous values; NCHW
-  // again at the end, the layout the op returns
-  const at::Tensor grad = grad_.contiguous();
-  at::Tensor grad_input = at::zeros({batch_size, height, width, channels}, grad_.options());  // NHWC
-
-  AT_DISPATCH_FLOATING_TYPES(grad_.scalar_type(), "autofpn_roi_align_backward", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* roi_ptr = rois.data_ptr<scalar_t>();
-    scalar_t* gin = grad_input.data_ptr<scalar_t>();
-    // Each task owns a channel range of grad_input: race-free scatter without atomics, and every
-    // element sums its terms in the same order for any number of threads.
-    at::parallel_for(0, channels, 16, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<SamplePoint<scalar_t>> points;
-      std::vector<scalar_t> rows(bins * (c_end - c_begin));
-      for (int64_t n = 0; n < num_rois; ++n) {
-        const RoIGeometry geo = roi_sample_points(roi_ptr + n * 5, spatial_scale, pooled_h, pooled_w,
-                                                  sampling_ratio, aligned, height, width, points);
-        scatter_roi<scalar_t>(g + n * channels * bins, points.data(), bins, geo.grid_h * geo.grid_w,
-                              static_cast<scalar_t>(geo.count), channels, c_begin, c_end, rows.data(),
-                              gin + geo.batch_index * height * width * channels);
-      }
-    });
-  });
-  return grad_input.permute({0, 3, 1, 2}).contiguous();
-}
-
-// The pyramid pooler in one call: RoI r pooled from features[levels[r]] at scales[levels[r]] into row
-// r of one [R, C, pooled_h, pooled_w] output, in the boxes' order, so the caller neither gathers
+// The kernels pool a pyramid in one call: RoI r from features[levels[r]] at scales[levels[r]] into
+// row r of one [R, C, pooled_h, pooled_w] output, in the boxes' order, so the caller neither gathers
 // each level's boxes nor writes each level's rows back (nor, in the backward, gathers each level's
-// gradient rows). A level outside 0..L-1 (a NaN box's) leaves its row zero. Per RoI and element
-// the arithmetic is roi_align's, so the result equals the per-level calls bit for bit; so does
-// the backward, whose per-level sums visit the RoIs in the same (ascending) order.
+// gradient rows). A level outside 0..L-1 (a NaN box's) leaves its row zero. roi_align itself is
+// one level with every RoI on it. A RoI's arithmetic does not depend on the other RoIs, and each
+// level's backward sums visit its RoIs in ascending order, so one pyramid call equals one call
+// per level bit for bit.
 std::vector<at::Tensor> channels_last_levels(const at::TensorList& features, const at::Tensor& rois,
                                              const std::vector<double>& scales, const char* name) {
   TORCH_CHECK(!features.empty() && features.size() == scales.size(), name, ": ", features.size(),
@@ -307,14 +237,12 @@ std::vector<at::Tensor> channels_last_levels(const at::TensorList& features, con
   return levels;
 }
 
-at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::Tensor& rois_,
-                                            const at::Tensor& levels_, c10::ArrayRef<double> scales_,
-                                            int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  const std::vector<double> scales(scales_.begin(), scales_.end());
-  const std::vector<at::Tensor> inputs = channels_last_levels(features, rois_, scales, "multilevel_roi_align");
-  TORCH_CHECK(levels_.dim() == 1 && levels_.size(0) == rois_.size(0) && levels_.scalar_type() == at::kLong,
-              "multilevel_roi_align: levels must be int64 [", rois_.size(0), "], got ", levels_.scalar_type(), " ",
-              levels_.sizes());
+at::Tensor pool_levels(at::TensorList features, const at::Tensor& rois_, const at::Tensor& levels_,
+                       const std::vector<double>& scales, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+                       bool aligned, const char* name) {
+  const std::vector<at::Tensor> inputs = channels_last_levels(features, rois_, scales, name);
+  TORCH_CHECK(levels_.dim() == 1 && levels_.size(0) == rois_.size(0) && levels_.scalar_type() == at::kLong, name,
+              ": levels must be int64 [", rois_.size(0), "], got ", levels_.scalar_type(), " ", levels_.sizes());
   const at::Tensor rois = rois_.contiguous();
   const at::Tensor levels = levels_.contiguous();
   const int64_t num_rois = rois.size(0), channels = inputs[0].size(1);
@@ -353,22 +281,21 @@ at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::T
 }
 
 // shapes: [N, C, H_0, W_0, H_1, W_1, ...], the levels' sizes; returns each level's NCHW gradient
-std::vector<at::Tensor> multilevel_roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& rois_,
-                                                          const at::Tensor& levels_, c10::ArrayRef<double> scales_,
-                                                          int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
-                                                          bool aligned, c10::IntArrayRef shapes) {
-  const std::vector<double> scales(scales_.begin(), scales_.end());
+std::vector<at::Tensor> scatter_levels(const at::Tensor& grad_, const at::Tensor& rois_, const at::Tensor& levels_,
+                                       const std::vector<double>& scales, int64_t pooled_h, int64_t pooled_w,
+                                       int64_t sampling_ratio, bool aligned, c10::IntArrayRef shapes, const char* name) {
   const int64_t num_levels = static_cast<int64_t>(scales.size());
-  TORCH_CHECK(static_cast<int64_t>(shapes.size()) == 2 + 2 * num_levels, "multilevel_roi_align_backward: shapes must be"
-              " [N, C, H_0, W_0, ...] for ", num_levels, " levels, got ", shapes);
+  TORCH_CHECK(static_cast<int64_t>(shapes.size()) == 2 + 2 * num_levels, name, ": shapes must be [N, C, H_0, W_0, ...]"
+              " for ", num_levels, " levels, got ", shapes);
+  TORCH_CHECK(rois_.dim() == 2 && rois_.size(1) == 5, name, ": rois must be [R, 5], got ", rois_.sizes());
   const int64_t batch_size = shapes[0], channels = shapes[1];
   const int64_t num_rois = rois_.size(0);
   TORCH_CHECK(grad_.dim() == 4 && grad_.size(0) == num_rois && grad_.size(1) == channels &&
                   grad_.size(2) == pooled_h && grad_.size(3) == pooled_w,
-              "multilevel_roi_align_backward: grad must be [", num_rois, ", ", channels, ", ", pooled_h, ", ",
-              pooled_w, "], got ", grad_.sizes());
-  TORCH_CHECK(rois_.scalar_type() == grad_.scalar_type(), "multilevel_roi_align_backward: grad is ",
-              grad_.scalar_type(), " but rois are ", rois_.scalar_type());
+              name, ": grad must be [", num_rois, ", ", channels, ", ", pooled_h, ", ", pooled_w, "], got ",
+              grad_.sizes());
+  TORCH_CHECK(rois_.scalar_type() == grad_.scalar_type(), name, ": grad is ", grad_.scalar_type(), " but rois are ",
+              rois_.scalar_type());
   const at::Tensor rois = rois_.contiguous();
   const at::Tensor levels = levels_.contiguous();
   const at::Tensor grad = grad_.contiguous();
@@ -402,6 +329,39 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(const at::Tensor& grad
   }
   for (at::Tensor& gin : grad_inputs) gin = gin.permute({0, 3, 1, 2}).contiguous();
   return grad_inputs;
+}
+
+at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
+                                            c10::ArrayRef<double> scales, int64_t pooled_h, int64_t pooled_w,
+                                            int64_t sampling_ratio, bool aligned) {
+  return pool_levels(features, rois, levels, std::vector<double>(scales.begin(), scales.end()), pooled_h, pooled_w,
+                     sampling_ratio, aligned, "multilevel_roi_align");
+}
+
+std::vector<at::Tensor> multilevel_roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                                          const at::Tensor& levels, c10::ArrayRef<double> scales,
+                                                          int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+                                                          bool aligned, c10::IntArrayRef shapes) {
+  return scatter_levels(grad, rois, levels, std::vector<double>(scales.begin(), scales.end()), pooled_h, pooled_w,
+                        sampling_ratio, aligned, shapes, "multilevel_roi_align_backward");
+}
+
+// One level: the pyramid's kernels with every RoI on it.
+at::Tensor every_roi_on_level_zero(const at::Tensor& rois) {
+  return at::zeros({rois.dim() == 2 ? rois.size(0) : 0}, rois.options().dtype(at::kLong));
+}
+
+at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                 int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  return pool_levels({input}, rois, every_roi_on_level_zero(rois), {spatial_scale}, pooled_h, pooled_w,
+                     sampling_ratio, aligned, "roi_align");
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  return scatter_levels(grad, rois, every_roi_on_level_zero(rois), {spatial_scale}, pooled_h, pooled_w,
+                        sampling_ratio, aligned, {batch_size, channels, height, width}, "roi_align_backward")[0];
 }
 
 }  // namespace

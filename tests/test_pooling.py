@@ -65,3 +65,8 @@ def test_resnet_stem_uses_it_with_the_same_features():
         for i, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4)):
             y = layer(y)
             assert torch.equal(ours[f"c{i + 2}"], y)
+
+
+def test_a_padding_torch_refuses_is_refused_alike():
+    with pytest.raises(RuntimeError, match="pad should be at most half"):
+        max_pool2d(torch.randn(1, 2, 8, 8), 3, 2, 2)

@@ -78,7 +78,7 @@ def clip_boxes_to_image(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
 
 
 # torch.ops.autofpn.nms (cuda_ext/nms_cpu.cpp): torchvision's CPU NMS with its IoU test vectorised,
-# the same kept indices (tests/test_nms.py), 16-19x faster at the RPN's sizes (bench/bench_nms.py)
+# the same kept indices (tests/test_nms.py), 10-16x faster at the RPN's sizes (bench/bench_nms.py)
 _CPU_NMS = extension_has("nms")
 
 

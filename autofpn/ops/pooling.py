@@ -19,7 +19,8 @@ def max_pool2d(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor
     gradient to one input, ``torch.maximum``'s would split it; channels-last and CUDA pools are
     already vectorised; a traced export keeps one MaxPool node)."""
     separable = (x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.is_contiguous()
-                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing())
+                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing()
+                 and 0 <= padding <= kernel_size // 2)  # else torch's error message
     if not separable:
         return F.max_pool2d(x, kernel_size, stride, padding)
     if padding:  # max_pool2d's padding never wins a maximum: -inf does the same

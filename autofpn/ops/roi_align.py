@@ -169,7 +169,6 @@ class MultiLevelRoIAlign(nn.Module):
             return out
         return _RowsInBoxOrder.apply(shape, feats[0].dtype, *indices, *pooled)
 
-
     @staticmethod
     def _one_kernel_call(feats: List[Tensor]) -> bool:
         """Whether the extension pools every level in one call, each RoI straight into its row (the
